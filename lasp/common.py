@@ -1,0 +1,78 @@
+"""Local math shared by the LASP engines: chunk states and the cross-rank terms, on one rank's segments.
+
+Shapes: q, k (S, c, H, d_k); v, do (S, c, H, d_v), where the S = B·n rows are the rank's n segments of c tokens
+for each batch row (n = 1 contiguous, 2 zigzag); states P, G, M (S, H, d_k, d_v) in the state dtype.
+With λ = exp(log_decay) per head and t = 0..c−1 the position inside a segment:
+
+    M  = Σ_t λ^{c−1−t} k_tᵀ v_t            (the segment's own state, decayed to its end)
+    dM = Σ_t λ^{t+1} q_tᵀ do_t             (gradient flowing into the state that enters the segment)
+    o_t  += λ^{t+1} q_t P                  dq_t += λ^{t+1} do_t Pᵀ
+    dk_t += λ^{c−1−t} v_t Gᵀ               dv_t += λ^{c−1−t} k_t G
+"""
+import torch
+
+from kernels import check_linear_attn_inputs, state_dtype
+from parallel import layout as layouts
+
+__all__ = ["check_engine_inputs", "to_segments", "from_segments", "local_state", "state_grad",
+           "add_prefix_output", "add_state_grads"]
+
+
+def check_engine_inputs(q, k, v, log_decay, causal, layout):
+    """ValueError naming the sizes, raised before any collective. Returns the segment length c."""
+    check_linear_attn_inputs(q, k, v, log_decay)
+    if log_decay is not None and not causal:
+        raise ValueError("log_decay needs causal=True: decay is only defined for causal attention")
+    return layouts.check_local_len(q.shape[1], layout)
+
+
+def to_segments(x, n):
+    """(B, n·c, H, D) -> (B·n, c, H, D), a view."""
+    return x.unflatten(1, (n, x.shape[1] // n)).flatten(0, 1)
+
+
+def from_segments(x, n):
+    """(B·n, c, H, D) -> (B, n·c, H, D), a view."""
+    return x.unflatten(0, (x.shape[0] // n, n)).flatten(1, 2)
+
+
+def _powers(log_decay, c, first, step, dtype):
+    """λ^{first + step·t} for t = 0..c−1 as (1, c, H, 1), or None without decay."""
+    if log_decay is None:
+        return None
+    t = torch.arange(c, device=log_decay.device, dtype=dtype)
+    return torch.exp((first + step * t)[:, None] * log_decay.to(dtype)[None, :])[None, :, :, None]
+
+
+def _scaled(x, powers, dtype):
+    x = x.to(dtype)
+    return x if powers is None else x * powers
+
+
+def local_state(k, v, log_decay):
+    sdt = state_dtype(k.dtype)
+    c = k.shape[1]
+    return torch.einsum("sthk,sthv->shkv", _scaled(k, _powers(log_decay, c, c - 1, -1, sdt), sdt), v.to(sdt))
+
+
+def state_grad(q, do, log_decay):
+    sdt = state_dtype(q.dtype)
+    return torch.einsum("sthk,sthv->shkv", _scaled(q, _powers(log_decay, q.shape[1], 1, 1, sdt), sdt), do.to(sdt))
+
+
+def add_prefix_output(o, q, prefix, log_decay):
+    """o + λ^{t+1} q_t P, returned in o's dtype."""
+    sdt = prefix.dtype
+    inter = torch.einsum("sthk,shkv->sthv", _scaled(q, _powers(log_decay, q.shape[1], 1, 1, sdt), sdt), prefix)
+    return (o.to(sdt) + inter).to(o.dtype)
+
+
+def add_state_grads(dq, dk, dv, q, k, v, do, prefix, suffix, log_decay):
+    """Add the cross-segment terms of the gradients given the prefix P and the suffix gradient G."""
+    sdt = prefix.dtype
+    c = q.shape[1]
+    kd = _powers(log_decay, c, c - 1, -1, sdt)
+    dq = dq.to(sdt) + torch.einsum("sthv,shkv->sthk", _scaled(do, _powers(log_decay, c, 1, 1, sdt), sdt), prefix)
+    dk = dk.to(sdt) + torch.einsum("sthv,shkv->sthk", _scaled(v, kd, sdt), suffix)
+    dv = dv.to(sdt) + torch.einsum("sthk,shkv->sthv", _scaled(k, kd, sdt), suffix)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)

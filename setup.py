@@ -1,0 +1,28 @@
+"""Install with `pip install -e ".[dev]"`.
+
+torch is a range, not a pin: a user's own CUDA build satisfies it and is never reinstalled. On a bare CPU
+machine install `torch==2.13.0` first (the README and .ci/run do), or pip pulls a multi-GB CUDA wheel.
+"""
+from setuptools import setup
+
+setup(
+    name="lasp",
+    version="0.1.0",
+    description="Exact sequence-parallel training of linear-attention and hybrid LLMs (LASP-2, LASP-2H)",
+    python_requires=">=3.11",
+    packages=["lasp", "parallel", "models", "kernels", "launch"],
+    package_data={"launch": ["configs/*.toml", "slurm/*.sbatch"]},
+    install_requires=[
+        "torch>=2.4",
+        "triton>=3.0",
+        "deepspeed>=0.15",
+        "megatron-core>=0.10",
+        "wandb>=0.17",
+        "sentencepiece>=0.2",
+        "shakespeare>=0.4",  # the embedded default corpus: Shakespeare's works as plain text, no network
+        "numpy",
+        "tqdm",
+        "matplotlib",
+    ],
+    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+)
