@@ -1,4 +1,5 @@
 """Linear-attention sequence parallelism: LASP-2 (one all-gather each way) and LASP-1 (ring baseline)."""
+from .lasp1 import lasp1
 from .lasp2 import lasp2
 
-__all__ = ["lasp2"]
+__all__ = ["lasp1", "lasp2"]
