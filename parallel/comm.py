@@ -50,6 +50,9 @@ class CommLog:
 
 
 _ACTIVE_LOGS: list = []
+# torch 2.13 renamed the tensor-form collectives; older releases only have the *_into_tensor / *_tensor names
+_ALL_GATHER = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_REDUCE_SCATTER = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
 @contextmanager
@@ -103,7 +106,7 @@ def all_gather(x, group=None, async_op=False):
         out, work = x.clone(), _Done()
     else:
         out = x.new_empty((W * x.shape[0], *x.shape[1:]))
-        work = dist.all_gather_into_tensor(out, x, group=group, async_op=True)
+        work = _ALL_GATHER(out, x, group=group, async_op=True)
     if async_op:
         return out, work
     work.wait()
@@ -121,7 +124,7 @@ def reduce_scatter(x, group=None, async_op=False):
         out, work = x.clone(), _Done()
     else:
         out = x.new_empty((x.shape[0] // W, *x.shape[1:]))
-        work = dist.reduce_scatter_tensor(out, x, group=group, async_op=True)
+        work = _REDUCE_SCATTER(out, x, group=group, async_op=True)
     if async_op:
         return out, work
     work.wait()
