@@ -3,3 +3,6 @@ from .lasp1 import lasp1
 from .lasp2 import lasp2
 
 __all__ = ["lasp1", "lasp2"]
+from .ring_linear import ring_linear_attention  # noqa: E402  the left-product ring baseline (benchmarks)
+
+__all__ += ["ring_linear_attention"]
