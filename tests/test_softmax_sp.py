@@ -1,0 +1,194 @@
+"""Softmax attention under sequence parallelism: all-gather KV, ring and Ulysses against the float64 oracle.
+
+Every rank builds the global inputs from one seed, runs the engine on its shard, and compares the output and
+dq, dk, dv with the shard of `softmax_attention_dense` (1e-10 relative in float64, 2e-5 in float32), and counts
+its collectives. All configurations of one (engine, W) run inside ONE run_ranks call to keep the file fast.
+"""
+import itertools
+import re
+
+import pytest
+import torch
+
+import parallel
+from parallel import comm, local_attn
+from tests.dist import rel_err, run_ranks
+from tests.oracles import softmax_attention_dense
+
+B, C, D_K, D_V = 2, 6, 8, 6          # C tokens per rank: zigzag halves of 3; d_k ≠ d_v on purpose
+DOC_LEN = 5                           # packed documents of 5 tokens: boundaries inside and across ranks
+TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+ENGINES = {"allgather": parallel.allgather_attention, "ring": parallel.ring_attention,
+           "ulysses": parallel.ulysses_attention}
+WORLDS = (1, 2, 3, 4, 8)
+
+
+def _heads(engine, W):
+    """(H, KV head counts): MHA and GQA; Ulysses needs W | H and replicates KV heads when W ∤ H_kv (H_kv = 2)."""
+    if engine != "ulysses":
+        return 4, (4, 2)
+    H = 2 * max(W, 2)
+    return H, sorted({H, H // 2, 2}, reverse=True)
+
+
+def _cases(engine, W):
+    H, kv_heads = _heads(engine, W)
+    return [(layout, causal, H, h_kv, segmented) for layout, causal, h_kv, segmented
+            in itertools.product(parallel.layout.LAYOUTS, (True, False), kv_heads, (False, True))]
+
+
+def _global_inputs(W, H, H_kv, seed):
+    """q (B,T,H,D_K), k (B,T,H_kv,D_K), v (B,T,H_kv,D_V), do (B,T,H,D_V), segment ids (B,T); float64, T = C·W."""
+    g = torch.Generator().manual_seed(seed)
+    T = C * W
+    shapes = ((B, T, H, D_K), (B, T, H_kv, D_K), (B, T, H_kv, D_V), (B, T, H, D_V))
+    q, k, v, do = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
+    segment_ids = (torch.arange(T)[None, :] + 3 * torch.arange(B)[:, None]) // DOC_LEN
+    return q, k, v, do, segment_ids
+
+
+def _oracle_shards(q, k, v, do, causal, scale, segment_ids, layout, rank, W):
+    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    out = softmax_attention_dense(*full, causal=causal, scale=scale, segment_ids=segment_ids)
+    grads = torch.autograd.grad(out, full, do)
+    return [parallel.shard(x, layout, rank, W) for x in (out, *grads)]
+
+
+def _run_case(engine, case, seed):
+    """One configuration on this rank -> [(dtype, {name: rel err}, fwd summary, bwd summary)]."""
+    W, rank = comm.group_size(), comm.group_rank()
+    layout, causal, H, H_kv, segmented = case
+    q, k, v, do, segment_ids = _global_inputs(W, H, H_kv, seed)
+    segment_ids = segment_ids if segmented else None
+    scale = None if causal else 0.3
+    expected = _oracle_shards(q, k, v, do, causal, scale, segment_ids, layout, rank, W)
+    local_seg = None if segment_ids is None else parallel.shard(segment_ids, layout, rank, W)
+    rows = []
+    for dtype in (torch.float64, torch.float32):
+        local = [parallel.shard(x, layout, rank, W).to(dtype).requires_grad_() for x in (q, k, v)]
+        with parallel.count_collectives() as fwd:
+            out = ENGINES[engine](*local, causal=causal, layout=layout, scale=scale, segment_ids=local_seg)
+        with parallel.count_collectives() as bwd:
+            out.backward(parallel.shard(do, layout, rank, W).to(dtype))
+        got = (out, *(x.grad for x in local))
+        errs = {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, expected)}
+        rows.append((dtype, errs, fwd.summary(), bwd.summary()))
+    return rows
+
+
+def _check_engine(engine):
+    """Every configuration on this rank -> [(case, dtype, errors, fwd summary, bwd summary)]."""
+    W = comm.group_size()
+    return [(case, *row) for i, case in enumerate(_cases(engine, W)) for row in _run_case(engine, case, seed=i)]
+
+
+def _expected_calls(engine, W, segmented):
+    """(forward, backward) {op: calls}. Ring: K|V (+ ids) W−1 hops forward and backward, dK|dV W hops home."""
+    tensors = 1 + segmented
+    if engine == "allgather":
+        return {"all_gather": tensors}, {"reduce_scatter": 1}
+    if engine == "ulysses":
+        return {"all_to_all": 2, **({"all_gather": 1} if segmented else {})}, {"all_to_all": 2}
+    fwd = (W - 1) * tensors
+    bwd = fwd + (W if W > 1 else 0)
+    return ({op: fwd for op in ("send", "recv")} if fwd else {}), ({op: bwd for op in ("send", "recv")} if bwd else {})
+
+
+def _kv_bytes(W, case, dtype):
+    """Forward bytes received for K|V: GQA-sized (H_kv heads, never repeated to H) on the all-gather and ring."""
+    _, _, _, H_kv, _ = case
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    return (W - 1) * B * C * H_kv * (D_K + D_V) * itemsize
+
+
+@pytest.mark.parametrize("world", WORLDS)
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_engine_matches_float64_oracle(engine, world):
+    per_rank = [_check_engine(engine)] if world == 1 else run_ranks(world, _check_engine, engine)
+    failures = []
+    for rank, rows in enumerate(per_rank):
+        for case, dtype, errs, fwd, bwd in rows:
+            where = f"{engine} W={world} rank={rank} case={case} {dtype}"
+            bad = {name: err for name, err in errs.items() if not err < TOL[dtype]}
+            if bad:
+                failures.append(f"{where}: errors {bad} above {TOL[dtype]}")
+            calls = ({op: n for op, (n, _) in fwd.items()}, {op: n for op, (n, _) in bwd.items()})
+            if calls != _expected_calls(engine, world, case[-1]):
+                failures.append(f"{where}: collectives {calls}, expected {_expected_calls(engine, world, case[-1])}")
+            op = {"allgather": "all_gather", "ring": "recv"}.get(engine)
+            kv_bytes = _kv_bytes(world, case, dtype)
+            if op and not case[-1] and fwd.get(op, (0, 0))[1] != kv_bytes:
+                failures.append(f"{where}: forward K/V (calls, bytes) {fwd.get(op)}, expected {kv_bytes} bytes")
+    assert not failures, "\n".join(failures[:20])
+    assert len(per_rank) == world and all(len(rows) == 2 * len(_cases(engine, world)) for rows in per_rank)
+
+
+def test_fully_masked_rows_give_zeros_not_nan():
+    g = torch.Generator().manual_seed(0)
+    q, do = torch.randn(2, 4, 4, D_K, generator=g), torch.randn(2, 4, 4, D_V, generator=g)
+    k, v = torch.randn(2, 5, 2, D_K, generator=g), torch.randn(2, 5, 2, D_V, generator=g)
+    q_pos, k_pos = torch.arange(4), torch.arange(5)
+    q_seg = torch.tensor([[0, 1, 9, 9], [9, 0, 1, 9]])                 # id 9: no key of that document
+    k_seg = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
+    for causal, qp, kp in ((True, q_pos, k_pos + 10), (False, q_pos, k_pos)):  # every key later / segment 9
+        out, lse = local_attn.attention_block_forward(q, k, v, qp, kp, q_seg, k_seg, causal, 0.5)
+        masked = (q_seg == 9)[:, :, None].expand_as(lse) if not causal else torch.ones_like(lse, dtype=torch.bool)
+        assert torch.isfinite(out).all() and (out[masked] == 0).all() and torch.isneginf(lse[masked]).all()
+        delta = local_attn.output_delta(do, out)
+        grads = local_attn.attention_block_backward(q, k, v, do, delta, lse, qp, kp, q_seg, k_seg, causal, 0.5)
+        assert all(torch.isfinite(x).all() for x in grads)
+        assert (grads[0][masked.unsqueeze(-1).expand_as(grads[0])] == 0).all()
+    empty_out, empty_lse = torch.zeros(2, 4, 4, D_V), torch.full((2, 4, 4), float("-inf"))
+    merged, merged_lse = local_attn.merge_partial(empty_out, empty_lse, empty_out, empty_lse)
+    assert (merged == 0).all() and torch.isneginf(merged_lse).all()
+    out_b, lse_b = torch.randn(2, 4, 4, D_V, generator=g), torch.randn(2, 4, 4, generator=g)
+    merged, merged_lse = local_attn.merge_partial(empty_out, empty_lse, out_b, lse_b)
+    assert torch.equal(merged, out_b) and torch.equal(merged_lse, lse_b)
+
+
+def _bad_inputs(W):
+    """(engine names, q, k, v, layout, segment_ids, sizes the message must name), each invalid."""
+    def qkv(T=C, H=4, H_kv=2, H_v=None, D_q=D_K, D_k=D_K, B_k=B):
+        return (torch.randn(B, T, H, D_q), torch.randn(B_k, C, H_kv, D_k), torch.randn(B_k, C, H_v or H_kv, D_V))
+    seg = torch.zeros(B, C, dtype=torch.long)
+    cases = [
+        (ENGINES, (torch.randn(B, 5, 4, D_K), torch.randn(B, 5, 2, D_K), torch.randn(B, 5, 2, D_V), "zigzag", None),
+         ["(5)"]),
+        (ENGINES, (*qkv(T=C + 1), "contiguous", None), ["(2, 7)", "(2, 6)"]),
+        (ENGINES, (*qkv(B_k=B + 1), "contiguous", None), ["(2, 6)", "(3, 6)"]),
+        (ENGINES, (*qkv(H_kv=3), "contiguous", None), ["(4)", "3"]),
+        (ENGINES, (*qkv(H_v=4), "contiguous", None), ["k 2", "v 4"]),
+        (ENGINES, (*qkv(D_k=4, D_q=8), "contiguous", None), ["8 vs 4"]),
+        (ENGINES, (torch.randn(B, C, D_K), *qkv()[1:], "contiguous", None), [f"({B}, {C}, {D_K})"]),
+        (ENGINES, (*qkv(), "contiguous", torch.zeros(B, C + 1, dtype=torch.long)), ["(2, 6)", "(2, 7)"]),
+        (ENGINES, (*qkv(), "contiguous", seg.float()), ["integer", "float32"]),
+        (ENGINES, (*qkv(), "striped", None), ["'striped'"]),
+    ]
+    if W > 1:  # Ulysses: W must divide the query heads (and the KV heads after replication)
+        cases.append((["ulysses"], (*qkv(H=3, H_kv=3), "contiguous", None), [f"{W} sequence", "(3)"]))
+    return cases
+
+
+def _check_bad_inputs():
+    """Each bad input raises ValueError naming the sizes with no collective issued; then a good call still works."""
+    W = comm.group_size()
+    checked = 0
+    for engines, (q, k, v, layout, segment_ids), sizes in _bad_inputs(W):
+        for name in engines:
+            with parallel.count_collectives() as log:
+                with pytest.raises(ValueError, match=".*".join(re.escape(s) for s in sizes)) as raised:
+                    ENGINES[name](q, k, v, layout=layout, segment_ids=segment_ids)
+            assert log.count() == 0, f"{name} issued {log.ops()} before raising {raised.value}"
+            checked += 1
+    q, k, v = torch.randn(B, C, 4, D_K), torch.randn(B, C, 2, D_K), torch.randn(B, C, 2, D_V)
+    for engine in ENGINES.values():                                  # the group is still usable: no rank hangs
+        assert torch.isfinite(engine(q, k, v, layout="zigzag")).all()
+    return checked
+
+
+def test_bad_inputs_raise_before_any_collective_one_process():
+    assert _check_bad_inputs() == 3 * 10
+
+
+def test_bad_inputs_raise_before_any_collective_two_ranks():
+    assert run_ranks(2, _check_bad_inputs, timeout=60) == [3 * 10 + 1] * 2
