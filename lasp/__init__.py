@@ -6,3 +6,6 @@ __all__ = ["lasp1", "lasp2"]
 from .ring_linear import ring_linear_attention  # noqa: E402  the left-product ring baseline (benchmarks)
 
 __all__ += ["ring_linear_attention"]
+from .apply import apply_sequence_parallel  # noqa: E402  swap a model's attention functions for these engines
+
+__all__ += ["apply_sequence_parallel"]

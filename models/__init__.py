@@ -1,0 +1,43 @@
+"""Model families (Linear-Llama3 pure/hybrid, TransNormerLLM), their presets, a builder and checkpoint files.
+
+A model never imports torch.distributed, parallel/ or lasp/: it mixes tokens through the `linear_attn` /
+`softmax_attn` functions of its mixers, which `lasp.apply_sequence_parallel` replaces from outside.
+"""
+import dataclasses
+
+import torch
+
+from .linear_llama import PRESETS as _LINEAR_LLAMA_PRESETS
+from .linear_llama import LinearLlama, LinearLlamaConfig
+from .serialization import config_from_dict, config_to_dict, load_model, save_model
+from .tnl import PRESETS as _TNL_PRESETS
+from .tnl import TNLConfig, TransNormerLLM
+
+__all__ = ["FAMILIES", "PRESETS", "get_config", "build_model", "save_model", "load_model", "config_to_dict",
+           "config_from_dict", "LinearLlama", "LinearLlamaConfig", "TransNormerLLM", "TNLConfig"]
+
+FAMILIES = {"linear-llama3": (LinearLlamaConfig, LinearLlama), "tnl": (TNLConfig, TransNormerLLM)}
+PRESETS = {**_LINEAR_LLAMA_PRESETS, **_TNL_PRESETS}
+
+
+def get_config(name):
+    """A fresh copy of the preset `name`. ValueError listing the presets if unknown."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def build_model(name_or_config, device=None):
+    """Build a model from a preset name or a config. device "meta": shapes only (for parameter counts or a later
+    `to_empty` + `init_weights()`); any other device (default cpu): weights filled by `init_weights()`."""
+    cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    model_cls = {config_cls: cls for config_cls, cls in FAMILIES.values()}.get(type(cfg))
+    if model_cls is None:
+        raise ValueError(f"expected a preset name or one of {[c.__name__ for c, _ in FAMILIES.values()]}, "
+                         f"got {type(cfg).__name__}")
+    device = torch.device(device or "cpu")
+    with device:
+        model = model_cls(cfg)
+    if device.type != "meta":
+        model.init_weights()
+    return model

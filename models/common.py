@@ -1,0 +1,297 @@
+"""Parts shared by the model families: norms, GLU MLPs, rotary, feature maps, decays, token mixers, local
+attention defaults and the chunked cross-entropy.
+
+Shape legend: B batch, T tokens held by this process (the local shard under sequence parallelism), D model width,
+H query heads, H_kv key/value heads, d head dim, V vocabulary. Activations are (B, T, D); per-head tensors
+(B, T, H, d); linear-attention states (B, H, d_k, d_v) in float32 (float64 for float64 inputs).
+
+Mixers mix tokens only through the function held in their attribute `linear_attn` (linear mixers) or
+`softmax_attn` (softmax mixers). The defaults below run on one process; `lasp.apply_sequence_parallel`
+replaces them with sequence-parallel engines. Nothing here knows about ranks.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from kernels import lightning_attn
+
+__all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin", "apply_rotary",
+           "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
+           "local_softmax_attention", "dense_attention", "run_linear_attention", "LinearAttention",
+           "SoftmaxAttention", "chunked_cross_entropy", "normalize_positions", "init_linear_weights"]
+
+FEATURE_MAPS = {"identity": lambda x: x, "elu+1": lambda x: F.elu(x) + 1.0, "silu": F.silu}
+LINEAR_DECAYS = ("none", "lightning", "retention")
+
+
+def _compute_dtype(x):
+    """Norms and losses run in at least float32 (float64 stays float64)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+# ---------------------------------------------------------------------------------------------- norms, MLPs
+class RMSNorm(nn.Module):
+    """y = x·rsqrt(mean(x², last dim) + eps)·w. weight=False is TNL's SRMSNorm (no parameter). (..., D) -> same."""
+
+    def __init__(self, dim, eps=1e-6, weight=True):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim)) if weight else None
+
+    def init_weights(self):
+        if self.weight is not None:
+            nn.init.ones_(self.weight)
+
+    def forward(self, x):
+        xf = x.to(_compute_dtype(x))
+        y = (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return y if self.weight is None else y * self.weight
+
+
+class SwiGLU(nn.Module):
+    """Llama MLP: down(silu(gate(x)) ⊙ up(x)). (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.up_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class SGLU(nn.Module):
+    """TNL's simple GLU, no activation: down((x W_v) ⊙ (x W_u)). (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.v_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.u_proj = nn.Linear(dim, hidden_dim, bias=False)
+        self.down_proj = nn.Linear(hidden_dim, dim, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(self.v_proj(x) * self.u_proj(x))
+
+
+def init_linear_weights(module, std, residual_std):
+    """Normal(0, std) for every Linear/Embedding weight (residual_std for `out_proj`/`down_proj`, which write into
+    the residual stream), zero biases, and each submodule's own `init_weights()` (norms, LRPE)."""
+    for name, m in module.named_modules():
+        if isinstance(m, (nn.Linear, nn.Embedding)):
+            last = name.rsplit(".", 1)[-1]
+            nn.init.normal_(m.weight, std=residual_std if last in ("out_proj", "down_proj") else std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        elif m is not module and hasattr(m, "init_weights"):
+            m.init_weights()
+
+
+# ---------------------------------------------------------------------------------------------- positions
+def normalize_positions(positions, batch, seq_len):
+    """(T,) or (B, T) global token positions -> (B, T) long. ValueError if they do not match the tokens."""
+    if positions.dim() == 1:
+        positions = positions.unsqueeze(0).expand(batch, -1)
+    if positions.shape != (batch, seq_len):
+        raise ValueError(f"positions must be (T,) or (B, T) = ({batch}, {seq_len}) to match the tokens, "
+                         f"got {tuple(positions.shape)}")
+    return positions
+
+
+def rotary_cos_sin(positions, head_dim, base, dtype):
+    """RoPE tables for (B, T) global positions -> cos, sin (B, T, 1, d/2) in `dtype`.
+
+    Angles are formed in float64: at positions ~2M a float32 angle is off by ~0.1 rad.
+    """
+    inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float64, device=positions.device) / head_dim)
+    angles = positions.to(torch.float64)[..., None, None] * inv_freq
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def apply_rotary(x, cos, sin):
+    """Rotate-half RoPE: (B, T, H, d) with (B, T, 1, d/2) tables -> (B, T, H, d)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------- decays
+def alibi_slopes(n_heads):
+    """ALiBi slopes s_h = 2^(−8(h+1)/H); for H not a power of two, the usual interleave (as TNL/ALiBi do)."""
+    def power_of_two(n):
+        return [2.0 ** (-8.0 * (h + 1) / n) for h in range(n)]
+    if math.log2(n_heads).is_integer():
+        return power_of_two(n_heads)
+    closest = 2 ** math.floor(math.log2(n_heads))
+    return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][:n_heads - closest]
+
+
+def lightning_log_decay(n_heads, layer_idx, n_layers, device=None):
+    """TNL/Lightning decay: log λ_{h,l} = −s_h·(1 − l/(L−1) + 1e−5). (H,) float32."""
+    depth = 1.0 - layer_idx / max(n_layers - 1, 1) + 1e-5
+    return -torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device) * depth
+
+
+def retention_log_decay(n_heads, device=None):
+    """RetNet decay: λ_h = 1 − 2^(−5−h). (H,) float32."""
+    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float32, device=device))))
+
+
+# ---------------------------------------------------------------------------------------------- attention
+def local_linear_attention(q, k, v, *, log_decay=None, causal=True):
+    """Linear attention on one process: (B, T, H, d_k) x2, (B, T, H, d_v) -> (B, T, H, d_v).
+
+    causal: o_i = Σ_{j≤i} λ^{i−j} (q_i·k_j) v_j (lightning_attn); non-causal (no decay): o_i = q_i Σ_j k_jᵀ v_j.
+    """
+    if causal:
+        return lightning_attn(q, k, v, log_decay=log_decay)[0]
+    if log_decay is not None:
+        raise ValueError("log_decay needs causal=True: decay is only defined for causal attention")
+    return torch.einsum("bthk,bhkv->bthv", q, torch.einsum("bthk,bthv->bhkv", k, v))
+
+
+def dense_attention(q, k, v, mask, scale=None):
+    """Softmax attention with an explicit mask. q (B, Tq, H, d), k, v (B, Tk, H_kv, d), mask (B, Tq, Tk) bool or
+    None -> (B, Tq, H, d). H_kv heads are shared by H/H_kv query heads each (GQA)."""
+    groups = q.shape[2] // k.shape[2]
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))                          # (B, H, T, d)
+    k, v = (x.repeat_interleave(groups, dim=1) for x in (k, v))
+    attn_mask = None if mask is None else mask[:, None]
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, scale=scale).transpose(1, 2)
+
+
+def local_softmax_attention(q, k, v, *, causal=True, scale=None, segment_ids=None):
+    """Softmax attention on one process (tokens in order): q (B, T, H, d), k, v (B, T, H_kv, d) -> (B, T, H, d).
+
+    Causal mask j ≤ i; with segment_ids (B, T), also same document. scale None = 1/√d.
+    """
+    T = q.shape[1]
+    mask = None
+    if causal:
+        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None]
+    if segment_ids is not None:
+        same = segment_ids[:, :, None] == segment_ids[:, None, :]
+        mask = same if mask is None else mask & same
+    return dense_attention(q, k, v, mask, scale)
+
+
+def run_linear_attention(attn_fn, q, k, v, log_decay, cache):
+    """Training: attn_fn(q, k, v, log_decay=..., causal=True). Decoding (cache a dict): lightning_attn from the
+    cached state (B, H, d_k, d_v), storing the new final state, so a prefill continues exactly."""
+    if cache is None:
+        return attn_fn(q, k, v, log_decay=log_decay, causal=True)
+    o, cache["state"] = lightning_attn(q, k, v, log_decay=log_decay, initial_state=cache.get("state"),
+                                       output_final_state=True)
+    return o
+
+
+def _cached_softmax_attention(q, k, v, positions, cache):
+    """Decoding: append k, v (B, T, H_kv, d) and positions (B, T) to the cache; queries see keys at pos ≤ theirs."""
+    for name, x in (("k", k), ("v", v), ("pos", positions)):
+        cache[name] = x if name not in cache else torch.cat([cache[name], x], dim=1)
+    mask = cache["pos"][:, None, :] <= positions[:, :, None]                 # (B, Tq, Tk)
+    return dense_attention(q, cache["k"], cache["v"], mask)
+
+
+class LinearAttention(nn.Module):
+    """Linear-attention mixer of Linear-Llama3 (LASP-2 setup), no RoPE:
+
+        q, k = φ(x W_q)/√d, φ(x W_k);  v = x W_v;  o = linear_attn(q, k, v, log_decay)
+        out = (RMSNorm_head(o) ⊙ silu(x W_g)) W_o
+
+    φ ∈ FEATURE_MAPS; decay "none" (λ = 1), "lightning" (TNL's per-head, per-layer ALiBi decay) or "retention"
+    (λ_h = 1 − 2^(−5−h)). The state runs across document boundaries: segment_ids are ignored here.
+    (B, T, D) -> (B, T, D).
+    """
+    linear_attn = staticmethod(local_linear_attention)
+
+    def __init__(self, dim, n_heads, *, feature_map="silu", decay="none", layer_idx=0, n_layers=1, eps=1e-6):
+        super().__init__()
+        self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.feature_map, self.decay = feature_map, decay
+        self.layer_idx, self.n_layers = layer_idx, n_layers
+        self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj = (
+            nn.Linear(dim, dim, bias=False) for _ in range(5))
+        self.norm = RMSNorm(self.head_dim, eps)
+
+    def log_decay(self, device=None):
+        """(H,) log λ ≤ 0, or None without decay. A constant of the architecture, not a parameter."""
+        if self.decay == "lightning":
+            return lightning_log_decay(self.n_heads, self.layer_idx, self.n_layers, device)
+        return retention_log_decay(self.n_heads, device) if self.decay == "retention" else None
+
+    def forward(self, x, positions=None, segment_ids=None, cache=None):
+        B, T, _ = x.shape
+        phi = FEATURE_MAPS[self.feature_map]
+        q = phi(self.q_proj(x).view(B, T, self.n_heads, -1)) * self.head_dim ** -0.5
+        k = phi(self.k_proj(x).view(B, T, self.n_heads, -1))
+        v = self.v_proj(x).view(B, T, self.n_heads, -1)
+        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache)
+        o = self.norm(o).flatten(2) * F.silu(self.g_proj(x))
+        return self.out_proj(o)
+
+
+class SoftmaxAttention(nn.Module):
+    """GQA softmax-attention mixer with RoPE on global positions. (B, T, D), positions (B, T) -> (B, T, D).
+
+    segment_ids (B, T) restrict attention to the same document.
+    """
+    softmax_attn = staticmethod(local_softmax_attention)
+
+    def __init__(self, dim, n_heads, n_kv_heads, rope_base):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.rope_base = rope_base
+        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+
+    def forward(self, x, positions, segment_ids=None, cache=None):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_heads, -1)
+        k = self.k_proj(x).view(B, T, self.n_kv_heads, -1)
+        v = self.v_proj(x).view(B, T, self.n_kv_heads, -1)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_base, q.dtype)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is None:
+            o = self.softmax_attn(q, k, v, causal=True, scale=None, segment_ids=segment_ids)
+        else:
+            o = _cached_softmax_attention(q, k, v, positions, cache)
+        return self.out_proj(o.flatten(2))
+
+
+# ---------------------------------------------------------------------------------------------- loss
+def _chunk_loss(hidden, weight, labels, valid):
+    """Σ over valid tokens of −log softmax(h Wᵀ)[label] for one chunk: (n, D), (V, D), (n,), (n,) -> scalar."""
+    logits = (hidden @ weight.t()).to(_compute_dtype(hidden))
+    losses = F.cross_entropy(logits, labels.clamp(min=0), reduction="none")
+    return (losses * valid).sum()
+
+
+def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1024):
+    """Next-token loss without materialising all (tokens × V) logits -> (loss_sum, token_count) on local tokens.
+
+    hidden (B, T, D); weight (V, D) the output embedding; labels (B, T), negative = ignored; loss_mask (B, T)
+    bool/0-1, or None. Each chunk of `chunk_tokens` tokens is recomputed in backward (checkpointing), so at most one
+    chunk's logits live at a time. The caller divides the sums over all ranks by the counts over all ranks.
+    """
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"labels must be (B, T) = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
+    valid = labels >= 0
+    if loss_mask is not None:
+        if loss_mask.shape != labels.shape:
+            raise ValueError(f"loss_mask must be (B, T) = {tuple(labels.shape)}, got {tuple(loss_mask.shape)}")
+        valid = valid & loss_mask.bool()
+    h, y, valid = hidden.flatten(0, -2), labels.flatten(), valid.flatten()
+    total = h.new_zeros((), dtype=_compute_dtype(h))
+    for start in range(0, h.shape[0], chunk_tokens):
+        part = (h[start:start + chunk_tokens], weight, y[start:start + chunk_tokens],
+                valid[start:start + chunk_tokens].to(total.dtype))
+        if torch.is_grad_enabled():
+            total = total + checkpoint(_chunk_loss, *part, use_reentrant=False)
+        else:
+            total = total + _chunk_loss(*part)
+    return total, valid.sum()

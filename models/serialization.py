@@ -1,0 +1,79 @@
+"""Model checkpoint files: {"model_config": {"family": ..., <config fields>}, "model": state_dict}.
+
+Written atomically (a temporary file in the same folder, then os.replace), so a crash never leaves a torn file.
+"""
+import dataclasses
+import os
+
+import torch
+
+__all__ = ["config_to_dict", "config_from_dict", "save_model", "load_model"]
+
+
+def _families():
+    from . import FAMILIES  # the family table lives in models/__init__.py
+    return FAMILIES
+
+
+def config_to_dict(model_or_config):
+    """{"family": name, **config fields} for a model or a config."""
+    cfg = getattr(model_or_config, "config", model_or_config)
+    family = next((name for name, (config_cls, _) in _families().items() if type(cfg) is config_cls), None)
+    if family is None:
+        raise ValueError(f"not a model config: {type(cfg).__name__}")
+    return {"family": family, **dataclasses.asdict(cfg)}
+
+
+def config_from_dict(fields):
+    """Inverse of `config_to_dict`. ValueError naming the family or the fields that do not fit."""
+    fields = dict(fields)
+    family = fields.pop("family", None)
+    if family not in _families():
+        raise ValueError(f"model_config family must be one of {sorted(_families())}, got {family!r}")
+    config_cls = _families()[family][0]
+    unknown = sorted(set(fields) - {f.name for f in dataclasses.fields(config_cls)})
+    if unknown:
+        raise ValueError(f"model_config has fields {unknown} that {config_cls.__name__} does not know")
+    return config_cls(**fields)
+
+
+def save_model(path, model):
+    """Write {"model_config", "model"} to `path` atomically."""
+    payload = {"model_config": config_to_dict(model), "model": model.state_dict()}
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(payload, tmp)
+    os.replace(tmp, path)
+
+
+def _config_difference(found, expected):
+    return ", ".join(f"{k}={found.get(k)!r} (expected {expected.get(k)!r})"
+                     for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k))
+
+
+def load_model(path, *, config=None, device=None):
+    """Build the model a checkpoint file describes and load its weights -> model (on `device`, default cpu).
+
+    config: a preset name or config the checkpoint must match; ValueError naming the differing fields otherwise,
+    and when the weights do not fit the config they were saved with.
+    """
+    from . import build_model, get_config
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or set(payload) < {"model_config", "model"}:
+        raise ValueError(f"{path} is not a model checkpoint: expected keys 'model_config' and 'model'")
+    found = config_from_dict(payload["model_config"])
+    if config is not None:
+        expected = get_config(config) if isinstance(config, str) else config
+        if config_to_dict(found) != config_to_dict(expected):
+            raise ValueError(f"checkpoint {path} holds another model config: "
+                             f"{_config_difference(config_to_dict(found), config_to_dict(expected))}")
+    model = build_model(found, device="meta")
+    expected_shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found_shapes = {k: tuple(v.shape) for k, v in payload["model"].items()}
+    if expected_shapes != found_shapes:
+        bad = sorted(k for k in set(expected_shapes) | set(found_shapes)
+                     if expected_shapes.get(k) != found_shapes.get(k))
+        raise ValueError(f"checkpoint {path}: weights do not fit its model_config; expected shapes "
+                         f"{ {k: expected_shapes.get(k) for k in bad[:5]} }, found { {k: found_shapes.get(k) for k in bad[:5]} }")
+    model.to_empty(device=device or "cpu")
+    model.load_state_dict(payload["model"])
+    return model

@@ -1,0 +1,153 @@
+"""TransNormerLLM (TNL), built as the released checkpoints are (docs/SPEC.md §5).
+
+Differences from Llama: every layer is a gated linear attention (GLA) with a fixed per-head, per-layer decay
+λ_{h,l} = exp(−s_h·(1 − l/(L−1) + 1e−5)), s_h the ALiBi slopes; one fused q/k/v/u projection; SiLU on q and k
+only; no 1/√d scale; LRPE-d in layer 0 only (q, k widened to 2d: d_k = 2·d_v); SRMSNorm (no weight) everywhere,
+including over the full hidden width of the attention output; a linear output gate u (no activation); an SGLU
+channel mixer without activation; embeddings scaled by √D (or 1) and tied to the output head.
+
+Shapes: tokens (B, T) local shard; positions (T,) or (B, T) GLOBAL positions (LRPE sees them, so both sequence
+layouts give the same model); segment_ids are accepted and ignored (no softmax layers; linear layers carry their
+state across document boundaries); hidden (B, T, D).
+"""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import (SGLU, RMSNorm, chunked_cross_entropy, init_linear_weights, lightning_log_decay,
+                     local_linear_attention, normalize_positions, run_linear_attention)
+
+__all__ = ["TNLConfig", "PRESETS", "LRPE", "NormLinearAttention", "TNLBlock", "TransNormerLLM"]
+
+
+@dataclass
+class TNLConfig:
+    vocab_size: int = 64000
+    dim: int = 1024
+    n_layers: int = 24
+    n_heads: int = 8
+    glu_dim: int = 2816
+    scale_embedding: bool = True    # x = embed(ids)·√D, else ·1 (released default: scaled)
+    norm_eps: float = 1e-6
+    init_std: float = 0.02
+    loss_chunk_tokens: int = 1024   # tokens per chunk of the chunked cross-entropy
+
+    def __post_init__(self):
+        if self.dim % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+
+
+PRESETS = {
+    "tnl-385m": TNLConfig(dim=1024, n_layers=24, n_heads=8, glu_dim=2816),
+    "tnl-1b": TNLConfig(dim=2048, n_layers=16, n_heads=16, glu_dim=5632),
+    "tnl-3b": TNLConfig(dim=2560, n_layers=32, n_heads=20, glu_dim=6912),
+    "tnl-7b": TNLConfig(dim=4096, n_layers=30, n_heads=32, glu_dim=11008),
+    # trains in minutes on a CPU (byte-level vocabulary)
+    "tnl-tiny": TNLConfig(vocab_size=256, dim=128, n_layers=4, n_heads=4, glu_dim=256, loss_chunk_tokens=512),
+}
+
+
+class LRPE(nn.Module):
+    """LRPE-d: x (B, T, H, d), positions (B, T) -> [x·cos(θ n), x·sin(θ n)] (B, T, H, 2d), θ (H, d) learnable.
+
+    θ starts at 10000^(−2i/(H·d)) over the flattened (head, dim) index i, as released.
+    """
+
+    def __init__(self, n_heads, head_dim):
+        super().__init__()
+        self.theta = nn.Parameter(torch.empty(n_heads, head_dim))
+
+    @torch.no_grad()
+    def init_weights(self):
+        n = self.theta.numel()
+        self.theta.copy_((10000.0 ** (-2.0 / n * torch.arange(n, dtype=torch.float64))).view_as(self.theta))
+
+    def forward(self, x, positions):
+        angles = positions.to(torch.float64)[:, :, None, None] * self.theta.to(torch.float64)  # float64: long T
+        return torch.cat([x * angles.cos().to(x.dtype), x * angles.sin().to(x.dtype)], dim=-1)
+
+
+class NormLinearAttention(nn.Module):
+    """TNL's GLA token mixer. (B, T, D), positions (B, T) -> (B, T, D):
+
+        q, k, v, u = split(x W_qkvu);  q, k = silu(q), silu(k);  [layer 0: q, k = LRPE(q), LRPE(k)]
+        o = linear_attn(q, k, v, log_decay)   (no 1/√d);   out = (u ⊙ SRMSNorm(o over all heads)) W_out
+    """
+    linear_attn = staticmethod(local_linear_attention)
+
+    def __init__(self, dim, n_heads, layer_idx, n_layers, eps=1e-6):
+        super().__init__()
+        self.n_heads, self.layer_idx, self.n_layers = n_heads, layer_idx, n_layers
+        self.qkvu_proj = nn.Linear(dim, 4 * dim, bias=False)
+        self.lrpe = LRPE(n_heads, dim // n_heads) if layer_idx == 0 else None
+        self.norm = RMSNorm(dim, eps, weight=False)
+        self.out_proj = nn.Linear(dim, dim, bias=False)
+
+    def log_decay(self, device=None):
+        """(H,) log λ_{h,l}: a constant of the architecture, not a parameter."""
+        return lightning_log_decay(self.n_heads, self.layer_idx, self.n_layers, device)
+
+    def forward(self, x, positions, segment_ids=None, cache=None):
+        B, T, _ = x.shape
+        q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
+        q, k, v = (y.reshape(B, T, self.n_heads, -1) for y in (q, k, v))
+        q, k = F.silu(q), F.silu(k)
+        if self.lrpe is not None:
+            q, k = self.lrpe(q, positions), self.lrpe(k, positions)
+        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache)
+        return self.out_proj(u * self.norm(o.flatten(2)))
+
+
+class TNLBlock(nn.Module):
+    """x += GLA(SRMSNorm(x)); x += SGLU(SRMSNorm(x)). (B, T, D) -> (B, T, D)."""
+
+    def __init__(self, cfg, layer_idx):
+        super().__init__()
+        self.token_norm = RMSNorm(cfg.dim, cfg.norm_eps, weight=False)
+        self.mixer = NormLinearAttention(cfg.dim, cfg.n_heads, layer_idx, cfg.n_layers, cfg.norm_eps)
+        self.channel_norm = RMSNorm(cfg.dim, cfg.norm_eps, weight=False)
+        self.mlp = SGLU(cfg.dim, cfg.glu_dim)
+
+    def forward(self, x, positions, segment_ids=None, cache=None):
+        x = x + self.mixer(self.token_norm(x), positions, segment_ids, cache)
+        return x + self.mlp(self.channel_norm(x))
+
+
+class TransNormerLLM(nn.Module):
+    """Scaled embedding -> blocks -> final SRMSNorm; `logits`/`loss` use the tied embedding as the head."""
+    family = "tnl"
+
+    def __init__(self, cfg: TNLConfig):
+        super().__init__()
+        self.config = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(TNLBlock(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, weight=False)
+        self.embed_scale = cfg.dim ** 0.5 if cfg.scale_embedding else 1.0
+
+    @torch.no_grad()
+    def init_weights(self):
+        """Normal(0, init_std) for every weight, as released; LRPE θ from its formula."""
+        init_linear_weights(self, self.config.init_std, self.config.init_std)
+
+    def forward(self, tokens, positions, segment_ids=None, cache=None):
+        """tokens (B, T), positions (T,)/(B, T) global -> hidden (B, T, D). cache: see `new_cache`."""
+        positions = normalize_positions(positions, *tokens.shape)
+        x = self.embed(tokens) * self.embed_scale
+        for i, layer in enumerate(self.layers):
+            x = layer(x, positions, segment_ids, None if cache is None else cache[i])
+        return self.norm(x)
+
+    def new_cache(self):
+        """Empty decoding cache: one dict per layer, holding its recurrent state (B, H, 2d or d, d)."""
+        return [{} for _ in self.layers]
+
+    def logits(self, hidden):
+        """(B, T, D) -> (B, T, V) with the tied embedding."""
+        return F.linear(hidden, self.embed.weight)
+
+    def loss(self, hidden, labels, loss_mask=None):
+        """-> (loss_sum, token_count) over local tokens; see common.chunked_cross_entropy."""
+        return chunked_cross_entropy(hidden, self.embed.weight, labels, loss_mask, self.config.loss_chunk_tokens)
