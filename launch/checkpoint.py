@@ -1,0 +1,154 @@
+"""Atomic, verified training checkpoints.
+
+Layout: <root>/step_00000120/{manifest.json, trainer.json, model.pt, optim.pt, rng-rank<r>.pt, ...}, and
+<root>/latest naming the newest complete one. Writing (every rank calls `save`, in step):
+
+    rank 0 makes <root>/.tmp-step_00000120/          barrier
+    every rank writes its files into it and fsyncs   barrier
+    rank 0 writes manifest.json (size + sha256 of every file), fsyncs, renames the folder to step_00000120,
+    fsyncs <root>, rewrites `latest` (temp file + rename), prunes old checkpoints   barrier
+
+A crash at any point leaves either the previous checkpoints untouched or a `.tmp-*` folder that nothing reads.
+Loading first verifies the manifest (every file present, sizes and checksums equal) and only then reads
+anything: a corrupt or truncated checkpoint is refused with a ValueError naming the file, never loaded half.
+"""
+import hashlib
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+
+__all__ = ["MANIFEST", "step_dir", "save", "latest", "verify", "rng_state", "set_rng_state", "write_json",
+           "read_json"]
+
+MANIFEST = "manifest.json"
+
+
+def step_dir(root, step):
+    return Path(root) / f"step_{step:08d}"
+
+
+def _fsync(path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(path):
+    for dirpath, _, files in os.walk(path):
+        for name in files:
+            _fsync(os.path.join(dirpath, name))
+        _fsync(dirpath)
+
+
+def _sha256(path):
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def write_json(path, obj):
+    """Write JSON atomically (temp file, fsync, rename)."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj, indent=1))
+    _fsync(tmp)
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    return json.loads(Path(path).read_text())
+
+
+def _manifest(folder):
+    files = sorted(p for p in Path(folder).rglob("*") if p.is_file() and p.name != MANIFEST)
+    return {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
+
+
+def _prune(root, keep):
+    done = sorted(p for p in Path(root).glob("step_*") if (p / MANIFEST).exists())
+    for old in done[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def save(root, step, write_files, *, rank, barrier, keep=2):
+    """Write checkpoint `step` under `root`; write_files(folder) writes this rank's files. Returns the folder."""
+    root, final = Path(root), step_dir(root, step)
+    tmp = root / f".tmp-{final.name}"
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)   # left by a crash during an earlier save of this step
+        tmp.mkdir()
+    barrier()
+    write_files(tmp)
+    _fsync_tree(tmp)
+    barrier()
+    if rank == 0:
+        write_json(tmp / MANIFEST, _manifest(tmp))
+        _fsync(tmp)
+        if final.exists():                         # the same step saved again (e.g. SIGTERM right after `every`)
+            shutil.rmtree(final)
+        os.rename(tmp, final)
+        _fsync(root)
+        write_json(root / "latest", {"step": step, "dir": final.name})
+        _prune(root, keep)
+    barrier()
+    return final
+
+
+def latest(root):
+    """The newest complete checkpoint folder under root, or None. ValueError if `latest` names a missing one."""
+    root = Path(root)
+    if (root / "latest").exists():
+        name = read_json(root / "latest")["dir"]
+        if not (root / name).is_dir():
+            raise ValueError(f"checkpoint: {root / 'latest'} names {name}, which does not exist")
+        return root / name
+    done = sorted(p for p in root.glob("step_*") if p.is_dir())
+    return done[-1] if done else None
+
+
+def verify(folder):
+    """ValueError unless every file of the manifest is there with its size and checksum. Returns the manifest."""
+    folder = Path(folder)
+    if not (folder / MANIFEST).is_file():
+        raise ValueError(f"checkpoint {folder} is incomplete: it has no {MANIFEST}; refusing to load it")
+    try:
+        files = read_json(folder / MANIFEST)["files"]
+    except (ValueError, KeyError) as e:
+        raise ValueError(f"checkpoint {folder}: {MANIFEST} is unreadable ({e}); refusing to load it") from None
+    for name, want in files.items():
+        path = folder / name
+        if not path.is_file():
+            raise ValueError(f"checkpoint {folder} is corrupt: {name} is missing; refusing to load it")
+        size = path.stat().st_size
+        if size != want["size"]:
+            raise ValueError(f"checkpoint {folder} is corrupt: {name} has {size} bytes, the manifest says "
+                             f"{want['size']} (truncated?); refusing to load it")
+        if _sha256(path) != want["sha256"]:
+            raise ValueError(f"checkpoint {folder} is corrupt: the checksum of {name} does not match the manifest; "
+                             f"refusing to load it")
+    return files
+
+
+def rng_state():
+    """Every random generator this process uses (python, numpy, torch CPU and CUDA)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state):
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

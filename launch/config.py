@@ -1,0 +1,268 @@
+"""The pretraining configuration: nested dataclasses, TOML presets, `--section.key value` overrides, validation.
+
+Precedence: dataclass defaults < the TOML file (`--config`, default launch/configs/default.toml) < the command
+line. Every field of every section gets a generated flag `--section.key`; a few common ones have a short alias
+(`--model`, `--sp`, `--zero`, `--max-steps`, `--run-dir`, `--resume`). Unknown TOML keys, bad types and values
+that cannot work raise ValueError naming the key (main() maps it to exit code 2).
+"""
+import argparse
+import dataclasses
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+__all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
+           "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
+           "merge", "check_config"]
+
+CONFIG_DIR = Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "linear-llama3-tiny"  # a name in models.PRESETS
+    overrides: dict = field(default_factory=dict)  # fields of the preset's config, e.g. {n_layers = 2}
+
+
+@dataclass
+class ParallelConfig:
+    sp: int = 1                       # sequence-parallel ranks per sequence; data-parallel size = world / sp
+    layout: str = "contiguous"        # "contiguous" | "zigzag" (parallel/layout.py)
+    linear: str = "lasp2"             # linear-attention engine (lasp.LINEAR_ENGINES)
+    softmax: str = "allgather"        # softmax-attention engine (lasp.SOFTMAX_ENGINES)
+    zero: int = 0                     # 0: DDP; 1-3: DeepSpeed ZeRO stage
+    activation_checkpointing: bool = True  # recompute each block in backward
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr: float = 3e-4              # cosine decay ends here at max_steps
+    warmup_steps: int = 20            # linear warm-up from 0
+    max_steps: int = 200
+    weight_decay: float = 0.1         # on matrices only (not norms)
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0            # max global grad norm; 0 = off
+
+
+@dataclass
+class DataConfig:
+    corpus: list = field(default_factory=list)  # .txt / .jsonl (.gz) files or folders; [] = embedded Shakespeare
+    text_key: str = "text"            # the field of a jsonl line holding the document
+    vocab_size: int = 1024            # sentencepiece vocabulary, trained on the corpus on first use
+    seq_len: int = 256                # tokens per packed sequence (the global length, split over sp ranks)
+    batch_size: int = 4               # sequences per data-parallel rank and step
+    seed: int = 0                     # shuffles the packed sequences, one permutation per epoch
+    cache_dir: str = "~/.cache/lasp"  # tokenizer + token cache, keyed by corpus content and vocabulary
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100                  # steps between checkpoints (0: only at the end and at SIGTERM)
+    keep: int = 2                     # newest checkpoints kept
+    resume: bool = False              # continue from the newest checkpoint in dir (a fresh start if none)
+    dir: str = ""                     # "" = <run.dir>/checkpoints
+
+
+@dataclass
+class RunConfig:
+    dir: str = "runs/default"
+    seed: int = 0                     # model initialisation
+    dtype: str = "auto"               # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
+    progress: bool = True             # tqdm bar on rank 0
+    peak_flops: float = 0.0           # the job's peak FLOP/s for MFU; 0 = assumed (docs/launch.md)
+    wandb_project: str = ""           # "" = no wandb
+    wandb_mode: str = "offline"       # "online" | "offline" | "disabled"
+    sample_tokens: int = 48           # tokens generated after training (0 = none)
+    sample_prompt: str = "ROMEO."
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+# alias flag -> (section.key, argparse kwargs)
+SHORTCUTS = {
+    "--model": ("model.preset", dict(metavar="PRESET", help="model preset (models.PRESETS)")),
+    "--sp": ("parallel.sp", dict(type=int, metavar="N", help="sequence-parallel size; dp = world / sp")),
+    "--zero": ("parallel.zero", dict(type=int, metavar="N", help="DeepSpeed ZeRO stage 1-3 (0: DDP)")),
+    "--max-steps": ("optim.max_steps", dict(type=int, metavar="N")),
+    "--run-dir": ("run.dir", dict(metavar="DIR")),
+    "--resume": ("checkpoint.resume", dict(action="store_const", const=True,
+                                           help="continue from the newest checkpoint (fresh start if none)")),
+}
+
+
+def _sections():
+    return {f.name: f.type for f in dataclasses.fields(TrainConfig)}
+
+
+def _parse_bool(text):
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _parse_json_table(text):
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"n_layers\": 2}}': {e}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
+    return value
+
+
+def _flag_kwargs(kind):
+    """argparse kwargs for a field of type `kind` (int, float, str, bool, list of str, dict)."""
+    if kind is bool:
+        return dict(type=_parse_bool, metavar="BOOL")
+    if kind is list:
+        return dict(nargs="*", metavar="PATH")
+    if kind is dict:
+        return dict(type=_parse_json_table, metavar="JSON")
+    return dict(type=kind, metavar=kind.__name__.upper())
+
+
+def build_parser():
+    """The command line: --config, --dry-run, the shortcuts and one --section.key per dataclass field."""
+    p = argparse.ArgumentParser(prog="launch/pretrain.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
+                                description="Pretrain a linear-attention / hybrid LLM (see docs/launch.md).")
+    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML file (default: launch/configs/default.toml)")
+    p.add_argument("--dry-run", action="store_true", default=False,
+                   help="check the environment, config and rank layout, print the mesh, start nothing")
+    for flag, (dest, kwargs) in SHORTCUTS.items():
+        p.add_argument(flag, dest=dest, **kwargs)
+    for section, cls in _sections().items():
+        group = p.add_argument_group(section)
+        for f in dataclasses.fields(cls):
+            kind = typing.get_origin(f.type) or f.type
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", **_flag_kwargs(kind))
+    return p
+
+
+def _coerce(key, kind, value):
+    """A TOML or command-line value checked against the field type (int -> float allowed)."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is list and isinstance(value, str):
+        return [value]
+    if kind is list and isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    if isinstance(value, kind) and not (kind is int and isinstance(value, bool)):
+        return value
+    raise ValueError(f"config key {key!r} must be {kind.__name__}, got {value!r}")
+
+
+def merge(cfg, updates, source):
+    """Apply {"section.key": value} or {section: {key: value}} to cfg in place; ValueError on unknown keys."""
+    flat = {}
+    for key, value in updates.items():
+        if isinstance(value, dict) and key in _sections():
+            flat.update({f"{key}.{k}": v for k, v in value.items()})
+        else:
+            flat[key] = value
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if section not in _sections():
+            raise ValueError(f"unknown config section {section!r} in {source}; expected one of {list(_sections())}")
+        fields = {f.name: f for f in dataclasses.fields(_sections()[section])}
+        if name not in fields:
+            raise ValueError(f"unknown config key {key!r} in {source}; {section} has {sorted(fields)}")
+        kind = typing.get_origin(fields[name].type) or fields[name].type
+        setattr(getattr(cfg, section), name, _coerce(key, kind, value))
+    return cfg
+
+
+def load_toml(path):
+    """The TOML file as nested dicts; ValueError naming the file when it is missing or malformed."""
+    path = Path(path)
+    if not path.is_file():
+        raise ValueError(f"config file {path} does not exist (presets: {sorted(p.name for p in CONFIG_DIR.glob('*.toml'))})")
+    try:
+        return tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+
+
+def _resolve_config_path(name):
+    """A path, or a preset name from launch/configs ("tiny" or "tiny.toml")."""
+    path = Path(name)
+    if path.exists() or path.parent != Path("."):
+        return path
+    return CONFIG_DIR / (name if name.endswith(".toml") else f"{name}.toml")
+
+
+def parse_args(argv=None):
+    """-> (TrainConfig, dry_run). argparse exits with code 2 for unknown flags; ValueError for bad config."""
+    args = vars(build_parser().parse_args(argv))
+    config_path, dry_run = args.pop("config"), args.pop("dry_run")
+    cfg = TrainConfig()
+    merge(cfg, load_toml(_resolve_config_path(config_path)), config_path)
+    merge(cfg, args, "the command line")
+    return cfg, dry_run
+
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
+
+
+def _check_positive(cfg):
+    for key, minimum in (("optim.max_steps", 1), ("optim.warmup_steps", 0), ("data.vocab_size", 16),
+                         ("data.seq_len", 2), ("data.batch_size", 1), ("checkpoint.every", 0),
+                         ("checkpoint.keep", 1), ("run.sample_tokens", 0), ("parallel.sp", 1)):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < minimum:
+            raise ValueError(f"{key} must be >= {minimum}, got {getattr(getattr(cfg, section), name)}")
+    for key in ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip", "run.peak_flops"):
+        section, name = key.split(".")
+        if getattr(getattr(cfg, section), name) < 0:
+            raise ValueError(f"{key} must be >= 0")
+
+
+def check_config(cfg, world_size):
+    """Everything that can be checked before any process-group work: ValueError naming the key."""
+    import models
+    from lasp.apply import resolve_engines
+    from parallel.layout import local_positions
+    from parallel.mesh import check_mesh_sizes
+
+    _check_positive(cfg)
+    if cfg.model.preset not in models.PRESETS:
+        raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {sorted(models.PRESETS)}")
+    model_fields = {f.name for f in dataclasses.fields(models.get_config(cfg.model.preset))}
+    unknown = sorted(set(cfg.model.overrides) - model_fields)
+    if unknown or "vocab_size" in cfg.model.overrides:
+        raise ValueError(f"model.overrides: fields {unknown or ['vocab_size']} cannot be set for preset "
+                         f"{cfg.model.preset!r} (the vocabulary is data.vocab_size); it has {sorted(model_fields)}")
+    try:
+        dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"model.overrides {cfg.model.overrides} do not fit preset {cfg.model.preset!r}: {e}") from None
+    _check_choice("parallel.zero", cfg.parallel.zero, (0, 1, 2, 3))
+    _check_choice("run.dtype", cfg.run.dtype, ("auto", "fp32", "bf16"))
+    _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
+    try:
+        resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
+        check_mesh_sizes(world_size, cfg.parallel.sp)
+        local_positions(cfg.data.seq_len, cfg.parallel.layout, 0, cfg.parallel.sp)
+    except ValueError as e:
+        raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, world size {world_size}, "
+                         f"data.seq_len={cfg.data.seq_len}, parallel.layout={cfg.parallel.layout!r})") from None
+    if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
+        raise ValueError(f"run.dir {cfg.run.dir!r} exists and is not a folder")

@@ -1,0 +1,196 @@
+"""The model, optimizer and data-parallel wrapper of a pretraining run (DDP, or DeepSpeed ZeRO 1-3).
+
+Gradient scaling under sequence parallelism. Sequence-parallel rank r of a data-parallel group holds loss_sum_r
+over its tokens; N = Σ_r count_r (all-reduced over the SP group, no grad). The group's mean loss is
+L = Σ_r loss_sum_r / N, and because every rank holds a replica of the weights whose activations meet in the SP
+collectives, ∂L/∂θ = Σ_r g_r with g_r the gradient of rank r's replica from backward(loss_sum_r / N): gradients
+must be SUMMED over the SP group and AVERAGED over the dp groups. DDP and DeepSpeed both average over the whole
+world (dp·sp ranks), so each rank backpropagates sp · loss_sum_r / N: (1/(dp·sp)) Σ_all sp·g = (1/dp) Σ_dp Σ_sp g.
+"""
+import dataclasses
+import logging
+import math
+import os
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+import models
+
+__all__ = ["model_config", "build_model", "checkpoint_blocks", "lr_at", "build_optimizer", "LossModel",
+           "DDPEngine", "DeepSpeedEngine", "make_engine"]
+
+
+def model_config(cfg_model, vocab_size):
+    """The preset's config with the run's overrides and the tokenizer's vocabulary."""
+    return dataclasses.replace(models.get_config(cfg_model.preset), **cfg_model.overrides, vocab_size=vocab_size)
+
+
+def build_model(cfg_model, vocab_size, seed, device=None):
+    """Every rank builds the same weights: init_weights() draws from the global generator seeded here."""
+    torch.manual_seed(seed)
+    return models.build_model(model_config(cfg_model, vocab_size), device=device)
+
+
+def _checkpointed(forward):
+    def run(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return forward(*args, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+    return run
+
+
+def checkpoint_blocks(model):
+    """Recompute each block of `model.layers` in backward (activation checkpointing applied from outside:
+    the instance's forward is wrapped, so parameter names and state dicts do not change)."""
+    if not isinstance(getattr(model, "layers", None), nn.ModuleList):
+        raise ValueError(f"{type(model).__name__} has no `layers` ModuleList to checkpoint")
+    for block in model.layers:
+        block.forward = _checkpointed(block.forward)
+    return model
+
+
+def lr_at(step, optim):
+    """Linear warm-up over warmup_steps, then cosine decay from lr to min_lr at max_steps (step counts from 0)."""
+    if step < optim.warmup_steps:
+        return optim.lr * (step + 1) / optim.warmup_steps
+    span = max(1, optim.max_steps - optim.warmup_steps)
+    progress = min(1.0, (step - optim.warmup_steps) / span)
+    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_optimizer(model, optim):
+    """AdamW (weight decay on matrices only) and its warm-up + cosine LambdaLR."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in params if p.dim() >= 2], "weight_decay": optim.weight_decay},
+              {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps)
+    base = optim.lr if optim.lr > 0 else 1.0
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_at(step, optim) / base)
+    return opt, sched
+
+
+class LossModel(nn.Module):
+    """forward(batch) -> (loss_sum, count) of the local tokens, so that DDP / DeepSpeed see one forward."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, tokens, positions, segment_ids, labels, loss_mask):
+        hidden = self.model(tokens, positions, segment_ids)
+        return self.model.loss(hidden, labels, loss_mask)
+
+
+class DDPEngine:
+    """Plain torch: DistributedDataParallel over the whole world (averaging), clipping, AdamW, LambdaLR."""
+
+    def __init__(self, model, optim_cfg, world_size):
+        from torch.nn.parallel import DistributedDataParallel
+        self.model, self.grad_clip = model, optim_cfg.grad_clip
+        self.optimizer, self.scheduler = build_optimizer(model, optim_cfg)
+        loss_model = LossModel(model)
+        self.forward = DistributedDataParallel(loss_model) if world_size > 1 else loss_model
+
+    def backward(self, loss):
+        loss.backward()
+
+    def step(self):
+        """Clip, step optimizer and schedule -> the global grad norm before clipping."""
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def lr(self):
+        return self.scheduler.get_last_lr()[0]
+
+    def save(self, folder, rank):
+        if rank == 0:  # replicated state: one copy
+            torch.save(self.model.state_dict(), folder / "model.pt")
+            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                       folder / "optim.pt")
+
+    def load(self, folder):
+        self.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        state = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def export(self, path, rank):
+        """models.save_model(path) of the full model, on rank 0."""
+        if rank == 0:
+            models.save_model(path, self.model)
+
+
+def _import_deepspeed(device):
+    """DeepSpeed with the CPU accelerator on CPU. We use a plain torch optimizer, so no DeepSpeed C++ op is
+    needed; marking them all unavailable stops DeepSpeed compiling its shared-memory allreduce (it then uses
+    torch.distributed, i.e. gloo) and skips the compiler probes at start-up."""
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import deepspeed
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+    if device.type == "cpu":
+        deepspeed.ops.__compatible_ops__ = dict.fromkeys(ALL_OPS, False)
+    logging.getLogger("DeepSpeed").setLevel(logging.WARNING)
+    return deepspeed
+
+
+class DeepSpeedEngine(DDPEngine):
+    """DeepSpeed ZeRO stage 1-3 over the whole world with a torch AdamW; same interface as DDPEngine."""
+
+    TAG = "deepspeed"
+
+    def __init__(self, model, optim_cfg, world_size, *, stage, batch_size, device):
+        ds = self.ds = _import_deepspeed(device)
+        self.model, self.stage = model, stage
+        optimizer, scheduler = build_optimizer(model, optim_cfg)
+        loss_model = LossModel(model)
+        if stage == 3:  # the loss reads the output head's weight directly, outside any submodule's forward
+            for p in self._outside_blocks(model):
+                ds.zero.register_external_parameter(loss_model, p)
+        config = {"train_micro_batch_size_per_gpu": batch_size, "gradient_accumulation_steps": 1,
+                  "zero_optimization": {"stage": stage}, "gradient_clipping": optim_cfg.grad_clip,
+                  "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
+        self.forward, self.optimizer, _, self.scheduler = ds.initialize(
+            model=loss_model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+
+    @staticmethod
+    def _outside_blocks(model):
+        inside = {id(p) for p in model.layers.parameters()}
+        return [p for p in model.parameters() if id(p) not in inside]
+
+    def backward(self, loss):
+        self.forward.backward(loss)
+
+    def step(self):
+        self.forward.step()
+        norm = self.forward.get_global_grad_norm()
+        return float("nan") if norm is None else float(norm)
+
+    def save(self, folder, rank):
+        self.forward.save_checkpoint(str(folder), tag=self.TAG, save_latest=False)
+
+    def load(self, folder):
+        path, _ = self.forward.load_checkpoint(str(folder), tag=self.TAG, load_optimizer_states=True,
+                                               load_lr_scheduler_states=True)
+        if path is None:
+            raise ValueError(f"checkpoint {folder}: DeepSpeed found no state under tag {self.TAG!r}")
+
+    def export(self, path, rank):
+        if self.stage < 3:
+            return super().export(path, rank)
+        with self.ds.zero.GatheredParameters(list(self.model.parameters()), modifier_rank=None):
+            super().export(path, rank)
+
+
+def make_engine(model, cfg, world_size, device):
+    if cfg.parallel.zero == 0:
+        return DDPEngine(model, cfg.optim, world_size)
+    return DeepSpeedEngine(model, cfg.optim, world_size, stage=cfg.parallel.zero, batch_size=cfg.data.batch_size,
+                           device=device)

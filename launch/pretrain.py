@@ -1,0 +1,299 @@
+"""Pretrain a linear-attention / hybrid LLM with sequence and data parallelism.
+
+    torchrun --nproc-per-node 4 launch/pretrain.py                       # launch/configs/default.toml
+    torchrun --nproc-per-node 4 launch/pretrain.py --config tiny --sp 2 --max-steps 50 --run-dir runs/x
+    torchrun --nproc-per-node 4 launch/pretrain.py --run-dir runs/x --resume        # after a stop or SIGTERM
+    python launch/pretrain.py --dry-run --sp 4                           # check env + config, print the mesh
+
+Ranks form a dp × sp mesh (parallel.init_mesh); each packed sequence is split over the sp ranks of its group in
+`parallel.layout`, and each dp group reads its own batches. Each step: forward on the local shard, the loss sum
+normalised by the token count of the whole sequence group (engine.py explains the gradient scaling), backward,
+clip, AdamW, warm-up + cosine schedule. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM
+(checkpoint.py); `--resume` continues bit-for-bit. Exit codes: 0 done, 2 bad input, 3 non-finite loss.
+See docs/launch.md.
+"""
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+from launch import checkpoint as ckpt  # noqa: E402
+from launch.config import check_config, parse_args  # noqa: E402
+from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files,  # noqa: E402
+                         load_tokenizer, shard_batch)
+from launch.engine import build_model, checkpoint_blocks, make_engine  # noqa: E402
+from launch.report import Reporter, peak_flops  # noqa: E402
+from parallel import comm  # noqa: E402
+from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh  # noqa: E402
+
+__all__ = ["NonFiniteLoss", "train", "dry_run", "main"]
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN/inf: the run stops without writing a checkpoint (the last good one stays)."""
+
+
+class StopSignal:
+    """SIGTERM (Slurm preemption, torchrun shutdown) sets a flag; the loop checkpoints at the next step end."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _process():
+    """(rank, world size, local rank, local world size) of this process."""
+    rank, world, local_rank = dist_env()
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+def _agree(error, device):
+    """One all-reduce so that every rank learns whether any rank failed: all raise, none waits in a collective."""
+    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
+    comm.all_reduce(flag)
+    if error is not None:
+        raise error
+    if flag.item() > 0:
+        raise ValueError("another rank failed (its message is above)")
+
+
+def _prepare_data(cfg_data, files, rank, device):
+    """Rank 0 trains the tokenizer and tokenizes the corpus once (cached); every rank then loads the cache."""
+    path = cache_path(files, cfg_data.text_key, cfg_data.vocab_size, cfg_data.cache_dir)
+    error = None
+    if rank == 0:
+        try:
+            build_cache(files, cfg_data.text_key, cfg_data.vocab_size, path)
+        except ValueError as e:
+            error = e
+    _agree(error, device)
+    return path, load_tokenizer(path), PackedDataset(path, cfg_data.seq_len, cfg_data.seed)
+
+
+def _trainer_state(step, cfg, mesh, data_key):
+    return {"step": step, "samples_per_step": mesh.dp * cfg.data.batch_size, "dp": mesh.dp, "sp": mesh.sp,
+            "world_size": mesh.world_size, "zero": cfg.parallel.zero, "data_key": data_key}
+
+
+def _check_compatible(saved, now, folder):
+    """The data order needs the same dp and corpus; ZeRO partitions need the same world and stage."""
+    keys = ["dp", "zero", "data_key"] + (["world_size"] if now["zero"] else [])
+    diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
+    if diff:
+        raise ValueError(f"checkpoint {folder} does not fit this run: "
+                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+
+
+def _resume(engine, root, rank, state_now, device):
+    """Load the newest checkpoint under root (verified first) -> the next step, 1 if there is none."""
+    folder, error = None, None
+    try:
+        folder = ckpt.latest(root)
+        if folder is not None and rank == 0:
+            ckpt.verify(folder)
+            _check_compatible(ckpt.read_json(folder / "trainer.json"), state_now, folder)
+    except ValueError as e:
+        error = e
+    _agree(error, device)
+    if folder is None:
+        return 1, None
+    engine.load(folder)
+    rng_file = folder / f"rng-rank{rank}.pt"
+    if rng_file.exists():
+        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
+    return ckpt.read_json(folder / "trainer.json")["step"] + 1, folder
+
+
+def _save(engine, root, step, state, run_dir, rank, keep):
+    def write(folder):
+        engine.save(folder, rank)
+        torch.save(ckpt.rng_state(), folder / f"rng-rank{rank}.pt")
+        if rank == 0:
+            ckpt.write_json(folder / "trainer.json", state)
+    folder = ckpt.save(root, step, write, rank=rank, barrier=comm.barrier, keep=keep)
+    engine.export(run_dir / "model.pt", rank)   # for launch/generate.py
+    return folder
+
+
+def _setup_mesh(sp):
+    if dist.is_initialized():  # e.g. the test helper made the default group
+        return build_mesh(dist.get_rank(), dist.get_world_size(), sp)
+    return init_mesh(sp)
+
+
+def _autocast(device, dtype):
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _sample(run_dir, tokenizer, prompt, n_tokens):
+    """Rank 0, one process: reload model.pt and decode with the model's recurrent generation (top-k)."""
+    import models
+    from models.generation import generate
+    model = models.load_model(run_dir / "model.pt").eval()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(model, ids, n_tokens, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
+    return tokenizer.decode(out[0].tolist())
+
+
+def train(cfg, hook=None):
+    """Run the configured training on this rank -> {"losses": {step: loss}, "last_checkpoint", "sample"}.
+
+    hook(step, model), if given, runs before each step's forward (tests use it to send SIGTERM or break weights).
+    Raises ValueError for bad input (before any collective that could hang), NonFiniteLoss on NaN/inf loss.
+    """
+    rank, world, local_rank, local_world = _process()
+    check_config(cfg, world)
+    files = corpus_files(cfg.data.corpus)
+    check_corpus(files, cfg.data.text_key)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    mesh = _setup_mesh(cfg.parallel.sp)
+    dp_rank, sp_rank, sp, dp = mesh.rank_in("dp"), mesh.rank_in("sp"), mesh.sp, mesh.dp
+    run_dir = Path(cfg.run.dir)
+    root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
+    if rank == 0:
+        (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
+
+    from lasp.apply import apply_sequence_parallel
+    model = build_model(cfg.model, tokenizer.get_piece_size(), cfg.run.seed, device)
+    apply_sequence_parallel(model, linear=cfg.parallel.linear, softmax=cfg.parallel.softmax,
+                            layout=cfg.parallel.layout, group=mesh.group("sp"))
+    if cfg.parallel.activation_checkpointing:
+        checkpoint_blocks(model)
+    engine = make_engine(model, cfg, world, device)
+    state_now = _trainer_state(0, cfg, mesh, data_path.name)
+    start, last_ckpt = (_resume(engine, root, rank, state_now, device) if cfg.checkpoint.resume else (1, None))
+
+    n_params = sum(p.numel() for p in model.parameters())
+    peak, peak_note = peak_flops(cfg.run.peak_flops, device, world, local_world)
+    tokens_per_step = dp * cfg.data.batch_size * cfg.data.seq_len
+    reporter = Reporter(run_dir, rank=rank, start_step=start, max_steps=cfg.optim.max_steps,
+                        progress=cfg.run.progress, wandb_project=cfg.run.wandb_project,
+                        wandb_mode=cfg.run.wandb_mode, config=_as_dict(cfg))
+    reporter.write(f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.get_piece_size()}; "
+                   f"world {world} = dp {dp} x sp {sp} ({cfg.parallel.linear} + {cfg.parallel.softmax}, "
+                   f"{cfg.parallel.layout}), {'ZeRO-%d' % cfg.parallel.zero if cfg.parallel.zero else 'DDP'} "
+                   f"on {device.type}; {tokens_per_step} tokens/step; MFU peak: {peak_note}"
+                   + (f"; resumed from {last_ckpt}" if last_ckpt else ""))
+    stop, losses, preempted = StopSignal(), {}, False
+    try:
+        for step in range(start, cfg.optim.max_steps + 1):
+            t0 = time.perf_counter()
+            batch = shard_batch(dataset.batch(step - 1, dp_rank, dp, cfg.data.batch_size), cfg.parallel.layout,
+                                sp_rank, sp)
+            batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+            if hook is not None:
+                hook(step, model)
+            lr = engine.lr()
+            with _autocast(device, cfg.run.dtype):
+                loss_sum, count = engine.forward(**batch)
+            # tokens of this sequence group (no grad), then the whole job's sums for logging and the stop vote
+            group_count = comm.all_reduce(count.detach().to(torch.float32).reshape(1), mesh.group("sp"))
+            totals = comm.all_reduce(torch.stack([loss_sum.detach().float(), count.float(),
+                                                  torch.tensor(float(stop.requested), device=device)]))
+            loss = (totals[0] / totals[1]).item()
+            if not torch.isfinite(totals[0]):
+                raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping without a checkpoint; the last good "
+                                    f"one is {ckpt.latest(root) if root.exists() else None}")
+            engine.backward(loss_sum * sp / group_count.clamp_min(1.0)[0])
+            grad_norm = engine.step()
+            dt = time.perf_counter() - t0
+            losses[step] = loss
+            reporter.log({"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
+                          "tokens_per_s": tokens_per_step / dt, "mfu": 6 * n_params * tokens_per_step / dt / peak,
+                          "grad_norm": grad_norm})
+            preempted = totals[2].item() > 0
+            if preempted or step == cfg.optim.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+                last_ckpt = _save(engine, root, step, _trainer_state(step, cfg, mesh, data_path.name), run_dir,
+                                  rank, cfg.checkpoint.keep)
+            if preempted:
+                reporter.write(f"SIGTERM: saved {last_ckpt} at step {step}; continue with --resume")
+                break
+    finally:
+        stop.restore()
+        reporter.close(title=f"{cfg.model.preset}, dp {dp} x sp {sp}")
+    sample = None
+    if rank == 0 and cfg.run.sample_tokens and not preempted and (run_dir / "model.pt").exists():
+        sample = _sample(run_dir, tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
+        reporter.write(f"--- sample ---\n{sample}\n--------------")
+    return {"losses": losses, "last_checkpoint": str(last_ckpt) if last_ckpt else None, "sample": sample}
+
+
+def _as_dict(cfg):
+    import dataclasses
+    return dataclasses.asdict(cfg)
+
+
+def _mesh_table(world, sp, local_world):
+    """Lines describing every rank's node and (dp, sp) coordinates, and the groups, without any process group."""
+    dp = check_mesh_sizes(world, sp)
+    ranks = torch.arange(world).view(dp, sp)
+    lines = [f"world {world} = dp {dp} x sp {sp}; {max(1, world // local_world)} node(s) x {local_world} rank(s)",
+             "rank  node  local  dp  sp"]
+    lines += [f"{r:4d}  {r // local_world:4d}  {r % local_world:5d}  {r // sp:2d}  {r % sp:2d}" for r in range(world)]
+    lines.append(f"sp groups: {ranks.tolist()}")
+    lines.append(f"dp groups: {ranks.t().tolist()}")
+    if sp > local_world:
+        lines.append(f"note: sp={sp} spans nodes ({local_world} ranks per node): SP collectives cross the network")
+    return lines
+
+
+def dry_run(cfg):
+    """Check the environment, config, corpus and rank layout; print the mesh. ValueError on problems."""
+    rank, world, _, local_world = _process()
+    env = os.environ
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(v)]
+    if missing:
+        raise ValueError(f"world size {world} needs {' and '.join(missing)} in the environment "
+                         f"(torchrun sets them; launch/slurm/pretrain.sbatch exports them)")
+    if world % local_world:
+        raise ValueError(f"world size {world} is not a multiple of the ranks per node ({local_world})")
+    check_config(cfg, world)
+    files = corpus_files(cfg.data.corpus)
+    check_corpus(files, cfg.data.text_key)
+    if rank == 0:
+        where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
+        print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
+              f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
+        print("\n".join(_mesh_table(world, cfg.parallel.sp, local_world)))
+        print("dry run OK")
+    return 0
+
+
+def main(argv=None):
+    """Command-line entry: 0 done, 2 bad input (ValueError), 3 non-finite loss."""
+    rank = dist_env()[0]
+    try:
+        cfg, dry = parse_args(argv)
+        if dry:
+            return dry_run(cfg)
+        train(cfg)
+        return 0
+    except ValueError as e:
+        print(f"pretrain: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteLoss as e:
+        if rank == 0:
+            print(f"pretrain: {e}", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
