@@ -1,0 +1,509 @@
+"""Benchmarks of the sequence-parallel engines: one attention layer, a whole small model, one long training step.
+
+    torchrun --nproc-per-node 4 launch/bench.py --mode layer --seq-lens 4096,8192,16384
+    torchrun --nproc-per-node 4 launch/bench.py --mode model --seq-lens 8192,32768 --preset linear-llama3-tiny
+    torchrun --nproc-per-node 8 launch/bench.py --mode long --seq-lens 2097152 --model.dim 64 ...
+
+gloo on CPU, NCCL on GPU (parallel.init_mesh). Every rank holds T/W tokens of one sequence (batch B).
+  layer  forward+backward of one attention layer per engine: linear (lasp2, lasp1, ring_linear = the left-product
+         ring baseline) and softmax (allgather, ring, ulysses). Engines are interleaved inside each repetition.
+  model  forward+backward of the whole model (loss included) per "linear+softmax" engine pair.
+  long   one full training step (forward, backward, gradient all-reduce, AdamW) with per-layer activation
+         checkpointing; one record per length, so a list of lengths gives the curve of peak memory per rank.
+Time of a repetition = the slowest rank's; reported: the median over repetitions, global tokens/s, collectives
+(calls and bytes RECEIVED per rank, the most loaded rank; for these symmetric patterns it equals bytes sent)
+and peak memory per rank, measured in one extra untimed repetition. Memory: GPU = torch.cuda.max_memory_allocated;
+CPU = the kernel's resident-set high-water mark (VmHWM, reset through /proc/self/clear_refs), with glibc told to
+serve allocations ≥ 1 MiB by mmap during the measurement so freed tensors leave the resident set (timed runs use
+glibc's settled defaults instead: mmap for ≥ 32 MiB). `peak` is above the rank's memory just
+before the step (inputs and weights excluded); `peak_abs` is the whole process.
+Results merge into <out>.json (one record per mode/engine/W/T/shape), then <out>.md and <out>.png are
+rewritten from all records.
+"""
+import argparse
+import ctypes
+import dataclasses
+import functools
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+from torch.utils.checkpoint import checkpoint  # noqa: E402
+
+import lasp  # noqa: E402
+import parallel  # noqa: E402
+from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
+
+LINEAR = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "ring_linear": lasp.ring_linear_attention}
+SOFTMAX = {"allgather": "allgather_attention", "ring": "ring_attention", "ulysses": "ulysses_attention"}
+CONTIGUOUS_ONLY = ("lasp1", "ring_linear")
+DEFAULT_ENGINES = {"layer": "lasp2,lasp1,ring_linear,allgather,ulysses",
+                   "model": "lasp2+allgather,lasp1+allgather,ring_linear+ring,lasp2+ulysses",
+                   "long": "lasp2+allgather"}
+MiB = 2 ** 20
+
+
+# ---------------------------------------------------------------------------------------------- machine, memory
+def machine_info(device):
+    """Where the numbers came from: nproc, CPU model, memory, torch version, load, GPU."""
+    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+               platform.processor())
+    mem = next((int(line.split()[1]) * 1024 for line in open("/proc/meminfo") if line.startswith("MemTotal")), 0)
+    info = dict(nproc=len(os.sched_getaffinity(0)), cpu=cpu, mem_gib=round(mem / 2 ** 30, 1),
+                torch=torch.__version__, python=platform.python_version(), load_avg=os.getloadavg(),
+                omp_num_threads=torch.get_num_threads(), time=time.strftime("%Y-%m-%d %H:%M:%S"))
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+_LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+
+
+def malloc_for_speed():
+    """glibc's settled defaults: < 32 MiB from the heap (freed memory is reused, no page faults), larger by mmap."""
+    if _LIBC is not None:
+        assert _LIBC.mallopt(M_MMAP_THRESHOLD, 32 * MiB) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, 64 * MiB) == 1
+
+
+def malloc_for_measurement():
+    """≥ 1 MiB by mmap and the heap trimmed: a freed tensor leaves the resident set, so RSS ≈ live bytes."""
+    if _LIBC is not None:
+        assert _LIBC.mallopt(M_MMAP_THRESHOLD, MiB) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, MiB) == 1
+        _LIBC.malloc_trim(0)
+
+
+def _proc_status_kib(key):
+    return next(int(line.split()[1]) for line in open("/proc/self/status") if line.startswith(key + ":"))
+
+
+class PeakMemory:
+    """Peak bytes since `reset()`: CUDA allocator stats on GPU, the RSS high-water mark (VmHWM) on CPU."""
+
+    def __init__(self, device):
+        self.device = device
+        self.resettable = device.type == "cuda" or os.access("/proc/self/clear_refs", os.W_OK)
+
+    def current(self):
+        if self.device.type == "cuda":
+            return torch.cuda.memory_allocated(self.device)
+        return _proc_status_kib("VmRSS") * 1024
+
+    def reset(self):
+        """Start a measurement (on CPU, switches glibc to `malloc_for_measurement` until the next `peak`)."""
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            malloc_for_measurement()
+            if self.resettable:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")                              # VmHWM := VmRSS
+        self.base = self.current()
+
+    def peak(self):
+        """-> (peak bytes above the memory at reset, absolute peak bytes of the process)."""
+        if self.device.type == "cuda":
+            top = torch.cuda.max_memory_allocated(self.device)
+        else:
+            top = _proc_status_kib("VmHWM") * 1024
+            malloc_for_speed()
+        return top - self.base, top
+
+
+# ---------------------------------------------------------------------------------------------- timing
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(step, device, group):
+    """Seconds this rank spends in step(), all ranks starting together."""
+    comm.barrier(group)
+    _sync(device)
+    start = time.perf_counter()
+    step()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+def across_ranks(values, group, reduce="max"):
+    """Element-wise max (or the full (W, n) table) of a list of numbers over the ranks."""
+    table = comm.all_gather(torch.tensor([values], dtype=torch.float64), group)
+    return table.amax(0).tolist() if reduce == "max" else table.tolist()
+
+
+def profile_step(step, device, group):
+    """One untimed call: collectives (calls, bytes received; the most loaded rank) and peak memory (max rank)."""
+    meter = PeakMemory(device)
+    meter.reset()
+    with count_collectives() as log:
+        step()
+    _sync(device)
+    peak, peak_abs = meter.peak()
+    calls, nbytes = log.count(), log.bytes()
+    ops = sorted(log.summary().items())
+    calls, nbytes, peak, peak_abs = across_ranks([calls, nbytes, peak, peak_abs], group)
+    return dict(calls=int(calls), bytes_per_rank=int(nbytes), ops={op: list(v) for op, v in ops},
+                peak_bytes=int(peak), peak_abs_bytes=int(peak_abs), peak_scope="step" if meter.resettable
+                else "process lifetime (clear_refs not writable)")
+
+
+def run_interleaved(cases, reps, warmup, device, group):
+    """{name: step} -> {name: per-repetition seconds of the slowest rank}, engines interleaved in every rep."""
+    local = {name: [] for name in cases}
+    for rep in range(warmup + reps):
+        for name, step in cases.items():
+            seconds = time_step(step, device, group)
+            if rep >= warmup:
+                local[name].append(seconds)
+    return {name: across_ranks(times, group) for name, times in local.items()}
+
+
+# ---------------------------------------------------------------------------------------------- layer mode
+def layer_step(engine, seq_len, args, group, device, dtype):
+    """Inputs for one layer on this rank and a closure running forward + backward; None if the engine cannot run."""
+    W, r = comm.group_size(group), comm.group_rank(group)
+    if engine == "ulysses" and args.heads % W:
+        return None                                          # Ulysses needs W | H
+    layout = "contiguous" if engine in CONTIGUOUS_ONLY else args.layout
+    pos = local_positions(seq_len, layout, r, W, device)
+    g = torch.Generator(device=device).manual_seed(1234)
+    kv_heads = args.heads if engine in LINEAR else args.kv_heads
+
+    def rand(heads):
+        full = torch.randn(args.batch, seq_len, heads, args.head_dim, generator=g, device=device) * 0.5
+        return full[:, pos].to(dtype).requires_grad_()
+    q, k, v, do = rand(args.heads), rand(kv_heads), rand(kv_heads), rand(args.heads).detach()
+    if engine in LINEAR:
+        decay = -torch.logspace(-4, -1, args.heads, device=device)  # mild to strong per-head decays
+        kw = dict(log_decay=decay) if engine in CONTIGUOUS_ONLY else dict(log_decay=decay, layout=layout)
+        fn = functools.partial(LINEAR[engine], group=group, **kw)
+    else:
+        fn = functools.partial(getattr(parallel, SOFTMAX[engine]), layout=layout, group=group)
+
+    def step():
+        torch.autograd.grad(fn(q, k, v), (q, k, v), do)
+    return step
+
+
+def bench_layers(args, group, device, dtype):
+    records = []
+    for seq_len in args.seq_lens:
+        cases = {e: layer_step(e, seq_len, args, group, device, dtype) for e in args.engines}
+        cases = {e: s for e, s in cases.items() if s is not None}
+        times = run_interleaved(cases, args.reps, args.warmup, device, group)
+        for engine, step in cases.items():
+            shape = dict(batch=args.batch, heads=args.heads, kv_heads=args.heads if engine in LINEAR else
+                         args.kv_heads, head_dim=args.head_dim, dtype=str(dtype).replace("torch.", ""))
+            records.append(_record("layer", engine, seq_len, group, times[engine], shape,
+                                   profile_step(step, device, group)))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- model modes
+def model_config(args):
+    """The preset with its `--model.<field> value` overrides applied (dataclass fields, typed by the preset)."""
+    import models
+    cfg = models.get_config(args.preset)
+    fields = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    updates = {}
+    for key, value in args.model_overrides:
+        if key not in fields:
+            raise ValueError(f"--model.{key}: {type(cfg).__name__} has no field {key!r}; fields: {sorted(fields)}")
+        updates[key] = fields[key](value)
+    return dataclasses.replace(cfg, **updates)
+
+
+def set_engines(model, pair, layout, group):
+    """Point the model's mixers at the engine pair "linear+softmax" (linear may be the ring_linear baseline)."""
+    linear, softmax = pair.split("+")
+    lasp.apply_sequence_parallel(model, linear="lasp2" if linear == "ring_linear" else linear, softmax=softmax,
+                                 layout=layout, group=group)
+    if linear == "ring_linear":
+        for mixer in (m for m in model.modules() if hasattr(m, "linear_attn")):
+            mixer.linear_attn = functools.partial(lasp.ring_linear_attention, group=group)
+
+
+def checkpoint_layers(model):
+    """Activation checkpointing per block: each block keeps only its input and recomputes itself in backward."""
+    for block in model.layers:
+        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+
+
+def sequence_batch(seq_len, layout, args, group, device):
+    """(tokens, positions, labels) of this rank: one random byte sequence, next-token labels, global positions."""
+    W, r = comm.group_size(group), comm.group_rank(group)
+    g = torch.Generator().manual_seed(4321)
+    full = torch.randint(0, 256, (args.batch, seq_len + 1), generator=g)
+    pos = local_positions(seq_len, layout, r, W)
+    return full[:, pos].to(device), pos.to(device), full[:, pos + 1].to(device)
+
+
+def train_step(model, batch, seq_len, group, optimizer=None):
+    """Forward, backward (mean loss over the global tokens) and, with an optimizer, the gradient all-reduce over
+    the sequence-parallel ranks (each holds part of the loss) and the update. -> seconds per phase."""
+    tokens, positions, labels = batch
+    phases, start = {}, time.perf_counter()
+    loss_sum, _ = model.loss(model(tokens, positions), labels)
+    phases["forward"] = time.perf_counter() - start
+    (loss_sum / (seq_len * tokens.shape[0])).backward()
+    phases["backward"] = time.perf_counter() - start - phases["forward"]
+    if optimizer is not None:
+        grads = [p.grad for p in model.parameters()]
+        flat = comm.all_reduce(torch.cat([x.flatten() for x in grads]), group)
+        for x, summed in zip(grads, flat.split([x.numel() for x in grads])):
+            x.copy_(summed.view_as(x))
+        optimizer.step()
+        phases["optimizer"] = time.perf_counter() - start - phases["forward"] - phases["backward"]
+    model.zero_grad(set_to_none=True)
+    return phases
+
+
+def _seeded_model(args, device, checkpointed):
+    import models
+    torch.manual_seed(0)                                       # the same weights on every rank
+    model = models.build_model(model_config(args), device=device)
+    if checkpointed:
+        checkpoint_layers(model)
+    return model
+
+
+def bench_models(args, group, device, dtype):
+    """Forward + backward of the whole model per engine pair, interleaved; no optimizer."""
+    model = _seeded_model(args, device, args.checkpoint).to(dtype)
+    records = []
+    for seq_len in args.seq_lens:
+        cases = {}
+        for pair in args.engines:
+            layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
+            batch = sequence_batch(seq_len, layout, args, group, device)
+
+            def step(pair=pair, layout=layout, batch=batch):
+                set_engines(model, pair, layout, group)
+                train_step(model, batch, seq_len, group)
+            cases[pair] = step
+        times = run_interleaved(cases, args.reps, args.warmup, device, group)
+        shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
+                     checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""))
+        for pair, step in cases.items():
+            records.append(_record("model", pair, seq_len, group, times[pair], shape,
+                                   profile_step(step, device, group)))
+    return records
+
+
+def bench_long(args, group, device):
+    """One full training step per length (ascending), checkpointed per layer; memory measured per step."""
+    model = _seeded_model(args, device, args.checkpoint)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    pair = args.engines[0]
+    layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
+    set_engines(model, pair, layout, group)
+    shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
+                 checkpoint=args.checkpoint, params=sum(p.numel() for p in model.parameters()), dtype="float32")
+    records = []
+    for seq_len in sorted(args.seq_lens):
+        batch = sequence_batch(seq_len, layout, args, group, device)
+        meter = PeakMemory(device)
+        meter.reset()
+        with count_collectives() as log:
+            comm.barrier(group)
+            phases = train_step(model, batch, seq_len, group, optimizer)
+        peak, peak_abs = meter.peak()
+        worst = across_ranks([sum(phases.values()), *phases.values(), log.count(), log.bytes(), peak, peak_abs,
+                              meter.base], group)
+        step_s, fwd, bwd, opt, calls, nbytes, peak, peak_abs, base = worst
+        profile = dict(calls=int(calls), bytes_per_rank=int(nbytes), peak_bytes=int(peak),
+                       peak_abs_bytes=int(peak_abs), base_bytes=int(base), phases_s=dict(forward=fwd, backward=bwd,
+                       optimizer=opt), peak_scope="step" if meter.resettable else "process lifetime")
+        records.append(_record("long", pair, seq_len, group, [step_s], shape, profile))
+        del batch
+    return records
+
+
+def _record(mode, engine, seq_len, group, times, shape, profile):
+    W = comm.group_size(group)
+    median = statistics.median(times)
+    batch = shape.get("batch", 1)
+    return dict(mode=mode, engine=engine, world=W, seq_len=seq_len, tokens_per_rank=seq_len // W, shape=shape,
+                median_s=median, times_s=times, tokens_per_s=batch * seq_len / median, **profile)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+def _key(rec):
+    return json.dumps([rec["mode"], rec["engine"], rec["world"], rec["seq_len"], rec["shape"],
+                       rec.get("device", "")], sort_keys=True)
+
+
+def merge_records(path, new, machine):
+    """Records already in `path` with other keys are kept; the machine block is per device kind."""
+    data = json.load(open(path)) if os.path.exists(path) else {"machines": {}, "records": []}
+    for rec in new:
+        rec["device"] = machine["device"]
+    keys = {_key(r) for r in new}
+    data["records"] = [r for r in data["records"] if _key(r) not in keys] + new
+    data["machines"][machine["device"]] = machine
+    return data
+
+
+def memory_fit(records):
+    """Least squares peak_abs = slope·tokens_per_rank + intercept over long-mode records -> dict or None."""
+    pts = sorted((r["tokens_per_rank"], r["peak_abs_bytes"]) for r in records if r["mode"] == "long")
+    if len(pts) < 3:
+        return None
+    x, y = torch.tensor(pts, dtype=torch.float64).T
+    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
+    intercept = y.mean() - slope * x.mean()
+    r2 = 1 - ((y - slope * x - intercept) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    return dict(slope_bytes_per_token=slope.item(), intercept_bytes=intercept.item(), r2=r2.item(), points=len(pts))
+
+
+def markdown(data):
+    lines = []
+    for mode in ("layer", "model", "long"):
+        recs = sorted((r for r in data["records"] if r["mode"] == mode),
+                      key=lambda r: (r["device"], r["world"], r["seq_len"], r["engine"]))
+        if not recs:
+            continue
+        lines += [f"### {mode}", "", "| device | engine | W | T | tokens/rank | median s | tokens/s | collectives "
+                  "| MiB received/rank | peak MiB/rank (step) | peak MiB/rank (process) |", "|" + "---|" * 11]
+        for r in recs:
+            lines.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']} | {r['tokens_per_rank']} "
+                         f"| {r['median_s']:.4g} | {r['tokens_per_s']:,.0f} | {r['calls']} "
+                         f"| {r['bytes_per_rank'] / MiB:.3f} | {r['peak_bytes'] / MiB:,.1f} "
+                         f"| {r['peak_abs_bytes'] / MiB:,.1f} |")
+        lines.append("")
+    fit = memory_fit(data["records"])
+    if fit:
+        lines.append(f"Peak memory per rank (process) = {fit['slope_bytes_per_token']:,.0f} B/token × tokens/rank "
+                     f"+ {fit['intercept_bytes'] / MiB:,.1f} MiB, R² = {fit['r2']:.5f} ({fit['points']} points)")
+    return "\n".join(lines) + "\n"
+
+
+def plot(data, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    long = [r for r in data["records"] if r["mode"] == "long"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    if long:
+        xs = sorted(r["tokens_per_rank"] for r in long)
+        ax.plot(xs, [r["peak_abs_bytes"] / MiB for r in sorted(long, key=lambda r: r["tokens_per_rank"])], "o",
+                label="measured (max over ranks)")
+        fit = memory_fit(long)
+        if fit:
+            ax.plot(xs, [(fit["slope_bytes_per_token"] * x + fit["intercept_bytes"]) / MiB for x in xs], "-",
+                    label=f"fit, R² = {fit['r2']:.4f}")
+        ax.set(xlabel="tokens per rank", ylabel="peak memory per rank (MiB)", xscale="log", yscale="log")
+    else:
+        series = {}
+        for r in data["records"]:
+            series.setdefault((r["device"], r["mode"], r["engine"], r["world"]), []).append(r)
+        for (device, mode, engine, W), recs in sorted(series.items()):
+            recs.sort(key=lambda r: r["seq_len"])
+            ax.plot([r["seq_len"] for r in recs], [r["tokens_per_s"] for r in recs], "o-",
+                    label=f"{engine}, W={W} ({device})")
+        ax.set(xlabel="sequence length (tokens)", ylabel="tokens / s (forward + backward)", xscale="log",
+               yscale="log")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(records, machine, out):
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    data = merge_records(out + ".json", records, machine)
+    with open(out + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    with open(out + ".md", "w") as f:
+        f.write(markdown(data))
+    plot(data, out + ".png")
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=("layer", "model", "long"), default="layer")
+    p.add_argument("--seq-lens", "--seq-len", default="4096,8192,16384", help="comma-separated global lengths")
+    p.add_argument("--engines", help="layer: names; model/long: linear+softmax pairs (default per mode)")
+    p.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag"),
+                   help="for engines that take one (lasp1 and ring_linear always run contiguous)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--heads", type=int, default=8)
+    p.add_argument("--kv-heads", type=int, help="softmax layer engines (default: --heads)")
+    p.add_argument("--head-dim", type=int, default=32)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), help="layer/model (default float32 CPU, bf16 GPU)")
+    p.add_argument("--preset", default="linear-llama3-tiny")
+    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, help="per-layer activation "
+                   "checkpointing (default: on in long mode, off otherwise)")
+    p.add_argument("--reps", type=int, help="timed repetitions (default 5; long: 1)")
+    p.add_argument("--warmup", type=int, help="untimed repetitions first (default 1; long: 0)")
+    p.add_argument("--out", help="output prefix (default docs/bench/<mode>); .json, .md and .png are written")
+    args, rest = p.parse_known_args(argv)
+    args.model_overrides = _model_overrides(p, rest)
+    args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
+    args.engines = (args.engines or DEFAULT_ENGINES[args.mode]).split(",")
+    args.kv_heads = args.kv_heads or args.heads
+    long = args.mode == "long"
+    args.checkpoint = long if args.checkpoint is None else args.checkpoint
+    args.reps = (1 if long else 5) if args.reps is None else args.reps
+    args.warmup = (0 if long else 1) if args.warmup is None else args.warmup
+    args.out = args.out or os.path.join("docs", "bench", args.mode)
+    _validate(p, args)
+    return args
+
+
+def _model_overrides(parser, rest):
+    """`--model.<field> value` pairs (checked against the config dataclass later); anything else is an error."""
+    if len(rest) % 2 or any(not k.startswith("--model.") for k in rest[::2]):
+        parser.error(f"unrecognized arguments: {' '.join(rest)} (model fields go as --model.<field> <value>)")
+    return [(k[len("--model."):], v) for k, v in zip(rest[::2], rest[1::2])]
+
+
+def _validate(parser, args):
+    names = set(LINEAR) | set(SOFTMAX)
+    for engine in args.engines:
+        parts = engine.split("+")
+        ok = (parts[0] in names) if args.mode == "layer" else (
+            len(parts) == 2 and parts[0] in LINEAR and parts[1] in SOFTMAX)
+        if not ok:
+            parser.error(f"--engines: {engine!r} is not " + (f"one of {sorted(names)}" if args.mode == "layer"
+                         else f"a pair linear+softmax of {sorted(LINEAR)} + {sorted(SOFTMAX)}"))
+    if args.mode == "long" and len(args.engines) != 1:
+        parser.error("--engines: long mode runs one engine pair")
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    mesh = init_mesh(sp=int(os.environ.get("WORLD_SIZE", 1)))
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    malloc_for_speed()
+    dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
+    group = mesh.group("sp")
+    machine = machine_info(device)
+    machine["device"] = machine.get("gpu", "cpu")
+    bench = {"layer": lambda: bench_layers(args, group, device, dtype),
+             "model": lambda: bench_models(args, group, device, dtype),
+             "long": lambda: bench_long(args, group, device)}[args.mode]
+    records = bench()
+    command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc-per-node "
+               f"{mesh.world_size} launch/bench.py " + " ".join(sys.argv[1:] if argv is None else argv))
+    for rec in records:
+        rec.update(command=command, load_avg_start=machine["load_avg"], load_avg_end=os.getloadavg())
+    if mesh.rank == 0:
+        write_outputs(records, machine, args.out)
+        print(markdown({"records": records}), flush=True)
+    comm.barrier(group)
+
+
+if __name__ == "__main__":
+    main()
