@@ -23,6 +23,7 @@ _SOFTMAX_FUNCTIONS = {"allgather": "allgather_attention", "ring": "ring_attentio
 
 
 def _takes_layout(fn):
+    """Whether an engine accepts `layout` (contiguous-only engines do not)."""
     return "layout" in inspect.signature(fn).parameters
 
 
@@ -48,6 +49,7 @@ def resolve_engines(linear="lasp2", softmax="allgather", layout="contiguous"):
 
 
 def _bind(engine, layout, group):
+    """engine with layout (if it takes one) and group fixed: the mixer calls it like the local default."""
     if _takes_layout(engine):
         return functools.partial(engine, layout=layout, group=group)
     return functools.partial(engine, group=group)                       # contiguous-only engines

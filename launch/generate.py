@@ -52,11 +52,15 @@ def main(argv=None):
         tokenizer = sentencepiece.SentencePieceProcessor(model_file=args.tokenizer)
     ids = _encode(args.prompt, tokenizer)
     vocab = model.config.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size() > vocab:
+        raise ValueError(f"tokenizer {args.tokenizer} has {tokenizer.vocab_size()} pieces, more than the model's "
+                         f"vocab_size={vocab}")
     if max(ids) >= vocab or min(ids) < 0:
         raise ValueError(f"prompt token ids must lie in [0, {vocab}) for this model, got {ids}")
     generator = torch.Generator(device=args.device).manual_seed(args.seed)
     out = generate(model, torch.tensor([ids], device=args.device), args.max_new_tokens,
-                   temperature=args.temperature, top_k=args.top_k, generator=generator)[0].tolist()
+                   temperature=args.temperature, top_k=args.top_k, generator=generator,
+                   vocab_limit=None if tokenizer is None else tokenizer.vocab_size())[0].tolist()
     text = tokenizer.decode(out) if tokenizer is not None else " ".join(map(str, out))
     print(text)
     return text

@@ -28,9 +28,14 @@ def get_config(name):
 
 
 def build_model(name_or_config, device=None):
-    """Build a model from a preset name or a config. device "meta": shapes only (for parameter counts or a later
-    `to_empty` + `init_weights()`); any other device (default cpu): weights filled by `init_weights()`."""
-    cfg = get_config(name_or_config) if isinstance(name_or_config, str) else name_or_config
+    """Build a model from a preset name, a config, or a {"family": ..., <fields>} dict. device "meta": shapes only
+    (for parameter counts or a later `to_empty` + `init_weights()`); any other device (default cpu): weights
+    filled by `init_weights()`. ValueError for an unknown preset, family or field."""
+    cfg = name_or_config
+    if isinstance(cfg, str):
+        cfg = get_config(cfg)
+    elif isinstance(cfg, dict):
+        cfg = config_from_dict(cfg)
     model_cls = {config_cls: cls for config_cls, cls in FAMILIES.values()}.get(type(cfg))
     if model_cls is None:
         raise ValueError(f"expected a preset name or one of {[c.__name__ for c, _ in FAMILIES.values()]}, "

@@ -21,8 +21,11 @@ def sample_next(logits, temperature=1.0, top_k=None, generator=None):
 
 
 @torch.no_grad()
-def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, generator=None):
-    """prompt (B, T0) token ids -> (B, T0 + max_new_tokens). Positions are 0..T-1 (one document)."""
+def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, generator=None, vocab_limit=None):
+    """prompt (B, T0) token ids -> (B, T0 + max_new_tokens). Positions are 0..T-1 (one document).
+
+    vocab_limit: sample only ids below it (a tokenizer smaller than the model's padded vocabulary).
+    """
     if prompt.dim() != 2 or prompt.shape[1] == 0:
         raise ValueError(f"prompt must be (B, T0) with T0 >= 1, got shape {tuple(prompt.shape)}")
     cache = model.new_cache()
@@ -30,7 +33,7 @@ def generate(model, prompt, max_new_tokens, *, temperature=1.0, top_k=None, gene
     hidden = model(prompt, torch.arange(T0, device=prompt.device), cache=cache)
     tokens = [prompt]
     for i in range(max_new_tokens):
-        nxt = sample_next(model.logits(hidden[:, -1]), temperature, top_k, generator)
+        nxt = sample_next(model.logits(hidden[:, -1])[:, :vocab_limit], temperature, top_k, generator)
         tokens.append(nxt[:, None])
         if i + 1 < max_new_tokens:
             hidden = model(nxt[:, None], torch.tensor([T0 + i], device=prompt.device), cache=cache)

@@ -11,6 +11,7 @@ __all__ = ["config_to_dict", "config_from_dict", "save_model", "load_model"]
 
 
 def _families():
+    """{family: (config class, model class)}."""
     from . import FAMILIES  # the family table lives in models/__init__.py
     return FAMILIES
 
@@ -46,6 +47,7 @@ def save_model(path, model):
 
 
 def _config_difference(found, expected):
+    """'key=found (expected x), ...' for the fields of two config dicts that differ."""
     return ", ".join(f"{k}={found.get(k)!r} (expected {expected.get(k)!r})"
                      for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k))
 
@@ -72,8 +74,10 @@ def load_model(path, *, config=None, device=None):
     if expected_shapes != found_shapes:
         bad = sorted(k for k in set(expected_shapes) | set(found_shapes)
                      if expected_shapes.get(k) != found_shapes.get(k))
-        raise ValueError(f"checkpoint {path}: weights do not fit its model_config; expected shapes "
-                         f"{ {k: expected_shapes.get(k) for k in bad[:5]} }, found { {k: found_shapes.get(k) for k in bad[:5]} }")
+        expected_bad = {k: expected_shapes.get(k) for k in bad[:5]}
+        found_bad = {k: found_shapes.get(k) for k in bad[:5]}
+        raise ValueError(f"checkpoint {path}: weights do not fit its model_config; expected shapes {expected_bad}, "
+                         f"found {found_bad}")
     model.to_empty(device=device or "cpu")
     model.load_state_dict(payload["model"])
     return model

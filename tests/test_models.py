@@ -224,6 +224,7 @@ def test_save_and_load_round_trip(tmp_path):
     payload = torch.load(path, weights_only=True)
     assert payload["model_config"]["family"] == "tnl" and payload["model_config"]["dim"] == 64
     loaded = models.load_model(path, config=FAMILIES["tnl"])
+    assert models.build_model(models.config_to_dict(model), device="meta").config == FAMILIES["tnl"]
     for (n, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items()):
         assert torch.equal(a, b), n
 
@@ -236,6 +237,18 @@ def test_generate_command_line(tmp_path, capsys):
     assert ids[:3] == [1, 2, 3] and len(ids) == 7 and capsys.readouterr().out.strip() == text
     with pytest.raises(ValueError, match=r"\[0, 101\)"):
         main([str(tmp_path / "model.pt"), "--prompt", "5 500"])
+
+
+def test_generate_with_a_sentencepiece_tokenizer(tmp_path):
+    import sentencepiece
+    from launch.generate import main
+    lines = ["to be or not to be that is the question whether tis nobler in the mind to suffer"] * 20
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"),
+                                             vocab_size=40, model_type="bpe", minloglevel=2)
+    models.save_model(tmp_path / "model.pt", _models()["tnl"])         # vocab 101 covers the 40 pieces
+    text = main([str(tmp_path / "model.pt"), "--tokenizer", str(tmp_path / "sp.model"), "--prompt", "to be",
+                 "--max-new-tokens", "5", "--top-k", "5"])
+    assert isinstance(text, str) and text.startswith("to be")
 
 
 # ------------------------------------------------------------------------------------------------ bad input
