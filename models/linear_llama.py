@@ -57,6 +57,9 @@ class LinearLlamaConfig:
         return (self.pattern * (self.n_layers // len(self.pattern)))[:self.n_layers]
 
 
+# Size names are nominal (128256-token untied vocabulary; a linear layer has q, k, v, gate, out at full width as
+# released, 2.5·D² more than GQA softmax attention): pure-linear counts are 0.48B / 1.67B / 9.37B, and
+# pattern "N" gives Llama-3-8B's 8.03B for the 8B shape.
 PRESETS = {
     "linear-llama3-0.3b": LinearLlamaConfig(n_layers=12, dim=1024, n_heads=16, ffn_dim=4096),
     "linear-llama3-0.3b-hybrid": LinearLlamaConfig(n_layers=12, dim=1024, n_heads=16, ffn_dim=4096, pattern="LLLN"),
