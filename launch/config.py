@@ -246,10 +246,12 @@ def check_config(cfg, world_size):
     if cfg.model.preset not in models.PRESETS:
         raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {sorted(models.PRESETS)}")
     model_fields = {f.name for f in dataclasses.fields(models.get_config(cfg.model.preset))}
+    if "vocab_size" in cfg.model.overrides:
+        raise ValueError("model.overrides: vocab_size comes from data.vocab_size (the tokenizer's); remove it")
     unknown = sorted(set(cfg.model.overrides) - model_fields)
-    if unknown or "vocab_size" in cfg.model.overrides:
-        raise ValueError(f"model.overrides: fields {unknown or ['vocab_size']} cannot be set for preset "
-                         f"{cfg.model.preset!r} (the vocabulary is data.vocab_size); it has {sorted(model_fields)}")
+    if unknown:
+        raise ValueError(f"model.overrides: unknown fields {unknown} for preset {cfg.model.preset!r}; "
+                         f"it has {sorted(model_fields)}")
     try:
         dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides)
     except (TypeError, ValueError) as e:

@@ -132,6 +132,11 @@ def _import_deepspeed(device):
     torch.distributed, i.e. gloo) and skips the compiler probes at start-up."""
     if device.type == "cpu":
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    import torch.distributed as dist
+    if dist.is_initialized():  # DeepSpeed reads these even on an initialised group (absent under the test helper)
+        os.environ.setdefault("RANK", str(dist.get_rank()))
+        os.environ.setdefault("WORLD_SIZE", str(dist.get_world_size()))
+        os.environ.setdefault("LOCAL_RANK", str(device.index or 0))
     import deepspeed
     import deepspeed.ops
     from deepspeed.ops.op_builder.all_ops import ALL_OPS

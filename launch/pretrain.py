@@ -151,7 +151,8 @@ def _sample(run_dir, tokenizer, prompt, n_tokens):
 
 
 def train(cfg, hook=None):
-    """Run the configured training on this rank -> {"losses": {step: loss}, "last_checkpoint", "sample"}.
+    """Run the configured training on this rank -> {"losses", "grad_norms": {step: value}, "last_checkpoint",
+    "sample"}.
 
     hook(step, model), if given, runs before each step's forward (tests use it to send SIGTERM or break weights).
     Raises ValueError for bad input (before any collective that could hang), NonFiniteLoss on NaN/inf loss.
@@ -192,7 +193,7 @@ def train(cfg, hook=None):
                    f"{cfg.parallel.layout}), {'ZeRO-%d' % cfg.parallel.zero if cfg.parallel.zero else 'DDP'} "
                    f"on {device.type}; {tokens_per_step} tokens/step; MFU peak: {peak_note}"
                    + (f"; resumed from {last_ckpt}" if last_ckpt else ""))
-    stop, losses, preempted = StopSignal(), {}, False
+    stop, losses, grad_norms, preempted = StopSignal(), {}, {}, False
     try:
         for step in range(start, cfg.optim.max_steps + 1):
             t0 = time.perf_counter()
@@ -215,7 +216,7 @@ def train(cfg, hook=None):
             engine.backward(loss_sum * sp / group_count.clamp_min(1.0)[0])
             grad_norm = engine.step()
             dt = time.perf_counter() - t0
-            losses[step] = loss
+            losses[step], grad_norms[step] = loss, grad_norm
             reporter.log({"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
                           "tokens_per_s": tokens_per_step / dt, "mfu": 6 * n_params * tokens_per_step / dt / peak,
                           "grad_norm": grad_norm})
@@ -233,7 +234,7 @@ def train(cfg, hook=None):
     if rank == 0 and cfg.run.sample_tokens and not preempted and (run_dir / "model.pt").exists():
         sample = _sample(run_dir, tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
         reporter.write(f"--- sample ---\n{sample}\n--------------")
-    return {"losses": losses, "last_checkpoint": str(last_ckpt) if last_ckpt else None, "sample": sample}
+    return {"losses": losses, "grad_norms": grad_norms, "last_checkpoint": str(last_ckpt) if last_ckpt else None, "sample": sample}
 
 
 def _as_dict(cfg):
