@@ -9,8 +9,7 @@ those attribute names, never by importing model classes.
 import functools
 import inspect
 
-import parallel
-from parallel import comm, layout as layouts, mesh
+from parallel import allgather_attention, comm, layout as layouts, mesh, ring_attention, ulysses_attention
 
 from .lasp1 import lasp1
 from .lasp2 import lasp2
@@ -19,7 +18,7 @@ __all__ = ["LINEAR_ENGINES", "SOFTMAX_ENGINES", "resolve_engines", "apply_sequen
 
 LINEAR_ENGINES = ("lasp2", "lasp1")
 SOFTMAX_ENGINES = ("allgather", "ring", "ulysses", "local")
-_SOFTMAX_FUNCTIONS = {"allgather": "allgather_attention", "ring": "ring_attention", "ulysses": "ulysses_attention"}
+_SOFTMAX_FUNCTIONS = {"allgather": allgather_attention, "ring": ring_attention, "ulysses": ulysses_attention}
 
 
 def _takes_layout(fn):
@@ -28,8 +27,8 @@ def _takes_layout(fn):
 
 
 def resolve_engines(linear="lasp2", softmax="allgather", layout="contiguous"):
-    """-> (linear engine, softmax engine or None for "local"). ValueError naming the choices for unknown names,
-    an engine this checkout lacks, or an engine that cannot run `layout` (LASP-1: contiguous only)."""
+    """-> (linear engine, softmax engine or None for "local"). ValueError naming the choices for unknown names
+    or an engine that cannot run `layout` (LASP-1: contiguous only)."""
     if linear not in LINEAR_ENGINES:
         raise ValueError(f"linear engine must be one of {LINEAR_ENGINES}, got {linear!r}")
     if softmax not in SOFTMAX_ENGINES:
@@ -39,10 +38,7 @@ def resolve_engines(linear="lasp2", softmax="allgather", layout="contiguous"):
         raise ValueError(f"linear engine 'lasp1' runs only the 'contiguous' layout, got {layout!r}: use 'lasp2'")
     softmax_fn = None
     if softmax != "local":
-        softmax_fn = getattr(parallel, _SOFTMAX_FUNCTIONS[softmax], None)
-        if softmax_fn is None:
-            raise ValueError(f"softmax engine {softmax!r} (parallel.{_SOFTMAX_FUNCTIONS[softmax]}) is not "
-                             f"available in this checkout")
+        softmax_fn = _SOFTMAX_FUNCTIONS[softmax]
         if layout != "contiguous" and not _takes_layout(softmax_fn):
             raise ValueError(f"softmax engine {softmax!r} runs only the 'contiguous' layout, got {layout!r}")
     return (lasp2 if linear == "lasp2" else lasp1), softmax_fn
