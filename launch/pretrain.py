@@ -12,10 +12,12 @@ clip, AdamW, warm-up + cosine schedule. Checkpoints every `checkpoint.every` ste
 (checkpoint.py); `--resume` continues bit-for-bit. Exit codes: 0 done, 2 bad input, 3 non-finite loss.
 See docs/launch.md.
 """
+import dataclasses
 import os
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -150,26 +152,37 @@ def _sample(run_dir, tokenizer, prompt, n_tokens):
     return tokenizer.decode(out[0].tolist())
 
 
-def train(cfg, hook=None):
-    """Run the configured training on this rank -> {"losses", "grad_norms": {step: value}, "last_checkpoint",
-    "sample"}.
+@dataclass
+class _Run:
+    """Everything a rank's training loop needs, built by `_setup`."""
+    rank: int
+    device: torch.device
+    mesh: object
+    run_dir: Path
+    root: Path                  # checkpoints
+    data_key: str               # the corpus/tokenizer cache entry (checked on resume)
+    tokenizer: object
+    dataset: PackedDataset
+    model: torch.nn.Module
+    engine: object
+    start: int                  # first step to run (1-based)
+    last_ckpt: Path = None
 
-    hook(step, model), if given, runs before each step's forward (tests use it to send SIGTERM or break weights).
-    Raises ValueError for bad input (before any collective that could hang), NonFiniteLoss on NaN/inf loss.
-    """
-    rank, world, local_rank, local_world = _process()
+
+def _setup(cfg):
+    """Validate (ValueError before any group work), then mesh, data, model, engine and resume state."""
+    rank, world, local_rank, _ = _process()
     check_config(cfg, world)
     files = corpus_files(cfg.data.corpus)
     check_corpus(files, cfg.data.text_key)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     mesh = _setup_mesh(cfg.parallel.sp)
-    dp_rank, sp_rank, sp, dp = mesh.rank_in("dp"), mesh.rank_in("sp"), mesh.sp, mesh.dp
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
     data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
-    if rank == 0:
+    if rank == 0:  # launch/generate.py decodes with it
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
 
     from lasp.apply import apply_sequence_parallel
@@ -179,29 +192,47 @@ def train(cfg, hook=None):
     if cfg.parallel.activation_checkpointing:
         checkpoint_blocks(model)
     engine = make_engine(model, cfg, world, device)
-    state_now = _trainer_state(0, cfg, mesh, data_path.name)
-    start, last_ckpt = (_resume(engine, root, rank, state_now, device) if cfg.checkpoint.resume else (1, None))
+    run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, engine, start=1)
+    if cfg.checkpoint.resume:
+        run.start, run.last_ckpt = _resume(engine, root, rank, _trainer_state(0, cfg, mesh, run.data_key), device)
+    return run
 
-    n_params = sum(p.numel() for p in model.parameters())
-    peak, peak_note = peak_flops(cfg.run.peak_flops, device, world, local_world)
+
+def _summary(cfg, run, n_params, tokens_per_step, peak_note):
+    p, mesh = cfg.parallel, run.mesh
+    return (f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
+            f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} ({p.linear} + {p.softmax}, {p.layout}), "
+            f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "
+            f"MFU peak: {peak_note}" + (f"; resumed from {run.last_ckpt}" if run.last_ckpt else ""))
+
+
+def train(cfg, hook=None):
+    """Run the configured training on this rank -> {"losses", "grad_norms": {step: value}, "last_checkpoint",
+    "sample"}.
+
+    hook(step, model), if given, runs before each step's forward (tests use it to send SIGTERM or break weights).
+    Raises ValueError for bad input (before any collective that could hang), NonFiniteLoss on NaN/inf loss.
+    """
+    run = _setup(cfg)
+    rank, device, mesh, engine, root = run.rank, run.device, run.mesh, run.engine, run.root
+    dp_rank, sp_rank, sp, dp = mesh.rank_in("dp"), mesh.rank_in("sp"), mesh.sp, mesh.dp
+    n_params = sum(p.numel() for p in run.model.parameters())
+    peak, peak_note = peak_flops(cfg.run.peak_flops, device, mesh.world_size,
+                                 int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size)))
     tokens_per_step = dp * cfg.data.batch_size * cfg.data.seq_len
-    reporter = Reporter(run_dir, rank=rank, start_step=start, max_steps=cfg.optim.max_steps,
+    reporter = Reporter(run.run_dir, rank=rank, start_step=run.start, max_steps=cfg.optim.max_steps,
                         progress=cfg.run.progress, wandb_project=cfg.run.wandb_project,
-                        wandb_mode=cfg.run.wandb_mode, config=_as_dict(cfg))
-    reporter.write(f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {tokenizer.get_piece_size()}; "
-                   f"world {world} = dp {dp} x sp {sp} ({cfg.parallel.linear} + {cfg.parallel.softmax}, "
-                   f"{cfg.parallel.layout}), {'ZeRO-%d' % cfg.parallel.zero if cfg.parallel.zero else 'DDP'} "
-                   f"on {device.type}; {tokens_per_step} tokens/step; MFU peak: {peak_note}"
-                   + (f"; resumed from {last_ckpt}" if last_ckpt else ""))
+                        wandb_mode=cfg.run.wandb_mode, config=dataclasses.asdict(cfg))
+    reporter.write(_summary(cfg, run, n_params, tokens_per_step, peak_note))
     stop, losses, grad_norms, preempted = StopSignal(), {}, {}, False
     try:
-        for step in range(start, cfg.optim.max_steps + 1):
+        for step in range(run.start, cfg.optim.max_steps + 1):
             t0 = time.perf_counter()
-            batch = shard_batch(dataset.batch(step - 1, dp_rank, dp, cfg.data.batch_size), cfg.parallel.layout,
+            batch = shard_batch(run.dataset.batch(step - 1, dp_rank, dp, cfg.data.batch_size), cfg.parallel.layout,
                                 sp_rank, sp)
             batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
             if hook is not None:
-                hook(step, model)
+                hook(step, run.model)
             lr = engine.lr()
             with _autocast(device, cfg.run.dtype):
                 loss_sum, count = engine.forward(**batch)
@@ -213,7 +244,7 @@ def train(cfg, hook=None):
             if not torch.isfinite(totals[0]):
                 raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping without a checkpoint; the last good "
                                     f"one is {ckpt.latest(root) if root.exists() else None}")
-            engine.backward(loss_sum * sp / group_count.clamp_min(1.0)[0])
+            engine.backward(loss_sum * sp / group_count.clamp_min(1.0)[0])   # see engine.py: Σ over sp, mean over dp
             grad_norm = engine.step()
             dt = time.perf_counter() - t0
             losses[step], grad_norms[step] = loss, grad_norm
@@ -221,25 +252,22 @@ def train(cfg, hook=None):
                           "tokens_per_s": tokens_per_step / dt, "mfu": 6 * n_params * tokens_per_step / dt / peak,
                           "grad_norm": grad_norm})
             preempted = totals[2].item() > 0
-            if preempted or step == cfg.optim.max_steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
-                last_ckpt = _save(engine, root, step, _trainer_state(step, cfg, mesh, data_path.name), run_dir,
-                                  rank, cfg.checkpoint.keep)
+            every = cfg.checkpoint.every
+            if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
+                run.last_ckpt = _save(engine, root, step, _trainer_state(step, cfg, mesh, run.data_key), run.run_dir,
+                                      rank, cfg.checkpoint.keep)
             if preempted:
-                reporter.write(f"SIGTERM: saved {last_ckpt} at step {step}; continue with --resume")
+                reporter.write(f"SIGTERM: saved {run.last_ckpt} at step {step}; continue with --resume")
                 break
     finally:
         stop.restore()
         reporter.close(title=f"{cfg.model.preset}, dp {dp} x sp {sp}")
     sample = None
-    if rank == 0 and cfg.run.sample_tokens and not preempted and (run_dir / "model.pt").exists():
-        sample = _sample(run_dir, tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
+    if rank == 0 and cfg.run.sample_tokens and not preempted and (run.run_dir / "model.pt").exists():
+        sample = _sample(run.run_dir, run.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
         reporter.write(f"--- sample ---\n{sample}\n--------------")
-    return {"losses": losses, "grad_norms": grad_norms, "last_checkpoint": str(last_ckpt) if last_ckpt else None, "sample": sample}
-
-
-def _as_dict(cfg):
-    import dataclasses
-    return dataclasses.asdict(cfg)
+    return {"losses": losses, "grad_norms": grad_norms, "sample": sample,
+            "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
 
 
 def _mesh_table(world, sp, local_world):
