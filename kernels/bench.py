@@ -1,0 +1,240 @@
+"""Forward+backward timing of causal linear attention against softmax flash attention: `python -m kernels.bench`.
+
+Providers, each timed on q, k, v (B, T, H, D) with do (B, T, H, D) and log_decay (H,) = -ALiBi slopes:
+  triton  lightning_attn(backend="triton")                       (kernels/lightning_triton.py)
+  torch   lightning_attn(backend="torch")                         (kernels/linear_attn.py, autograd backward)
+  sdpa    torch SDPA, causal, flash backend on CUDA               (softmax attention, O(T²) work)
+  fla     fla.ops.simple_gla.chunk_simple_gla(g_gamma=log λ, scale=1), when flash-linear-attention imports
+GPU default: T in 2K..128K, B=1, H=16, D=128, bf16; the median of CUDA-event timings. A provider that runs
+out of memory prints "oom"; once one call of a provider exceeds --max-ms, its longer lengths print "skip".
+`--smoke` runs on CPU in seconds (T=256, H=2, D=16, fp32, torch and sdpa only; the Triton interpreter is far
+too slow to time) so that checks can exercise this script. Prints a markdown table, writes JSON to --out.
+`--ptxas 90` needs no GPU: it compiles the Triton kernels for sm_90 and prints ptxas register and spill counts.
+"""
+import argparse
+import json
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from .lightning import lightning_attn
+
+PROVIDERS = ("triton", "torch", "sdpa", "fla")
+GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
+
+
+def _parse(argv):
+    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny CPU run (T=256, H=2, D=16, fp32, torch + sdpa)")
+    p.add_argument("--out", default=None, help="write the results as JSON to this path")
+    p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths T (default 2K..128K)")
+    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=10, help="timed calls per cell; the median is reported")
+    p.add_argument("--max-ms", type=float, default=5000.0, help="skip longer T for a provider slower than this")
+    p.add_argument("--ptxas", type=int, default=None, metavar="SM",
+                   help="no GPU needed: compile the Triton kernels for sm_SM (e.g. 90) and print ptxas register use")
+    args = p.parse_args(argv)
+    if args.smoke:                             # tiny sizes so the CPU run takes seconds
+        args.heads, args.head_dim, args.repeats = 2, 16, 3
+    return args
+
+
+def _fla_op():
+    """chunk_simple_gla or the reason it is unavailable (reported in the table, never silently swapped)."""
+    try:
+        from fla.ops.simple_gla import chunk_simple_gla
+    except ImportError as err:
+        return None, f"flash-linear-attention not importable ({err.name or err})"
+    return chunk_simple_gla, None
+
+
+def _step(provider, q, k, v, log_decay, do, fla_op):
+    """One forward + backward of `provider`; gradients land in q.grad, k.grad, v.grad."""
+    if provider in ("triton", "torch"):
+        o, _ = lightning_attn(q, k, v, log_decay=log_decay, backend=provider)
+    elif provider == "sdpa":
+        # (B, T, H, D) -> (B, H, T, D) for SDPA; the flash backend is forced on CUDA so a silent math fallback
+        # cannot pass for flash attention
+        qt, kt, vt = (x.transpose(1, 2) for x in (q, k, v))
+        if q.is_cuda:
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+                o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+        else:
+            o = F.scaled_dot_product_attention(qt, kt, vt, is_causal=True).transpose(1, 2)
+    else:
+        o, _ = fla_op(q, k, v, g_gamma=log_decay, scale=1.0)
+    o.backward(do)
+    return o
+
+
+def _time_ms(fn, repeats, cuda):
+    """Median milliseconds of `repeats` calls after one warm-up call (CUDA events on GPU, perf_counter on CPU)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            times.append(start.elapsed_time(end))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def _inputs(T, H, D, dtype, device, seed=0):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v, do = (torch.randn(1, T, H, D, generator=g, device=device, dtype=dtype) for _ in range(4))
+    q, k = q / D ** 0.5, k / D ** 0.5          # keep linear-attention outputs O(1) in bf16
+    slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)
+    return [x.requires_grad_() for x in (q, k, v)], -slopes, do
+
+
+def _run_cell(provider, T, args, dtype, device, fla_op):
+    """-> (milliseconds or None, status string, output for cross-checks or None)."""
+    (q, k, v), log_decay, do = _inputs(T, args.heads, args.head_dim, dtype, device)
+
+    def step():
+        for x in (q, k, v):
+            x.grad = None
+        return _step(provider, q, k, v, log_decay, do, fla_op)
+    try:
+        ms = _time_ms(step, args.repeats, device.type == "cuda")
+        return ms, "ok", step().detach().float()
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        return None, "oom", None
+    except Exception as err:  # noqa: BLE001 - one broken provider must not lose the other cells; it is reported
+        return None, f"error: {type(err).__name__}: {str(err).splitlines()[0][:160]}", None
+
+
+def run(args):
+    """Time every (provider, T) cell. Returns the JSON-ready result dict."""
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = torch.bfloat16 if cuda else torch.float32
+    lengths = args.lengths or ((256,) if args.smoke else GPU_LENGTHS)
+    fla_op, fla_reason = _fla_op() if cuda else (None, "CPU run")
+    skip_reason = {"triton": None if cuda else "CPU run (interpreter too slow to time)", "fla": fla_reason}
+    too_slow = set()
+    rows = []
+    for T in lengths:
+        row = {"T": T}
+        outputs = {}
+        for provider in PROVIDERS:
+            ms, status, out = None, skip_reason.get(provider), None
+            if status is None and provider in too_slow:
+                status = f"skip (> {args.max_ms:.0f} ms at a shorter T)"
+            if status is None:
+                ms, status, out = _run_cell(provider, T, args, dtype, device, fla_op)
+                if ms is not None and ms > args.max_ms:
+                    too_slow.add(provider)
+            row[f"{provider}_ms"], row[f"{provider}_status"] = ms, status
+            if out is not None and provider != "sdpa":
+                outputs[provider] = out
+        # the linear-attention providers compute the same function: record how far apart they are
+        if "torch" in outputs:
+            for other in ("triton", "fla"):
+                if other in outputs:
+                    diff = (outputs[other] - outputs["torch"]).norm() / outputs["torch"].norm()
+                    row[f"{other}_vs_torch_rel_err"] = diff.item()
+        rows.append(row)
+        print(f"T={T}: " + ", ".join(f"{p} {_cell(row, p)}" for p in PROVIDERS), flush=True)
+    return {"device": torch.cuda.get_device_name() if cuda else "cpu",
+            "config": {"B": 1, "H": args.heads, "D": args.head_dim, "dtype": str(dtype).replace("torch.", ""),
+                       "repeats": args.repeats, "smoke": args.smoke, "timing": "median, fwd+bwd"},
+            "rows": rows}
+
+
+def _cell(row, provider):
+    ms = row[f"{provider}_ms"]
+    if ms is not None:
+        return f"{ms:.2f}"
+    status = row[f"{provider}_status"]
+    return status if status in ("oom",) else ("error" if status.startswith("error") else "skip")
+
+
+def _ratio(num, den):
+    return f"{num / den:.2f}" if num is not None and den is not None else "-"
+
+
+def table(result):
+    """Markdown table: milliseconds per provider, ours/fla (< 1: ours faster) and SDPA/ours (> 1: ours faster)."""
+    cfg = result["config"]
+    lines = [f"Card: {result['device']} | B={cfg['B']} H={cfg['H']} D={cfg['D']} {cfg['dtype']} | "
+             f"forward+backward, median ms",
+             "", "| T | triton (ours) | torch | SDPA flash | fla simple_gla | ours/fla | SDPA/ours |",
+             "|---|---|---|---|---|---|---|"]
+    for row in result["rows"]:
+        cells = [_cell(row, p) for p in ("triton", "torch", "sdpa", "fla")]
+        lines.append(f"| {row['T']} | " + " | ".join(cells) + f" | {_ratio(row['triton_ms'], row['fla_ms'])} | "
+                     f"{_ratio(row['sdpa_ms'], row['triton_ms'])} |")
+    notes = {f"{p}: {row[p + '_status']}" for row in result["rows"] for p in PROVIDERS
+             if row[p + "_ms"] is None}
+    return "\n".join(lines + ([""] + sorted(notes) if notes else []))
+
+
+def ptxas_report(arch, head_dim=128, dtype="bf16"):
+    """Compile the forward and backward kernels at their CUDA config for sm_`arch` and print ptxas -v (registers,
+    spills). Runs without a GPU (Triton ships ptxas); needs TRITON_INTERPRET unset. How the configs were chosen."""
+    import os
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.backends.nvidia.compiler import get_ptxas
+    from triton.compiler import ASTSource
+
+    from . import lightning_triton as lt
+    if lt._INTERPRET:
+        raise SystemExit("--ptxas compiles for a GPU: unset TRITON_INTERPRET")
+    ptxas = get_ptxas(arch).path                          # the ptxas Triton itself uses for this arch
+    x = torch.empty(1, 1, 1, head_dim, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
+    for kernel, backward in ((lt._fwd_kernel, False), (lt._bwd_kernel, True)):
+        BT, BK, BV, num_warps, precision = lt._config(x, x, None, None, backward)
+        consts = {"HAS_DECAY": True, "HAS_INIT": True, "HAS_DFINAL": True, "PRECISION": precision,
+                  "BT": BT, "BK": BK, "BV": BV}
+        sig = {}
+        for name in kernel.arg_names:
+            if name in consts:
+                sig[name] = "constexpr"
+            elif name in ("T", "H", "DK", "DV"):
+                sig[name] = "i32"
+            else:  # inputs/outputs in the input dtype, states, decays and partial gradients in float32
+                sig[name] = f"*{dtype}" if name in ("Q", "K", "V", "DO", "O", "DV_OUT") else "*fp32"
+        consts = {k: v for k, v in consts.items() if k in sig}
+        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
+        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
+            f.write(compiled.asm["ptx"])
+        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
+        out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
+                             text=True).stderr
+        info = [line.split(":", 1)[-1].strip() for line in out.splitlines() if "spill" in line or "Used" in line]
+        print(f"{'bwd' if backward else 'fwd'} {dtype} d={head_dim} BT={BT} BV={BV} warps={num_warps} {gpu}: "
+              f"shared {compiled.metadata.shared} B; " + "; ".join(info or [out.strip()]))
+
+
+def main(argv=None):
+    args = _parse(argv)
+    if args.ptxas:
+        return ptxas_report(args.ptxas, args.head_dim)
+    result = run(args)
+    print(table(result))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=2)
+    return result
+
+
+if __name__ == "__main__":
+    main()

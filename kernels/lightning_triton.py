@@ -1,0 +1,262 @@
+"""Triton kernels for causal linear attention with per-head decay (Lightning Attention-2 style).
+
+Shapes: q, k, dq, dk (B, T, H, d_k); v, o, do, dv (B, T, H, d_v); log_decay (H,) holding log λ_h ≤ 0 or None;
+states (B, H, d_k, d_v) float32. Semantics (kernels/linear_attn.py): S_t = λ S_{t-1} + k_tᵀ v_t, o_t = q_t S_t.
+
+One program owns one (batch row, head, block of d_v columns) and walks the sequence in blocks of c ≤ BT
+tokens, carrying the float32 state P (d_k × BV) in registers. Per block (i, j are positions inside it):
+
+    forward   O  = [(Q Kᵀ) ⊙ D] V + (Λ_q Q) P        D_ij = λ^{i-j} (i ≥ j) else 0,  (Λ_q)_i = λ^{i+1}
+              P ← λ^c P + (Λ_k K)ᵀ V                 (Λ_k)_i = λ^{c-1-i}
+    dq pass   dQ = [(dO Vᵀ) ⊙ D] K + (Λ_q dO) Pᵀ      same P recurrence, forward in T
+    dk/dv     dK = [(dO Vᵀ) ⊙ D]ᵀ Q + (Λ_k V) Rᵀ      R = gradient of the state leaving the block,
+    pass      dV = [(Q Kᵀ) ⊙ D]ᵀ dO + (Λ_k K) R       walked backward in T from R = dS_final:
+              R ← λ^c R + (Λ_q Q)ᵀ dO                 after the first block, R = d(initial_state)
+
+Decay powers come from exp(n·log λ) with n ≥ 0 only (exponents are clamped, the upper triangle is selected
+away), so λ^n underflows to 0 for strong decays and never produces inf·0 = NaN; there is no cumulative sum of
+log-decays. The tail block (T not a multiple of BT) is masked: loads give 0 outside [0, T), stores are masked,
+and its length c enters λ^c and Λ_k. Head dims are padded to powers of two (≥ 16, the smallest tl.dot tile)
+with masks. A d_v block needs all of d_k, so dq and dk are partial sums over the d_v blocks: each program
+writes its float32 partial and the launcher adds them.
+
+All arithmetic is float32 after each load; outputs are stored in the input dtype, states in float32. On CUDA,
+fp32 inputs use exact ("ieee") dot products, fp16/bf16 inputs use tf32 dot products (error ≈ 2^-11, below the
+2^-9 rounding of a bf16 output). float64 inputs are refused: use backend="torch".
+Under TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on CPU tensors.
+"""
+import triton
+import triton.language as tl
+import torch
+
+from .linear_attn import check_linear_attn_inputs
+
+__all__ = ["triton_fwd", "triton_bwd"]
+
+_INTERPRET = bool(triton.knobs.runtime.interpret)  # read when @triton.jit below runs: fixes how kernels execute
+MAX_HEAD_DIM = 128
+
+
+@triton.jit
+def _block_decays(ld, rt, c, BT: tl.constexpr):
+    """For a block of c valid rows: D (BT, BT), λ^{i+1} (BT,), λ^{c-1-i} (BT,), λ^c (scalar). All float32."""
+    gap = rt[:, None] - rt[None, :]
+    decay_mask = tl.where(gap >= 0, tl.exp(ld * tl.maximum(gap, 0).to(tl.float32)), 0.0)
+    q_pow = tl.exp(ld * (rt + 1).to(tl.float32))
+    k_pow = tl.exp(ld * tl.maximum(c - 1 - rt, 0).to(tl.float32))  # rows ≥ c are zero-loaded anyway
+    return decay_mask, q_pow, k_pow, tl.exp(ld * c.to(tl.float32))
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, LOG_DECAY, S0, O, SF, T, H, DK, DV,
+                HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr,
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Grid (d_v blocks, B·H). Q, K (B, T, H, DK); V, O (B, T, H, DV); S0, SF (B, H, DK, DV) contiguous."""
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)            # int64: B·T·H·D offsets exceed 2^31 at long T
+    h = bh % H
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    mk = rk < DK
+    mv = rv < DV
+    ld = 0.0
+    if HAS_DECAY:
+        ld = tl.load(LOG_DECAY + h).to(tl.float32)
+    # row t of head h in batch row b sits at ((b·T + t)·H + h)·D: base (b·T·H + h)·D, row stride H·D
+    q_base = Q + ((bh // H) * T * H + h) * DK
+    k_base = K + ((bh // H) * T * H + h) * DK
+    v_base = V + ((bh // H) * T * H + h) * DV
+    o_base = O + ((bh // H) * T * H + h) * DV
+    s_off = bh * DK * DV + rk[:, None] * DV + rv[None, :]
+    s_mask = mk[:, None] & mv[None, :]
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_INIT:
+        state = tl.load(S0 + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    for start in range(0, T, BT):
+        rows = start + rt
+        mt = rows < T
+        c = tl.minimum(T - start, BT)
+        decay_mask, q_pow, k_pow, block_pow = _block_decays(ld, rt, c, BT)
+        qk_mask = mt[:, None] & mk[None, :]
+        v_mask = mt[:, None] & mv[None, :]
+        q = tl.load(q_base + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(k_base + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        v = tl.load(v_base + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        scores = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay_mask                 # (BT, BT)
+        o = tl.dot(scores, v, input_precision=PRECISION)                                         # intra
+        o += tl.dot(q, state, input_precision=PRECISION) * q_pow[:, None]                        # inter
+        tl.store(o_base + rows[:, None] * (H * DV) + rv[None, :], o.to(O.dtype.element_ty), mask=v_mask)
+        # P ← λ^c P + (Λ_k K)ᵀ V = λ^c P + Kᵀ (Λ_k V): the diagonal scaling goes on the narrower operand
+        state = state * block_pow + tl.dot(tl.trans(k), v * k_pow[:, None], input_precision=PRECISION)
+    tl.store(SF + s_off, state, mask=s_mask)
+
+
+@triton.jit
+def _bwd_kernel(Q, K, V, DO, LOG_DECAY, S0, DSF, DQP, DKP, DV_OUT, DS0, T, H, DK, DV,
+                HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+                PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+    """Grid (d_v blocks, B·H). DQP, DKP (NV, B, T, H, DK) float32 partials; DV_OUT (B, T, H, DV); DS0 like S0."""
+    iv = tl.program_id(0)
+    bh = tl.program_id(1).to(tl.int64)
+    h = bh % H
+    rt = tl.arange(0, BT)
+    rk = tl.arange(0, BK)
+    rv = iv * BV + tl.arange(0, BV)
+    mk = rk < DK
+    mv = rv < DV
+    ld = 0.0
+    if HAS_DECAY:
+        ld = tl.load(LOG_DECAY + h).to(tl.float32)
+    qk_off = ((bh // H) * T * H + h) * DK
+    v_off = ((bh // H) * T * H + h) * DV
+    part_off = iv.to(tl.int64) * (tl.num_programs(1) // H) * T * H * DK   # this d_v block's partial slab
+    s_off = bh * DK * DV + rk[:, None] * DV + rv[None, :]
+    s_mask = mk[:, None] & mv[None, :]
+
+    # dq pass, forward in T: dQ = [(dO Vᵀ) ⊙ D] K + (Λ_q dO) Pᵀ, P the state entering the block
+    state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_INIT:
+        state = tl.load(S0 + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    for start in range(0, T, BT):
+        rows = start + rt
+        mt = rows < T
+        c = tl.minimum(T - start, BT)
+        decay_mask, q_pow, k_pow, block_pow = _block_decays(ld, rt, c, BT)
+        qk_mask = mt[:, None] & mk[None, :]
+        v_mask = mt[:, None] & mv[None, :]
+        k = tl.load(K + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + v_off + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + v_off + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        dov = tl.dot(do, tl.trans(v), input_precision=PRECISION) * decay_mask                   # [i, j]
+        dq = tl.dot(dov, k, input_precision=PRECISION)
+        dq += tl.dot(do * q_pow[:, None], tl.trans(state), input_precision=PRECISION)
+        tl.store(DQP + part_off + qk_off + rows[:, None] * (H * DK) + rk[None, :], dq, mask=qk_mask)
+        state = state * block_pow + tl.dot(tl.trans(k), v * k_pow[:, None], input_precision=PRECISION)
+
+    # dk/dv pass, backward in T; R = gradient of the state leaving the current block
+    grad_state = tl.zeros((BK, BV), dtype=tl.float32)
+    if HAS_DFINAL:
+        grad_state = tl.load(DSF + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    n_blocks = tl.cdiv(T, BT)
+    for back in range(0, n_blocks):
+        start = (n_blocks - 1 - back) * BT
+        rows = start + rt
+        mt = rows < T
+        c = tl.minimum(T - start, BT)
+        decay_mask, q_pow, k_pow, block_pow = _block_decays(ld, rt, c, BT)
+        qk_mask = mt[:, None] & mk[None, :]
+        v_mask = mt[:, None] & mv[None, :]
+        q = tl.load(Q + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        k = tl.load(K + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+        v = tl.load(V + v_off + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        do = tl.load(DO + v_off + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
+        # dv first: k is not needed after it, which shortens its live range (registers are the limit here)
+        qk = tl.dot(q, tl.trans(k), input_precision=PRECISION) * decay_mask                     # [i, j]
+        dv = tl.dot(tl.trans(qk), do, input_precision=PRECISION)
+        dv += tl.dot(k, grad_state, input_precision=PRECISION) * k_pow[:, None]
+        dov = tl.dot(do, tl.trans(v), input_precision=PRECISION) * decay_mask                   # [i, j]
+        dk = tl.dot(tl.trans(dov), q, input_precision=PRECISION)
+        dk += tl.dot(v * k_pow[:, None], tl.trans(grad_state), input_precision=PRECISION)
+        tl.store(DKP + part_off + qk_off + rows[:, None] * (H * DK) + rk[None, :], dk, mask=qk_mask)
+        tl.store(DV_OUT + v_off + rows[:, None] * (H * DV) + rv[None, :], dv.to(DV_OUT.dtype.element_ty),
+                 mask=v_mask)
+        # R ← λ^c R + (Λ_q Q)ᵀ dO = λ^c R + Qᵀ (Λ_q dO): moves the gradient to the state entering this block
+        grad_state = grad_state * block_pow + tl.dot(tl.trans(q), do * q_pow[:, None], input_precision=PRECISION)
+    if HAS_INIT:
+        tl.store(DS0 + s_off, grad_state, mask=s_mask)
+
+
+def _head_block(dim):
+    """Power-of-two tile covering a head dim, at least 16 (the smallest tl.dot size)."""
+    return max(16, triton.next_power_of_2(dim))
+
+
+def _config(q, v, block_len, block_v, backward):
+    """(BT, BK, BV, num_warps, dot precision). Fixed, not autotuned: the interpreter cannot autotune, and no GPU
+    has timed these yet. The CUDA shapes are the largest for which ptxas (sm_90a, bf16, d_k = d_v = 128) reports
+    no register spills: forward 32-token blocks, backward 16 (it holds q, k, dk and two states at once), d_v in
+    blocks of 32, 8 warps. Larger blocks (64 tokens, d_v blocks of 64) spilled 0.2-2 KB per thread."""
+    BK = _head_block(q.shape[-1])
+    BT = block_len or (16 if _INTERPRET or backward else 32)
+    BV = block_v or min(_head_block(v.shape[-1]), 32)
+    if BT < 16 or BV < 16 or BT & (BT - 1) or BV & (BV - 1):
+        raise ValueError(f"block_len {BT} and block_v {BV} must be powers of two >= 16")
+    num_warps = 8 if BK * BV >= 64 * 32 else 4
+    return BT, BK, BV, num_warps, ("ieee" if q.dtype == torch.float32 else "tf32")
+
+
+def _check(q, k, v, log_decay, initial_state):
+    """ValueError for what the kernels cannot run; shapes via check_linear_attn_inputs (no host sync here)."""
+    check_linear_attn_inputs(q, k, v, None, initial_state)
+    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"backend='triton' supports float32/float16/bfloat16 inputs, got {q.dtype}; "
+                         f"use backend='torch' for float64")
+    d_k, d_v = q.shape[-1], v.shape[-1]
+    if max(d_k, d_v) > MAX_HEAD_DIM:
+        raise ValueError(f"backend='triton' supports head dims up to {MAX_HEAD_DIM}, got d_k={d_k}, d_v={d_v}")
+    if log_decay is not None and tuple(log_decay.shape) != (q.shape[2],):
+        raise ValueError(f"log_decay must have shape ({q.shape[2]},), got {tuple(log_decay.shape)}")
+    if not (q.is_cuda or _INTERPRET):
+        raise ValueError(f"backend='triton' needs CUDA tensors (got {q.device}) or TRITON_INTERPRET=1 set "
+                         f"before kernels.lightning_triton is imported")
+
+
+def _float32(x, device):
+    return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
+
+
+def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, block_len=None, block_v=None):
+    """No-autograd forward -> (o (B, T, H, d_v) in q's dtype, final_state (B, H, d_k, d_v) float32).
+
+    log_decay (H,) ≤ 0 is not re-checked for sign here (lightning_attn does that, once, with a host sync).
+    Raises ValueError on float64, head dims > 128, wrong shapes, or CPU tensors without the interpreter.
+    """
+    _check(q, k, v, log_decay, initial_state)
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    B, T, H, d_k = q.shape
+    d_v = v.shape[-1]
+    BT, BK, BV, num_warps, precision = _config(q, v, block_len, block_v, backward=False)
+    o = torch.empty_like(v)
+    final = torch.empty(B, H, d_k, d_v, device=q.device, dtype=torch.float32)
+    log_decay, initial_state = _float32(log_decay, q.device), _float32(initial_state, q.device)
+    if B * H * d_v == 0 or d_k == 0:
+        final.zero_() if initial_state is None else final.copy_(initial_state)
+        return o.zero_(), final
+    grid = (triton.cdiv(d_v, BV), B * H)
+    _fwd_kernel[grid](q, k, v, log_decay, initial_state, o, final, T, H, d_k, d_v,
+                      HAS_DECAY=log_decay is not None, HAS_INIT=initial_state is not None, PRECISION=precision,
+                      BT=BT, BK=BK, BV=BV, num_warps=num_warps, num_stages=1)  # no prefetch buffers: no room
+    return o, final
+
+
+def triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, *, block_len=None, block_v=None):
+    """Gradients (dq, dk, dv in the input dtype, dinitial_state float32 or None when initial_state is None).
+
+    do (B, T, H, d_v); dfinal_state (B, H, d_k, d_v) or None (no gradient flows from the final state).
+    """
+    _check(q, k, v, log_decay, initial_state)
+    if do.shape != v.shape:
+        raise ValueError(f"do {tuple(do.shape)} must have the shape of v {tuple(v.shape)}")
+    B, T, H, d_k = q.shape
+    d_v = v.shape[-1]
+    if dfinal_state is not None and dfinal_state.shape != (B, H, d_k, d_v):
+        raise ValueError(f"dfinal_state must be (B, H, d_k, d_v) = {(B, H, d_k, d_v)}, got {tuple(dfinal_state.shape)}")
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    do = do.to(v.dtype).contiguous()
+    BT, BK, BV, num_warps, precision = _config(q, v, block_len, block_v, backward=True)
+    n_v = triton.cdiv(d_v, BV)
+    log_decay, initial_state = _float32(log_decay, q.device), _float32(initial_state, q.device)
+    dfinal_state = _float32(dfinal_state, q.device)
+    launch = B * H * d_v > 0 and d_k > 0
+    alloc = torch.empty_like if launch else torch.zeros_like        # the kernel writes every element it owns
+    dq_part = alloc(q.new_empty(n_v, B, T, H, d_k, dtype=torch.float32))
+    dk_part = alloc(dq_part)
+    dv = alloc(v)
+    dinit = None if initial_state is None else alloc(initial_state)
+    if launch:
+        _bwd_kernel[(n_v, B * H)](q, k, v, do, log_decay, initial_state, dfinal_state, dq_part, dk_part, dv, dinit,
+                                  T, H, d_k, d_v, HAS_DECAY=log_decay is not None,
+                                  HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal_state is not None,
+                                  PRECISION=precision, BT=BT, BK=BK, BV=BV, num_warps=num_warps, num_stages=1)
+    return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv, dinit
