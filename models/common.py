@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
 
     def __init__(self, dim, eps=1e-6, weight=True):
         super().__init__()
-        self.eps = eps
+        self.dim, self.eps = dim, eps  # dim: the features normalised together (tensor parallelism reads it)
         self.weight = nn.Parameter(torch.empty(dim)) if weight else None
 
     def init_weights(self):
@@ -225,9 +225,10 @@ class LinearAttention(nn.Module):
     def forward(self, x, positions=None, segment_ids=None, cache=None):
         B, T, _ = x.shape
         phi = FEATURE_MAPS[self.feature_map]
-        q = phi(self.q_proj(x).view(B, T, self.n_heads, -1)) * self.head_dim ** -0.5
-        k = phi(self.k_proj(x).view(B, T, self.n_heads, -1))
-        v = self.v_proj(x).view(B, T, self.n_heads, -1)
+        # heads from the projection width, not n_heads: under tensor parallelism a rank holds H/tp of them
+        q = phi(self.q_proj(x).view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5
+        k = phi(self.k_proj(x).view(B, T, -1, self.head_dim))
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache)
         o = self.norm(o).flatten(2) * F.silu(self.g_proj(x))
         return self.out_proj(o)
@@ -251,9 +252,9 @@ class SoftmaxAttention(nn.Module):
 
     def forward(self, x, positions, segment_ids=None, cache=None):
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.n_heads, -1)
-        k = self.k_proj(x).view(B, T, self.n_kv_heads, -1)
-        v = self.v_proj(x).view(B, T, self.n_kv_heads, -1)
+        q = self.q_proj(x).view(B, T, -1, self.head_dim)                   # local heads (see LinearAttention)
+        k = self.k_proj(x).view(B, T, -1, self.head_dim)
+        v = self.v_proj(x).view(B, T, -1, self.head_dim)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_base, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is None:
@@ -271,13 +272,16 @@ def _chunk_loss(hidden, weight, labels, valid):
     return (losses * valid).sum()
 
 
-def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1024):
+def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1024, chunk_loss=None):
     """Next-token loss without materialising all (tokens × V) logits -> (loss_sum, token_count) on local tokens.
 
     hidden (B, T, D); weight (V, D) the output embedding; labels (B, T), negative = ignored; loss_mask (B, T)
     bool/0-1, or None. Each chunk of `chunk_tokens` tokens is recomputed in backward (checkpointing), so at most one
     chunk's logits live at a time. The caller divides the sums over all ranks by the counts over all ranks.
+    chunk_loss(hidden (n, D), weight, labels (n,), valid (n,)) -> summed loss of one chunk; None: the dense one
+    (parallel/tensor.py passes a vocabulary-parallel one).
     """
+    chunk_loss = chunk_loss or _chunk_loss
     if labels.shape != hidden.shape[:-1]:
         raise ValueError(f"labels must be (B, T) = {tuple(hidden.shape[:-1])}, got {tuple(labels.shape)}")
     valid = labels >= 0
@@ -291,7 +295,7 @@ def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1
         part = (h[start:start + chunk_tokens], weight, y[start:start + chunk_tokens],
                 valid[start:start + chunk_tokens].to(total.dtype))
         if torch.is_grad_enabled():
-            total = total + checkpoint(_chunk_loss, *part, use_reentrant=False)
+            total = total + checkpoint(chunk_loss, *part, use_reentrant=False)
         else:
-            total = total + _chunk_loss(*part)
+            total = total + chunk_loss(*part)
     return total, valid.sum()

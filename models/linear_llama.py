@@ -97,6 +97,7 @@ class LinearLlamaBlock(nn.Module):
 class LinearLlama(nn.Module):
     """Embedding -> blocks -> final RMSNorm; `logits`/`loss` apply the untied output head."""
     family = "linear-llama3"
+    cross_entropy = staticmethod(chunked_cross_entropy)  # parallel/tensor.py sets a vocabulary-parallel one
 
     def __init__(self, cfg: LinearLlamaConfig):
         super().__init__()
@@ -134,4 +135,4 @@ class LinearLlama(nn.Module):
 
     def loss(self, hidden, labels, loss_mask=None):
         """-> (loss_sum, token_count) over local tokens; see common.chunked_cross_entropy."""
-        return chunked_cross_entropy(hidden, self.lm_head.weight, labels, loss_mask, self.config.loss_chunk_tokens)
+        return self.cross_entropy(hidden, self.lm_head.weight, labels, loss_mask, self.config.loss_chunk_tokens)

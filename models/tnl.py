@@ -79,7 +79,7 @@ class NormLinearAttention(nn.Module):
 
     def __init__(self, dim, n_heads, layer_idx, n_layers, eps=1e-6):
         super().__init__()
-        self.n_heads, self.layer_idx, self.n_layers = n_heads, layer_idx, n_layers
+        self.n_heads, self.head_dim, self.layer_idx, self.n_layers = n_heads, dim // n_heads, layer_idx, n_layers
         self.qkvu_proj = nn.Linear(dim, 4 * dim, bias=False)
         self.lrpe = LRPE(n_heads, dim // n_heads) if layer_idx == 0 else None
         self.norm = RMSNorm(dim, eps, weight=False)
@@ -92,7 +92,7 @@ class NormLinearAttention(nn.Module):
     def forward(self, x, positions, segment_ids=None, cache=None):
         B, T, _ = x.shape
         q, k, v, u = self.qkvu_proj(x).chunk(4, dim=-1)
-        q, k, v = (y.reshape(B, T, self.n_heads, -1) for y in (q, k, v))
+        q, k, v = (y.reshape(B, T, -1, self.head_dim) for y in (q, k, v))  # local heads under tensor parallelism
         q, k = F.silu(q), F.silu(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions), self.lrpe(k, positions)
@@ -118,6 +118,7 @@ class TNLBlock(nn.Module):
 class TransNormerLLM(nn.Module):
     """Scaled embedding -> blocks -> final SRMSNorm; `logits`/`loss` use the tied embedding as the head."""
     family = "tnl"
+    cross_entropy = staticmethod(chunked_cross_entropy)  # parallel/tensor.py sets a vocabulary-parallel one
 
     def __init__(self, cfg: TNLConfig):
         super().__init__()
@@ -150,4 +151,4 @@ class TransNormerLLM(nn.Module):
 
     def loss(self, hidden, labels, loss_mask=None):
         """-> (loss_sum, token_count) over local tokens; see common.chunked_cross_entropy."""
-        return chunked_cross_entropy(hidden, self.embed.weight, labels, loss_mask, self.config.loss_chunk_tokens)
+        return self.cross_entropy(hidden, self.embed.weight, labels, loss_mask, self.config.loss_chunk_tokens)
