@@ -41,9 +41,14 @@ def _fsync(path):
 
 
 def _fsync_tree(path):
+    """fsync every file and folder under path. Ranks run this concurrently while another rank may still rename a
+    temp file of its own (write_json fsyncs those itself), so a file that vanished is skipped."""
     for dirpath, _, files in os.walk(path):
         for name in files:
-            _fsync(os.path.join(dirpath, name))
+            try:
+                _fsync(os.path.join(dirpath, name))
+            except FileNotFoundError:
+                pass
         _fsync(dirpath)
 
 

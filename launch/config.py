@@ -7,8 +7,10 @@ that cannot work raise ValueError naming the key (main() maps it to exit code 2)
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -25,7 +27,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 @dataclass
 class ModelConfig:
     preset: str = "linear-llama3-tiny"  # a name in models.PRESETS
-    overrides: dict = field(default_factory=dict)  # fields of the preset's config, e.g. {n_layers = 2}
+    overrides: dict = field(default_factory=dict)  # preset config fields: TOML {n_layers = 2}, CLI '{"n_layers": 2}'
 
 
 @dataclass
@@ -40,14 +42,14 @@ class ParallelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
+    lr: float = 3e-3                  # peak learning rate (AdamW)
     min_lr: float = 3e-4              # cosine decay ends here at max_steps
     warmup_steps: int = 20            # linear warm-up from 0
-    max_steps: int = 200
+    max_steps: int = 200              # optimizer steps of the whole run
     weight_decay: float = 0.1         # on matrices only (not norms)
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
+    beta1: float = 0.9                # AdamW betas and eps
+    beta2: float = 0.95               # AdamW
+    eps: float = 1e-8                 # AdamW
     grad_clip: float = 1.0            # max global grad norm; 0 = off
 
 
@@ -72,7 +74,7 @@ class CheckpointConfig:
 
 @dataclass
 class RunConfig:
-    dir: str = "runs/default"
+    dir: str = "runs/default"         # metrics.jsonl, loss.png, model.pt, tokenizer.model, checkpoints/
     seed: int = 0                     # model initialisation
     dtype: str = "auto"               # "auto" (bf16 autocast on GPU, fp32 on CPU) | "fp32" | "bf16"
     progress: bool = True             # tqdm bar on rank 0
@@ -138,6 +140,12 @@ def _flag_kwargs(kind):
     return dict(type=kind, metavar=kind.__name__.upper())
 
 
+def _field_help(cls):
+    """{field: its trailing comment in the dataclass source}: the comments above are the flags' help text."""
+    lines = inspect.getsource(cls).splitlines()
+    return {m[1]: m[2] for m in (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in lines) if m}
+
+
 def build_parser():
     """The command line: --config, --dry-run, the shortcuts and one --section.key per dataclass field."""
     p = argparse.ArgumentParser(prog="launch/pretrain.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
@@ -148,10 +156,11 @@ def build_parser():
     for flag, (dest, kwargs) in SHORTCUTS.items():
         p.add_argument(flag, dest=dest, **kwargs)
     for section, cls in _sections().items():
-        group = p.add_argument_group(section)
+        group, helps = p.add_argument_group(section), _field_help(cls)
         for f in dataclasses.fields(cls):
             kind = typing.get_origin(f.type) or f.type
-            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", **_flag_kwargs(kind))
+            group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", help=helps.get(f.name),
+                               **_flag_kwargs(kind))
     return p
 
 
@@ -192,7 +201,8 @@ def load_toml(path):
     """The TOML file as nested dicts; ValueError naming the file when it is missing or malformed."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist (presets: {sorted(p.name for p in CONFIG_DIR.glob('*.toml'))})")
+        presets = sorted(p.stem for p in CONFIG_DIR.glob("*.toml"))
+        raise ValueError(f"config file {path} does not exist (presets in launch/configs: {presets})")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

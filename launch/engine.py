@@ -5,7 +5,8 @@ over its tokens; N = Σ_r count_r (all-reduced over the SP group, no grad). The 
 L = Σ_r loss_sum_r / N, and because every rank holds a replica of the weights whose activations meet in the SP
 collectives, ∂L/∂θ = Σ_r g_r with g_r the gradient of rank r's replica from backward(loss_sum_r / N): gradients
 must be SUMMED over the SP group and AVERAGED over the dp groups. DDP and DeepSpeed both average over the whole
-world (dp·sp ranks), so each rank backpropagates sp · loss_sum_r / N: (1/(dp·sp)) Σ_all sp·g = (1/dp) Σ_dp Σ_sp g.
+world (dp·sp ranks), so each rank backpropagates sp · loss_sum_r / N:
+(1/(dp·sp)) Σ_all sp·g = (1/dp) Σ_dp Σ_sp g.
 """
 import dataclasses
 import logging

@@ -164,6 +164,7 @@ class _Run:
     tokenizer: object
     dataset: PackedDataset
     model: torch.nn.Module
+    n_params: int               # counted before ZeRO-3 partitions them
     engine: object
     start: int                  # first step to run (1-based)
     last_ckpt: Path = None
@@ -191,8 +192,10 @@ def _setup(cfg):
                             layout=cfg.parallel.layout, group=mesh.group("sp"))
     if cfg.parallel.activation_checkpointing:
         checkpoint_blocks(model)
+    n_params = sum(p.numel() for p in model.parameters())
     engine = make_engine(model, cfg, world, device)
-    run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, engine, start=1)
+    run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, n_params, engine,
+               start=1)
     if cfg.checkpoint.resume:
         run.start, run.last_ckpt = _resume(engine, root, rank, _trainer_state(0, cfg, mesh, run.data_key), device)
     return run
@@ -203,7 +206,8 @@ def _summary(cfg, run, n_params, tokens_per_step, peak_note):
     return (f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
             f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} ({p.linear} + {p.softmax}, {p.layout}), "
             f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "
-            f"MFU peak: {peak_note}" + (f"; resumed from {run.last_ckpt}" if run.last_ckpt else ""))
+            f"MFU peak: {peak_note}" + (f"; resumed from {run.last_ckpt}" if run.last_ckpt else "")
+            + (f"; no checkpoint in {run.root}, starting fresh" if cfg.checkpoint.resume and not run.last_ckpt else ""))
 
 
 def train(cfg, hook=None):
@@ -216,7 +220,7 @@ def train(cfg, hook=None):
     run = _setup(cfg)
     rank, device, mesh, engine, root = run.rank, run.device, run.mesh, run.engine, run.root
     dp_rank, sp_rank, sp, dp = mesh.rank_in("dp"), mesh.rank_in("sp"), mesh.sp, mesh.dp
-    n_params = sum(p.numel() for p in run.model.parameters())
+    n_params = run.n_params
     peak, peak_note = peak_flops(cfg.run.peak_flops, device, mesh.world_size,
                                  int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size)))
     tokens_per_step = dp * cfg.data.batch_size * cfg.data.seq_len

@@ -27,7 +27,8 @@ def peak_flops(configured, device, world_size, local_world_size):
         return per_gpu * world_size, f"{per_gpu / 1e12:.0f} TFLOP/s per {name}"
     nodes = max(1, world_size // max(1, local_world_size))
     cores = os.cpu_count() or 1
-    return CPU_CORE_PEAK_FLOPS * cores * nodes, f"assumed {CPU_CORE_PEAK_FLOPS / 1e9:.0f} GFLOP/s x {cores} cores x {nodes} node(s)"
+    note = f"assumed {CPU_CORE_PEAK_FLOPS / 1e9:.0f} GFLOP/s x {cores} cores x {nodes} node(s)"
+    return CPU_CORE_PEAK_FLOPS * cores * nodes, note
 
 
 def read_metrics(path):
