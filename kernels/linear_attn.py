@@ -71,9 +71,9 @@ def _chunk_scan(q, k, v, log_decay, state, c):
     k_end = k if log_decay is None else k * _decay(log_decay, c - 1 - i).view(H, 1, c, 1)
     chunk_states = k_end.transpose(-1, -2) @ v                  # (B, H, n, d_k, d_v): (Λ_k K)ᵀ V
     prefixes = []
-    for j in range(n):                                          # P_{j+1} = λ^c P_j + M_j
-        prefixes.append(state)
-        state = chunk_states[:, :, j] + (state if chunk_decay is None else chunk_decay * state)
+    for m_j in chunk_states.unbind(2):                          # P_{j+1} = λ^c P_j + M_j
+        prefixes.append(state)                                  # (unbind, not [:, :, j]: its backward is one
+        state = m_j + (state if chunk_decay is None else chunk_decay * state)  # stack, not n full-size zeros)
     o = o + q @ torch.stack(prefixes, dim=2)                    # inter: (Λ_q Q) P_j
     return o.reshape(B, H, T, -1), state
 
