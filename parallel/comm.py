@@ -5,7 +5,7 @@ stacked). Every call is recorded in each active `CommLog` (see `count_collective
 receives under a bandwidth-optimal algorithm, W = group size, |x| = bytes of the local input:
 
     all_gather (W-1)·|x|   reduce_scatter (W-1)·|x|/W   all_reduce 2(W-1)·|x|/W   all_to_all (W-1)·|x|/W
-    send/recv: |x| for the receiver, 0 for the sender
+    all_to_all_v: the rows received from the other ranks      send/recv: |x| for the receiver, 0 for the sender
 
 A call on a group of one (or with no process group at all) is still recorded, with 0 bytes, so that a test
 counting collectives sees the same number on any rank count and a path that stops communicating fails it.
@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["CommLog", "count_collectives", "group_size", "group_rank", "global_rank", "all_gather",
-           "reduce_scatter", "all_reduce", "all_to_all", "exchange", "send", "recv", "barrier"]
+           "reduce_scatter", "all_reduce", "all_to_all", "all_to_all_v", "exchange", "send", "recv", "barrier"]
 
 
 @dataclass
@@ -154,6 +154,23 @@ def all_to_all(x, group=None):
         return x.clone()
     out = torch.empty_like(x)
     dist.all_to_all_single(out, x, group=group)
+    return out
+
+
+def all_to_all_v(x, output_splits, input_splits, group=None):
+    """Uneven all-to-all along dim 0: rows [Σ input_splits[:j], +input_splits[j]) go to rank j; the output holds
+    output_splits[i] rows from rank i, in rank order. Splits are lists of W ints. ValueError if they do not fit."""
+    W = group_size(group)
+    if len(input_splits) != W or len(output_splits) != W or sum(input_splits) != x.shape[0]:
+        raise ValueError(f"all_to_all_v needs {W} input/output splits with the input ones summing to dim 0 "
+                         f"({x.shape[0]}), got {list(input_splits)} and {list(output_splits)}")
+    row_bytes = x.shape[1:].numel() * x.element_size()
+    _record("all_to_all_v", W, row_bytes * (sum(output_splits) - output_splits[group_rank(group)]))
+    x = x.contiguous()
+    if not _distributed(group):
+        return x.clone()
+    out = x.new_empty((sum(output_splits), *x.shape[1:]))
+    dist.all_to_all_single(out, x, list(output_splits), list(input_splits), group=group)
     return out
 
 
