@@ -148,11 +148,11 @@ def load_tokenizer(path):
 
 
 class PackedDataset:
-    """Fixed-length sequences over the cached token stream; batches addressed by (step, dp rank)."""
+    """Fixed-length sequences over the cached token stream (memory-mapped); batches addressed by (step, dp rank)."""
 
     def __init__(self, path, seq_len, seed=0):
-        self.tokens = torch.from_numpy(np.load(Path(path) / "tokens.npy").astype(np.int64))
-        self.doc_ids = torch.from_numpy(np.load(Path(path) / "doc_ids.npy").astype(np.int64))
+        self.tokens = np.load(Path(path) / "tokens.npy", mmap_mode="r")
+        self.doc_ids = np.load(Path(path) / "doc_ids.npy", mmap_mode="r")
         self.seq_len, self.seed = seq_len, seed
         self.n_sequences = (len(self.tokens) - 1) // seq_len
         if self.n_sequences < 1:
@@ -169,7 +169,7 @@ class PackedDataset:
     def sequence(self, i):
         """Packed sequence i -> dict of (T,) tensors: tokens, labels, segment_ids, loss_mask."""
         s = slice(i * self.seq_len, (i + 1) * self.seq_len + 1)
-        tok, doc = self.tokens[s], self.doc_ids[s]
+        tok, doc = (torch.from_numpy(np.asarray(a[s], dtype=np.int64)) for a in (self.tokens, self.doc_ids))
         return {"tokens": tok[:-1], "labels": tok[1:], "segment_ids": doc[:-1] - doc[0],
                 "loss_mask": doc[1:] == doc[:-1]}
 

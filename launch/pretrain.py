@@ -298,6 +298,8 @@ def dry_run(cfg):
                          f"(torchrun sets them; launch/slurm/pretrain.sbatch exports them)")
     if world % local_world:
         raise ValueError(f"world size {world} is not a multiple of the ranks per node ({local_world})")
+    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
+        raise ValueError(f"{local_world} ranks per node but {torch.cuda.device_count()} GPUs visible")
     check_config(cfg, world)
     files = corpus_files(cfg.data.corpus)
     check_corpus(files, cfg.data.text_key)
