@@ -11,9 +11,12 @@ NPROC ?= 4
 install: .installed
 
 run: .installed
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node $(NPROC) launch/pretrain.py
+
+demo: .installed
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node $(NPROC) launch/demo.py
 
 test: .installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
-.PHONY: install run test
+.PHONY: install run demo test

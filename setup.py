@@ -11,7 +11,7 @@ setup(
     description="Exact sequence-parallel training of linear-attention and hybrid LLMs (LASP-2, LASP-2H)",
     python_requires=">=3.11",
     packages=["lasp", "parallel", "models", "kernels", "launch"],
-    package_data={"launch": ["configs/*.toml", "slurm/*.sbatch"]},
+    package_data={"launch": ["configs/*.toml", "slurm/*.sbatch", "corpus/*.jsonl.gz"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
@@ -19,7 +19,6 @@ setup(
         "megatron-core>=0.10",
         "wandb>=0.17",
         "sentencepiece>=0.2",
-        "shakespeare>=0.4",  # the embedded default corpus: Shakespeare's works as plain text, no network
         "numpy",
         "tqdm",
         "matplotlib",
