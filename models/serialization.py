@@ -38,9 +38,11 @@ def config_from_dict(fields):
     return config_cls(**fields)
 
 
-def save_model(path, model):
-    """Write {"model_config", "model"} to `path` atomically."""
-    payload = {"model_config": config_to_dict(model), "model": model.state_dict()}
+def save_model(path, model, state_dict=None):
+    """Write {"model_config", "model"} to `path` atomically. state_dict: the weights to write instead of
+    model.state_dict() (a tensor-parallel model passes its full one, parallel.tensor.full_state_dict)."""
+    weights = model.state_dict() if state_dict is None else state_dict
+    payload = {"model_config": config_to_dict(model), "model": weights}
     tmp = f"{path}.tmp{os.getpid()}"
     torch.save(payload, tmp)
     os.replace(tmp, path)

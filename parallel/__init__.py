@@ -7,10 +7,13 @@ from . import local_attn
 from .allgather_attn import allgather_attention
 from .ring_attn import ring_attention
 from .ulysses import ulysses_attention
+from . import tensor
+from .tensor import apply_tensor_parallel
 
 __all__ = ["comm", "layout", "mesh", "count_collectives", "gather_sequence", "local_positions", "shard", "unshard",
            "Mesh", "build_mesh", "current_mesh", "init_mesh", "sp_group",
-           "local_attn", "allgather_attention", "ring_attention", "ulysses_attention"]
+           "local_attn", "allgather_attention", "ring_attention", "ulysses_attention",
+           "tensor", "apply_tensor_parallel"]
 from . import experts
 from .experts import apply_expert_parallel, apply_global_router_counts
 

@@ -1,0 +1,313 @@
+"""Tensor parallelism: TP = 2, TP 2 x SP 2 and TP 2 x SP 2 x DP 2 equal one process; collectives per block; sequence-
+parallel traffic halves at TP = 2; a checkpoint saved at TP = 2 resumes at TP = 1; megatron-core's layers agree with
+ours; bad sizes raise before any collective.
+
+Everything distributed runs in ONE call of run_ranks on 8 gloo ranks, which builds three meshes (dp × sp × tp =
+4×1×2, 2×2×2, 4×2×1) and returns small numpy results; the parent compares them with the plain float32 model on
+one process (1e-5 relative, gradients gathered from the shards).
+"""
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+
+with warnings.catch_warnings():        # imported before the ranks fork, so that they share it (seconds each)
+    warnings.simplefilter("ignore")
+    from megatron.core import tensor_parallel as megatron_tp
+    from megatron.core.model_parallel_config import ModelParallelConfig
+
+import models
+from lasp.apply import apply_sequence_parallel
+from models import LinearLlamaConfig, TNLConfig
+from models.common import SwiGLU
+from parallel import comm, count_collectives, layout as layouts, mesh as meshes, tensor
+from tests.dist import rel_err, run_ranks
+
+W, B, T, V = 8, 4, 32, 101             # V = 101 is padded to 102 at tp = 2
+TOL = 1e-5
+FAMILIES = {
+    "hybrid": LinearLlamaConfig(vocab_size=V, dim=64, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=96, pattern="LLLN",
+                                linear_decay="lightning", loss_chunk_tokens=40),
+    "tnl": TNLConfig(vocab_size=V, dim=64, n_layers=3, n_heads=4, glu_dim=96, loss_chunk_tokens=40),
+}
+CONFIGS = ("tp2", "tp2-sp2", "tp2-sp2-dp2")
+TRAFFIC_ENGINES = (("lasp2", "allgather"), ("lasp1", "ring"))
+CLIP = 0.5
+
+
+def _batches(n):
+    """n batches of (B, T) tokens, labels (some ignored), loss mask and documents, from one seed."""
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        labels = torch.randint(0, V, (B, T), generator=g)
+        labels[0, 5] = labels[3, 30] = -100
+        out.append({"tokens": torch.randint(0, V, (B, T), generator=g), "labels": labels,
+                    "loss_mask": torch.rand(B, T, generator=g) > 0.2,
+                    "segment_ids": (torch.arange(T) >= 13).long().expand(B, T).contiguous()})
+    return out
+
+
+def _model(family):
+    torch.manual_seed(0)
+    return models.build_model(FAMILIES[family])
+
+
+def _loss_sum(model, batch, positions):
+    hidden = model(batch["tokens"], positions, batch["segment_ids"])
+    return model.loss(hidden, batch["labels"], batch["loss_mask"])
+
+
+def _numpy(tensors):
+    """Copies: the queue must not see tensors (shared-memory handles that die with the rank) nor later edits."""
+    return {k: v.detach().clone().numpy() for k, v in tensors.items()}
+
+
+# --------------------------------------------------------------------------------------------- on the ranks
+def _equivalence(family, mesh, batch, split_dp):
+    """Loss sum, count and full gradients of one replica (dp index 0) and of the whole job."""
+    model = _model(family)
+    apply_sequence_parallel(model, group=mesh.group("sp"))
+    tensor.apply_tensor_parallel(model, mesh)
+    dp_rank, sp_rank = mesh.rank_in("dp"), mesh.rank_in("sp")
+    if split_dp:
+        batch = {k: v.chunk(mesh.dp)[dp_rank] for k, v in batch.items()}
+    batch = {k: layouts.shard(v, "contiguous", sp_rank, mesh.sp) for k, v in batch.items()}
+    loss_sum, count = _loss_sum(model, batch, layouts.local_positions(T, "contiguous", sp_rank, mesh.sp))
+    loss_sum.backward()
+    totals = comm.all_reduce(torch.stack([loss_sum.detach(), count.float()]), mesh.group("sp"))
+    grads = {n: comm.all_reduce(p.grad.clone(), mesh.group("sp")) for n, p in model.named_parameters()}
+    grads = {n: model.tensor_parallel.unshard(n, g) for n, g in grads.items()}     # gathered over tp
+    replica = (totals.tolist(), _numpy(grads))
+    totals = comm.all_reduce(totals.clone(), mesh.group("dp"))
+    job = (totals.tolist(), _numpy({n: comm.all_reduce(g.clone(), mesh.group("dp")) for n, g in grads.items()}))
+    return replica, job
+
+
+def _block_collectives(family, mesh):
+    """{layer index: (forward, backward) {op: (calls, bytes)}} of each block run alone (sp = 1: all TP)."""
+    model = tensor.apply_tensor_parallel(_model(family), mesh)
+    x = torch.randn(2, T, FAMILIES[family].dim, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    positions = torch.arange(T).expand(2, T)
+    out = {}
+    for i, block in enumerate(model.layers):
+        with count_collectives() as fwd:
+            y = block(x, positions)
+        with count_collectives() as bwd:
+            y.square().sum().backward()
+        out[i] = (fwd.summary(), bwd.summary())
+    return out
+
+
+def _sp_traffic(family, mesh, engines, batch):
+    """[(op, bytes)] of the sequence-parallel collectives of a forward + backward (no loss: no vocabulary traffic)."""
+    model = _model(family)
+    apply_sequence_parallel(model, linear=engines[0], softmax=engines[1], group=mesh.group("sp"))
+    tensor.apply_tensor_parallel(model, mesh)
+    sp_rank = mesh.rank_in("sp")
+    tokens = layouts.shard(batch["tokens"], "contiguous", sp_rank, mesh.sp)
+    with count_collectives() as log:
+        model(tokens, layouts.local_positions(T, "contiguous", sp_rank, mesh.sp)).square().sum().backward()
+    return [(r.op, r.bytes) for r in log.records if r.op != "all_reduce"]       # all-reduces are TP's
+
+
+def _train_and_save(family, mesh, batches, folder):
+    """Three AdamW steps at TP = 2 (clipped by the full-model norm); after the first, save the full model and
+    optimizer state. -> (mean losses, grad norms). float64: Adam's first steps are ≈ lr·sign(g), which turns float32
+    rounding in near-zero gradient entries into 1e-5 differences by the second step; this test is about resharding."""
+    model = tensor.apply_tensor_parallel(_model(family).double(), mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses, norms = [], []
+    for step, batch in enumerate(batches):
+        loss_sum, count = _loss_sum(model, batch, torch.arange(T))
+        (loss_sum / count).backward()
+        losses.append((loss_sum / count).item())
+        norms.append(tensor.clip_grad_norm_(model, CLIP))
+        optimizer.step()
+        optimizer.zero_grad()
+        if step == 0:
+            state, moments = tensor.full_state_dict(model), tensor.full_optimizer_state(model, optimizer)
+            if dist.get_rank() == 0:
+                models.save_model(folder / f"{family}.pt", model, state_dict=state)
+                torch.save(moments, folder / f"{family}-optim.pt")
+    return losses, norms
+
+
+def _megatron_agrees(group):
+    """megatron-core's ColumnParallelLinear/RowParallelLinear (a SwiGLU) and VocabParallelEmbedding, given our
+    group, against ours on the same full weights: outputs and input gradients -> max relative error."""
+    config = ModelParallelConfig(tensor_model_parallel_size=2, use_cpu_initialization=True,
+                                 perform_initialization=False)
+    torch.manual_seed(3)
+    mlp, table = SwiGLU(16, 24), torch.randn(11, 16)                   # nn.Linear's own initialisation
+    full = {n: p.detach().clone() for n, p in mlp.named_parameters()}
+    cols = {n: megatron_tp.ColumnParallelLinear(16, 24, config=config, init_method=None, bias=False, tp_group=group)
+            for n in ("gate_proj", "up_proj")}
+    row = megatron_tp.RowParallelLinear(24, 16, config=config, init_method=None, bias=False, input_is_parallel=True,
+                                        skip_bias_add=False, tp_group=group)
+    embed = megatron_tp.VocabParallelEmbedding(12, 16, init_method=None, config=config, tp_group=group)
+    tensor.apply_tensor_parallel(mlp, group)
+    with torch.no_grad():                      # megatron's shards from our Shard rules: checks the layouts too
+        for n, layer in cols.items():
+            layer.weight.copy_(tensor.Shard(0).split(full[f"{n}.weight"], comm.group_rank(group), 2))
+        row.weight.copy_(tensor.Shard(1).split(full["down_proj.weight"], comm.group_rank(group), 2))
+        embed.weight.copy_(tensor.Shard(0, vocab=11).split(table, comm.group_rank(group), 2))
+    x = torch.randn(3, 5, 16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+    ours = mlp(x)
+    (dx_ours,) = torch.autograd.grad(ours.square().sum(), x)
+    theirs = row(torch.nn.functional.silu(cols["gate_proj"](x)[0]) * cols["up_proj"](x)[0])[0]
+    (dx_theirs,) = torch.autograd.grad(theirs.square().sum(), x)
+    tokens = torch.randint(0, 11, (3, 5), generator=torch.Generator().manual_seed(5))
+    ours_embed = tensor.VocabParallelEmbedding(embed.weight, 6 * comm.group_rank(group), group)(tokens)
+    return max(rel_err(ours, theirs), rel_err(dx_ours, dx_theirs), rel_err(ours_embed, embed(tokens)),
+               rel_err(ours_embed, table[tokens]))
+
+
+def _bad_heads(mesh):
+    """An odd head count at tp = 2: every rank raises the same ValueError before any collective."""
+    model = models.build_model(LinearLlamaConfig(vocab_size=V, dim=48, n_layers=1, n_heads=3, n_kv_heads=1,
+                                                 ffn_dim=64))
+    before = {n: p.shape for n, p in model.named_parameters()}
+    with count_collectives() as log:
+        try:
+            tensor.apply_tensor_parallel(model, mesh)
+            error = None
+        except ValueError as e:
+            error = str(e)
+    return error, len(log.records), before == {n: p.shape for n, p in model.named_parameters()}
+
+
+def _rank_main(folder):
+    rank = dist.get_rank()
+    tp_only, tp_sp, sp_only = (meshes.build_mesh(rank, W, sp=sp, tp=tp) for sp, tp in ((1, 2), (2, 2), (2, 1)))
+    batches = _batches(3)
+    out = {"megatron": _megatron_agrees(tp_only.group("tp")), "bad_heads": _bad_heads(tp_only)}
+    for family in FAMILIES:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out[family, "tp2"] = _equivalence(family, tp_only, batches[0], split_dp=False)[0]
+        out[family, "warnings"] = [str(w.message) for w in caught]
+        out[family, "tp2-sp2"], out[family, "tp2-sp2-dp2"] = _equivalence(family, tp_sp, batches[0], split_dp=True)
+        out[family, "blocks"] = _block_collectives(family, tp_only)
+        for engines in TRAFFIC_ENGINES:
+            out[family, engines] = [_sp_traffic(family, m, engines, batches[0]) for m in (sp_only, tp_sp)]
+        out[family, "train"] = _train_and_save(family, tp_only, batches, folder)
+    return out if rank == 0 else None
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tp")
+    return run_ranks(W, _rank_main, folder)[0], folder
+
+
+# --------------------------------------------------------------------------------------------- in the parent
+def _reference(family, batch):
+    model = _model(family)
+    loss_sum, count = _loss_sum(model, batch, torch.arange(T))
+    loss_sum.backward()
+    return loss_sum.item() / count.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_matches_one_process(family, config, ranks):
+    batch = _batches(1)[0]
+    if config == "tp2-sp2":                                    # one replica: the first half of the batch
+        batch = {k: v.chunk(2)[0] for k, v in batch.items()}
+    ref_loss, ref_grads = _reference(family, batch)
+    (loss_sum, count), grads = ranks[0][family, config]
+    assert abs(loss_sum / count - ref_loss) <= TOL * ref_loss, (loss_sum / count, ref_loss)
+    assert grads.keys() == ref_grads.keys()
+    for name, ref in ref_grads.items():
+        assert ref.norm() > 0, f"{name} got no gradient"
+        assert grads[name].shape == tuple(ref.shape), name     # gathered to the full, unpadded shape
+        assert rel_err(torch.from_numpy(grads[name]), ref) < TOL, f"{name}: {rel_err(torch.from_numpy(grads[name]), ref):.2e}"
+
+
+def _expected_block(kind, family):
+    """(forward, backward) all-reduces per block at tp = 2, as (calls, bytes); X = bytes of (2, T, D) float32.
+
+    Every block: g after the mixer's and the MLP's output projections (forward), f before their inputs
+    (backward); an all-reduce moves 2(n−1)/n·|x| = |x| at n = 2. TNL adds Σ o² (2, T, 1) each way for its
+    full-width SRMSNorm; a Linear-Llama3 linear layer adds its per-head norm weight's gradient (d floats).
+    """
+    cfg = FAMILIES[family]
+    X = 2 * T * cfg.dim * 4
+    if family == "tnl":
+        return (3, 2 * X + 2 * T * 4), (3, 2 * X + 2 * T * 4)
+    if kind == "L":
+        return (2, 2 * X), (3, 2 * X + cfg.dim // cfg.n_heads * 4)
+    return (2, 2 * X), (2, 2 * X)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_tensor_parallel_collectives_per_block(family, ranks):
+    kinds = FAMILIES[family].layer_types() if family == "hybrid" else "L" * FAMILIES[family].n_layers
+    for i, (fwd, bwd) in ranks[0][family, "blocks"].items():
+        expected_fwd, expected_bwd = _expected_block(kinds[i], family)
+        assert set(fwd) == set(bwd) == {"all_reduce"}, (i, fwd, bwd)
+        assert fwd["all_reduce"] == expected_fwd and bwd["all_reduce"] == expected_bwd, (i, kinds[i], fwd, bwd)
+
+
+@pytest.mark.parametrize("engines", TRAFFIC_ENGINES, ids="-".join)
+@pytest.mark.parametrize("family", FAMILIES)
+def test_sequence_parallel_traffic_halves_at_tp2(family, engines, ranks):
+    """LASP-2 / LASP-1 states, gathered or ringed K/V carry the local heads only: every sequence-parallel message
+    at TP = 2 is half of its TP = 1 size, but for LASP-2's header of two float32 numbers per peer."""
+    at_tp1, at_tp2 = ranks[0][family, engines]
+    header = 2 * 4 * (2 - 1)
+    assert [op for op, _ in at_tp1] == [op for op, _ in at_tp2] and at_tp1
+    assert sum(b for _, b in at_tp1) > 0
+    for (op, b1), (_, b2) in zip(at_tp1, at_tp2):
+        assert 2 * b2 - b1 in ((0, header) if op == "all_gather" and engines[0] == "lasp2" else (0,)), (op, b1, b2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_checkpoint_saved_at_tp2_resumes_at_tp1(family, ranks):
+    """The file is a plain model.pt (full, unpadded weights) plus full AdamW moments: at TP = 1 the next-step loss,
+    the clipped step after it and the loss after that match the TP = 2 run (float64, see _train_and_save)."""
+    (losses, norms), folder = ranks[0][family, "train"], ranks[1]
+    plain = models.load_model(folder / f"{family}.pt", config=FAMILIES[family])     # a plain, one-process model
+    assert plain.embed.weight.shape == (V, FAMILIES[family].dim)
+    model = models.build_model(FAMILIES[family]).double()                 # load_model would round to float32
+    model.load_state_dict(torch.load(folder / f"{family}.pt", weights_only=True)["model"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tensor.load_full_optimizer_state(model, optimizer, torch.load(folder / f"{family}-optim.pt", weights_only=True))
+    resumed = []
+    for step, batch in enumerate(_batches(3)[1:], start=1):
+        loss_sum, count = _loss_sum(model, batch, torch.arange(T))
+        (loss_sum / count).backward()
+        resumed.append((loss_sum / count).item())
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP).item()
+        assert norm > CLIP and abs(norm - norms[step]) <= 1e-10 * norm, (step, norm, norms[step])  # it clipped
+        optimizer.step()
+        optimizer.zero_grad()
+    for a, b in zip(resumed, losses[1:]):
+        assert abs(a - b) <= 1e-10 * b, (resumed, losses)
+
+
+def test_megatron_layers_agree_with_ours(ranks):
+    assert ranks[0]["megatron"] < TOL
+
+
+def test_vocabulary_is_padded_with_a_warning(ranks):
+    for family in FAMILIES:
+        assert any("vocab_size 101 is not a multiple of tp=2" in w and "padded to 102" in w
+                   for w in ranks[0][family, "warnings"]), ranks[0][family, "warnings"]
+
+
+def test_bad_sizes_raise_before_any_collective(ranks):
+    error, n_collectives, unchanged = ranks[0]["bad_heads"]
+    assert error is not None and "n_heads=3" in error and "tp=2" in error
+    assert n_collectives == 0 and unchanged
+    hybrid = models.build_model(FAMILIES["hybrid"], device="meta")
+    with pytest.raises(ValueError, match=r"n_kv_heads=4 is not divisible by tp=8"):
+        tensor.check_tensor_parallel(hybrid, 8)
+    mlp = models.build_model(LinearLlamaConfig(dim=64, n_heads=4, n_kv_heads=2, ffn_dim=90, n_layers=1), "meta")
+    with pytest.raises(ValueError, match=r"mlp.gate_proj has 90 output features, not divisible by tp=4"):
+        tensor.check_tensor_parallel(mlp, 4)
+    assert tensor.check_tensor_parallel(hybrid, 2) == 102 and tensor.check_tensor_parallel(hybrid, 1) == 101
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by sp=2 x tp=2 = 4"):
+        meshes.build_mesh(0, 6, sp=2, tp=2)
