@@ -32,7 +32,8 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    sp: int = 1                       # sequence-parallel ranks per sequence; data-parallel size = world / sp
+    sp: int = 1                       # sequence-parallel ranks per sequence; data-parallel size = world / (sp·tp)
+    tp: int = 1                       # tensor-parallel ranks: heads, MLP channels, vocabulary (parallel/tensor.py)
     layout: str = "contiguous"        # "contiguous" | "zigzag" (parallel/layout.py)
     linear: str = "lasp2"             # linear-attention engine (lasp.LINEAR_ENGINES)
     softmax: str = "allgather"        # softmax-attention engine (lasp.SOFTMAX_ENGINES)
@@ -98,7 +99,8 @@ class TrainConfig:
 # alias flag -> (section.key, argparse kwargs)
 SHORTCUTS = {
     "--model": ("model.preset", dict(metavar="PRESET", help="model preset (models.PRESETS)")),
-    "--sp": ("parallel.sp", dict(type=int, metavar="N", help="sequence-parallel size; dp = world / sp")),
+    "--sp": ("parallel.sp", dict(type=int, metavar="N", help="sequence-parallel size; dp = world / (sp·tp)")),
+    "--tp": ("parallel.tp", dict(type=int, metavar="N", help="tensor-parallel size; dp = world / (sp·tp)")),
     "--zero": ("parallel.zero", dict(type=int, metavar="N", help="DeepSpeed ZeRO stage 1-3 (0: DDP)")),
     "--max-steps": ("optim.max_steps", dict(type=int, metavar="N")),
     "--run-dir": ("run.dir", dict(metavar="DIR")),
@@ -235,7 +237,8 @@ def _check_choice(key, value, choices):
 def _check_positive(cfg):
     for key, minimum in (("optim.max_steps", 1), ("optim.warmup_steps", 0), ("data.vocab_size", 16),
                          ("data.seq_len", 2), ("data.batch_size", 1), ("checkpoint.every", 0),
-                         ("checkpoint.keep", 1), ("run.sample_tokens", 0), ("parallel.sp", 1)):
+                         ("checkpoint.keep", 1), ("run.sample_tokens", 0), ("parallel.sp", 1),
+                         ("parallel.tp", 1)):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < minimum:
             raise ValueError(f"{key} must be >= {minimum}, got {getattr(getattr(cfg, section), name)}")
@@ -243,6 +246,22 @@ def _check_positive(cfg):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             raise ValueError(f"{key} must be >= 0")
+
+
+def _check_tensor_parallel(cfg):
+    """parallel.tp against the model's heads, KV heads and MLP width (on the meta device) and the engine."""
+    import models
+    from parallel.tensor import check_tensor_parallel
+    tp = cfg.parallel.tp
+    if cfg.parallel.zero:
+        raise ValueError(f"parallel.zero={cfg.parallel.zero} needs parallel.tp=1 (got {tp}): tensor parallelism "
+                         f"runs with DDP over the ranks holding the same shard")
+    model_cfg = dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides,
+                                    vocab_size=cfg.data.vocab_size)
+    try:
+        check_tensor_parallel(models.build_model(model_cfg, device="meta"), tp)
+    except ValueError as e:
+        raise ValueError(f"parallel.tp={tp} does not fit model.preset {cfg.model.preset!r}: {e}") from None
 
 
 def check_config(cfg, world_size):
@@ -271,10 +290,13 @@ def check_config(cfg, world_size):
     _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
     try:
         resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
-        check_mesh_sizes(world_size, cfg.parallel.sp)
+        check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp)
         local_positions(cfg.data.seq_len, cfg.parallel.layout, 0, cfg.parallel.sp)
     except ValueError as e:
-        raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, world size {world_size}, "
-                         f"data.seq_len={cfg.data.seq_len}, parallel.layout={cfg.parallel.layout!r})") from None
+        raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, parallel.tp={cfg.parallel.tp}, "
+                         f"world size {world_size}, data.seq_len={cfg.data.seq_len}, "
+                         f"parallel.layout={cfg.parallel.layout!r})") from None
+    if cfg.parallel.tp > 1:
+        _check_tensor_parallel(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ValueError(f"run.dir {cfg.run.dir!r} exists and is not a folder")

@@ -7,6 +7,9 @@ collectives, ∂L/∂θ = Σ_r g_r with g_r the gradient of rank r's replica fro
 must be SUMMED over the SP group and AVERAGED over the dp groups. DDP and DeepSpeed both average over the whole
 world (dp·sp ranks), so each rank backpropagates sp · loss_sum_r / N:
 (1/(dp·sp)) Σ_all sp·g = (1/dp) Σ_dp Σ_sp g.
+Under tensor parallelism (tp > 1, DDP only) each rank holds a shard: DDP then runs over the dp·sp ranks holding the
+same shard (parallel.tensor.replica_group), so the same scaling holds; clipping uses the full model's norm, and
+checkpoints and model.pt hold the full weights (gathered over tp), so a run resumes at another tp size.
 """
 import dataclasses
 import logging
@@ -18,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import models
+from parallel import tensor
 
 __all__ = ["model_config", "build_model", "checkpoint_blocks", "lr_at", "build_optimizer", "LossModel",
            "DDPEngine", "DeepSpeedEngine", "make_engine"]
@@ -85,22 +89,27 @@ class LossModel(nn.Module):
 
 
 class DDPEngine:
-    """Plain torch: DistributedDataParallel over the whole world (averaging), clipping, AdamW, LambdaLR."""
+    """Plain torch: DistributedDataParallel over the whole world (averaging), clipping, AdamW, LambdaLR.
+    data_group: the ranks to average over instead of the world (tensor parallelism: those holding the same shard)."""
 
-    def __init__(self, model, optim_cfg, world_size):
+    def __init__(self, model, optim_cfg, world_size, data_group=None):
         from torch.nn.parallel import DistributedDataParallel
         self.model, self.grad_clip = model, optim_cfg.grad_clip
         self.optimizer, self.scheduler = build_optimizer(model, optim_cfg)
         loss_model = LossModel(model)
-        self.forward = DistributedDataParallel(loss_model) if world_size > 1 else loss_model
+        self.forward = (DistributedDataParallel(loss_model, process_group=data_group) if world_size > 1
+                        else loss_model)
 
     def backward(self, loss):
         loss.backward()
 
     def step(self):
         """Clip, step optimizer and schedule -> the global grad norm before clipping."""
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
+        if getattr(self.model, "tensor_parallel", None) is not None:     # the norm of the full, unsplit model
+            norm = tensor.clip_grad_norm_(self.model, self.grad_clip)
+        else:
+            params = [p for p in self.model.parameters() if p.grad is not None]
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))
         self.optimizer.step()
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -110,21 +119,25 @@ class DDPEngine:
         return self.scheduler.get_last_lr()[0]
 
     def save(self, folder, rank):
+        # full (unsplit) weights and moments: gathered over tp by every rank, written once
+        model_state = tensor.full_state_dict(self.model)
+        optim_state = tensor.full_optimizer_state(self.model, self.optimizer)
         if rank == 0:  # replicated state: one copy
-            torch.save(self.model.state_dict(), folder / "model.pt")
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       folder / "optim.pt")
+            torch.save(model_state, folder / "model.pt")
+            torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict()}, folder / "optim.pt")
 
     def load(self, folder):
-        self.model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
+        tensor.load_full_state_dict(self.model, torch.load(folder / "model.pt", map_location="cpu",
+                                                           weights_only=True))
         state = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
+        tensor.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
     def export(self, path, rank):
-        """models.save_model(path) of the full model, on rank 0."""
+        """models.save_model(path) of the full model, on rank 0 (every rank calls it: tp ranks gather)."""
+        state = tensor.full_state_dict(self.model)
         if rank == 0:
-            models.save_model(path, self.model)
+            models.save_model(path, self.model, state_dict=state)
 
 
 def _import_deepspeed(device):
@@ -195,8 +208,8 @@ class DeepSpeedEngine(DDPEngine):
             super().export(path, rank)
 
 
-def make_engine(model, cfg, world_size, device):
+def make_engine(model, cfg, world_size, device, data_group=None):
     if cfg.parallel.zero == 0:
-        return DDPEngine(model, cfg.optim, world_size)
+        return DDPEngine(model, cfg.optim, world_size, data_group)
     return DeepSpeedEngine(model, cfg.optim, world_size, stage=cfg.parallel.zero, batch_size=cfg.data.batch_size,
                            device=device)

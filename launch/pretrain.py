@@ -3,14 +3,16 @@
     torchrun --nproc-per-node 4 launch/pretrain.py                       # launch/configs/default.toml
     torchrun --nproc-per-node 4 launch/pretrain.py --config tiny --sp 2 --max-steps 50 --run-dir runs/x
     torchrun --nproc-per-node 4 launch/pretrain.py --run-dir runs/x --resume        # after a stop or SIGTERM
+    torchrun --nproc-per-node 4 launch/pretrain.py --config tiny --sp 2 --tp 2      # heads split over 2 ranks
     python launch/pretrain.py --dry-run --sp 4                           # check env + config, print the mesh
 
-Ranks form a dp × sp mesh (parallel.init_mesh); each packed sequence is split over the sp ranks of its group in
-`parallel.layout`, and each dp group reads its own batches. Each step: forward on the local shard, the loss sum
-normalised by the token count of the whole sequence group (engine.py explains the gradient scaling), backward,
-clip, AdamW, warm-up + cosine schedule. Checkpoints every `checkpoint.every` steps, at the end and on SIGTERM
-(checkpoint.py); `--resume` continues bit-for-bit. Exit codes: 0 done, 2 bad input, 3 non-finite loss.
-See docs/launch.md.
+Ranks form a dp × sp × tp mesh (parallel.init_mesh); each packed sequence is split over the sp ranks of its group
+in `parallel.layout`, each dp group reads its own batches, and the tp ranks of a group split the model's heads, MLP
+channels and vocabulary (parallel/tensor.py; checkpoints hold full weights, so a run resumes at another tp).
+Each step: forward on the local shard, the loss sum normalised by the token count of the whole sequence group
+(engine.py explains the gradient scaling), backward, clip, AdamW, warm-up + cosine schedule. Checkpoints every
+`checkpoint.every` steps, at the end and on SIGTERM (checkpoint.py); `--resume` continues bit-for-bit. Exit codes:
+0 done, 2 bad input, 3 non-finite loss. See docs/launch.md.
 """
 import dataclasses
 import os
@@ -88,7 +90,7 @@ def _prepare_data(cfg_data, files, rank, device):
 
 def _trainer_state(step, cfg, mesh, data_key):
     return {"step": step, "samples_per_step": mesh.dp * cfg.data.batch_size, "dp": mesh.dp, "sp": mesh.sp,
-            "world_size": mesh.world_size, "zero": cfg.parallel.zero, "data_key": data_key}
+            "tp": mesh.tp, "world_size": mesh.world_size, "zero": cfg.parallel.zero, "data_key": data_key}
 
 
 def _check_compatible(saved, now, folder):
@@ -131,10 +133,10 @@ def _save(engine, root, step, state, run_dir, rank, keep):
     return folder
 
 
-def _setup_mesh(sp):
+def _setup_mesh(sp, tp):
     if dist.is_initialized():  # e.g. the test helper made the default group
-        return build_mesh(dist.get_rank(), dist.get_world_size(), sp)
-    return init_mesh(sp)
+        return build_mesh(dist.get_rank(), dist.get_world_size(), sp, tp)
+    return init_mesh(sp, tp)
 
 
 def _autocast(device, dtype):
@@ -177,7 +179,7 @@ def _setup(cfg):
     files = corpus_files(cfg.data.corpus)
     check_corpus(files, cfg.data.text_key)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    mesh = _setup_mesh(cfg.parallel.sp)
+    mesh = _setup_mesh(cfg.parallel.sp, cfg.parallel.tp)
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     if rank == 0:
@@ -187,13 +189,16 @@ def _setup(cfg):
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
 
     from lasp.apply import apply_sequence_parallel
+    from parallel.tensor import apply_tensor_parallel, replica_group
     model = build_model(cfg.model, tokenizer.get_piece_size(), cfg.run.seed, device)
+    n_params = sum(p.numel() for p in model.parameters())   # the full model, before TP splits it
     apply_sequence_parallel(model, linear=cfg.parallel.linear, softmax=cfg.parallel.softmax,
                             layout=cfg.parallel.layout, group=mesh.group("sp"))
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh)
     if cfg.parallel.activation_checkpointing:
         checkpoint_blocks(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    engine = make_engine(model, cfg, world, device)
+    engine = make_engine(model, cfg, world, device, data_group=replica_group(mesh))
     run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, n_params, engine,
                start=1)
     if cfg.checkpoint.resume:
@@ -204,7 +209,8 @@ def _setup(cfg):
 def _summary(cfg, run, n_params, tokens_per_step, peak_note):
     p, mesh = cfg.parallel, run.mesh
     return (f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
-            f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} ({p.linear} + {p.softmax}, {p.layout}), "
+            f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} x tp {mesh.tp} ({p.linear} + {p.softmax}, "
+            f"{p.layout}), "
             f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "
             f"MFU peak: {peak_note}" + (f"; resumed from {run.last_ckpt}" if run.last_ckpt else "")
             + (f"; no checkpoint in {run.root}, starting fresh" if cfg.checkpoint.resume and not run.last_ckpt else ""))
@@ -265,7 +271,7 @@ def train(cfg, hook=None):
                 break
     finally:
         stop.restore()
-        reporter.close(title=f"{cfg.model.preset}, dp {dp} x sp {sp}")
+        reporter.close(title=f"{cfg.model.preset}, dp {dp} x sp {sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
     sample = None
     if rank == 0 and cfg.run.sample_tokens and not preempted and (run.run_dir / "model.pt").exists():
         sample = _sample(run.run_dir, run.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
@@ -274,17 +280,23 @@ def train(cfg, hook=None):
             "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
 
 
-def _mesh_table(world, sp, local_world):
-    """Lines describing every rank's node and (dp, sp) coordinates, and the groups, without any process group."""
-    dp = check_mesh_sizes(world, sp)
-    ranks = torch.arange(world).view(dp, sp)
-    lines = [f"world {world} = dp {dp} x sp {sp}; {max(1, world // local_world)} node(s) x {local_world} rank(s)",
-             "rank  node  local  dp  sp"]
-    lines += [f"{r:4d}  {r // local_world:4d}  {r % local_world:5d}  {r // sp:2d}  {r % sp:2d}" for r in range(world)]
-    lines.append(f"sp groups: {ranks.tolist()}")
-    lines.append(f"dp groups: {ranks.t().tolist()}")
+def _mesh_table(world, sp, local_world, tp=1):
+    """Lines describing every rank's node and (dp, sp[, tp]) coordinates, and the groups, without any process
+    group. tp is the fastest axis (parallel/mesh.py); its column and groups appear only when tp > 1."""
+    dp = check_mesh_sizes(world, sp, tp)
+    ranks = torch.arange(world).view(dp, sp, tp)
+    with_tp = (lambda text: text) if tp > 1 else (lambda text: "")
+    lines = [f"world {world} = dp {dp} x sp {sp}{with_tp(f' x tp {tp}')}; {max(1, world // local_world)} node(s) "
+             f"x {local_world} rank(s)", "rank  node  local  dp  sp" + with_tp("  tp")]
+    lines += [f"{r:4d}  {r // local_world:4d}  {r % local_world:5d}  {r // (sp * tp):2d}  {r // tp % sp:2d}"
+              + with_tp(f"  {r % tp:2d}") for r in range(world)]
+    lines.append(f"sp groups: {ranks.movedim(1, -1).reshape(-1, sp).tolist()}")
+    lines.append(f"dp groups: {ranks.movedim(0, -1).reshape(-1, dp).tolist()}")
+    lines += [f"tp groups: {ranks.reshape(-1, tp).tolist()}"] if tp > 1 else []
     if sp > local_world:
         lines.append(f"note: sp={sp} spans nodes ({local_world} ranks per node): SP collectives cross the network")
+    if tp > local_world:
+        lines.append(f"note: tp={tp} spans nodes ({local_world} ranks per node): TP all-reduces cross the network")
     return lines
 
 
@@ -307,7 +319,7 @@ def dry_run(cfg):
         where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
         print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
-        print("\n".join(_mesh_table(world, cfg.parallel.sp, local_world)))
+        print("\n".join(_mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp)))
         print("dry run OK")
     return 0
 

@@ -24,9 +24,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The command line is a reviewed interface: a new flag must be added here on purpose.
 FROZEN_OPTIONS = {
-    "-h", "--help", "--config", "--dry-run", "--model", "--sp", "--zero", "--max-steps", "--run-dir", "--resume",
-    "--model.preset", "--model.overrides",
-    "--parallel.sp", "--parallel.layout", "--parallel.linear", "--parallel.softmax", "--parallel.zero",
+    "-h", "--help", "--config", "--dry-run", "--model", "--sp", "--tp", "--zero", "--max-steps", "--run-dir",
+    "--resume", "--model.preset", "--model.overrides",
+    "--parallel.sp", "--parallel.tp", "--parallel.layout", "--parallel.linear", "--parallel.softmax", "--parallel.zero",
     "--parallel.activation_checkpointing",
     "--optim.lr", "--optim.min_lr", "--optim.warmup_steps", "--optim.max_steps", "--optim.weight_decay",
     "--optim.beta1", "--optim.beta2", "--optim.eps", "--optim.grad_clip",

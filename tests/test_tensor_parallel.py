@@ -18,6 +18,8 @@ with warnings.catch_warnings():        # imported before the ranks fork, so that
     from megatron.core.model_parallel_config import ModelParallelConfig
 
 import models
+from launch.config import check_config, parse_args
+from launch.pretrain import _mesh_table, train
 from lasp.apply import apply_sequence_parallel
 from models import LinearLlamaConfig, TNLConfig
 from models.common import SwiGLU
@@ -223,7 +225,8 @@ def test_tensor_parallel_matches_one_process(family, config, ranks):
     for name, ref in ref_grads.items():
         assert ref.norm() > 0, f"{name} got no gradient"
         assert grads[name].shape == tuple(ref.shape), name     # gathered to the full, unpadded shape
-        assert rel_err(torch.from_numpy(grads[name]), ref) < TOL, f"{name}: {rel_err(torch.from_numpy(grads[name]), ref):.2e}"
+        err = rel_err(torch.from_numpy(grads[name]), ref)
+        assert err < TOL, f"{name}: rel err {err:.2e}"
 
 
 def _expected_block(kind, family):
@@ -311,3 +314,37 @@ def test_bad_sizes_raise_before_any_collective(ranks):
     assert tensor.check_tensor_parallel(hybrid, 2) == 102 and tensor.check_tensor_parallel(hybrid, 1) == 101
     with pytest.raises(ValueError, match=r"world size 6 is not divisible by sp=2 x tp=2 = 4"):
         meshes.build_mesh(0, 6, sp=2, tp=2)
+
+
+# --------------------------------------------------------------------------------------------- the launcher
+def _launch_curves(cfg):
+    out = train(cfg)
+    return list(out["losses"].values()), list(out["grad_norms"].values())
+
+
+def test_launcher_tp2_equals_tp1_and_its_checkpoint_resumes_at_tp1(tmp_path):
+    """`--tp 2` on 2 ranks follows `--tp 1` (losses and full-model grad norms), and its checkpoint, written with full
+    weights, continues on one rank exactly as the uninterrupted one-rank run."""
+    def tiny(run_dir, *args):
+        return parse_args(["--config", "tiny", "--run-dir", str(tmp_path / run_dir), "--max-steps", "4",
+                           "--data.cache_dir", str(tmp_path / "cache"), "--run.sample_tokens", "0", *args])[0]
+    one = run_ranks(1, _launch_curves, tiny("tp1"))[0]
+    two = run_ranks(2, _launch_curves, tiny("tp2", "--tp", "2", "--max-steps", "2"))   # within the warm-up: the
+    rest = run_ranks(1, _launch_curves, tiny("tp2", "--resume"))[0]                     # lr does not see max_steps
+    assert two[0] == two[1] and len(one[0]) == 4 and len(rest[0]) == 2
+    for got, want in ((two[0][0] + rest[0], one[0]), (two[0][1] + rest[1], one[1])):
+        assert max(abs(a - b) / abs(b) for a, b in zip(got, want)) < TOL, (got, want)
+
+
+def test_launcher_checks_tp_before_any_collective():
+    cfg = parse_args(["--config", "tiny", "--sp", "2", "--tp", "2"])[0]
+    with pytest.raises(ValueError, match=r"world size 6 is not divisible by sp=2 x tp=2 = 4.*parallel.tp=2"):
+        check_config(cfg, 6)
+    with pytest.raises(ValueError, match=r"parallel.tp=8 does not fit .*n_heads=4 is not divisible by tp=8"):
+        check_config(parse_args(["--config", "tiny", "--tp", "8"])[0], 8)
+    with pytest.raises(ValueError, match=r"parallel.zero=2 needs parallel.tp=1"):
+        check_config(parse_args(["--config", "tiny", "--tp", "2", "--zero", "2"])[0], 2)
+    table = "\n".join(_mesh_table(8, 2, 4, tp=2))
+    assert "world 8 = dp 2 x sp 2 x tp 2" in table and "tp groups: [[0, 1], [2, 3], [4, 5], [6, 7]]" in table
+    assert "sp groups: [[0, 2], [1, 3], [4, 6], [5, 7]]" in table
+    assert "dp groups: [[0, 4], [1, 5], [2, 6], [3, 7]]" in table
