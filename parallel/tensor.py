@@ -345,6 +345,8 @@ def apply_tensor_parallel(model, mesh_or_group=None):
     group). ValueError naming the sizes (see check_tensor_parallel) before anything changes or communicates; a
     vocabulary that is not a multiple of tp is padded (with a warning) and the padding never affects the loss.
     After it, `model.logits()` returns this rank's vocabulary columns; the loss is that of the full vocabulary.
+    Assumes (as in models/) that a unit reads its input only through its column projections, writes the residual
+    stream only through its writer, and that its other parameters act on local heads (their gradients are summed).
     """
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("apply_tensor_parallel: the model is already tensor-parallel")
