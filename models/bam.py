@@ -90,7 +90,8 @@ def _soft_gates(router, u, o):
     if router is None:
         return o
     cdt = torch.promote_types(u.dtype, torch.float32)
-    g = F.linear(u.to(cdt), router.weight.to(cdt)).softmax(-1).to(o.dtype)     # (B, T, N)
+    with torch.autocast(u.device.type, enabled=False):
+        g = F.linear(u.to(cdt), router.weight.to(cdt)).softmax(-1).to(o.dtype)     # (B, T, N)
     return o * g.view(*g.shape, *[1] * (o.dim() - 3))
 
 

@@ -77,7 +77,8 @@ class MoEFeedForward(nn.Module):
     def route(self, x):
         """x (S, D) -> (logits (S, E), probs (S, E), weights (S, k), expert ids (S, k)); weights in probs' dtype."""
         cdt = torch.promote_types(x.dtype, torch.float32)
-        logits = F.linear(x.to(cdt), self.router.weight.to(cdt))
+        with torch.autocast(x.device.type, enabled=False):           # routing decisions in full precision
+            logits = F.linear(x.to(cdt), self.router.weight.to(cdt))
         probs = logits.softmax(-1)
         weights, ids = probs.topk(self.top_k, dim=-1)
         if self.top_k > 1 or self.normalize_top1:

@@ -8,6 +8,7 @@ gradient (all-reduced; sharded experts all-gathered) and the router counts; the 
 import copy
 import dataclasses
 import os
+import re
 
 import pytest
 import torch
@@ -117,15 +118,14 @@ def _bad_inputs(tmp_path):
     payload = torch.load(good[1], weights_only=True)
     payload["model"]["layers.0.ffn.up_proj"] = torch.zeros(1, 40, 32)                 # same config, other shape
     torch.save(payload, tmp_path / "other_shape.pt")
-    g0, g1 = str(good[0]), str(good[1])
+    g0, g1, seq, llama = str(good[0]), str(good[1]), str(tmp_path / "sequential.pt"), str(tmp_path / "llama.pt")
     return {
         "other config": (["--seed", g0, "--experts", g0, str(tmp_path / "other_config.pt")],
                          r"expert 1 .* another config .*linear_decay='none' \(seed: 'lightning'\)"),
         "other shape": (["--seed", g0, "--experts", g0, str(tmp_path / "other_shape.pt")],
                         r"expert 1: weights do not fit.*layers\.0\.ffn\.up_proj"),
-        "sequential seed": (["--seed", str(tmp_path / "sequential.pt"), "--experts"] + [str(tmp_path / "sequential.pt")] * 2,
-                            "sequential blocks \\(parallel_block=False\\)"),
-        "llama seed": (["--seed", str(tmp_path / "llama.pt"), "--experts"] + [str(tmp_path / "llama.pt")] * 2,
+        "sequential seed": (["--seed", seq, "--experts", seq, seq], "sequential blocks \\(parallel_block=False\\)"),
+        "llama seed": (["--seed", llama, "--experts", llama, llama],
                        "LinearLlamaConfig model with sequential blocks"),
         "top-k > N": (["--seed", g0, "--experts", g0, g1, "--top-k", "3"], "top_k=3 .* n_ffn_experts=2"),
         "one expert": (["--seed", g0, "--experts", g0], "at least 2 expert checkpoints"),
@@ -134,7 +134,6 @@ def _bad_inputs(tmp_path):
 
 
 def test_bad_upcycling_input_fails_before_writing(tmp_path, capsys):
-    import re
     for case, (argv, message) in _bad_inputs(tmp_path).items():
         out = tmp_path / "out" / "moe.pt"
         assert upcycle_main(argv + ["--out", str(out)]) == 2, case
@@ -243,7 +242,8 @@ def test_expert_parallel_two_ranks_match_one_process():
     assert abs(loss - ref_loss) <= 1e-5 * abs(ref_loss) and counts == _counts(ref)
     for name, p in ref.named_parameters():
         assert p.grad.norm() > 0, name
-        assert rel_err(torch.from_numpy(grads[name]), p.grad) < 1e-5, f"{name}: {rel_err(torch.from_numpy(grads[name]), p.grad):.2e}"
+        err = rel_err(torch.from_numpy(grads[name]), p.grad)
+        assert err < 1e-5, f"{name}: {err:.2e}"
     L = EP_CFG.n_layers                                         # per layer: counts a2a, 2 row a2a fwd + 2 bwd
     assert comms["all_to_all"][0] == L and comms["all_to_all_v"][0] == 4 * L
     # only routed rows travel: each rank receives at most its 2·B·T·k routes' rows, never a capacity-padded buffer
