@@ -350,3 +350,10 @@ def test_meta_parameter_counts(name):
                 dataclasses.replace(models.get_config(name), n_attn_experts=3, kv_sharing=True, parallel_block=False)):
         model = models.build_model(cfg, device="meta")
         assert sum(p.numel() for p in model.parameters()) == _closed_form_params(cfg), cfg
+
+
+def test_tensor_parallelism_refuses_bam_models():
+    """parallel.tensor would split the expert-major head groups and the routers as if they were heads: refused."""
+    from parallel import apply_tensor_parallel
+    with pytest.raises(ValueError, match="BAM has no `cross_entropy` hook"):
+        apply_tensor_parallel(models.build_model("bam-seed-tiny"))
