@@ -34,10 +34,10 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-from torch.utils.checkpoint import checkpoint  # noqa: E402
 
 import lasp  # noqa: E402
 import parallel  # noqa: E402
+from launch.engine import checkpoint_blocks  # noqa: E402
 from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
 
 LINEAR = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "ring_linear": lasp.ring_linear_attention}
@@ -97,7 +97,7 @@ class PeakMemory:
         return _proc_status_kib("VmRSS") * 1024
 
     def reset(self):
-        """Start a measurement (on CPU, switches glibc to `malloc_for_measurement` until the next `peak`)."""
+        """Start a measurement (on CPU: glibc switched to `malloc_for_measurement`, the high-water mark reset)."""
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)
@@ -114,7 +114,6 @@ class PeakMemory:
             top = torch.cuda.max_memory_allocated(self.device)
         else:
             top = _proc_status_kib("VmHWM") * 1024
-            malloc_for_speed()
         return top - self.base, top
 
 
@@ -194,17 +193,36 @@ def layer_step(engine, seq_len, args, group, device, dtype):
     return step
 
 
+def measure_then_time(make_cases, seq_lens, args, device, group):
+    """{T: {name: (profile, per-repetition seconds)}}. Phase 1 (glibc in measurement mode): for every length, one
+    warm-up call per case, then its collectives and peak memory. Phase 2 (glibc defaults): the timed, interleaved
+    repetitions. Measuring first keeps the heap compact: after timed runs its freed middle would be re-touched
+    and counted as resident (RSS would overstate live tensors by up to 2x)."""
+    profiles = {}
+    for seq_len in seq_lens:
+        cases = make_cases(seq_len)
+        for step in cases.values():
+            step()
+        profiles[seq_len] = {name: profile_step(step, device, group) for name, step in cases.items()}
+        del cases
+    malloc_for_speed()
+    out = {}
+    for seq_len in seq_lens:
+        times = run_interleaved(make_cases(seq_len), args.reps, args.warmup, device, group)
+        out[seq_len] = {name: (profiles[seq_len][name], times[name]) for name in times}
+    return out
+
+
 def bench_layers(args, group, device, dtype):
-    records = []
-    for seq_len in args.seq_lens:
+    def make_cases(seq_len):
         cases = {e: layer_step(e, seq_len, args, group, device, dtype) for e in args.engines}
-        cases = {e: s for e, s in cases.items() if s is not None}
-        times = run_interleaved(cases, args.reps, args.warmup, device, group)
-        for engine, step in cases.items():
+        return {e: s for e, s in cases.items() if s is not None}
+    records = []
+    for seq_len, results in measure_then_time(make_cases, args.seq_lens, args, device, group).items():
+        for engine, (profile, times) in results.items():
             shape = dict(batch=args.batch, heads=args.heads, kv_heads=args.heads if engine in LINEAR else
                          args.kv_heads, head_dim=args.head_dim, dtype=str(dtype).replace("torch.", ""))
-            records.append(_record("layer", engine, seq_len, group, times[engine], shape,
-                                   profile_step(step, device, group)))
+            records.append(_record("layer", engine, seq_len, group, times, shape, profile))
     return records
 
 
@@ -232,12 +250,6 @@ def set_engines(model, pair, layout, group):
             mixer.linear_attn = functools.partial(lasp.ring_linear_attention, group=group)
 
 
-def checkpoint_layers(model):
-    """Activation checkpointing per block: each block keeps only its input and recomputes itself in backward."""
-    for block in model.layers:
-        block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-
-
 def sequence_batch(seq_len, layout, args, group, device):
     """(tokens, positions, labels) of this rank: one random byte sequence, next-token labels, global positions."""
     W, r = comm.group_size(group), comm.group_rank(group)
@@ -247,10 +259,12 @@ def sequence_batch(seq_len, layout, args, group, device):
     return full[:, pos].to(device), pos.to(device), full[:, pos + 1].to(device)
 
 
-def train_step(model, batch, seq_len, group, optimizer=None):
+def train_step(model, batch, seq_len, group, optimizer=None, barrier=False):
     """Forward, backward (mean loss over the global tokens) and, with an optimizer, the gradient all-reduce over
     the sequence-parallel ranks (each holds part of the loss) and the update. -> seconds per phase."""
     tokens, positions, labels = batch
+    if barrier:
+        comm.barrier(group)
     phases, start = {}, time.perf_counter()
     loss_sum, _ = model.loss(model(tokens, positions), labels)
     phases["forward"] = time.perf_counter() - start
@@ -272,15 +286,15 @@ def _seeded_model(args, device, checkpointed):
     torch.manual_seed(0)                                       # the same weights on every rank
     model = models.build_model(model_config(args), device=device)
     if checkpointed:
-        checkpoint_layers(model)
+        checkpoint_blocks(model)             # each block keeps its input, recomputes itself in backward
     return model
 
 
 def bench_models(args, group, device, dtype):
     """Forward + backward of the whole model per engine pair, interleaved; no optimizer."""
     model = _seeded_model(args, device, args.checkpoint).to(dtype)
-    records = []
-    for seq_len in args.seq_lens:
+
+    def make_cases(seq_len):
         cases = {}
         for pair in args.engines:
             layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
@@ -290,26 +304,33 @@ def bench_models(args, group, device, dtype):
                 set_engines(model, pair, layout, group)
                 train_step(model, batch, seq_len, group)
             cases[pair] = step
-        times = run_interleaved(cases, args.reps, args.warmup, device, group)
-        shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
-                     checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""))
-        for pair, step in cases.items():
-            records.append(_record("model", pair, seq_len, group, times[pair], shape,
-                                   profile_step(step, device, group)))
-    return records
+        return cases
+    shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
+                 checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""))
+    return [_record("model", pair, seq_len, group, times, shape, profile)
+            for seq_len, results in measure_then_time(make_cases, args.seq_lens, args, device, group).items()
+            for pair, (profile, times) in results.items()]
 
 
-def bench_long(args, group, device):
-    """One full training step per length (ascending), checkpointed per layer; memory measured per step."""
+def bench_long(args, group, device, emit):
+    """One full training step per length (ascending), checkpointed per layer; memory measured per step.
+
+    A warm-up step on 512 tokens per rank comes first: it loads the code pages and allocates the (tiny) optimizer
+    state, and `runtime_bytes` = the rank's memory after it (interpreter, torch, gloo, weights: what does not grow
+    with the sequence). emit(records) is called after every length so a long sweep leaves results as it goes."""
     model = _seeded_model(args, device, args.checkpoint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pair = args.engines[0]
     layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
     set_engines(model, pair, layout, group)
+    warm_len = 512 * comm.group_size(group)
+    train_step(model, sequence_batch(warm_len, layout, args, group, device), warm_len, group, optimizer)
+    malloc_for_measurement()                                  # trims the heap
+    runtime = int(across_ranks([PeakMemory(device).current()], group)[0])
     shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
                  checkpoint=args.checkpoint, params=sum(p.numel() for p in model.parameters()), dtype="float32")
     records = []
-    for seq_len in sorted(args.seq_lens):
+    for seq_len in sorted(args.seq_lens):                    # phase 1: memory (see measure_then_time)
         batch = sequence_batch(seq_len, layout, args, group, device)
         meter = PeakMemory(device)
         meter.reset()
@@ -317,14 +338,24 @@ def bench_long(args, group, device):
             comm.barrier(group)
             phases = train_step(model, batch, seq_len, group, optimizer)
         peak, peak_abs = meter.peak()
-        worst = across_ranks([sum(phases.values()), *phases.values(), log.count(), log.bytes(), peak, peak_abs,
-                              meter.base], group)
-        step_s, fwd, bwd, opt, calls, nbytes, peak, peak_abs, base = worst
+        calls, nbytes, peak, peak_abs, *phases_max = across_ranks(
+            [log.count(), log.bytes(), peak, peak_abs, *phases.values()], group)
         profile = dict(calls=int(calls), bytes_per_rank=int(nbytes), peak_bytes=int(peak),
-                       peak_abs_bytes=int(peak_abs), base_bytes=int(base), phases_s=dict(forward=fwd, backward=bwd,
-                       optimizer=opt), peak_scope="step" if meter.resettable else "process lifetime")
-        records.append(_record("long", pair, seq_len, group, [step_s], shape, profile))
+                       peak_abs_bytes=int(peak_abs), runtime_bytes=runtime, timed="measured step (page faults)",
+                       phases_s=dict(zip(phases, phases_max)),
+                       peak_scope="step" if meter.resettable else "process lifetime")
+        records.append(_record("long", pair, seq_len, group, [sum(phases_max)], shape, profile))
         del batch
+        emit(records)
+    malloc_for_speed()
+    for rec in records if args.reps else []:                  # phase 2: timed steps with glibc's defaults
+        batch = sequence_batch(rec["seq_len"], layout, args, group, device)
+        timed = [train_step(model, batch, rec["seq_len"], group, optimizer, barrier=True) for _ in range(args.reps)]
+        steps = across_ranks([sum(p.values()) for p in timed], group)
+        phases = across_ranks([statistics.median(p[k] for p in timed) for k in timed[0]], group)
+        rec.update(_record("long", pair, rec["seq_len"], group, steps, shape, {}),
+                   phases_s=dict(zip(timed[0], phases)), timed=f"{args.reps} step(s) after the measured one")
+        emit(records)
     return records
 
 
@@ -354,8 +385,11 @@ def merge_records(path, new, machine):
 
 
 def memory_fit(records):
-    """Least squares peak_abs = slope·tokens_per_rank + intercept over long-mode records -> dict or None."""
-    pts = sorted((r["tokens_per_rank"], r["peak_abs_bytes"]) for r in records if r["mode"] == "long")
+    """Least squares peak = slope·tokens_per_rank + intercept over long-mode records -> dict or None.
+
+    peak = the step's peak above the rank's memory before it (`peak_bytes`): activations, gradients, buffers.
+    Not the process peak: rank 0 loads matplotlib to write the plots between steps."""
+    pts = sorted((r["tokens_per_rank"], r["peak_bytes"]) for r in records if r["mode"] == "long")
     if len(pts) < 3:
         return None
     x, y = torch.tensor(pts, dtype=torch.float64).T
@@ -365,25 +399,43 @@ def memory_fit(records):
     return dict(slope_bytes_per_token=slope.item(), intercept_bytes=intercept.item(), r2=r2.item(), points=len(pts))
 
 
+def _long_rows(recs):
+    rows = ["| device | engine | W | T | tokens/rank | step s (fwd / bwd / opt) | tokens/s | collectives | MiB received"
+            "/rank | step peak MiB/rank | process peak MiB/rank | runtime MiB | load avg 1 min (start → end) |",
+            "|" + "---|" * 13]
+    for r in recs:
+        ph = r["phases_s"]
+        rows.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} "
+                    f"| {r['median_s']:.1f} ({ph['forward']:.1f} / {ph['backward']:.1f} / {ph['optimizer']:.2f}) "
+                    f"| {r['tokens_per_s']:,.0f} | {r['calls']} | {r['bytes_per_rank'] / MiB:.3f} "
+                    f"| {r['peak_bytes'] / MiB:,.0f} | {r['peak_abs_bytes'] / MiB:,.0f} | {r['runtime_bytes'] / MiB:,.0f} "
+                    f"| {r['load_avg_start'][0]:.1f} → {r['load_avg_end'][0]:.1f} |")
+    return rows
+
+
+def _rows(recs):
+    rows = ["| device | engine | W | T | tokens/rank | median s | tokens/s | collectives | MiB received/rank "
+            "| peak MiB/rank (step) | peak MiB/rank (process) |", "|" + "---|" * 11]
+    for r in recs:
+        rows.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} "
+                    f"| {r['median_s']:.4g} | {r['tokens_per_s']:,.0f} | {r['calls']} "
+                    f"| {r['bytes_per_rank'] / MiB:.3f} | {r['peak_bytes'] / MiB:,.1f} "
+                    f"| {r['peak_abs_bytes'] / MiB:,.1f} |")
+    return rows
+
+
 def markdown(data):
     lines = []
     for mode in ("layer", "model", "long"):
         recs = sorted((r for r in data["records"] if r["mode"] == mode),
                       key=lambda r: (r["device"], r["world"], r["seq_len"], r["engine"]))
-        if not recs:
-            continue
-        lines += [f"### {mode}", "", "| device | engine | W | T | tokens/rank | median s | tokens/s | collectives "
-                  "| MiB received/rank | peak MiB/rank (step) | peak MiB/rank (process) |", "|" + "---|" * 11]
-        for r in recs:
-            lines.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']} | {r['tokens_per_rank']} "
-                         f"| {r['median_s']:.4g} | {r['tokens_per_s']:,.0f} | {r['calls']} "
-                         f"| {r['bytes_per_rank'] / MiB:.3f} | {r['peak_bytes'] / MiB:,.1f} "
-                         f"| {r['peak_abs_bytes'] / MiB:,.1f} |")
-        lines.append("")
+        if recs:
+            lines += [f"### {mode}", ""] + (_long_rows(recs) if mode == "long" else _rows(recs)) + [""]
     fit = memory_fit(data["records"])
     if fit:
-        lines.append(f"Peak memory per rank (process) = {fit['slope_bytes_per_token']:,.0f} B/token × tokens/rank "
-                     f"+ {fit['intercept_bytes'] / MiB:,.1f} MiB, R² = {fit['r2']:.5f} ({fit['points']} points)")
+        lines.append(f"Step peak per rank (above the memory before the step) = {fit['slope_bytes_per_token']:,.0f} "
+                     f"B/token × tokens/rank {fit['intercept_bytes'] / MiB:+,.1f} MiB, R² = {fit['r2']:.6f} "
+                     f"({fit['points']} points)")
     return "\n".join(lines) + "\n"
 
 
@@ -395,13 +447,14 @@ def plot(data, path):
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     if long:
         xs = sorted(r["tokens_per_rank"] for r in long)
-        ax.plot(xs, [r["peak_abs_bytes"] / MiB for r in sorted(long, key=lambda r: r["tokens_per_rank"])], "o",
-                label="measured (max over ranks)")
+        ax.plot(xs, [r["peak_bytes"] / MiB for r in sorted(long, key=lambda r: r["tokens_per_rank"])], "o",
+                label="measured step peak (max over ranks)")
         fit = memory_fit(long)
         if fit:
             ax.plot(xs, [(fit["slope_bytes_per_token"] * x + fit["intercept_bytes"]) / MiB for x in xs], "-",
                     label=f"fit, R² = {fit['r2']:.4f}")
-        ax.set(xlabel="tokens per rank", ylabel="peak memory per rank (MiB)", xscale="log", yscale="log")
+        ax.set(xlabel="tokens per rank", ylabel="step peak per rank above its resident memory (MiB)",
+               xscale="log", yscale="log")
     else:
         series = {}
         for r in data["records"]:
@@ -445,11 +498,14 @@ def parse_args(argv=None):
     p.add_argument("--preset", default="linear-llama3-tiny")
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, help="per-layer activation "
                    "checkpointing (default: on in long mode, off otherwise)")
-    p.add_argument("--reps", type=int, help="timed repetitions (default 5; long: 1)")
+    p.add_argument("--reps", type=int, help="timed repetitions (default 5; long: 1 timed step after the step "
+                   "that measures memory, whose page faults would distort its time)")
     p.add_argument("--warmup", type=int, help="untimed repetitions first (default 1; long: 0)")
     p.add_argument("--out", help="output prefix (default docs/bench/<mode>); .json, .md and .png are written")
+    p.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json "
+                   "(no torchrun, nothing measured)")
     args, rest = p.parse_known_args(argv)
-    args.model_overrides = _model_overrides(p, rest)
+    args.model_overrides = parse_model_overrides(p, rest)
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
     args.engines = (args.engines or DEFAULT_ENGINES[args.mode]).split(",")
     args.kv_heads = args.kv_heads or args.heads
@@ -462,7 +518,7 @@ def parse_args(argv=None):
     return args
 
 
-def _model_overrides(parser, rest):
+def parse_model_overrides(parser, rest):
     """`--model.<field> value` pairs (checked against the config dataclass later); anything else is an error."""
     if len(rest) % 2 or any(not k.startswith("--model.") for k in rest[::2]):
         parser.error(f"unrecognized arguments: {' '.join(rest)} (model fields go as --model.<field> <value>)")
@@ -484,24 +540,35 @@ def _validate(parser, args):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.render_only:
+        data = json.load(open(args.out + ".json"))
+        with open(args.out + ".md", "w") as f:
+            f.write(markdown(data))
+        return plot(data, args.out + ".png")
     mesh = init_mesh(sp=int(os.environ.get("WORLD_SIZE", 1)))
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    malloc_for_speed()
+    malloc_for_measurement()                                  # each mode switches to malloc_for_speed to time
     dtype = getattr(torch, args.dtype or ("bfloat16" if device.type == "cuda" else "float32"))
     group = mesh.group("sp")
     machine = machine_info(device)
     machine["device"] = machine.get("gpu", "cpu")
-    bench = {"layer": lambda: bench_layers(args, group, device, dtype),
-             "model": lambda: bench_models(args, group, device, dtype),
-             "long": lambda: bench_long(args, group, device)}[args.mode]
-    records = bench()
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc-per-node "
                f"{mesh.world_size} launch/bench.py " + " ".join(sys.argv[1:] if argv is None else argv))
-    for rec in records:
-        rec.update(command=command, load_avg_start=machine["load_avg"], load_avg_end=os.getloadavg())
-    if mesh.rank == 0:
-        write_outputs(records, machine, args.out)
-        print(markdown({"records": records}), flush=True)
+
+    def emit(records):
+        """Stamp the records with the command and the load, write the outputs (rank 0), print the table."""
+        for rec in records:
+            rec.setdefault("command", command)
+            rec.setdefault("load_avg_start", machine["load_avg"])
+            rec.setdefault("load_avg_end", os.getloadavg())
+        if mesh.rank == 0:
+            write_outputs(records, machine, args.out)
+            print(markdown({"records": records}), flush=True)
+    if args.mode == "long":
+        bench_long(args, group, device, emit)
+    else:
+        emit(bench_layers(args, group, device, dtype) if args.mode == "layer" else
+             bench_models(args, group, device, dtype))
     comm.barrier(group)
 
 

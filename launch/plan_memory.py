@@ -1,0 +1,202 @@
+"""Memory planner: the estimated peak memory per GPU (or per CPU rank) of a training job, before submitting it.
+
+    python launch/plan_memory.py --preset linear-llama3-1b-hybrid --seq-len 2097152 --sp 64 --dp 2 --zero 1
+    python launch/plan_memory.py --preset linear-llama3-tiny --seq-len 2097152 --sp 8 --model.dim 32 --json
+
+Symbols: P parameters (built on the meta device: exact), tp tensor-parallel ranks, N = dp·sp ZeRO partitions
+(this project's DDP and DeepSpeed span every data- and sequence-parallel rank), C = T/sp tokens per rank, B
+sequences per rank, a = activation bytes (4 fp32, 2 under bf16 autocast), D width, n_layers blocks.
+
+  parameters     4·P/tp                  ÷N at ZeRO-3        (fp32 master weights; autocast computes in bf16)
+  gradients      4·P/tp                  ÷N at ZeRO ≥ 2
+  optimizer      8·P/tp (AdamW m and v)  ÷N at ZeRO ≥ 1
+  comm buffers   gradient buckets (DDP: a copy of the gradients; ZeRO: DeepSpeed's 5e8-element buckets, capped by
+                 the gradients) + the largest sequence-parallel exchange buffer
+  activations    with checkpointing: n_layers block inputs (B·C·D·4, the residual stream stays fp32), the head
+                 (final norm, d hidden, one loss chunk's logits), token ids, and the worst block's backward:
+                     max(everything the block saved,  what it saved BEFORE its attention call + the engine's saved
+                         tensors + the engine's backward working set + the attention gradients)
+                 without: every block's saved tensors + the worst engine working set.
+A block's saved tensors are counted exactly: one block of each kind runs on the meta device with autograd's
+saved-tensor hooks, its attention function replaced by a stub; the engine's own terms come from its code:
+  lasp2/lasp1        saves q, k, v; backward working set 16.6 floats per (token · H·d) with the torch kernels
+                     (measured, kernels/linear_attn.py recomputes the chunked forward under autograd), 4 with Triton
+  ring_linear        saves q, k, v; backward: scores, their gradient and the decay mask, 3·B·H·C²·4
+  allgather          saves q, the gathered K|V (B·T·H_kv·(d_k+d_v)·a), out, lse; backward: 5 fp32 score-sized
+                     tensors (s, p, dp, dp − δ, p·(dp − δ)) and the mask, 21·B·H·C·T bytes
+  ring               saves q, k, v, out, lse; backward: 21·B·H·C² per block, 2 blocks and 2 accumulators in flight
+  ulysses            saves q, k, v on H/sp heads × T tokens; backward: 21·B·(H/sp)·T²
+(parallel/local_attn.py materialises the scores of a whole block: softmax layers grow as C·T, not C.)
+Not included: the runtime (CUDA context ≈ 0.5-1 GiB per GPU; on CPU the interpreter, torch and gloo ≈ 0.4 GiB
+per rank, measured), allocator fragmentation, and temporaries inside the optimizer step.
+"""
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+
+import models  # noqa: E402
+
+MiB = 2 ** 20
+KERNEL_BWD_FLOATS = {"torch": 16.6, "triton": 4.0}     # working set per token per H·d of the linear kernel's backward
+SCORE_TENSORS = 5       # score-sized fp32 tensors alive at once in parallel/local_attn.attention_block_backward:
+                        # s, p, dp, dp − δ, p·(dp − δ)   (plus the boolean mask)
+LINEAR_ENGINES = ("lasp2", "lasp1", "ring_linear")
+SOFTMAX_ENGINES = ("allgather", "ring", "ulysses")
+
+
+# ---------------------------------------------------------------------------------------------- meta probe
+class _Stub(torch.autograd.Function):
+    """Stands in for an attention engine: right output shape, saves nothing, flips the probe to 'after'."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, probe):
+        probe["phase"] = "after"
+        probe["shapes"] = dict(heads=q.shape[2], kv_heads=k.shape[2], d_k=q.shape[3], d_v=v.shape[3])
+        return q.new_empty((*q.shape[:3], v.shape[3]))
+
+    @staticmethod
+    def backward(ctx, do):
+        return None, None, None, None
+
+
+def probe_blocks(cfg, probe_len=256):
+    """{kind: dict(before=bytes/token, after=bytes/token, heads, kv_heads, d_k, d_v)} for one block of each kind,
+    counted by autograd's saved-tensor hooks on the meta device (parameters excluded)."""
+    model = models.build_model(cfg, device="meta")
+    params = {p.untyped_storage()._cdata for p in model.parameters()}
+    out = {}
+    for block in model.layers:
+        kind = getattr(block, "kind", "L")
+        if kind in out:
+            continue
+        probe = {"phase": "before", "before": {}, "after": {}}
+        for mixer in block.modules():
+            for attr in ("linear_attn", "softmax_attn"):
+                if hasattr(mixer, attr):
+                    setattr(mixer, attr, lambda q, k, v, **kw: _Stub.apply(q, k, v, probe))
+
+        def pack(t):
+            key = t.untyped_storage()._cdata
+            if key not in params and key not in probe["before"]:
+                probe[probe["phase"]][key] = t.untyped_storage().nbytes()
+            return t
+        x = torch.zeros(1, probe_len, cfg.dim, device="meta", requires_grad=True)
+        positions = torch.arange(probe_len, device="meta")[None]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            block(x, positions)
+        out[kind] = dict(before=sum(probe["before"].values()) / probe_len,
+                         after=sum(probe["after"].values()) / probe_len, **probe["shapes"])
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- the estimate
+def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel):
+    """-> (saved, backward working set incl. the attention gradients, exchange buffer) bytes of one call."""
+    H, H_kv, d_k, d_v = shapes["heads"], shapes["kv_heads"], shapes["d_k"], shapes["d_v"]
+    grads = B * C * (H * (d_k + d_v) + H_kv * (d_k + d_v)) * a            # do, dq and dk, dv
+    if kind == "L":
+        saved = B * C * H * (2 * d_k + d_v) * a + 2 * B * H * d_k * d_v * 4
+        if engine == "ring_linear":
+            return saved, 3 * B * H * C * C * 4 + grads, 4 * B * C * H * (d_k + d_v) * 4
+        work = KERNEL_BWD_FLOATS[kernel] * B * C * H * (d_k + d_v) / 2 * 4
+        return saved, work + grads, 2 * sp * B * H * d_k * d_v * 4         # the gathered states
+    kv = B * H_kv * (d_k + d_v)
+    out_lse = B * C * H * (d_v * a + 4)
+    scores = SCORE_TENSORS * 4 + 1                                          # fp32 copies + the bool mask
+    if engine == "allgather":
+        return (B * C * H * d_k * a + T * kv * a + out_lse, scores * B * H * C * T + 2 * T * kv * 4 + grads,
+                T * kv * a)
+    if engine == "ring":
+        return (B * C * H * d_k * a + C * kv * a + out_lse, scores * B * H * C * C + 4 * C * kv * 4 + grads,
+                4 * C * kv * a)
+    copies = math.lcm(H_kv, sp) // H_kv                                    # KV heads replicated so sp divides them
+    heads_saved = B * C * (H * d_k + copies * H_kv * (d_k + d_v)) * a       # H/sp heads × T tokens = H × C
+    return heads_saved + out_lse, scores * B * (H / sp) * T * T + grads, 2 * heads_saved
+
+
+def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dtype="fp32", linear="lasp2",
+         softmax="allgather", kernel="torch"):
+    """{term: bytes per rank} (+ 'total' and the inputs echoed). ValueError naming the argument on bad input."""
+    for name, value in (("sp", sp), ("dp", dp), ("tp", tp), ("batch", batch)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    if seq_len % sp:
+        raise ValueError(f"seq_len {seq_len} must be divisible by sp {sp}")
+    if zero not in (0, 1, 2, 3):
+        raise ValueError(f"zero must be 0 (DDP) or a ZeRO stage 1-3, got {zero}")
+    P = sum(p.numel() for p in models.build_model(cfg, device="meta").parameters()) / tp
+    N, C, a = dp * sp, seq_len // sp, {"fp32": 4, "bf16": 2}[dtype]
+    kinds = cfg.layer_types() if hasattr(cfg, "layer_types") else "L" * cfg.n_layers
+    blocks = {}
+    for kind, probe in probe_blocks(cfg).items():
+        engine = linear if kind == "L" else softmax
+        saved, work, buf = engine_terms(kind, probe, engine, batch, C, seq_len, sp, a, kernel)
+        before, after = (probe[k] * batch * C * a / 4 / tp for k in ("before", "after"))
+        blocks[kind] = dict(all=before + after + saved / tp, peak=max(before + after + saved / tp,
+                            before + (saved + work) / tp), work=work / tp, buf=buf)
+    head = batch * C * (4 * cfg.dim * 4 + 24) + 3 * cfg.loss_chunk_tokens * cfg.vocab_size * 4
+    if checkpointing:
+        acts = cfg.n_layers * batch * C * cfg.dim * 4 + max(b["peak"] for b in blocks.values())
+    else:
+        acts = sum(blocks[k]["all"] for k in kinds) + max(b["work"] for b in blocks.values())
+    terms = dict(parameters=4 * P / (N if zero >= 3 else 1), gradients=4 * P / (N if zero >= 2 else 1),
+                 optimizer_states=8 * P / (N if zero >= 1 else 1), activations=acts + head,
+                 comm_buffers=(4 * P if zero == 0 else min(4 * P, 5e8 * 4)) + max(b["buf"] for b in blocks.values()))
+    terms["total"] = sum(terms.values())
+    return dict(terms, params=P * tp, tokens_per_rank=C, ranks=dict(sp=sp, dp=dp, tp=tp), zero=zero,
+                checkpointing=checkpointing, dtype=dtype, engines=dict(linear=linear, softmax=softmax), kernel=kernel)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+def parse_args(argv=None):
+    from launch.bench import parse_model_overrides
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="linear-llama3-1b-hybrid", help=f"one of {sorted(models.PRESETS)}")
+    p.add_argument("--seq-len", type=int, required=True, help="global tokens per sequence")
+    p.add_argument("--sp", type=int, default=1)
+    p.add_argument("--dp", type=int, default=1)
+    p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--zero", type=int, default=0, help="0 = DDP, 1-3 = ZeRO stage")
+    p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
+                   help="per-block activation checkpointing (default on)")
+    p.add_argument("--batch", type=int, default=1, help="sequences per rank")
+    p.add_argument("--device", choices=("gpu", "cpu"), default="gpu",
+                   help="gpu: bf16 autocast + Triton kernels; cpu: fp32 + torch kernels")
+    p.add_argument("--linear", choices=LINEAR_ENGINES, default="lasp2")
+    p.add_argument("--softmax", choices=SOFTMAX_ENGINES, default="allgather")
+    p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+    args, rest = p.parse_known_args(argv)
+    args.model_overrides = parse_model_overrides(p, rest)
+    return args
+
+
+def main(argv=None):
+    from launch.bench import model_config
+    args = parse_args(argv)
+    gpu = args.device == "gpu"
+    try:
+        est = plan(model_config(args), args.seq_len, args.sp, args.dp, args.tp, args.zero, args.checkpoint,
+                   args.batch, "bf16" if gpu else "fp32", args.linear, args.softmax, "triton" if gpu else "torch")
+    except ValueError as e:
+        raise SystemExit(f"plan_memory: {e}")
+    if args.json:
+        print(json.dumps(dict(est, preset=args.preset, overrides=dict(args.model_overrides), seq_len=args.seq_len)))
+        return
+    print(f"{args.preset} {dict(args.model_overrides) or ''}: {est['params'] / 1e6:,.1f}M parameters, "
+          f"T = {args.seq_len:,} tokens, sp={args.sp} dp={args.dp} tp={args.tp}, "
+          f"{'ZeRO-%d' % args.zero if args.zero else 'DDP'}, checkpointing {'on' if args.checkpoint else 'off'}, "
+          f"{est['tokens_per_rank']:,} tokens per rank, {args.linear} + {args.softmax}")
+    for term in ("parameters", "gradients", "optimizer_states", "activations", "comm_buffers", "total"):
+        print(f"  {term.replace('_', ' '):18s} {est[term] / MiB:14,.1f} MiB")
+    print(f"  (+ runtime: {'CUDA context ≈ 0.5-1 GiB' if gpu else 'interpreter, torch, gloo ≈ 0.4 GiB'} per rank)")
+
+
+if __name__ == "__main__":
+    main()
