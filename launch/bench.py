@@ -133,10 +133,9 @@ def time_step(step, device, group):
     return time.perf_counter() - start
 
 
-def across_ranks(values, group, reduce="max"):
-    """Element-wise max (or the full (W, n) table) of a list of numbers over the ranks."""
-    table = comm.all_gather(torch.tensor([values], dtype=torch.float64), group)
-    return table.amax(0).tolist() if reduce == "max" else table.tolist()
+def across_ranks(values, group, device):
+    """Element-wise max over the ranks of a list of numbers (gathered on `device`: NCCL needs CUDA tensors)."""
+    return comm.all_gather(torch.tensor([values], dtype=torch.float64, device=device), group).amax(0).tolist()
 
 
 def profile_step(step, device, group):
@@ -149,7 +148,7 @@ def profile_step(step, device, group):
     peak, peak_abs = meter.peak()
     calls, nbytes = log.count(), log.bytes()
     ops = sorted(log.summary().items())
-    calls, nbytes, peak, peak_abs = across_ranks([calls, nbytes, peak, peak_abs], group)
+    calls, nbytes, peak, peak_abs = across_ranks([calls, nbytes, peak, peak_abs], group, device)
     return dict(calls=int(calls), bytes_per_rank=int(nbytes), ops={op: list(v) for op, v in ops},
                 peak_bytes=int(peak), peak_abs_bytes=int(peak_abs), peak_scope="step" if meter.resettable
                 else "process lifetime (clear_refs not writable)")
@@ -163,7 +162,7 @@ def run_interleaved(cases, reps, warmup, device, group):
             seconds = time_step(step, device, group)
             if rep >= warmup:
                 local[name].append(seconds)
-    return {name: across_ranks(times, group) for name, times in local.items()}
+    return {name: across_ranks(times, group, device) for name, times in local.items()}
 
 
 # ---------------------------------------------------------------------------------------------- layer mode
@@ -281,7 +280,7 @@ def train_step(model, batch, seq_len, group, optimizer=None, barrier=False):
     return phases
 
 
-def _seeded_model(args, device, checkpointed):
+def seeded_model(args, device, checkpointed):
     import models
     torch.manual_seed(0)                                       # the same weights on every rank
     model = models.build_model(model_config(args), device=device)
@@ -292,7 +291,7 @@ def _seeded_model(args, device, checkpointed):
 
 def bench_models(args, group, device, dtype):
     """Forward + backward of the whole model per engine pair, interleaved; no optimizer."""
-    model = _seeded_model(args, device, args.checkpoint).to(dtype)
+    model = seeded_model(args, device, args.checkpoint).to(dtype)
 
     def make_cases(seq_len):
         cases = {}
@@ -318,7 +317,7 @@ def bench_long(args, group, device, emit):
     A warm-up step on 512 tokens per rank comes first: it loads the code pages and allocates the (tiny) optimizer
     state, and `runtime_bytes` = the rank's memory after it (interpreter, torch, gloo, weights: what does not grow
     with the sequence). emit(records) is called after every length so a long sweep leaves results as it goes."""
-    model = _seeded_model(args, device, args.checkpoint)
+    model = seeded_model(args, device, args.checkpoint)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     pair = args.engines[0]
     layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
@@ -326,37 +325,43 @@ def bench_long(args, group, device, emit):
     warm_len = 512 * comm.group_size(group)
     train_step(model, sequence_batch(warm_len, layout, args, group, device), warm_len, group, optimizer)
     malloc_for_measurement()                                  # trims the heap
-    runtime = int(across_ranks([PeakMemory(device).current()], group)[0])
+    runtime = int(across_ranks([PeakMemory(device).current()], group, device)[0])
     shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
                  checkpoint=args.checkpoint, params=sum(p.numel() for p in model.parameters()), dtype="float32")
     records = []
     for seq_len in sorted(args.seq_lens):                    # phase 1: memory (see measure_then_time)
         batch = sequence_batch(seq_len, layout, args, group, device)
-        meter = PeakMemory(device)
-        meter.reset()
-        with count_collectives() as log:
-            comm.barrier(group)
-            phases = train_step(model, batch, seq_len, group, optimizer)
-        peak, peak_abs = meter.peak()
-        calls, nbytes, peak, peak_abs, *phases_max = across_ranks(
-            [log.count(), log.bytes(), peak, peak_abs, *phases.values()], group)
-        profile = dict(calls=int(calls), bytes_per_rank=int(nbytes), peak_bytes=int(peak),
-                       peak_abs_bytes=int(peak_abs), runtime_bytes=runtime, timed="measured step (page faults)",
-                       phases_s=dict(zip(phases, phases_max)),
-                       peak_scope="step" if meter.resettable else "process lifetime")
-        records.append(_record("long", pair, seq_len, group, [sum(phases_max)], shape, profile))
+        seconds, profile = measure_train_step(model, optimizer, batch, seq_len, group, device)
+        records.append(_record("long", pair, seq_len, group, [seconds], shape, dict(profile, runtime_bytes=runtime)))
         del batch
         emit(records)
     malloc_for_speed()
     for rec in records if args.reps else []:                  # phase 2: timed steps with glibc's defaults
         batch = sequence_batch(rec["seq_len"], layout, args, group, device)
         timed = [train_step(model, batch, rec["seq_len"], group, optimizer, barrier=True) for _ in range(args.reps)]
-        steps = across_ranks([sum(p.values()) for p in timed], group)
-        phases = across_ranks([statistics.median(p[k] for p in timed) for k in timed[0]], group)
+        steps = across_ranks([sum(p.values()) for p in timed], group, device)
+        phases = across_ranks([statistics.median(p[k] for p in timed) for k in timed[0]], group, device)
         rec.update(_record("long", pair, rec["seq_len"], group, steps, shape, {}),
                    phases_s=dict(zip(timed[0], phases)), timed=f"{args.reps} step(s) after the measured one")
         emit(records)
     return records
+
+
+def measure_train_step(model, optimizer, batch, seq_len, group, device):
+    """One training step under the memory meter -> (seconds of the slowest rank, profile); its time includes
+    the page faults of the measurement mode."""
+    meter = PeakMemory(device)
+    meter.reset()
+    with count_collectives() as log:
+        comm.barrier(group)
+        phases = train_step(model, batch, seq_len, group, optimizer)
+    peak, peak_abs = meter.peak()
+    calls, nbytes, peak, peak_abs, *phases_max = across_ranks(
+        [log.count(), log.bytes(), peak, peak_abs, *phases.values()], group, device)
+    return sum(phases_max), dict(calls=int(calls), bytes_per_rank=int(nbytes), peak_bytes=int(peak),
+                                 peak_abs_bytes=int(peak_abs), phases_s=dict(zip(phases, phases_max)),
+                                 timed="measured step (page faults)",
+                                 peak_scope="step" if meter.resettable else "process lifetime")
 
 
 def _record(mode, engine, seq_len, group, times, shape, profile):
@@ -408,8 +413,8 @@ def _long_rows(recs):
         rows.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} "
                     f"| {r['median_s']:.1f} ({ph['forward']:.1f} / {ph['backward']:.1f} / {ph['optimizer']:.2f}) "
                     f"| {r['tokens_per_s']:,.0f} | {r['calls']} | {r['bytes_per_rank'] / MiB:.3f} "
-                    f"| {r['peak_bytes'] / MiB:,.0f} | {r['peak_abs_bytes'] / MiB:,.0f} | {r['runtime_bytes'] / MiB:,.0f} "
-                    f"| {r['load_avg_start'][0]:.1f} → {r['load_avg_end'][0]:.1f} |")
+                    f"| {r['peak_bytes'] / MiB:,.0f} | {r['peak_abs_bytes'] / MiB:,.0f} "
+                    f"| {r['runtime_bytes'] / MiB:,.0f} | {r['load_avg_start'][0]:.1f} → {r['load_avg_end'][0]:.1f} |")
     return rows
 
 
