@@ -26,7 +26,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 
 @dataclass
 class ModelConfig:
-    preset: str = "linear-llama3-tiny"  # a name in models.PRESETS
+    preset: str = "linear-llama3-tiny"  # a name in models.PRESETS or models.BAM_PRESETS
     overrides: dict = field(default_factory=dict)  # preset config fields: TOML {n_layers = 2}, CLI '{"n_layers": 2}'
 
 
@@ -272,8 +272,9 @@ def check_config(cfg, world_size):
     from parallel.mesh import check_mesh_sizes
 
     _check_positive(cfg)
-    if cfg.model.preset not in models.PRESETS:
-        raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {sorted(models.PRESETS)}")
+    presets = sorted({**models.PRESETS, **models.BAM_PRESETS})
+    if cfg.model.preset not in presets:
+        raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {presets}")
     model_fields = {f.name for f in dataclasses.fields(models.get_config(cfg.model.preset))}
     if "vocab_size" in cfg.model.overrides:
         raise ValueError("model.overrides: vocab_size comes from data.vocab_size (the tokenizer's); remove it")

@@ -189,11 +189,13 @@ def _setup(cfg):
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
 
     from lasp.apply import apply_sequence_parallel
+    from parallel.experts import apply_global_router_counts
     from parallel.tensor import apply_tensor_parallel, replica_group
     model = build_model(cfg.model, tokenizer.get_piece_size(), cfg.run.seed, device)
     n_params = sum(p.numel() for p in model.parameters())   # the full model, before TP splits it
     apply_sequence_parallel(model, linear=cfg.parallel.linear, softmax=cfg.parallel.softmax,
                             layout=cfg.parallel.layout, group=mesh.group("sp"))
+    apply_global_router_counts(model)  # MoE (BAM) balancing loss counts every rank's routes; no-op without MoE
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh)
     if cfg.parallel.activation_checkpointing:
