@@ -28,6 +28,7 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 class ModelConfig:
     preset: str = "linear-llama3-tiny"  # a name in models.PRESETS or models.BAM_PRESETS
     overrides: dict = field(default_factory=dict)  # preset config fields: TOML {n_layers = 2}, CLI '{"n_layers": 2}'
+    init_from: str = ""  # a model file (models.save_model, launch/upcycle.py) whose config and weights start the run
 
 
 @dataclass
@@ -272,6 +273,8 @@ def check_config(cfg, world_size):
     from parallel.mesh import check_mesh_sizes
 
     _check_positive(cfg)
+    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
+        raise ValueError(f"model.init_from: no such file {cfg.model.init_from!r} (a models.save_model file)")
     presets = sorted({**models.PRESETS, **models.BAM_PRESETS})
     if cfg.model.preset not in presets:
         raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {presets}")

@@ -33,9 +33,17 @@ def model_config(cfg_model, vocab_size):
 
 
 def build_model(cfg_model, vocab_size, seed, device=None):
-    """Every rank builds the same weights: init_weights() draws from the global generator seeded here."""
+    """Every rank builds the same weights: init_weights() draws from the global generator seeded here, or all
+    load `cfg_model.init_from` (e.g. an upcycled BAM checkpoint; its config replaces the preset's)."""
     torch.manual_seed(seed)
-    return models.build_model(model_config(cfg_model, vocab_size), device=device)
+    if not cfg_model.init_from:
+        return models.build_model(model_config(cfg_model, vocab_size), device=device)
+    model = models.load_model(cfg_model.init_from, device=device)
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"model.init_from: {cfg_model.init_from} has vocabulary {model.config.vocab_size}, the "
+                         f"tokenizer {vocab_size}: train with data.vocab_size = {model.config.vocab_size} on the "
+                         f"same corpus")
+    return model
 
 
 def _checkpointed(forward):

@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The command line is a reviewed interface: a new flag must be added here on purpose.
 FROZEN_OPTIONS = {
     "-h", "--help", "--config", "--dry-run", "--model", "--sp", "--tp", "--zero", "--max-steps", "--run-dir",
-    "--resume", "--model.preset", "--model.overrides",
+    "--resume", "--model.preset", "--model.overrides", "--model.init_from",
     "--parallel.sp", "--parallel.tp", "--parallel.layout", "--parallel.linear", "--parallel.softmax", "--parallel.zero",
     "--parallel.activation_checkpointing",
     "--optim.lr", "--optim.min_lr", "--optim.warmup_steps", "--optim.max_steps", "--optim.weight_decay",
@@ -167,6 +167,28 @@ def test_sp4_equals_sp1(tmp_path, cache_dir):
     assert len(one[0]) == 10 and all(f == four[0] for f in four)
     assert _rel(four[0][0], one[0]) < 1e-5 and _rel(four[0][1], one[1]) < 1e-5
     assert one[0][-1] < one[0][0] - 0.1                                     # and it learns
+
+
+def _first_loss_from(cfg, path):
+    """Save a freshly built model (seed 7) to `path`, then train one step starting from it."""
+    import models
+    from launch.engine import build_model
+    torch.manual_seed(7)
+    model = build_model(cfg.model, cfg.data.vocab_size, seed=7)
+    models.save_model(path, model)
+    cfg.model.init_from = str(path)
+    return train(cfg)["losses"]
+
+
+def test_init_from_starts_from_the_saved_weights(tmp_path, cache_dir):
+    """--model.init_from loads the file's weights: the first loss differs from the seed-0 init and equals a run
+    whose own init is that file's (seed 7)."""
+    steps = ("--max-steps", "1")
+    from_file = run_ranks(2, _first_loss_from, tiny(tmp_path / "a", cache_dir, "--sp", "2", *steps), tmp_path / "m.pt")
+    fresh = run_ranks(1, _train_rank, tiny(tmp_path / "b", cache_dir, *steps))[0]
+    seeded = run_ranks(1, _train_rank, tiny(tmp_path / "c", cache_dir, "--run.seed", "7", *steps))[0]
+    assert from_file[0] == from_file[1]
+    assert abs(from_file[0][1] - seeded[1]) < 1e-5 * abs(seeded[1]) and from_file[0][1] != fresh[1]
 
 
 def test_zero_equals_ddp_and_dp_averages(tmp_path, cache_dir):
