@@ -18,13 +18,12 @@ serve allocations ≥ 1 MiB by mmap during the measurement so freed tensors leav
 glibc's settled defaults instead: mmap for ≥ 32 MiB). `peak` is above the rank's memory just
 before the step (inputs and weights excluded); `peak_abs` is the whole process.
 Results merge into <out>.json (one record per mode/engine/W/T/shape), then <out>.md and <out>.png are
-rewritten from all records.
+rewritten from all records (launch/bench_report.py).
 """
 import argparse
 import ctypes
 import dataclasses
 import functools
-import json
 import os
 import platform
 import statistics
@@ -37,6 +36,7 @@ import torch  # noqa: E402
 
 import lasp  # noqa: E402
 import parallel  # noqa: E402
+from launch.bench_report import markdown, render, write_outputs  # noqa: E402
 from launch.engine import checkpoint_blocks  # noqa: E402
 from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
 
@@ -372,121 +372,6 @@ def _record(mode, engine, seq_len, group, times, shape, profile):
                 median_s=median, times_s=times, tokens_per_s=batch * seq_len / median, **profile)
 
 
-# ---------------------------------------------------------------------------------------------- reports
-def _key(rec):
-    return json.dumps([rec["mode"], rec["engine"], rec["world"], rec["seq_len"], rec["shape"],
-                       rec.get("device", "")], sort_keys=True)
-
-
-def merge_records(path, new, machine):
-    """Records already in `path` with other keys are kept; the machine block is per device kind."""
-    data = json.load(open(path)) if os.path.exists(path) else {"machines": {}, "records": []}
-    for rec in new:
-        rec["device"] = machine["device"]
-    keys = {_key(r) for r in new}
-    data["records"] = [r for r in data["records"] if _key(r) not in keys] + new
-    data["machines"][machine["device"]] = machine
-    return data
-
-
-def memory_fit(records):
-    """Least squares peak = slope·tokens_per_rank + intercept over long-mode records -> dict or None.
-
-    peak = the step's peak above the rank's memory before it (`peak_bytes`): activations, gradients, buffers.
-    Not the process peak: rank 0 loads matplotlib to write the plots between steps."""
-    pts = sorted((r["tokens_per_rank"], r["peak_bytes"]) for r in records if r["mode"] == "long")
-    if len(pts) < 3:
-        return None
-    x, y = torch.tensor(pts, dtype=torch.float64).T
-    slope = ((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum()
-    intercept = y.mean() - slope * x.mean()
-    r2 = 1 - ((y - slope * x - intercept) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    return dict(slope_bytes_per_token=slope.item(), intercept_bytes=intercept.item(), r2=r2.item(), points=len(pts))
-
-
-def _long_rows(recs):
-    rows = ["| device | engine | W | T | tokens/rank | step s (fwd / bwd / opt) | tokens/s | collectives | MiB received"
-            "/rank | step peak MiB/rank | process peak MiB/rank | runtime MiB | load avg 1 min (start → end) |",
-            "|" + "---|" * 13]
-    for r in recs:
-        ph = r["phases_s"]
-        rows.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} "
-                    f"| {r['median_s']:.1f} ({ph['forward']:.1f} / {ph['backward']:.1f} / {ph['optimizer']:.2f}) "
-                    f"| {r['tokens_per_s']:,.0f} | {r['calls']} | {r['bytes_per_rank'] / MiB:.3f} "
-                    f"| {r['peak_bytes'] / MiB:,.0f} | {r['peak_abs_bytes'] / MiB:,.0f} "
-                    f"| {r['runtime_bytes'] / MiB:,.0f} | {r['load_avg_start'][0]:.1f} → {r['load_avg_end'][0]:.1f} |")
-    return rows
-
-
-def _rows(recs):
-    rows = ["| device | engine | W | T | tokens/rank | median s | tokens/s | collectives | MiB received/rank "
-            "| peak MiB/rank (step) | peak MiB/rank (process) |", "|" + "---|" * 11]
-    for r in recs:
-        rows.append(f"| {r['device']} | {r['engine']} | {r['world']} | {r['seq_len']:,} | {r['tokens_per_rank']:,} "
-                    f"| {r['median_s']:.4g} | {r['tokens_per_s']:,.0f} | {r['calls']} "
-                    f"| {r['bytes_per_rank'] / MiB:.3f} | {r['peak_bytes'] / MiB:,.1f} "
-                    f"| {r['peak_abs_bytes'] / MiB:,.1f} |")
-    return rows
-
-
-def markdown(data):
-    lines = []
-    for mode in ("layer", "model", "long"):
-        recs = sorted((r for r in data["records"] if r["mode"] == mode),
-                      key=lambda r: (r["device"], r["world"], r["seq_len"], r["engine"]))
-        if recs:
-            lines += [f"### {mode}", ""] + (_long_rows(recs) if mode == "long" else _rows(recs)) + [""]
-    fit = memory_fit(data["records"])
-    if fit:
-        lines.append(f"Step peak per rank (above the memory before the step) = {fit['slope_bytes_per_token']:,.0f} "
-                     f"B/token × tokens/rank {fit['intercept_bytes'] / MiB:+,.1f} MiB, R² = {fit['r2']:.6f} "
-                     f"({fit['points']} points)")
-    return "\n".join(lines) + "\n"
-
-
-def plot(data, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    long = [r for r in data["records"] if r["mode"] == "long"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if long:
-        xs = sorted(r["tokens_per_rank"] for r in long)
-        ax.plot(xs, [r["peak_bytes"] / MiB for r in sorted(long, key=lambda r: r["tokens_per_rank"])], "o",
-                label="measured step peak (max over ranks)")
-        fit = memory_fit(long)
-        if fit:
-            ax.plot(xs, [(fit["slope_bytes_per_token"] * x + fit["intercept_bytes"]) / MiB for x in xs], "-",
-                    label=f"fit, R² = {fit['r2']:.4f}")
-        ax.set(xlabel="tokens per rank", ylabel="step peak per rank above its resident memory (MiB)",
-               xscale="log", yscale="log")
-    else:
-        series = {}
-        for r in data["records"]:
-            series.setdefault((r["device"], r["mode"], r["engine"], r["world"]), []).append(r)
-        for (device, mode, engine, W), recs in sorted(series.items()):
-            recs.sort(key=lambda r: r["seq_len"])
-            ax.plot([r["seq_len"] for r in recs], [r["tokens_per_s"] for r in recs], "o-",
-                    label=f"{engine}, W={W} ({device})")
-        ax.set(xlabel="sequence length (tokens)", ylabel="tokens / s (forward + backward)", xscale="log",
-               yscale="log")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def write_outputs(records, machine, out):
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    data = merge_records(out + ".json", records, machine)
-    with open(out + ".json", "w") as f:
-        json.dump(data, f, indent=1)
-    with open(out + ".md", "w") as f:
-        f.write(markdown(data))
-    plot(data, out + ".png")
-
-
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -546,10 +431,7 @@ def _validate(parser, args):
 def main(argv=None):
     args = parse_args(argv)
     if args.render_only:
-        data = json.load(open(args.out + ".json"))
-        with open(args.out + ".md", "w") as f:
-            f.write(markdown(data))
-        return plot(data, args.out + ".png")
+        return render(args.out)
     mesh = init_mesh(sp=int(os.environ.get("WORLD_SIZE", 1)))
     device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
     malloc_for_measurement()                                  # each mode switches to malloc_for_speed to time
