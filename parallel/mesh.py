@@ -1,4 +1,4 @@
-"""The process mesh: data × sequence × tensor parallel groups, built once from the launcher's environment.
+"""The process mesh: data × sequence × tensor parallel groups (and expert groups), built once from the environment.
 
 Ranks are laid out as (dp, sp, tp) with tp fastest, so tensor-parallel peers share a node first, then
 sequence-parallel peers. torchrun sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT; under plain
@@ -24,7 +24,8 @@ class Mesh:
     dp: int
     sp: int
     tp: int
-    groups: dict = field(default_factory=dict)  # "dp" | "sp" | "tp" -> ProcessGroup (None on one process)
+    groups: dict = field(default_factory=dict)  # "dp" | "sp" | "tp" | "ep" -> ProcessGroup (None on one process)
+    ep: int = 1
 
     def group(self, name):
         return self.groups.get(name)
@@ -33,7 +34,7 @@ class Mesh:
         """This rank's index along a mesh axis."""
         dp_i, rest = divmod(self.rank, self.sp * self.tp)
         sp_i, tp_i = divmod(rest, self.tp)
-        return {"dp": dp_i, "sp": sp_i, "tp": tp_i}[name]
+        return {"dp": dp_i, "sp": sp_i, "tp": tp_i, "ep": (dp_i * self.sp + sp_i) % self.ep}[name]
 
 
 _MESH = None  # the one mesh of this process, only to resolve group=None
@@ -58,36 +59,48 @@ def dist_env(env=None):
     return 0, 1, 0
 
 
-def check_mesh_sizes(world_size, sp=1, tp=1):
-    """ValueError naming the sizes when sp·tp does not divide the world size."""
-    for name, n in (("sp", sp), ("tp", tp)):
+def check_mesh_sizes(world_size, sp=1, tp=1, ep=1):
+    """ValueError naming the sizes when sp·tp does not divide the world size, or ep does not divide dp·sp."""
+    for name, n in (("sp", sp), ("tp", tp), ("ep", ep)):
         if n < 1:
             raise ValueError(f"{name} must be >= 1, got {n}")
     if world_size % (sp * tp):
         raise ValueError(f"world size {world_size} is not divisible by sp={sp} x tp={tp} = {sp * tp}")
+    if (world_size // tp) % ep:
+        raise ValueError(f"ep={ep} must divide dp x sp = {world_size // tp} (world size {world_size} / tp={tp})")
     return world_size // (sp * tp)
 
 
-def build_mesh(rank, world_size, sp=1, tp=1):
-    """Create the groups on an initialised default group (every rank must call this, in the same order)."""
+def _axis_lines(ranks, ep):
+    """{axis name: lists of member ranks}. ep: blocks of ep consecutive ranks of the flattened dp·sp axis that
+    share a tp index (expert parallelism spans ranks holding different tokens of the same weight shard)."""
+    lines = {name: ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
+             for name, axis in (("dp", 0), ("sp", 1), ("tp", 2))}
+    tokens_by_tp = ranks.flatten(0, 1).T                                     # (tp, dp·sp)
+    lines["ep"] = tokens_by_tp.reshape(-1, ep).tolist()
+    return lines
+
+
+def build_mesh(rank, world_size, sp=1, tp=1, ep=1):
+    """Create the dp, sp, tp and ep groups on an initialised default group (every rank must call this, in the
+    same order)."""
     global _MESH
-    dp = check_mesh_sizes(world_size, sp, tp)
+    dp = check_mesh_sizes(world_size, sp, tp, ep)
     ranks = torch.arange(world_size).view(dp, sp, tp)
     groups = {}
-    for name, axis in (("dp", 0), ("sp", 1), ("tp", 2)):
-        lines = ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
+    for name, lines in _axis_lines(ranks, ep).items():
         for members in lines:  # new_group must be called by all ranks for every group
             g = dist.new_group(members) if dist.is_initialized() else None
             if rank in members:
                 groups[name] = g
-    _MESH = Mesh(rank, world_size, dp, sp, tp, groups)
+    _MESH = Mesh(rank, world_size, dp, sp, tp, groups, ep)
     return _MESH
 
 
-def init_mesh(sp=1, tp=1, backend=None):
-    """Initialise torch.distributed from the environment (if needed) and build the dp × sp × tp mesh."""
+def init_mesh(sp=1, tp=1, ep=1, backend=None):
+    """Initialise torch.distributed from the environment (if needed) and build the dp × sp × tp mesh (+ ep)."""
     rank, world_size, local_rank = dist_env()
-    check_mesh_sizes(world_size, sp, tp)  # before any collective can hang
+    check_mesh_sizes(world_size, sp, tp, ep)  # before any collective can hang
     if world_size > 1 and not dist.is_initialized():
         if "SLURM_PROCID" in os.environ and "RANK" not in os.environ:
             os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(local_rank))
@@ -95,4 +108,4 @@ def init_mesh(sp=1, tp=1, backend=None):
         if backend == "nccl":
             torch.cuda.set_device(local_rank)
         dist.init_process_group(backend, rank=rank, world_size=world_size)
-    return build_mesh(rank, world_size, sp, tp)
+    return build_mesh(rank, world_size, sp, tp, ep)

@@ -40,15 +40,18 @@ def test_mesh_sizes_error_names_sizes():
     with pytest.raises(ValueError, match="world size 6 is not divisible by sp=4 x tp=1"):
         mesh.check_mesh_sizes(6, sp=4)
     assert mesh.check_mesh_sizes(8, sp=2, tp=2) == 2
+    with pytest.raises(ValueError, match="ep=3 must divide dp x sp = 4"):
+        mesh.check_mesh_sizes(8, sp=2, tp=2, ep=3)
 
 
 def _mesh_members():
-    m = mesh.build_mesh(dist.get_rank(), dist.get_world_size(), sp=2, tp=2)
+    m = mesh.build_mesh(dist.get_rank(), dist.get_world_size(), sp=2, tp=2, ep=4)
     out = {}
-    for name in ("dp", "sp", "tp"):
+    for name in ("dp", "sp", "tp", "ep"):
         x = torch.tensor([dist.get_rank()])
         out[name] = comm.all_gather(x, m.group(name)).tolist()
     out["idx"] = (m.rank_in("dp"), m.rank_in("sp"), m.rank_in("tp"))
+    out["ep_idx"] = m.rank_in("ep")
     out["sp_group_is_default_none"] = mesh.sp_group() is m.group("sp")
     return out
 
@@ -56,7 +59,8 @@ def _mesh_members():
 def test_mesh_groups_dp_sp_tp():
     res = run_ranks(8, _mesh_members)
     assert res[5]["tp"] == [4, 5] and res[5]["sp"] == [5, 7] and res[5]["dp"] == [1, 5]
-    assert res[5]["idx"] == (1, 0, 1)
+    assert res[5]["ep"] == [1, 3, 5, 7] and res[2]["ep"] == [0, 2, 4, 6]  # same tp shard, different tokens
+    assert res[5]["idx"] == (1, 0, 1) and [r["ep_idx"] for r in res] == [r // 2 for r in range(8)]
     assert all(r["sp_group_is_default_none"] for r in res)
 
 
