@@ -49,6 +49,7 @@ def _measure():
                 dist.barrier()
                 start = time.perf_counter()
                 step()
+                dist.barrier()                               # the job's step ends when its slowest rank does
                 times[e].append(time.perf_counter() - start)
         out[T] = {e: (fwd.summary(), bwd.summary(), times[e]) for e, (_, fwd, bwd) in steps.items()}
     return out
@@ -95,9 +96,10 @@ def test_ring_baseline_moves_kv_blocks_growing_with_length(measured):
 
 def test_lasp2_not_slower_than_lasp1(measured):
     """Same compute, one gather instead of a serial ring. Here 4 ranks share 2 cores, so the gather's overlap
-    cannot pay off: 8 runs x 2 sizes on an idle 2-core machine measured LASP-2 / LASP-1 = 1.13-1.72 (median of
-    repetitions), while timing fwd and bwd between barriers gave 1.00 (one run, W = 2 and 4). The bound is set above that
-    spread: it catches a LASP-2 that serialises or repeats its work, not the 1.3x of oversubscribed cores."""
+    cannot pay off: on an idle 2-core machine LASP-2 / LASP-1 measured 1.13-1.72 (median of repetitions, 26
+    measurements). The bound sits above that spread, so it only catches gross regressions (a serialised LASP-2,
+    a hang-like wait); a doubled intra-chunk compute measured 1.47-1.69 and would NOT be caught. The exact
+    collective tests above are what pins LASP-2's behaviour; this ratio is a coarse guard."""
     for T in SIZES:
         ratio = _median_of_slowest(measured, T, "lasp2") / _median_of_slowest(measured, T, "lasp1")
         assert ratio <= 2.5, f"T={T}: LASP-2 / LASP-1 time = {ratio:.2f}"
