@@ -28,19 +28,6 @@ from .common import check_engine_inputs
 __all__ = ["ring_linear_attention", "ring_linear_forward", "ring_linear_backward"]
 
 
-def _post(tensors, group):
-    """Send these tensors to the next ring member, receive the previous one's. -> (works, receive buffers)."""
-    W, rank = comm.group_size(group), comm.group_rank(group)
-    incoming = [torch.empty_like(x) for x in tensors]
-    works = comm.exchange([(x, (rank + 1) % W) for x in tensors], [(x, (rank - 1) % W) for x in incoming], group)
-    return works, incoming
-
-
-def _wait(works):
-    for w in works:
-        w.wait()
-
-
 def _decay_mask(q_pos, k_pos, log_decay, causal, dtype):
     """D (H or 1, C_q, C_k) from global positions: λ^{p_i − p_j} where p_j ≤ p_i (everything if not causal)."""
     gap = (q_pos[:, None] - k_pos[None, :]).to(dtype)
@@ -69,12 +56,12 @@ def ring_linear_forward(q, k, v, log_decay, causal, group):
     block, qc = torch.cat([k, v], dim=-1), q.to(cdt)
     out = torch.zeros((*q.shape[:3], v.shape[-1]), dtype=cdt, device=q.device)
     for step, pos in _ring_blocks(q, causal, group):
-        works, incoming = _post([block], group) if step < W - 1 else ([], [None])  # overlaps this block
+        works, incoming = comm.ring_shift([block], group) if step < W - 1 else ([], [None])  # overlaps this block
         if pos is not None:
             k_b, v_b = block.to(cdt).split([d_k, v.shape[-1]], dim=-1)
             scores = torch.einsum("bihk,bjhk->bhij", qc, k_b) * _decay_mask(*pos, log_decay, causal, cdt)
             out += torch.einsum("bhij,bjhv->bihv", scores, v_b)
-        _wait(works)
+        comm.wait_all(works)
         block = incoming[0]
     return out.to(q.dtype)
 
@@ -86,7 +73,7 @@ def ring_linear_backward(q, k, v, do, log_decay, causal, group):
     dq = torch.zeros(q.shape, dtype=cdt, device=q.device)
     dkv = torch.zeros(block.shape, dtype=cdt, device=q.device)     # accumulator of the block held now
     for step, pos in _ring_blocks(q, causal, group):
-        works, incoming = _post([block], group) if step < W - 1 else ([], [None])
+        works, incoming = comm.ring_shift([block], group) if step < W - 1 else ([], [None])
         if pos is not None:
             k_b, v_b = block.to(cdt).split([d_k, v.shape[-1]], dim=-1)
             mask = _decay_mask(*pos, log_decay, causal, cdt)
@@ -96,9 +83,9 @@ def ring_linear_backward(q, k, v, do, log_decay, causal, group):
             dkv += torch.cat([torch.einsum("bhij,bihk->bjhk", dscores, qc),
                               torch.einsum("bhij,bihv->bjhv", scores, doc)], dim=-1)
         # the accumulator follows its block to the next rank; after step W−1 it arrives back home
-        dkv_works, dkv_in = _post([dkv], group) if W > 1 else ([], [dkv])
-        _wait(works)
-        _wait(dkv_works)
+        dkv_works, dkv_in = comm.ring_shift([dkv], group) if W > 1 else ([], [dkv])
+        comm.wait_all(works)
+        comm.wait_all(dkv_works)
         block, dkv = incoming[0], dkv_in[0]
     dk, dv = dkv.split([d_k, v.shape[-1]], dim=-1)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)

@@ -17,7 +17,8 @@ import torch
 import torch.distributed as dist
 
 __all__ = ["CommLog", "count_collectives", "group_size", "group_rank", "global_rank", "all_gather",
-           "reduce_scatter", "all_reduce", "all_to_all", "all_to_all_v", "exchange", "send", "recv", "barrier"]
+           "reduce_scatter", "all_reduce", "all_to_all", "all_to_all_v", "exchange", "ring_shift", "wait_all",
+           "send", "recv", "barrier"]
 
 
 @dataclass
@@ -188,6 +189,22 @@ def exchange(send_to, recv_from, group=None):
         _record("recv", W, _nbytes(x))
         ops.append(dist.P2POp(dist.irecv, x, global_rank(group, peer), group))
     return dist.batch_isend_irecv(ops) if ops else []
+
+
+def ring_shift(tensors, group=None):
+    """Post sends of `tensors` to the next ring member and receives of the previous one's. -> (works, buffers).
+
+    Indices are within the group (mapped to global ranks by `exchange`); the rings of ring attention use it.
+    """
+    W, rank = group_size(group), group_rank(group)
+    incoming = [torch.empty_like(x) for x in tensors]
+    works = exchange([(x, (rank + 1) % W) for x in tensors], [(x, (rank - 1) % W) for x in incoming], group)
+    return works, incoming
+
+
+def wait_all(works):
+    for w in works:
+        w.wait()
 
 
 def send(x, peer, group=None):

@@ -38,22 +38,6 @@ def _block_plan(layout, causal, rank, src, local_len):
     return (_ALL, slice(0, half)) if src < rank else (slice(half, None), _ALL)
 
 
-def _post(tensors, group):
-    """Send these tensors to the next rank and receive the previous rank's. -> (works, received buffers).
-
-    Peers are indices in the group (comm.exchange maps them to global ranks).
-    """
-    W, rank = comm.group_size(group), comm.group_rank(group)
-    incoming = [torch.empty_like(x) for x in tensors]
-    works = comm.exchange([(x, (rank + 1) % W) for x in tensors], [(x, (rank - 1) % W) for x in incoming], group)
-    return works, incoming
-
-
-def _wait(works):
-    for w in works:
-        w.wait()
-
-
 def _ring_steps(q, causal, layout, group):
     """Yield (step, plan, q_pos, k_pos) per ring step; shared by forward and backward."""
     W, rank = comm.group_size(group), comm.group_rank(group)
@@ -80,14 +64,14 @@ def ring_attention_forward(q, k, v, segment_ids, causal, layout, scale, group):
     out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=compute_dtype(q.dtype))
     lse = torch.full(q.shape[:3], float("-inf"), dtype=out.dtype, device=q.device)
     for step, plan, q_pos, k_pos in _ring_steps(q, causal, layout, group):
-        works, incoming = _post(block, group) if step < W - 1 else ([], None)  # overlaps this step's compute
+        works, incoming = comm.ring_shift(block, group) if step < W - 1 else ([], None)  # overlaps this step's compute
         if plan is not None:
             qs, ks = plan
             k_b, v_b, seg_q, seg_k = _block_inputs(block, plan, segment_ids, d_k)
             out_b, lse_b = attention_block_forward(q[:, qs], k_b, v_b, q_pos[qs], k_pos[ks], seg_q, seg_k,
                                                    causal, scale)
             out[:, qs], lse[:, qs] = merge_partial(out[:, qs], lse[:, qs], out_b, lse_b)
-        _wait(works)
+        comm.wait_all(works)
         block = incoming
     return out.to(q.dtype), lse
 
@@ -100,7 +84,7 @@ def ring_attention_backward(q, k, v, segment_ids, out, lse, do, causal, layout, 
     dq = torch.zeros(q.shape, dtype=lse.dtype, device=q.device)
     dkv = torch.zeros(block[0].shape, dtype=lse.dtype, device=q.device)       # accumulator of the held block
     for step, plan, q_pos, k_pos in _ring_steps(q, causal, layout, group):
-        works, incoming = _post(block, group) if step < W - 1 else ([], None)
+        works, incoming = comm.ring_shift(block, group) if step < W - 1 else ([], None)
         if plan is not None:
             qs, ks = plan
             k_b, v_b, seg_q, seg_k = _block_inputs(block, plan, segment_ids, d_k)
@@ -109,9 +93,9 @@ def ring_attention_backward(q, k, v, segment_ids, out, lse, do, causal, layout, 
             dq[:, qs] += dq_b
             dkv[:, ks] += torch.cat([dk_b, dv_b], dim=-1)
         # the accumulator follows its block to the next rank; after step W−1 it arrives back home
-        dkv_works, dkv_in = _post([dkv], group) if W > 1 else ([], [dkv])
-        _wait(works)
-        _wait(dkv_works)
+        dkv_works, dkv_in = comm.ring_shift([dkv], group) if W > 1 else ([], [dkv])
+        comm.wait_all(works)
+        comm.wait_all(dkv_works)
         block, dkv = incoming, dkv_in[0]
     dk, dv = dkv.split([d_k, v.shape[-1]], dim=-1)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
