@@ -13,10 +13,11 @@ is what LASP-2's single all-gather removes.
 """
 import torch
 
-from kernels import lightning_attn_bwd, lightning_attn_fwd, resolve_backend, state_dtype
+from kernels import resolve_backend, state_dtype
 from parallel import comm, mesh
 
-from .common import add_prefix_output, add_state_grads, check_engine_inputs, local_state, state_grad
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, intra_backward, intra_forward,
+                     local_state, state_grad)
 
 __all__ = ["lasp1", "lasp1_forward", "lasp1_backward"]
 
@@ -40,18 +41,18 @@ def lasp1_forward(q, k, v, log_decay, causal, group, backend):
     states = local_state(k, v, log_decay)
     prefix = _ring_scan(states, log_decay, C, group, reverse=False)
     if causal:
-        o_intra, _ = lightning_attn_fwd(q, k, v, log_decay, None, backend)
+        o_intra = intra_forward(q, k, v, log_decay, backend)
         return add_prefix_output(o_intra, q, prefix, log_decay), prefix
     total = prefix + states + _ring_scan(states, None, C, group, reverse=True)
-    return add_prefix_output(torch.zeros_like(v), q, total, None), total
+    return add_prefix_output(q.new_zeros(*q.shape[:3], v.shape[-1]), q, total, None), total
 
 
 def lasp1_backward(q, k, v, log_decay, prefix, do, causal, group, backend):
     C = q.shape[1]
-    dstates = state_grad(q, do, log_decay)
+    dstates = state_grad(q, do, log_decay, k.shape[2])
     suffix = _ring_scan(dstates, log_decay, C, group, reverse=True)
     if causal:
-        dq, dk, dv, _ = lightning_attn_bwd(q, k, v, log_decay, None, do, None, backend)
+        dq, dk, dv = intra_backward(q, k, v, log_decay, do, backend)
     else:
         suffix = suffix + dstates + _ring_scan(dstates, None, C, group, reverse=False)
         dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
@@ -76,7 +77,7 @@ class _LASP1(torch.autograd.Function):
 def lasp1(q, k, v, *, log_decay=None, causal=True, group=None, backend=None):
     """LASP-1 ring linear attention on contiguous local shards (B, C, H, D) -> o (B, C, H, d_v).
 
-    Same arguments and errors as `lasp.lasp2` (no layout: contiguous only).
+    Same arguments (grouped K/V heads included) and errors as `lasp.lasp2` (no layout: contiguous only).
     """
     check_engine_inputs(q, k, v, log_decay, causal, "contiguous")
     group = mesh.sp_group() if group is None else group

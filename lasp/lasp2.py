@@ -1,7 +1,8 @@
 """LASP-2: sequence-parallel linear attention with ONE all-gather of states forward and ONE backward.
 
-Shapes: local shards q, k (B, T_local, H, d_k), v (B, T_local, H, d_v); states (B, H, d_k, d_v) in float32
-(float64 for float64 inputs). A rank's tokens are n segments of c tokens (n = 1 contiguous, 2 zigzag) with
+Shapes: local shards q (B, T_local, H, d_k), k (B, T_local, H_kv, d_k), v (B, T_local, H_kv, d_v) with H a
+multiple of H_kv (query head i reads K/V head i // (H/H_kv)); states (B, H_kv, d_k, d_v) in float32 (float64 for
+float64 inputs): the messages count the distinct K/V heads only. A rank's tokens are n segments of c tokens (n = 1 contiguous, 2 zigzag) with
 global sub-chunk indices g (parallel/layout.py); N = W·n sub-chunks in all. Causal, λ = exp(log_decay):
 
   forward   M_g = Σ_t λ^{c−1−t} k_tᵀ v_t                  each segment's state, decayed to its end
@@ -19,11 +20,11 @@ pass: (W−1)·n·B·H·d_k·d_v·4 (+ the header), independent of T.
 """
 import torch
 
-from kernels import lightning_attn_bwd, lightning_attn_fwd, resolve_backend, state_dtype
+from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, from_segments, local_state,
-                     state_grad, to_segments)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, from_segments, intra_backward,
+                     intra_forward, local_state, state_grad, to_segments)
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
@@ -75,28 +76,28 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend):
     """-> (o (B, T_local, H, d_v), prefix states (B·n, H, d_k, d_v)) for the backward."""
     n = layouts.segments_per_rank(layout)
     qs, ks, vs = (to_segments(x, n) for x in (q, k, v))
-    c, H, sdt = qs.shape[1], q.shape[2], state_dtype(q.dtype)
+    c, H, sdt = qs.shape[1], k.shape[2], state_dtype(q.dtype)
     header = torch.tensor([q.shape[1], n], dtype=sdt, device=q.device)
     finish = _gather_states(local_state(ks, vs, log_decay), n, layout, group, header)
     if causal:
-        o_intra, _ = lightning_attn_fwd(qs, ks, vs, log_decay, None, backend)  # overlaps the gather
+        o_intra = intra_forward(qs, ks, vs, log_decay, backend)                # overlaps the gather
     gathered = finish()
     idx = _local_indices(layout, group)
     if causal:
         prefix = _fold(gathered, _fold_weights(log_decay, c, idx, gathered.shape[0], H, sdt, q.device, False), n)
         return from_segments(add_prefix_output(o_intra, qs, prefix, log_decay), n), prefix
     total = gathered.sum(0).repeat_interleave(n, dim=0)                       # Σ_j M_j for every segment row
-    return from_segments(add_prefix_output(torch.zeros_like(vs), qs, total, None), n), total
+    return from_segments(add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None), n), total
 
 
 def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend):
     """-> (dq, dk, dv) local shards."""
     n = layouts.segments_per_rank(layout)
     qs, ks, vs, dos = (to_segments(x, n) for x in (q, k, v, do))
-    c, H, sdt = qs.shape[1], q.shape[2], prefix.dtype
-    finish = _gather_states(state_grad(qs, dos, log_decay), n, layout, group)
+    c, H, sdt = qs.shape[1], k.shape[2], prefix.dtype
+    finish = _gather_states(state_grad(qs, dos, log_decay, H), n, layout, group)
     if causal:
-        dq, dk, dv, _ = lightning_attn_bwd(qs, ks, vs, log_decay, None, dos, None, backend)  # overlaps the gather
+        dq, dk, dv = intra_backward(qs, ks, vs, log_decay, dos, backend)       # overlaps the gather
     else:
         dq, dk, dv = (torch.zeros_like(x) for x in (qs, ks, vs))
     gathered = finish()
@@ -127,7 +128,8 @@ class _LASP2(torch.autograd.Function):
 def lasp2(q, k, v, *, log_decay=None, causal=True, layout="contiguous", group=None, backend=None):
     """LASP-2 linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
-    log_decay: (H,) of log λ_h ≤ 0 (constant, no gradient), None = no decay; causal=False needs no decay.
+    k, v may have fewer heads H_kv (H % H_kv == 0, grouped as i // (H/H_kv)); log_decay: (H_kv,) of log λ ≤ 0, one
+    per state (constant, no gradient), None = no decay; causal=False needs no decay.
     group=None: the mesh's sequence-parallel group, else the default group, else a single process.
     Raises ValueError (before any collective) on mismatched shapes/dtypes, bad log_decay, a local length the
     layout cannot split; and on every rank if ranks hold different lengths.

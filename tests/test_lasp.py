@@ -11,17 +11,21 @@ DECAY = torch.tensor([0.0, -0.05, -60.0])
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
-def _case(engine, W, layout, causal, log_decay, dtype, T=None, seed=0):
-    """Run one engine call on this rank's shard; return (errors vs oracle shard, comm summary per pass)."""
+def _case(engine, W, layout, causal, log_decay, dtype, T=None, seed=0, q_heads=3):
+    """Run one engine call on this rank's shard; return (errors vs oracle shard, comm summary per pass).
+
+    q_heads = 6 makes 2 query heads share each of the 3 K/V heads (grouped, head i reads K/V head i // 2)."""
     from lasp import lasp1, lasp2
     from parallel import count_collectives, shard
     r = dist.get_rank()
     T = T or 16 * W
     g = torch.Generator().manual_seed(seed)
-    q, k, v = (torch.randn(2, T, 3, d, generator=g, dtype=torch.float64) for d in (4, 4, 5))
-    do = torch.randn(2, T, 3, 5, generator=g, dtype=torch.float64)
+    q, k, v = (torch.randn(2, T, h, d, generator=g, dtype=torch.float64) for h, d in ((q_heads, 4), (3, 4), (3, 5)))
+    do = torch.randn(2, T, q_heads, 5, generator=g, dtype=torch.float64)
     full = [x.clone().requires_grad_() for x in (q, k, v)]
-    ref = linear_attention_dense(*full, log_decay, causal)
+    G = q_heads // 3
+    ref = linear_attention_dense(full[0], *(x.repeat_interleave(G, dim=2) for x in full[1:]),
+                                 None if log_decay is None else log_decay.repeat_interleave(G), causal)
     ref_grads = torch.autograd.grad(ref, full, do)
     local = [shard(x, layout, r, W).to(dtype).requires_grad_() for x in (q, k, v)]
     kwargs = dict(log_decay=None if log_decay is None else log_decay.to(dtype), causal=causal)
@@ -42,14 +46,16 @@ def _configs(engine):
     for layout in layouts:
         for dtype in (torch.float64, torch.float32):
             for causal, decay in ((True, None), (True, DECAY), (False, None)):
-                yield layout, causal, decay, dtype
+                yield layout, causal, decay, dtype, 3
+        yield layout, True, DECAY, torch.float64, 6                       # grouped K/V heads
+        yield layout, False, None, torch.float64, 6
 
 
 def _all_cases(engine, W):
     out = []
-    for layout, causal, decay, dtype in _configs(engine):
-        errors, fwd, bwd = _case(engine, W, layout, causal, decay, dtype)
-        out.append(((layout, causal, decay is not None, str(dtype)), errors, fwd, bwd))
+    for layout, causal, decay, dtype, q_heads in _configs(engine):
+        errors, fwd, bwd = _case(engine, W, layout, causal, decay, dtype, q_heads=q_heads)
+        out.append(((layout, causal, decay is not None, str(dtype), q_heads), errors, fwd, bwd))
     return out
 
 
@@ -67,8 +73,8 @@ def test_engine_matches_float64_oracle(engine, W):
 
 def _payload_bytes(W):
     sizes = []
-    for T in (8 * W, 32 * W):
-        _, fwd, bwd = _case("lasp2", W, "zigzag", True, DECAY, torch.float32, T=T)
+    for T, q_heads in ((8 * W, 3), (32 * W, 3), (8 * W, 6)):   # 6 query heads on 3 K/V heads: same states
+        _, fwd, bwd = _case("lasp2", W, "zigzag", True, DECAY, torch.float32, T=T, q_heads=q_heads)
         sizes.append((fwd["all_gather"][1], bwd["all_gather"][1]))
     return sizes
 
@@ -76,7 +82,8 @@ def _payload_bytes(W):
 def test_lasp2_payload_independent_of_length():
     W = 4
     for sizes in run_ranks(W, _payload_bytes, W):
-        (f1, b1), (f2, b2) = sizes
+        (f1, b1), (f2, b2), grouped = sizes
+        assert grouped == (f1, b1), sizes                 # messages count the distinct K/V heads only
         state = 2 * 2 * 3 * 4 * 5 * 4      # n=2 zigzag segments · B·H·d_k·d_v · 4 bytes
         assert b1 == b2 == (W - 1) * state, sizes
         assert f1 == f2 == (W - 1) * (state + 2 * 4), sizes  # + the (T_local, n) header
