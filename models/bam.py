@@ -12,8 +12,8 @@ N = E = 1 is the dense seed: no routers, and the same parameter names with an ex
 
 Shapes: tokens (B, T) local shard; positions (T,)/(B, T) global; hidden (B, T, D); heads (B, T, N·H, d) with head
 j·H + h for expert j, except the queries of a KV-sharing softmax layer, ordered h·N + j so that GQA maps query
-head (h, j) onto the shared kv head of h. A linear KV-sharing layer repeats its shared k, v over the N experts
-(the linear engines have no GQA), so its LASP-2 states and traffic are those of N·H heads, not H.
+head (h, j) onto the shared kv head of h. A linear KV-sharing layer runs its N·H query heads as groups of N on the
+H shared k, v heads (grouped heads in the LASP engines), so its states and messages are the seed's size.
 """
 import dataclasses
 from dataclasses import dataclass
@@ -138,9 +138,13 @@ class LinearMixtureOfAttention(nn.Module):
         q = phi(self.q_proj(u).view(B, T, N * H, -1)) * self.head_dim ** -0.5
         k = phi(self.k_proj(u).view(B, T, self.n_kv * H, -1))
         v = self.v_proj(u).view(B, T, self.n_kv * H, -1)
-        if self.n_kv < N:                                                  # shared k, v: head j·H + h reads h
-            k, v = k.repeat(1, 1, N, 1), v.repeat(1, 1, N, 1)
-        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(u.device), cache)
+        log_decay = self.log_decay(u.device)
+        if self.n_kv < N:       # shared k, v: grouped heads, query head (j, h) reordered to h·N + j reads K/V head h
+            q = q.unflatten(2, (N, H)).transpose(2, 3).flatten(2, 3)
+            log_decay = None if log_decay is None else log_decay[:H]       # the decay of each shared state
+        o = run_linear_attention(self.linear_attn, q, k, v, log_decay, cache)
+        if self.n_kv < N:
+            o = o.unflatten(2, (H, N)).transpose(2, 3).flatten(2, 3)     # back to expert-major (j, h)
         o = self.norm(o).view(B, T, N, H, -1) * self.norm_weight[:, None, :]
         o = o.flatten(3) * F.silu(self.g_proj(u)).view(B, T, N, -1)         # (B, T, N, D)
         return self.out_proj(_soft_gates(self.router, u, o).flatten(2))
