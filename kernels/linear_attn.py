@@ -15,7 +15,8 @@ token-by-token definition, used only as a test oracle.
 """
 import torch
 
-__all__ = ["check_linear_attn_inputs", "state_dtype", "linear_attn_chunked", "linear_attn_recurrent"]
+__all__ = ["check_linear_attn_inputs", "state_dtype", "repeat_kv", "linear_attn_chunked",
+           "linear_attn_recurrent"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -45,6 +46,16 @@ def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None):
     if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
         raise ValueError(f"initial_state must be (B, H, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")
+
+
+def repeat_kv(q, k, v, log_decay=None):
+    """Grouped K/V heads (H_kv < H; query head i reads K/V head i // (H/H_kv)) repeated to q's H heads, with their
+    decays (log_decay per K/V head, (H_kv,)) -> (k, v, log_decay) for an op that wants equal heads."""
+    groups = q.shape[2] // k.shape[2]
+    if groups == 1:
+        return k, v, log_decay
+    k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
+    return k, v, None if log_decay is None else log_decay.repeat_interleave(groups)
 
 
 def _decay(log_decay, n):

@@ -13,7 +13,7 @@ With λ = exp(log_decay) per head and t = 0..c−1 the position inside a segment
 """
 import torch
 
-from kernels import check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, state_dtype
+from kernels import check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv, state_dtype
 from parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "to_segments", "from_segments", "local_state", "state_grad",
@@ -66,23 +66,15 @@ def _grouped_scaled(x, powers, dtype, n_kv):
                     n_kv)
 
 
-def _expand(k, v, log_decay, groups):
-    """Repeat K/V heads (and their decays) to the query heads for the local intra-chunk kernel."""
-    if groups == 1:
-        return k, v, log_decay
-    rep = [x.repeat_interleave(groups, dim=2) for x in (k, v)]
-    return (*rep, None if log_decay is None else log_decay.repeat_interleave(groups))
-
-
 def intra_forward(q, k, v, log_decay, backend):
     """O_intra = [(Q Kᵀ) ⊙ D] V per segment, zero initial state."""
-    return lightning_attn_fwd(q, *_expand(k, v, log_decay, q.shape[2] // k.shape[2]), None, backend)[0]
+    return lightning_attn_fwd(q, *repeat_kv(q, k, v, log_decay), None, backend)[0]
 
 
 def intra_backward(q, k, v, log_decay, do, backend):
     """(dq, dk, dv) of the intra term; dk, dv summed over each K/V head's query group."""
     groups = q.shape[2] // k.shape[2]
-    dq, dk, dv, _ = lightning_attn_bwd(q, *_expand(k, v, log_decay, groups), None, do, None, backend)
+    dq, dk, dv, _ = lightning_attn_bwd(q, *repeat_kv(q, k, v, log_decay), None, do, None, backend)
     if groups > 1:
         dk, dv = (x.unflatten(2, (k.shape[2], groups)).sum(3) for x in (dk, dv))
     return dq, dk, dv

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import lightning_attn
+from kernels import lightning_attn, repeat_kv
 
 __all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin", "apply_rotary",
            "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
@@ -140,23 +140,13 @@ def retention_log_decay(n_heads, device=None):
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def _repeat_kv(q, k, v, log_decay):
-    """Grouped K/V heads (H_kv < H, query head i reads K/V head i // (H/H_kv)) repeated to the query heads, with
-    their decays (log_decay is per K/V head)."""
-    groups = q.shape[2] // k.shape[2]
-    if groups == 1:
-        return k, v, log_decay
-    k, v = (x.repeat_interleave(groups, dim=2) for x in (k, v))
-    return k, v, None if log_decay is None else log_decay.repeat_interleave(groups)
-
-
 def local_linear_attention(q, k, v, *, log_decay=None, causal=True):
     """Linear attention on one process: (B, T, H, d_k), (B, T, H_kv, d_k), (B, T, H_kv, d_v) -> (B, T, H, d_v).
 
     causal: o_i = Σ_{j≤i} λ^{i−j} (q_i·k_j) v_j (lightning_attn); non-causal (no decay): o_i = q_i Σ_j k_jᵀ v_j.
-    H_kv < H: grouped K/V heads, log_decay (H_kv,) (see _repeat_kv; the LASP engines take the same form).
+    H_kv < H: grouped K/V heads, log_decay (H_kv,) (kernels.repeat_kv; the LASP engines take the same form).
     """
-    k, v, log_decay = _repeat_kv(q, k, v, log_decay)
+    k, v, log_decay = repeat_kv(q, k, v, log_decay)
     if causal:
         return lightning_attn(q, k, v, log_decay=log_decay)[0]
     if log_decay is not None:
@@ -194,7 +184,7 @@ def run_linear_attention(attn_fn, q, k, v, log_decay, cache):
     cached state (B, H, d_k, d_v), storing the new final state, so a prefill continues exactly."""
     if cache is None:
         return attn_fn(q, k, v, log_decay=log_decay, causal=True)
-    k, v, log_decay = _repeat_kv(q, k, v, log_decay)
+    k, v, log_decay = repeat_kv(q, k, v, log_decay)
     o, cache["state"] = lightning_attn(q, k, v, log_decay=log_decay, initial_state=cache.get("state"),
                                        output_final_state=True)
     return o
