@@ -17,7 +17,7 @@ from kernels import check_linear_attn_inputs, lightning_attn_bwd, lightning_attn
 from parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "to_segments", "from_segments", "local_state", "state_grad",
-           "add_prefix_output", "add_state_grads", "intra_forward", "intra_backward"]
+           "add_prefix_output", "add_state_grads", "intra_forward", "intra_backward", "constant_decay"]
 
 
 def check_engine_inputs(q, k, v, log_decay, causal, layout):
@@ -31,6 +31,11 @@ def check_engine_inputs(q, k, v, log_decay, causal, layout):
     if log_decay is not None and not causal:
         raise ValueError("log_decay needs causal=True: decay is only defined for causal attention")
     return layouts.check_local_len(q.shape[1], layout)
+
+
+def constant_decay(log_decay, q):
+    """log_decay as the engines use it: a constant (no gradient) in the state dtype on q's device, or None."""
+    return None if log_decay is None else log_decay.detach().to(device=q.device, dtype=state_dtype(q.dtype))
 
 
 def to_segments(x, n):

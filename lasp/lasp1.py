@@ -13,11 +13,11 @@ is what LASP-2's single all-gather removes.
 """
 import torch
 
-from kernels import resolve_backend, state_dtype
+from kernels import resolve_backend
 from parallel import comm, mesh
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, intra_backward, intra_forward,
-                     local_state, state_grad)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, intra_backward,
+                     intra_forward, local_state, state_grad)
 
 __all__ = ["lasp1", "lasp1_forward", "lasp1_backward"]
 
@@ -82,6 +82,5 @@ def lasp1(q, k, v, *, log_decay=None, causal=True, group=None, backend=None):
     check_engine_inputs(q, k, v, log_decay, causal, "contiguous")
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
-    if log_decay is not None:
-        log_decay = log_decay.detach().to(device=q.device, dtype=state_dtype(q.dtype))
+    log_decay = constant_decay(log_decay, q)
     return _LASP1.apply(q, k, v, log_decay, causal, group, backend)

@@ -2,8 +2,8 @@
 
 Shapes: local shards q (B, T_local, H, d_k), k (B, T_local, H_kv, d_k), v (B, T_local, H_kv, d_v) with H a
 multiple of H_kv (query head i reads K/V head i // (H/H_kv)); states (B, H_kv, d_k, d_v) in float32 (float64 for
-float64 inputs): the messages count the distinct K/V heads only. A rank's tokens are n segments of c tokens (n = 1 contiguous, 2 zigzag) with
-global sub-chunk indices g (parallel/layout.py); N = W·n sub-chunks in all. Causal, λ = exp(log_decay):
+float64 inputs): the messages count the distinct K/V heads only. A rank's tokens are n segments of c tokens
+(n = 1 contiguous, 2 zigzag) with global sub-chunk indices g (parallel/layout.py); N = W·n sub-chunks in all. Causal, λ = exp(log_decay):
 
   forward   M_g = Σ_t λ^{c−1−t} k_tᵀ v_t                  each segment's state, decayed to its end
             [M_0 … M_{N−1}] = AllGather(M_g)               started async; the intra-chunk term runs meanwhile
@@ -23,8 +23,8 @@ import torch
 from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, from_segments, intra_backward,
-                     intra_forward, local_state, state_grad, to_segments)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, from_segments,
+                     intra_backward, intra_forward, local_state, state_grad, to_segments)
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
@@ -137,6 +137,5 @@ def lasp2(q, k, v, *, log_decay=None, causal=True, layout="contiguous", group=No
     check_engine_inputs(q, k, v, log_decay, causal, layout)
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
-    if log_decay is not None:
-        log_decay = log_decay.detach().to(device=q.device, dtype=state_dtype(q.dtype))
+    log_decay = constant_decay(log_decay, q)
     return _LASP2.apply(q, k, v, log_decay, causal, layout, group, backend)

@@ -23,7 +23,7 @@ import torch
 from kernels import state_dtype
 from parallel import comm, layout as layouts, mesh
 
-from .common import check_engine_inputs
+from .common import check_engine_inputs, constant_decay
 
 __all__ = ["ring_linear_attention", "ring_linear_forward", "ring_linear_backward"]
 
@@ -113,6 +113,5 @@ def ring_linear_attention(q, k, v, *, log_decay=None, causal=True, group=None):
     """
     check_engine_inputs(q, k, v, log_decay, causal, "contiguous")
     group = mesh.sp_group() if group is None else group
-    if log_decay is not None:
-        log_decay = log_decay.detach().to(device=q.device, dtype=state_dtype(q.dtype))
+    log_decay = constant_decay(log_decay, q)
     return _RingLinear.apply(q, k, v, log_decay, causal, group)
