@@ -3,7 +3,8 @@
 Shapes: local shards q (B, T_local, H, d_k), k (B, T_local, H_kv, d_k), v (B, T_local, H_kv, d_v) with H a
 multiple of H_kv (query head i reads K/V head i // (H/H_kv)); states (B, H_kv, d_k, d_v) in float32 (float64 for
 float64 inputs): the messages count the distinct K/V heads only. A rank's tokens are n segments of c tokens
-(n = 1 contiguous, 2 zigzag) with global sub-chunk indices g (parallel/layout.py); N = W·n sub-chunks in all. Causal, λ = exp(log_decay):
+(n = 1 contiguous, 2 zigzag) with global sub-chunk indices g (parallel/layout.py); N = W·n sub-chunks in all.
+Causal, λ = exp(log_decay):
 
   forward   M_g = Σ_t λ^{c−1−t} k_tᵀ v_t                  each segment's state, decayed to its end
             [M_0 … M_{N−1}] = AllGather(M_g)               started async; the intra-chunk term runs meanwhile
