@@ -1,7 +1,8 @@
 """`lightning_attn`: the one public linear-attention op, with a Triton and a torch backend.
 
-Shapes: q, k (B, T, H, d_k); v, o (B, T, H, d_v); log_decay (H,) ≤ 0; states (B, H, d_k, d_v) float32
-(float64 for float64 inputs). Semantics: kernels/linear_attn.py.
+Shapes: q, k (B, T, H, d_k); v, o (B, T, H, d_v); log_decay (H,) ≤ 0 (a constant); log_gate (B, T, H) ≤ 0
+(data-dependent, differentiable; the two add); states (B, H, d_k, d_v) float32 (float64 for float64 inputs).
+Semantics: kernels/linear_attn.py.
 
 The engines in lasp/ call `lightning_attn_fwd` / `lightning_attn_bwd` directly (no autograd), so that they can
 overlap their collectives with the local compute and add the cross-rank terms themselves.
@@ -26,62 +27,67 @@ def resolve_backend(backend, device):
     return backend
 
 
-def lightning_attn_fwd(q, k, v, log_decay=None, initial_state=None, backend="torch"):
+def lightning_attn_fwd(q, k, v, log_decay=None, initial_state=None, backend="torch", log_gate=None):
     """No-grad forward -> (o, final_state)."""
-    if backend == "triton":
+    if backend == "triton" and log_gate is None:
         from .lightning_triton import triton_fwd
         return triton_fwd(q, k, v, log_decay, initial_state)
     with torch.no_grad():
-        return linear_attn_chunked(q, k, v, log_decay, initial_state)
+        return linear_attn_chunked(q, k, v, log_decay, initial_state, log_gate=log_gate)
 
 
-def lightning_attn_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, backend="torch"):
-    """Gradients (dq, dk, dv, dinitial_state) given do and, optionally, the gradient of the final state.
+def lightning_attn_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, backend="torch", log_gate=None):
+    """Gradients (dq, dk, dv, dinitial_state, dlog_gate) given do and, optionally, the gradient of the final state.
 
-    dinitial_state is None when initial_state is None. The torch backend recomputes the forward under autograd.
+    dinitial_state is None when initial_state is None, dlog_gate None when log_gate is None.
     """
-    if backend == "triton":
+    if backend == "triton" and log_gate is None:
         from .lightning_triton import triton_bwd
-        return triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state)
+        return (*triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state), None)
     with torch.enable_grad():
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        if initial_state is not None:
-            leaves.append(initial_state.detach().requires_grad_())
-        o, final = linear_attn_chunked(*leaves[:3], log_decay, leaves[3] if initial_state is not None else None)
+        optional = [None if x is None else x.detach().requires_grad_() for x in (initial_state, log_gate)]
+        o, final = linear_attn_chunked(*leaves, log_decay, optional[0], log_gate=optional[1])
         outs, grads = [o], [do]
         if dfinal_state is not None:
             outs.append(final)
             grads.append(dfinal_state.to(final.dtype))
-        dx = torch.autograd.grad(outs, leaves, grads)
-    return (*dx[:3], dx[3] if initial_state is not None else None)
+        wrt = leaves + [x for x in optional if x is not None]
+        dx = list(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
+    dq, dk, dv = dx[:3]
+    rest = iter(dx[3:])
+    return (dq, dk, dv, *(None if x is None else next(rest) for x in optional))
 
 
 class _LightningAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, initial_state, backend):
-        o, final = lightning_attn_fwd(q, k, v, log_decay, initial_state, backend)
-        ctx.save_for_backward(q, k, v, log_decay, initial_state)
+    def forward(ctx, q, k, v, log_decay, log_gate, initial_state, backend):
+        o, final = lightning_attn_fwd(q, k, v, log_decay, initial_state, backend, log_gate)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, initial_state)
         ctx.backend = backend
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, log_decay, initial_state = ctx.saved_tensors
-        dq, dk, dv, ds = lightning_attn_bwd(q, k, v, log_decay, initial_state, do.contiguous(), dfinal, ctx.backend)
-        return dq, dk, dv, None, ds, None
+        q, k, v, log_decay, log_gate, initial_state = ctx.saved_tensors
+        dq, dk, dv, ds, dg = lightning_attn_bwd(q, k, v, log_decay, initial_state, do.contiguous(), dfinal,
+                                                ctx.backend, log_gate)
+        return dq, dk, dv, None, dg, ds, None
 
 
-def lightning_attn(q, k, v, *, log_decay=None, initial_state=None, output_final_state=False, backend=None):
-    """Causal linear attention with per-head decay -> (o (B,T,H,d_v), final_state (B,H,d_k,d_v) or None).
+def lightning_attn(q, k, v, *, log_decay=None, log_gate=None, initial_state=None, output_final_state=False,
+                   backend=None):
+    """Causal linear attention with per-head decay and gates -> (o (B,T,H,d_v), final_state (B,H,d_k,d_v) or None).
 
-    Raises ValueError on wrong dims, non-float dtypes, a state of the wrong shape or log_decay > 0.
-    log_decay is a constant of the model here (no gradient flows to it).
+    Raises ValueError on wrong dims, non-float dtypes, a state of the wrong shape, log_decay > 0, or a log_gate
+    that is not (B, T, H) on q's device, or has positive or non-finite entries.
+    log_decay is a constant of the model here (no gradient flows to it); log_gate is differentiable.
     """
-    check_linear_attn_inputs(q, k, v, log_decay, initial_state)
+    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate)
     backend = resolve_backend(backend, q.device)
     if log_decay is not None:
         log_decay = log_decay.detach().to(device=q.device, dtype=state_dtype(q.dtype))
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(q.dtype))
-    o, final = _LightningAttn.apply(q, k, v, log_decay, initial_state, backend)
+    o, final = _LightningAttn.apply(q, k, v, log_decay, log_gate, initial_state, backend)
     return o, (final if output_final_state else None)

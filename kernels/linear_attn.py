@@ -1,17 +1,21 @@
-"""Causal linear attention with per-head scalar decay, in plain torch (runs anywhere).
+"""Causal linear attention with per-head decay and data-dependent gates, in plain torch (runs anywhere).
 
-Shapes: q, k (B, T, H, d_k); v, o (B, T, H, d_v); log_decay (H,) holding log λ_h ≤ 0;
-states (B, H, d_k, d_v) in float32 (float64 for float64 inputs). Per head:
+Shapes: q, k (B, T, H, d_k); v, o (B, T, H, d_v); log_decay (H,) holding log λ_h ≤ 0; log_gate (B, T, H)
+holding g_t ≤ 0; states (B, H, d_k, d_v) in float32 (float64 for float64 inputs). Per head, with
+a_t = log λ + g_t (either may be absent) and A the inclusive cumulative sum of a:
 
-    S_t = λ S_{t-1} + k_tᵀ v_t,    o_t = q_t S_t,    S_{-1} = initial_state (0 if None)
+    S_t = e^{a_t} S_{t-1} + k_tᵀ v_t,    o_t = q_t S_t,    S_{-1} = initial_state (0 if None)
+    ⇔   o_i = Σ_{j≤i} e^{A_i − A_j} (q_i·k_j) v_j + e^{A_i} q_i S_{-1}
 
-`linear_attn_chunked` is the Lightning Attention-2 form, per block of c tokens entering with state P:
+`linear_attn_chunked` is the chunkwise (Lightning Attention-2 / simple-GLA) form. Per chunk of c tokens entering
+with state P, b the cumulative gate inside the chunk (b_i = Σ_{t≤i} a_t, b_e = b_{c−1}):
 
-    O  = [(Q Kᵀ) ⊙ D] V + (Λ_q Q) P,    D_ij = λ^{i-j} (i ≥ j, else 0),  (Λ_q)_i = λ^{i+1}
-    P' = λ^c P + (Λ_k K)ᵀ V,            (Λ_k)_i = λ^{c-1-i}
+    O  = [(Q Kᵀ) ⊙ D] V + (Λ_q Q) P,    D_ij = e^{b_i − b_j} (i ≥ j, else 0),  (Λ_q)_i = e^{b_i}
+    P' = e^{b_e} P + (Λ_k K)ᵀ V,        (Λ_k)_i = e^{b_e − b_i}
 
-Only the intra-block product is quadratic (in c); cost per token is flat in T. `linear_attn_recurrent` is the
-token-by-token definition, used only as a test oracle.
+Only differences of inclusive cumulative sums with a non-positive result are exponentiated (never e^{+A}), so
+strong gates underflow to 0 and nothing overflows. `linear_attn_recurrent` is the token-by-token definition,
+used only as a test oracle.
 """
 import torch
 
@@ -24,8 +28,23 @@ def state_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None):
-    """Raise ValueError naming the sizes when q, k, v, log_decay or a state do not fit together."""
+def _check_log_gate(q, log_gate, check_values):
+    B, T, H, _ = q.shape
+    if tuple(log_gate.shape) != (B, T, H):
+        raise ValueError(f"log_gate must be (B, T, H) = {(B, T, H)} for q {tuple(q.shape)}, "
+                         f"got {tuple(log_gate.shape)}")
+    if not log_gate.is_floating_point():
+        raise ValueError(f"log_gate must be a floating tensor, got {log_gate.dtype}")
+    if log_gate.device != q.device:
+        raise ValueError(f"log_gate is on {log_gate.device} but q is on {q.device}")
+    if check_values and log_gate.numel() and not bool(torch.isfinite(log_gate).all() & (log_gate <= 0).all()):
+        raise ValueError(f"log_gate {tuple(log_gate.shape)} must be finite and <= 0 (gates e^g in (0, 1])")
+
+
+def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None, log_gate=None, check_values=True):
+    """Raise ValueError naming the sizes when q, k, v, log_decay, log_gate or a state do not fit together.
+
+    check_values=False skips the sign/finiteness checks of log_gate (they need a host sync)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be (B, T, H, D), got shape {tuple(x.shape)}")
@@ -43,6 +62,8 @@ def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None):
             raise ValueError(f"log_decay must have shape ({H},) for H={H} heads, got {tuple(log_decay.shape)}")
         if bool((log_decay > 0).any()) or not bool(torch.isfinite(log_decay).all()):
             raise ValueError(f"log_decay must be finite and <= 0 (λ = exp(log_decay) in (0, 1]), got {log_decay.tolist()}")
+    if log_gate is not None:
+        _check_log_gate(q, log_gate, check_values)
     if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
         raise ValueError(f"initial_state must be (B, H, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")
@@ -58,71 +79,111 @@ def repeat_kv(q, k, v, log_decay=None):
     return k, v, None if log_decay is None else log_decay.repeat_interleave(groups)
 
 
-def _decay(log_decay, n):
-    """λ_h^n for every head: (H, len(n)). Computed as exp(n·log λ) so strong decays underflow to 0, never NaN."""
-    return torch.exp(log_decay[:, None] * n[None, :].to(log_decay.dtype))
+# ------------------------------------------------------------------------------------------- chunkwise core
+def _blocks(T, chunk_len, block_chunks):
+    """(start, n, c): blocks of n chunks of c tokens covering [0, T); the tail T % chunk_len is a block of its own."""
+    main = T - T % chunk_len
+    step = chunk_len * block_chunks
+    out = [(s, min(block_chunks, (main - s) // chunk_len), chunk_len) for s in range(0, main, step)]
+    return out + ([(main, 1, T - main)] if T > main else [])
 
 
-def _chunk_scan(q, k, v, log_decay, state, c):
-    """One pass over T = n·c tokens in (B, H, T, D) layout, entering with `state`. Returns (o, final state)."""
-    B, H, T, _ = q.shape
-    n = T // c
-    q, k, v = (x.reshape(B, H, n, c, x.shape[-1]) for x in (q, k, v))
-    i = torch.arange(c, device=q.device)
-    diff = i[:, None] - i[None, :]                              # i - j, (c, c)
-    scores = q @ k.transpose(-1, -2)                            # (B, H, n, c, c)
-    if log_decay is None:
-        mask = (diff >= 0).to(q.dtype)
-        chunk_decay = None
-    else:
-        mask = _decay(log_decay, diff.clamp(min=0).flatten()).view(H, 1, c, c) * (diff >= 0)
-        q = q * _decay(log_decay, i + 1).view(H, 1, c, 1)       # Λ_q Q
-        chunk_decay = _decay(log_decay, torch.tensor([c], device=q.device)).view(H, 1, 1)
-    o = (scores * mask) @ v                                     # intra (scores used the undecayed q)
-    k_end = k if log_decay is None else k * _decay(log_decay, c - 1 - i).view(H, 1, c, 1)
-    chunk_states = k_end.transpose(-1, -2) @ v                  # (B, H, n, d_k, d_v): (Λ_k K)ᵀ V
-    prefixes = []
-    for m_j in chunk_states.unbind(2):                          # P_{j+1} = λ^c P_j + M_j
-        prefixes.append(state)                                  # (unbind, not [:, :, j]: its backward is one
-        state = m_j + (state if chunk_decay is None else chunk_decay * state)  # stack, not n full-size zeros)
-    o = o + q @ torch.stack(prefixes, dim=2)                    # inter: (Λ_q Q) P_j
-    return o.reshape(B, H, T, -1), state
+def _chunks(x, start, n, c, dtype):
+    """Tokens [start, start + n·c) of x (B, T, H, D) as (B, H, n, c, D) in `dtype`, contiguous."""
+    B, _, H, D = x.shape
+    return x[:, start:start + n * c].reshape(B, n, c, H, D).permute(0, 3, 1, 2, 4).to(dtype).contiguous()
 
 
-def linear_attn_chunked(q, k, v, log_decay=None, initial_state=None, chunk_len=64):
-    """Chunked causal linear attention. (B,T,H,d_k)x2, (B,T,H,d_v) -> (o (B,T,H,d_v), final state (B,H,d_k,d_v)).
+def _unchunk(x):
+    """(B, H, n, c, D) -> (B, n·c, H, D)."""
+    B, H, n, c, D = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(B, n * c, H, D)
 
-    Any T: the last partial block is a block of its own. Arithmetic in the state dtype; o in the input dtype.
-    Differentiable by torch autograd (this is also the CPU backward).
+
+def _cum_gates(gates, log_decay, start, n, c, dtype):
+    """b (·, H, ·, c): the inclusive cumulative gate inside each chunk (summed in float64), or None (no gate)."""
+    if gates is None and log_decay is None:
+        return None
+    if gates is None:                                            # constant decay: b_i = (i+1) log λ, every chunk
+        i = torch.arange(1, c + 1, dtype=torch.float64, device=log_decay.device)
+        return (log_decay.double()[:, None] * i).to(dtype)[None, :, None, :]
+    B, _, H = gates.shape
+    a = gates[:, start:start + n * c].double().reshape(B, n, c, H).permute(0, 3, 1, 2)
+    if log_decay is not None:
+        a = a + log_decay.double()[None, :, None, None]
+    return a.cumsum(-1).to(dtype)
+
+
+def _chunk_factors(b, c, dtype, device):
+    """-> (D (·,H,·,c,c), Λ_q (·,H,·,c,1), Λ_k (·,H,·,c,1), chunk totals b_e (·,H,·)); no gate: (tril, None, None, None)."""
+    causal = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+    if b is None:
+        return causal.to(dtype), None, None, None
+    diff = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))   # ≤ 0 where kept
+    end = b[..., -1:]
+    return diff.exp(), b.exp()[..., None], (end - b).exp()[..., None], end[..., 0]
+
+
+def _scan_weights(totals, n, dtype, device):
+    """Block scan as one product: P_r = Σ_{j<r} W_rj M_j + e_r P_0, r = 0..n (row n: the state leaving the block).
+
+    totals (·, H, n) or None; W_rj = e^{Γ_{r−1} − Γ_j}, e_r = e^{Γ_{r−1}}, Γ the inclusive cumsum (float64)."""
+    if totals is None:
+        totals = torch.zeros(1, 1, n, dtype=torch.float64, device=device)
+    G = totals.double().expand(*totals.shape[:-1], n).cumsum(-1)
+    Gx = torch.nn.functional.pad(G, (1, 0))                      # Γ_{r−1}, Γ_{−1} = 0: (·, H, n+1)
+    keep = torch.ones(n + 1, n, dtype=torch.bool, device=device).tril(-1)
+    W = (Gx[..., :, None] - G[..., None, :]).masked_fill(~keep, float("-inf")).exp()
+    return W.to(dtype), Gx.exp().to(dtype)
+
+
+def _block_forward(q, k, v, b, state):
+    """One block, (B, H, n, c, D), entering with `state` (B, H, d_k, d_v) -> (o (B, H, n, c, d_v), state leaving)."""
+    B, H, n, c, d_k = q.shape
+    mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device)
+    o = ((q @ k.transpose(-1, -2)) * mask) @ v                   # intra
+    k_end = k if k_pow is None else k * k_pow
+    chunk_states = k_end.transpose(-1, -2) @ v                   # M_j (B, H, n, d_k, d_v)
+    W, e = _scan_weights(totals, n, q.dtype, q.device)
+    P = W @ chunk_states.flatten(-2) + e[..., None] * state.flatten(-2)[:, :, None]
+    P = P.unflatten(-1, state.shape[-2:])                        # (B, H, n+1, d_k, d_v)
+    q_dec = q if q_pow is None else q * q_pow
+    return o + q_dec @ P[:, :, :n], P[:, :, n]
+
+
+def linear_attn_chunked(q, k, v, log_decay=None, initial_state=None, chunk_len=64, *, log_gate=None,
+                        block_chunks=16):
+    """Chunked causal linear attention -> (o (B, T, H, d_v) in q's dtype, final state (B, H, d_k, d_v)).
+
+    Any T: the last partial chunk is a block of its own. Arithmetic in the state dtype. The chunk scan runs in
+    blocks of `block_chunks` chunks, each block's states from one batched product. Differentiable by autograd.
     """
-    check_linear_attn_inputs(q, k, v, log_decay, initial_state)
+    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate)
     B, T, H, d_k = q.shape
     sdt = state_dtype(q.dtype)
-    qh, kh, vh = (x.transpose(1, 2).to(sdt) for x in (q, k, v))  # (B, H, T, D)
     ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
     state = q.new_zeros(B, H, d_k, v.shape[-1], dtype=sdt) if initial_state is None else initial_state.to(sdt)
-    main = T - T % chunk_len
     outs = []
-    for start, stop in ((0, main), (main, T)):                  # full blocks, then the tail block
-        if stop > start:
-            c = min(chunk_len, stop - start)
-            o, state = _chunk_scan(qh[:, :, start:stop], kh[:, :, start:stop], vh[:, :, start:stop], ld, state, c)
-            outs.append(o)
-    o = torch.cat(outs, dim=2) if outs else vh.new_zeros(B, H, 0, v.shape[-1])
-    return o.transpose(1, 2).to(q.dtype), state
+    for start, n, c in _blocks(T, chunk_len, block_chunks):
+        qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
+        o, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c, sdt), state)
+        outs.append(_unchunk(o))
+    o = torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=sdt)
+    return o.to(q.dtype), state
 
 
-def linear_attn_recurrent(q, k, v, log_decay=None, initial_state=None):
-    """Token-by-token recurrence S_t = λ S_{t-1} + k_tᵀ v_t, o_t = q_t S_t. Slow; a test oracle only."""
-    check_linear_attn_inputs(q, k, v, log_decay, initial_state)
+def linear_attn_recurrent(q, k, v, log_decay=None, initial_state=None, log_gate=None):
+    """Token-by-token recurrence S_t = e^{a_t} S_{t-1} + k_tᵀ v_t, o_t = q_t S_t. Slow; a test oracle only."""
+    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate)
     B, T, H, d_k = q.shape
     sdt = state_dtype(q.dtype)
-    lam = torch.ones(H, dtype=sdt) if log_decay is None else torch.exp(log_decay.to(sdt))
-    lam = lam.to(q.device).view(1, H, 1, 1)
+    ld = torch.zeros(H, dtype=sdt) if log_decay is None else log_decay.to(sdt).cpu()
+    ld = ld.to(q.device).view(1, H)
     S = q.new_zeros(B, H, d_k, v.shape[-1], dtype=sdt) if initial_state is None else initial_state.to(sdt)
     outs = []
     for t in range(T):
-        S = lam * S + k[:, t, :, :, None].to(sdt) * v[:, t, :, None, :].to(sdt)
+        a = ld if log_gate is None else ld + log_gate[:, t].to(sdt)
+        S = torch.exp(a)[:, :, None, None] * S + k[:, t, :, :, None].to(sdt) * v[:, t, :, None, :].to(sdt)
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].to(sdt), S))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=sdt)
     return o.to(q.dtype), S

@@ -79,7 +79,7 @@ def intra_forward(q, k, v, log_decay, backend):
 def intra_backward(q, k, v, log_decay, do, backend):
     """(dq, dk, dv) of the intra term; dk, dv summed over each K/V head's query group."""
     groups = q.shape[2] // k.shape[2]
-    dq, dk, dv, _ = lightning_attn_bwd(q, *repeat_kv(q, k, v, log_decay), None, do, None, backend)
+    dq, dk, dv = lightning_attn_bwd(q, *repeat_kv(q, k, v, log_decay), None, do, None, backend)[:3]
     if groups > 1:
         dk, dv = (x.unflatten(2, (k.shape[2], groups)).sum(3) for x in (dk, dv))
     return dq, dk, dv

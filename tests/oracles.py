@@ -38,3 +38,31 @@ def softmax_attention_dense(q, k, v, causal=True, scale=None, segment_ids=None):
     denom = weights.sum(-1, keepdim=True)
     probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
     return torch.einsum("bhij,bjhd->bihd", probs, v)
+
+
+def gated_linear_attention(q, k, v, log_gate=None, log_decay=None, initial_state=None):
+    """Gated causal linear attention, dense: (o (B,T,H,d_v), final state (B,H,d_k,d_v)), float64, differentiable.
+
+    a_t = log_gate (B,T,H) + log_decay (H,) (either may be None), G = inclusive cumsum of a over T:
+    o_i = Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) v_j + e^{G_i} q_i S0,  S_T = e^{G_{T−1}} S0 + Σ_j e^{G_{T−1} − G_j} k_jᵀ v_j.
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    B, T, H, d_k = q.shape
+    a = torch.zeros(B, T, H, dtype=torch.float64, device=q.device)
+    if log_gate is not None:
+        a = a + log_gate.double()
+    if log_decay is not None:
+        a = a + log_decay.double().to(q.device)
+    G = a.cumsum(1).transpose(1, 2)                                            # (B, H, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    weight = (G[..., :, None] - G[..., None, :]).masked_fill(~causal, float("-inf")).exp()   # (B, H, T, T)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * weight
+    o = torch.einsum("bhij,bjhd->bihd", scores, v)
+    G_end = G[..., -1] if T else torch.zeros(B, H, dtype=torch.float64, device=q.device)
+    to_end = (G_end[..., None] - G).exp()                                      # e^{G_{T−1} − G_j}, (B, H, T)
+    final = torch.einsum("bhj,bjhk,bjhd->bhkd", to_end, k, v)
+    if initial_state is not None:
+        S0 = initial_state.double()
+        o = o + torch.einsum("bhi,bihk,bhkd->bihd", G.exp(), q, S0)
+        final = final + G_end.exp()[..., None, None] * S0
+    return o, final

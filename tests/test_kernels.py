@@ -10,7 +10,7 @@ import torch
 
 from kernels import lightning_attn, lightning_attn_bwd, lightning_attn_fwd, linear_attn_chunked, linear_attn_recurrent
 from tests.dist import rel_err, run_ranks
-from tests.oracles import linear_attention_dense
+from tests.oracles import gated_linear_attention, linear_attention_dense
 
 FP32_TOL = 2e-5
 # fp16: inputs are rounded to fp16 before both sides run, so the error is the fp16 rounding of o and of each
@@ -84,6 +84,31 @@ def test_chunked_state_and_grads_match_recurrence(T, decay):
     o, final = lightning_attn_fwd(q, k, v, log_decay, state, backend="torch")
     grads = lightning_attn_bwd(q, k, v, log_decay, state, do, dfinal, backend="torch")
     _assert_close((o, final, *grads), _oracle(*args), 1e-10)
+
+
+GATES = {"strong": -20.0, "weak": -1e-4}          # g = scale·u, u ~ U(0, 1): down to -20, or barely below 0
+
+
+def _gated_oracle(q, k, v, log_gate, log_decay, state, do, dfinal):
+    """float64 quadratic oracle and autograd: (o, final, dq, dk, dv, dstate or None, dlog_gate)."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v, log_gate)]
+    s0 = None if state is None else state.detach().double().requires_grad_()
+    o, final = gated_linear_attention(*leaves, log_decay, s0)
+    wrt = leaves if s0 is None else leaves + [s0]
+    dx = torch.autograd.grad([o, final], wrt, [do.double(), dfinal.double()])
+    return (o.detach(), final.detach(), *dx[:3], None if s0 is None else dx[4], dx[3])
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 77, 200])
+@pytest.mark.parametrize("gate", list(GATES))
+def test_torch_gated_matches_quadratic_oracle(T, gate):
+    """log_gate + log_decay, initial state, d_k ≠ d_v, blocks of 2 chunks of 16 (several blocks and a tail)."""
+    q, k, v, log_decay, state, do, dfinal = _inputs(1, T, 2, 8, 4, "mixed", True, torch.float64)
+    log_gate = GATES[gate] * torch.rand(1, T, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = _gated_oracle(q, k, v, log_gate, log_decay, state, do, dfinal)
+    o, final = linear_attn_chunked(q, k, v, log_decay, state, 16, log_gate=log_gate, block_chunks=2)
+    grads = lightning_attn_bwd(q, k, v, log_decay, state, do, dfinal, backend="torch", log_gate=log_gate)
+    _assert_close((o, final, *grads), want, 1e-10, ("o", "final", "dq", "dk", "dv", "dstate", "dlog_gate"))
 
 
 # ---------------------------------------------------------------------------------------------------------------
