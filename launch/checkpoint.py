@@ -11,19 +11,26 @@ Layout: <root>/step_00000120/{manifest.json, trainer.json, model.pt, optim.pt, r
 A crash at any point leaves either the previous checkpoints untouched or a `.tmp-*` folder that nothing reads.
 Loading first verifies the manifest (every file present, sizes and checksums equal) and only then reads
 anything: a corrupt or truncated checkpoint is refused with a ValueError naming the file, never loaded half.
+
+The manifest proves integrity, not authenticity (anyone who can write a file can recompute its sha256), so nothing
+in a checkpoint may be able to run code when read: every .pt file is read by `load_tensors` (torch's weights-only
+unpickler: tensors, numbers, strings and plain containers, plus an explicit allow-list of data classes), the RNG
+states are stored as tensors and numbers, and everything else is JSON.
 """
 import hashlib
 import json
 import os
+import pickle
 import random
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import torch
 
-__all__ = ["MANIFEST", "step_dir", "save", "latest", "verify", "rng_state", "set_rng_state", "write_json",
-           "read_json"]
+__all__ = ["MANIFEST", "step_dir", "save", "latest", "verify", "load_tensors", "rng_state", "set_rng_state",
+           "write_json", "read_json"]
 
 MANIFEST = "manifest.json"
 
@@ -69,7 +76,11 @@ def write_json(path, obj):
 
 
 def read_json(path):
-    return json.loads(Path(path).read_text())
+    """The JSON in `path`; ValueError naming the file when it is not readable JSON (truncated, binary)."""
+    try:
+        return json.loads(Path(path).read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({e}): truncated or overwritten?") from None
 
 
 def _manifest(folder):
@@ -120,14 +131,16 @@ def latest(root):
     return done[-1] if done else None
 
 
-def verify(folder):
-    """ValueError unless every file of the manifest is there with its size and checksum. Returns the manifest."""
+def verify(folder, allow=()):
+    """ValueError unless every file of the manifest is there with its size and checksum, and every file that is
+    not JSON is a torch file of tensors and plain containers (`allow`: further data classes; read memory-mapped,
+    so this costs no tensor reads). Returns the manifest's files."""
     folder = Path(folder)
     if not (folder / MANIFEST).is_file():
         raise ValueError(f"checkpoint {folder} is incomplete: it has no {MANIFEST}; refusing to load it")
     try:
         files = read_json(folder / MANIFEST)["files"]
-    except (ValueError, KeyError) as e:
+    except (ValueError, KeyError, TypeError) as e:
         raise ValueError(f"checkpoint {folder}: {MANIFEST} is unreadable ({e}); refusing to load it") from None
     for name, want in files.items():
         path = folder / name
@@ -140,20 +153,54 @@ def verify(folder):
         if _sha256(path) != want["sha256"]:
             raise ValueError(f"checkpoint {folder} is corrupt: the checksum of {name} does not match the manifest; "
                              f"refusing to load it")
+    for name in files:
+        if name.endswith(".json"):
+            read_json(folder / name)
+        else:
+            load_tensors(folder / name, allow, mmap=True)
     return files
 
 
+def load_tensors(path, allow=(), mmap=False):
+    """torch.load that cannot run code -> the object. weights_only=True admits tensors, numbers, strings, None and
+    plain containers; `allow` names further classes (data only, e.g. DeepSpeed's loss scaler) to rebuild. A file
+    naming any other global (os.system, builtins.open, a numpy reconstructor) is refused with a ValueError naming
+    the file and the global, before anything in it runs."""
+    try:
+        with torch.serialization.safe_globals(list(allow)):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"GLOBAL (\S+)", str(e))
+        what = f"it names {found[1]}" if found else str(e).splitlines()[0]
+        raise ValueError(f"{path} holds more than tensors and plain containers ({what}); refusing to unpickle it: "
+                         f"a checkpoint is data, never code") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ValueError(f"{path} is not a readable torch file ({str(e).splitlines()[0]})") from None
+
+
 def rng_state():
-    """Every random generator this process uses (python, numpy, torch CPU and CUDA)."""
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every random generator this process uses (python, numpy, torch CPU and CUDA), as tensors and numbers so
+    that `load_tensors` reads it back (no numpy arrays or tuples that need unpickling)."""
+    version, words, gauss = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {"python": {"version": version, "words": torch.tensor(words, dtype=torch.int64), "gauss": gauss},
+             "numpy": {"name": name, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached": float(cached)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+        state["cuda"] = list(torch.cuda.get_rng_state_all())
     return state
 
 
-def set_rng_state(state):
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
+def set_rng_state(state, source="rng state"):
+    """Inverse of `rng_state`; ValueError naming `source` when the entries are not those rng_state writes."""
+    try:
+        py, npy = state["python"], state["numpy"]
+        random.setstate((py["version"], tuple(py["words"].tolist()), py["gauss"]))
+        np.random.set_state((npy["name"], npy["keys"].numpy().astype(np.uint32), npy["pos"], npy["has_gauss"],
+                             npy["cached"]))
+        torch.set_rng_state(state["torch"])
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise ValueError(f"{source} is not an RNG state written by launch/checkpoint.py ({e!r})") from None
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

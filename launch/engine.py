@@ -21,6 +21,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 import models
+from launch import checkpoint as ckpt
 from parallel import tensor
 
 __all__ = ["model_config", "build_model", "checkpoint_blocks", "lr_at", "build_optimizer", "LossModel",
@@ -100,6 +101,8 @@ class DDPEngine:
     """Plain torch: DistributedDataParallel over the whole world (averaging), clipping, AdamW, LambdaLR.
     data_group: the ranks to average over instead of the world (tensor parallelism: those holding the same shard)."""
 
+    safe_types = ()   # classes its checkpoint files may hold besides tensors and containers (ckpt.load_tensors)
+
     def __init__(self, model, optim_cfg, world_size, data_group=None):
         from torch.nn.parallel import DistributedDataParallel
         self.model, self.grad_clip = model, optim_cfg.grad_clip
@@ -135,9 +138,8 @@ class DDPEngine:
             torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict()}, folder / "optim.pt")
 
     def load(self, folder):
-        tensor.load_full_state_dict(self.model, torch.load(folder / "model.pt", map_location="cpu",
-                                                           weights_only=True))
-        state = torch.load(folder / "optim.pt", map_location="cpu", weights_only=True)
+        tensor.load_full_state_dict(self.model, ckpt.load_tensors(folder / "model.pt"))
+        state = ckpt.load_tensors(folder / "optim.pt")
         tensor.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -168,6 +170,31 @@ def _import_deepspeed(device):
     return deepspeed
 
 
+RECOVERY_SCRIPTS = ("zero_to_fp32.py", "zero_to_torch.py")
+
+
+def _deepspeed_safe_types():
+    """The data classes DeepSpeed pickles into its ZeRO files (found by loading stage 1-3 files; no code runs when
+    they are rebuilt: the loss scaler holds numbers, a fragment address two ints, the stage is an Enum);
+    everything else must be tensors and plain containers."""
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+    return [LossScaler, ZeroStageEnum, fragment_address]
+
+
+def _weights_only_deepspeed_loads(ds_engine):
+    """Route every file DeepSpeed's load_checkpoint reads through ckpt.load_tensors. DeepSpeed's own torch
+    checkpoint engine unpickles with weights_only=False, i.e. a crafted file runs code. Keeping DeepSpeed's format
+    (rather than re-deriving its partitions ourselves) keeps its exact resume of stages 1-3 and world-size checks;
+    only the reader changes. Checked: stages 1-3 read nothing else on this path (torch.load elsewhere in DeepSpeed
+    serves universal checkpoints, which we do not use)."""
+    engine = ds_engine.checkpoint_engine
+    assert type(engine).__name__ == "TorchCheckpointEngine", type(engine)   # the one whose reads we replace
+    safe = _deepspeed_safe_types()
+    engine.load = lambda path, map_location=None: ckpt.load_tensors(path, allow=safe)
+
+
 class DeepSpeedEngine(DDPEngine):
     """DeepSpeed ZeRO stage 1-3 over the whole world with a torch AdamW; same interface as DDPEngine."""
 
@@ -186,6 +213,8 @@ class DeepSpeedEngine(DDPEngine):
                   "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
         self.forward, self.optimizer, _, self.scheduler = ds.initialize(
             model=loss_model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+        _weights_only_deepspeed_loads(self.forward)
+        self.safe_types = _deepspeed_safe_types()
 
     @staticmethod
     def _outside_blocks(model):
@@ -202,6 +231,9 @@ class DeepSpeedEngine(DDPEngine):
 
     def save(self, folder, rank):
         self.forward.save_checkpoint(str(folder), tag=self.TAG, save_latest=False)
+        if rank == 0:  # DeepSpeed copies its recovery scripts in; a checkpoint holds data, never code
+            for script in RECOVERY_SCRIPTS:
+                (folder / script).unlink(missing_ok=True)
 
     def load(self, folder):
         path, _ = self.forward.load_checkpoint(str(folder), tag=self.TAG, load_optimizer_states=True,

@@ -103,23 +103,32 @@ def _check_compatible(saved, now, folder):
 
 
 def _resume(engine, root, rank, state_now, device):
-    """Load the newest checkpoint under root (verified first) -> the next step, 1 if there is none."""
+    """Load the newest checkpoint under root -> (the next step, the folder), (1, None) if there is none.
+
+    Rank 0 verifies the folder (manifest, checksums, every torch file weights-only) before any rank reads it; every
+    rank's reads are weights-only as well, and the ranks agree on success twice (after the check, after the reads),
+    so a bad file gives one clear error on every rank instead of a hang or code run by a crafted pickle."""
     folder, error = None, None
     try:
         folder = ckpt.latest(root)
         if folder is not None and rank == 0:
-            ckpt.verify(folder)
+            ckpt.verify(folder, engine.safe_types)
             _check_compatible(ckpt.read_json(folder / "trainer.json"), state_now, folder)
     except ValueError as e:
         error = e
     _agree(error, device)
     if folder is None:
         return 1, None
-    engine.load(folder)
-    rng_file = folder / f"rng-rank{rank}.pt"
-    if rng_file.exists():
-        ckpt.set_rng_state(torch.load(rng_file, weights_only=False))
-    return ckpt.read_json(folder / "trainer.json")["step"] + 1, folder
+    try:
+        engine.load(folder)
+        rng_file = folder / f"rng-rank{rank}.pt"
+        if rng_file.exists():
+            ckpt.set_rng_state(ckpt.load_tensors(rng_file), source=rng_file)
+        step = ckpt.read_json(folder / "trainer.json")["step"] + 1
+    except ValueError as e:
+        error, step = e, None
+    _agree(error, device)
+    return step, folder
 
 
 def _save(engine, root, step, state, run_dir, rank, keep):
