@@ -16,15 +16,16 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import lightning_attn, repeat_kv
+from kernels import lightning_attn, repeat_kv, state_dtype
 
-__all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin", "apply_rotary",
-           "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
+__all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "MIXER_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin",
+           "apply_rotary", "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
            "local_softmax_attention", "dense_attention", "run_linear_attention", "LinearAttention",
            "SoftmaxAttention", "chunked_cross_entropy", "normalize_positions", "init_linear_weights"]
 
 FEATURE_MAPS = {"identity": lambda x: x, "elu+1": lambda x: F.elu(x) + 1.0, "silu": F.silu}
-LINEAR_DECAYS = ("none", "lightning", "retention")
+LINEAR_DECAYS = ("none", "lightning", "retention")       # constant per-head decays (every linear mixer)
+MIXER_DECAYS = LINEAR_DECAYS + ("gated",)                # LinearAttention also takes a data-dependent gate
 
 
 def _compute_dtype(x):
@@ -128,30 +129,45 @@ def alibi_slopes(n_heads):
     return power_of_two(closest) + alibi_slopes(2 * closest)[0::2][:n_heads - closest]
 
 
-def lightning_log_decay(n_heads, layer_idx, n_layers, device=None):
-    """TNL/Lightning decay: log λ_{h,l} = −s_h·(1 − l/(L−1) + 1e−5). (H,) float32."""
+# The decays are built in float64 (H scalars) and cast by run_linear_attention to the state dtype of the
+# activations: a float64 model gets exact constants, a float32 one correctly rounded float32 ones. (Built in
+# float32 they cost a float64 TNL ~1e-9 on the logits against a float64 reference.)
+def lightning_log_decay(n_heads, layer_idx, n_layers, device=None, dtype=torch.float64):
+    """TNL/Lightning decay: log λ_{h,l} = −s_h·(1 − l/(L−1) + 1e−5). (H,) in `dtype`."""
     depth = 1.0 - layer_idx / max(n_layers - 1, 1) + 1e-5
-    return -torch.tensor(alibi_slopes(n_heads), dtype=torch.float32, device=device) * depth
+    return -torch.tensor(alibi_slopes(n_heads), dtype=dtype, device=device) * depth
 
 
-def retention_log_decay(n_heads, device=None):
-    """RetNet decay: λ_h = 1 − 2^(−5−h). (H,) float32."""
-    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(n_heads, dtype=torch.float32, device=device))))
+def retention_log_decay(n_heads, device=None, dtype=torch.float64):
+    """RetNet decay: λ_h = 1 − 2^(−5−h). (H,) in `dtype`."""
+    return torch.log1p(-(2.0 ** (-5.0 - torch.arange(n_heads, dtype=dtype, device=device))))
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def local_linear_attention(q, k, v, *, log_decay=None, causal=True):
+def local_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=True):
     """Linear attention on one process: (B, T, H, d_k), (B, T, H_kv, d_k), (B, T, H_kv, d_v) -> (B, T, H, d_v).
 
-    causal: o_i = Σ_{j≤i} λ^{i−j} (q_i·k_j) v_j (lightning_attn); non-causal (no decay): o_i = q_i Σ_j k_jᵀ v_j.
-    H_kv < H: grouped K/V heads, log_decay (H_kv,) (kernels.repeat_kv; the LASP engines take the same form).
+    causal: o_i = Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) v_j with G_i = Σ_{t≤i} (log λ + g_t) (lightning_attn); without
+    log_gate that is λ^{i−j}. Non-causal (no decay, no gate): o_i = q_i Σ_j k_jᵀ v_j. H_kv < H: grouped K/V heads,
+    log_decay (H_kv,) and log_gate (B, T, H_kv) per K/V head (the LASP engines take the same form).
     """
     k, v, log_decay = repeat_kv(q, k, v, log_decay)
     if causal:
-        return lightning_attn(q, k, v, log_decay=log_decay)[0]
+        return lightning_attn(q, k, v, log_decay=log_decay, **_gate_kwargs(q, log_gate))[0]
     if log_decay is not None:
         raise ValueError("log_decay needs causal=True: decay is only defined for causal attention")
+    if log_gate is not None:
+        raise ValueError(f"log_gate {tuple(log_gate.shape)} needs causal=True: a gate is only defined for causal "
+                         f"attention")
     return torch.einsum("bthk,bhkv->bthv", q, torch.einsum("bthk,bthv->bhkv", k, v))
+
+
+def _gate_kwargs(q, log_gate):
+    """{} without a gate (ungated mixers call lightning_attn as before), else {"log_gate": (B, T, H)}: the
+    (B, T, H_kv) gate repeated to q's H heads as repeat_kv repeats K/V (query head i reads K/V head i // G)."""
+    if log_gate is None:
+        return {}
+    return {"log_gate": log_gate.repeat_interleave(q.shape[2] // log_gate.shape[2], dim=2)}
 
 
 def dense_attention(q, k, v, mask, scale=None):
@@ -179,14 +195,19 @@ def local_softmax_attention(q, k, v, *, causal=True, scale=None, segment_ids=Non
     return dense_attention(q, k, v, mask, scale)
 
 
-def run_linear_attention(attn_fn, q, k, v, log_decay, cache):
-    """Training: attn_fn(q, k, v, log_decay=..., causal=True). Decoding (cache a dict): lightning_attn from the
-    cached state (B, H, d_k, d_v), storing the new final state, so a prefill continues exactly."""
+def run_linear_attention(attn_fn, q, k, v, log_decay, cache, log_gate=None):
+    """Training: attn_fn(q, k, v, log_decay=..., causal=True), with log_gate=... (B, T, H_kv) added only for a
+    gated mixer, so ungated mixers call the engines exactly as before. Decoding (cache a dict): lightning_attn from
+    the cached state (B, H, d_k, d_v), storing the new final state (S_t = e^{log λ + g_t} S_{t−1} + k_tᵀ v_t), so
+    a prefill continues exactly. log_decay is cast to the state dtype of q (float64 for a float64 model)."""
+    if log_decay is not None:
+        log_decay = log_decay.to(state_dtype(q.dtype))
     if cache is None:
-        return attn_fn(q, k, v, log_decay=log_decay, causal=True)
+        gate = {} if log_gate is None else {"log_gate": log_gate}
+        return attn_fn(q, k, v, log_decay=log_decay, causal=True, **gate)
     k, v, log_decay = repeat_kv(q, k, v, log_decay)
     o, cache["state"] = lightning_attn(q, k, v, log_decay=log_decay, initial_state=cache.get("state"),
-                                       output_final_state=True)
+                                       output_final_state=True, **_gate_kwargs(q, log_gate))
     return o
 
 
@@ -201,16 +222,25 @@ def _cached_softmax_attention(q, k, v, positions, cache):
 class LinearAttention(nn.Module):
     """Linear-attention mixer of Linear-Llama3 (LASP-2 setup), no RoPE:
 
-        q, k = φ(x W_q)/√d, φ(x W_k);  v = x W_v;  o = linear_attn(q, k, v, log_decay)
+        q, k = φ(x W_q)/√d, φ(x W_k);  v = x W_v;  o = linear_attn(q, k, v, log_decay[, log_gate])
         out = (RMSNorm_head(o) ⊙ silu(x W_g)) W_o
 
-    φ ∈ FEATURE_MAPS; decay "none" (λ = 1), "lightning" (TNL's per-head, per-layer ALiBi decay) or "retention"
-    (λ_h = 1 − 2^(−5−h)). The state runs across document boundaries: segment_ids are ignored here.
-    (B, T, D) -> (B, T, D).
+    φ ∈ FEATURE_MAPS; decay "none" (λ = 1), "lightning" (TNL's per-head, per-layer ALiBi decay), "retention"
+    (λ_h = 1 − 2^(−5−h)) or "gated": a data-dependent forget gate per token and head,
+
+        g_t = logsigmoid(x_t W_f + b_f) / τ  ≤ 0   (B, T, H),   S_t = e^{g_t} S_{t−1} + k_tᵀ v_t
+
+    as fla's SimpleGatedLinearAttention (its `gk_proj` D -> H with bias, τ = gate_logit_normalizer = 16, normal
+    init and zero bias: g starts near log(1/2)/16 ≈ −0.043, a memory of ~23 tokens). We follow simple GLA rather
+    than Mamba2 (g = −softplus(x W_dt + b_dt)·e^{A_log}, with the input also scaled by dt) because its q/k/v,
+    per-head norm and swish output gate are exactly this mixer's, so "gated" adds one projection and nothing
+    else. g ≤ 0 by construction, so the mixer makes no value check on it (which would need a device sync).
+    The state runs across document boundaries: segment_ids are ignored here. (B, T, D) -> (B, T, D).
     """
     linear_attn = staticmethod(local_linear_attention)
 
-    def __init__(self, dim, n_heads, *, feature_map="silu", decay="none", layer_idx=0, n_layers=1, eps=1e-6):
+    def __init__(self, dim, n_heads, *, feature_map="silu", decay="none", layer_idx=0, n_layers=1, eps=1e-6,
+                 gate_logit_normalizer=16.0):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.feature_map, self.decay = feature_map, decay
@@ -218,12 +248,21 @@ class LinearAttention(nn.Module):
         self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj = (
             nn.Linear(dim, dim, bias=False) for _ in range(5))
         self.norm = RMSNorm(self.head_dim, eps)
+        # column-parallel under tensor parallelism like q/k/v (one row per head), so a rank gates its own heads
+        self.forget_proj = nn.Linear(dim, n_heads) if decay == "gated" else None
+        self.gate_logit_normalizer = gate_logit_normalizer
 
     def log_decay(self, device=None):
-        """(H,) log λ ≤ 0, or None without decay. A constant of the architecture, not a parameter."""
+        """(H,) log λ ≤ 0, or None without a constant decay. A constant of the architecture, not a parameter."""
         if self.decay == "lightning":
             return lightning_log_decay(self.n_heads, self.layer_idx, self.n_layers, device)
         return retention_log_decay(self.n_heads, device) if self.decay == "retention" else None
+
+    def log_gate(self, x):
+        """(B, T, D) -> (B, T, H) g = logsigmoid(x W_f + b_f)/τ in the state dtype, or None if not gated."""
+        if self.forget_proj is None:
+            return None
+        return F.logsigmoid(self.forget_proj(x).to(state_dtype(x.dtype))) / self.gate_logit_normalizer
 
     def forward(self, x, positions=None, segment_ids=None, cache=None):
         B, T, _ = x.shape
@@ -232,7 +271,7 @@ class LinearAttention(nn.Module):
         q = phi(self.q_proj(x).view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5
         k = phi(self.k_proj(x).view(B, T, -1, self.head_dim))
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
-        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache)
+        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache, self.log_gate(x))
         o = self.norm(o).flatten(2) * F.silu(self.g_proj(x))
         return self.out_proj(o)
 

@@ -3,7 +3,9 @@
 Differences from Llama-3: layer i uses `pattern[i % len(pattern)]`, L = linear attention (no RoPE, feature map on
 q/k, per-head RMSNorm on the output, swish output gate; models/common.LinearAttention), N = normal softmax
 attention (GQA, RoPE base 500000). "L" is pure linear, "LLLN" the 1/4 hybrid. RMSNorm pre-norm, SwiGLU, untied
-embeddings, no biases.
+embeddings, no biases. Variant (not in the paper): linear_decay="gated" gives every linear layer a data-dependent
+forget gate per token and head, g = logsigmoid(x W_f + b_f)/τ (fla's simple GLA; common.LinearAttention), with
+the only bias of the model.
 
 Shapes: tokens (B, T) local shard; positions (T,) or (B, T) GLOBAL positions (RoPE sees them, so both sequence
 layouts give the same model); segment_ids (B, T) document ids, used by softmax layers only (linear layers carry
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .common import (FEATURE_MAPS, LINEAR_DECAYS, LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU,
+from .common import (FEATURE_MAPS, MIXER_DECAYS, LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU,
                      chunked_cross_entropy, init_linear_weights, normalize_positions)
 
 __all__ = ["LinearLlamaConfig", "PRESETS", "LinearLlamaBlock", "LinearLlama"]
@@ -29,7 +31,8 @@ class LinearLlamaConfig:
     n_kv_heads: int = 8             # softmax (N) layers only; linear layers use n_heads for k and v
     ffn_dim: int = 8192
     pattern: str = "L"              # repeated over the layers: L = linear, N = normal softmax attention
-    linear_decay: str = "none"      # "none" (basic linear attention) | "lightning" | "retention"
+    linear_decay: str = "none"      # "none" (basic linear attention) | "lightning" | "retention" | "gated"
+    gate_logit_normalizer: float = 16.0  # "gated": g = logsigmoid(x W_f + b)/τ with this τ (fla's simple GLA)
     feature_map: str = "silu"       # "identity" | "elu+1" | "silu"
     rope_base: float = 500000.0
     norm_eps: float = 1e-5
@@ -47,8 +50,10 @@ class LinearLlamaConfig:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim} into an even head dim")
         if self.n_heads % self.n_kv_heads:
             raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        if self.linear_decay not in LINEAR_DECAYS:
-            raise ValueError(f"linear_decay must be one of {LINEAR_DECAYS}, got {self.linear_decay!r}")
+        if self.linear_decay not in MIXER_DECAYS:
+            raise ValueError(f"linear_decay must be one of {MIXER_DECAYS}, got {self.linear_decay!r}")
+        if not self.gate_logit_normalizer > 0:
+            raise ValueError(f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {self.feature_map!r}")
 
@@ -59,7 +64,7 @@ class LinearLlamaConfig:
 
 # Size names are nominal (128256-token untied vocabulary; a linear layer has q, k, v, gate, out at full width as
 # released, 2.5·D² more than GQA softmax attention): pure-linear counts are 0.48B / 1.67B / 9.37B, and
-# pattern "N" gives Llama-3-8B's 8.03B for the 8B shape.
+# pattern "N" gives Llama-3-8B's 8.03B for the 8B shape. "gated" adds H·(D + 1) per linear layer (W_f, b_f).
 PRESETS = {
     "linear-llama3-0.3b": LinearLlamaConfig(n_layers=12, dim=1024, n_heads=16, ffn_dim=4096),
     "linear-llama3-0.3b-hybrid": LinearLlamaConfig(n_layers=12, dim=1024, n_heads=16, ffn_dim=4096, pattern="LLLN"),
@@ -71,6 +76,14 @@ PRESETS = {
     # trains in minutes on a CPU (byte-level vocabulary)
     "linear-llama3-tiny": LinearLlamaConfig(vocab_size=256, dim=128, n_layers=4, n_heads=8, n_kv_heads=4,
                                             ffn_dim=384, pattern="LLLN", loss_chunk_tokens=512),
+    # data-dependent forget gate per token and head (linear_decay="gated", common.LinearAttention): pure, 1/4 hybrid
+    "linear-llama3-tiny-gated": LinearLlamaConfig(vocab_size=256, dim=128, n_layers=4, n_heads=8, n_kv_heads=4,
+                                                  ffn_dim=384, pattern="L", linear_decay="gated",
+                                                  loss_chunk_tokens=512),
+    "linear-llama3-tiny-gated-hybrid": LinearLlamaConfig(vocab_size=256, dim=128, n_layers=4, n_heads=8,
+                                                         n_kv_heads=4, ffn_dim=384, pattern="LLLN",
+                                                         linear_decay="gated", loss_chunk_tokens=512),
+    "linear-llama3-1b-gated-hybrid": LinearLlamaConfig(pattern="LLLN", linear_decay="gated"),
 }
 
 
@@ -83,7 +96,8 @@ class LinearLlamaBlock(nn.Module):
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         if kind == "L":
             self.mixer = LinearAttention(cfg.dim, cfg.n_heads, feature_map=cfg.feature_map, decay=cfg.linear_decay,
-                                         layer_idx=layer_idx, n_layers=cfg.n_layers, eps=cfg.norm_eps)
+                                         layer_idx=layer_idx, n_layers=cfg.n_layers, eps=cfg.norm_eps,
+                                         gate_logit_normalizer=cfg.gate_logit_normalizer)
         else:
             self.mixer = SoftmaxAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base)
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)

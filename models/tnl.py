@@ -4,7 +4,9 @@ Differences from Llama: every layer is a gated linear attention (GLA) with a fix
 λ_{h,l} = exp(−s_h·(1 − l/(L−1) + 1e−5)), s_h the ALiBi slopes; one fused q/k/v/u projection; SiLU on q and k
 only; no 1/√d scale; LRPE-d in layer 0 only (q, k widened to 2d: d_k = 2·d_v); SRMSNorm (no weight) everywhere,
 including over the full hidden width of the attention output; a linear output gate u (no activation); an SGLU
-channel mixer without activation; embeddings scaled by √D (or 1) and tied to the output head.
+channel mixer without activation; embeddings scaled by √D (or 1) and tied to the output head; token 0 is the
+padding row (pad_token_id = 0, as the release's nn.Embedding(..., padding_idx=0)): zero at init and no gradient
+from the lookup; it still gets the tied head's gradient, as in the release.
 
 Shapes: tokens (B, T) local shard; positions (T,) or (B, T) GLOBAL positions (LRPE sees them, so both sequence
 layouts give the same model); segment_ids are accepted and ignored (no softmax layers; linear layers carry their
@@ -30,6 +32,7 @@ class TNLConfig:
     n_heads: int = 8
     glu_dim: int = 2816
     scale_embedding: bool = True    # x = embed(ids)·√D, else ·1 (released default: scaled)
+    pad_token_id: int = 0           # the release's padding_idx: row zero at init, no gradient from the lookup; -1 none
     norm_eps: float = 1e-6
     init_std: float = 0.02
     loss_chunk_tokens: int = 1024   # tokens per chunk of the chunked cross-entropy
@@ -37,6 +40,9 @@ class TNLConfig:
     def __post_init__(self):
         if self.dim % self.n_heads:
             raise ValueError(f"n_heads={self.n_heads} must divide dim={self.dim}")
+        if not -1 <= self.pad_token_id < self.vocab_size:
+            raise ValueError(f"pad_token_id={self.pad_token_id} must be -1 (none) or a token id below "
+                             f"vocab_size={self.vocab_size}")
 
 
 PRESETS = {
@@ -130,13 +136,25 @@ class TransNormerLLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self):
-        """Normal(0, init_std) for every weight, as released; LRPE θ from its formula."""
+        """Normal(0, init_std) for every weight, as released; the padding row zero; LRPE θ from its formula."""
         init_linear_weights(self, self.config.init_std, self.config.init_std)
+        if self.config.pad_token_id >= 0:
+            self.embed.weight[self.config.pad_token_id].zero_()
+
+    def embed_tokens(self, tokens):
+        """(B, T) -> (B, T, D) scaled embeddings. Lookups of the padding token pass no gradient to its row, as
+        nn.Embedding(padding_idx=...) does; done here, not by padding_idx, so that it also holds when
+        parallel/tensor.py replaces `embed` with its vocabulary-parallel lookup."""
+        x = self.embed(tokens)
+        pad = self.config.pad_token_id
+        if pad >= 0:
+            x = torch.where((tokens == pad)[..., None], x.detach(), x)
+        return x * self.embed_scale
 
     def forward(self, tokens, positions, segment_ids=None, cache=None):
         """tokens (B, T), positions (T,)/(B, T) global -> hidden (B, T, D). cache: see `new_cache`."""
         positions = normalize_positions(positions, *tokens.shape)
-        x = self.embed(tokens) * self.embed_scale
+        x = self.embed_tokens(tokens)
         for i, layer in enumerate(self.layers):
             x = layer(x, positions, segment_ids, None if cache is None else cache[i])
         return self.norm(x)

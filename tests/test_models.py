@@ -6,6 +6,9 @@ loss sum, the token count and every parameter gradient; the parent compares with
 """
 import copy
 import dataclasses
+import functools
+import inspect
+import math
 import os
 import pathlib
 import re
@@ -19,7 +22,8 @@ import lasp
 import models
 from lasp.apply import LINEAR_ENGINES, SOFTMAX_ENGINES, apply_sequence_parallel, resolve_engines
 from models import LinearLlamaConfig, TNLConfig
-from models.common import alibi_slopes, chunked_cross_entropy, lightning_log_decay
+from kernels import lightning_attn
+from models.common import alibi_slopes, chunked_cross_entropy, lightning_log_decay, local_linear_attention
 from models.generation import generate
 from parallel import comm, layout as layouts
 from tests.dist import rel_err, run_ranks
@@ -33,7 +37,28 @@ FAMILIES = {  # tiny float64 configs covering every mixer variant
     "basic": LinearLlamaConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
                                pattern="LN", linear_decay="none", feature_map="identity"),
     "tnl": TNLConfig(vocab_size=101, dim=64, n_layers=3, n_heads=4, glu_dim=96, loss_chunk_tokens=40),
+    # data-dependent forget gate per token and head, pure and hybrid
+    "gated": LinearLlamaConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                               pattern="LL", linear_decay="gated", feature_map="silu", gate_logit_normalizer=4.0),
+    "gated-hybrid": LinearLlamaConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=64,
+                                      pattern="LN", linear_decay="gated", feature_map="elu+1"),
 }
+GATED = ("gated", "gated-hybrid")
+KERNEL_GATES = "log_gate" in inspect.signature(lightning_attn).parameters
+
+
+@functools.cache
+def _gate_support(linear):
+    """None if the linear engine runs a log_gate (probed on one process, T = 2), else why not (a skip reason)."""
+    engine = resolve_engines(linear)[0]
+    if not KERNEL_GATES or "log_gate" not in inspect.signature(engine).parameters:
+        return f"the {linear!r} engine (or kernels.lightning_attn) takes no log_gate in this checkout"
+    x = torch.zeros(1, 2, 1, 2, dtype=torch.float64)
+    try:
+        engine(x, x, x, log_gate=torch.zeros(1, 2, 1, dtype=torch.float64), causal=True)
+    except ValueError as e:                                             # an engine that refuses gates for now
+        return f"the {linear!r} engine refuses log_gate: {e}"
+    return None
 
 
 def _cases():
@@ -44,7 +69,8 @@ def _cases():
         for linear in LINEAR_ENGINES:
             for softmax in (SOFTMAX_ENGINES[:-1] if has_softmax else ("allgather",)):
                 for layout in layouts.LAYOUTS:
-                    if (family == "basic" and softmax != "allgather") or (linear == "lasp1" and layout == "zigzag"):
+                    if (family in ("basic", *GATED) and softmax != "allgather") or (linear == "lasp1" and
+                                                                                   layout == "zigzag"):
                         continue                                        # LASP-1 is a contiguous-only engine
                     cases.append((family, linear, softmax, layout, torch.float64))
     return cases + [("hybrid", "lasp2", "ring", "zigzag", torch.float32)]
@@ -63,7 +89,7 @@ def _runnable(case):
         resolve_engines(*case[1:4])
     except ValueError as e:
         return str(e)
-    return None
+    return _gate_support(case[1]) if case[0] in GATED else None
 
 
 def _inputs():
@@ -139,6 +165,8 @@ def test_sequence_parallel_matches_one_process(case, sp_results):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_recurrent_decoding_continues_parallel_prefill(family):
+    if family in GATED and not KERNEL_GATES:
+        pytest.skip("kernels.lightning_attn takes no log_gate in this checkout")
     model = _models()[family].eval()
     tokens = _inputs()["tokens"]
     with torch.no_grad():
@@ -158,6 +186,164 @@ def test_greedy_generation_follows_full_forward_argmax():
     with torch.no_grad():
         logits = model.logits(model(out[:, :-1], torch.arange(out.shape[1] - 1)))
     assert torch.equal(out[:, 5:], logits[:, 4:].argmax(-1))
+
+
+# ------------------------------------------------------------------------------------------------ gated mixer
+def _dense_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=True):
+    """Float64 quadratic form o_i = Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) v_j, G_i = Σ_{t≤i} (log λ + g_t) per head;
+    grouped K/V heads (and their log_decay (H_kv,), log_gate (B, T, H_kv)) repeated to q's heads. Causal only."""
+    assert causal
+    groups = q.shape[2] // k.shape[2]
+    dtype, q = q.dtype, q.double()
+    k, v = (x.double().repeat_interleave(groups, dim=2) for x in (k, v))
+    B, T, H = q.shape[:3]
+    g = q.new_zeros(B, T, H)
+    if log_decay is not None:
+        g = g + log_decay.double().repeat_interleave(groups)
+    if log_gate is not None:
+        g = g + log_gate.double().repeat_interleave(groups, dim=2)
+    G = g.cumsum(1).transpose(1, 2)                                         # (B, H, T)
+    allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    weight = torch.where(allowed, G[..., :, None] - G[..., None, :], float("-inf")).exp()
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * weight
+    return torch.einsum("bhij,bjhd->bihd", scores, v).to(dtype)
+
+
+def _set_linear_attn(model, attn_for):
+    """Every linear mixer m of `model` attends with attn_for(m) (what apply_sequence_parallel sets)."""
+    for m in model.modules():
+        if hasattr(m, "linear_attn"):
+            m.linear_attn = attn_for(m)
+    return model
+
+
+def _long_inputs(length=80):
+    """A batch longer than one 64-token kernel chunk (the gates cross a chunk boundary)."""
+    g = torch.Generator().manual_seed(7)
+    return {"tokens": torch.randint(0, 101, (B, length), generator=g),
+            "labels": torch.randint(0, 101, (B, length), generator=g),
+            "loss_mask": None, "segment_ids": (torch.arange(length) >= 30).long().expand(B, -1)}
+
+
+@pytest.mark.skipif(not KERNEL_GATES, reason="kernels.lightning_attn takes no log_gate in this checkout")
+@pytest.mark.parametrize("family", GATED)
+def test_gated_model_matches_the_float64_quadratic_form(family):
+    """The gated model on one process (lightning_attn with log_gate, chunked) equals the same model with every
+    linear mixer's attention replaced by the dense float64 quadratic form: loss and every parameter gradient,
+    the forget gate's W_f and b_f included."""
+    model = _models()[family]
+    reference = _set_linear_attn(copy.deepcopy(model), lambda m: _dense_linear_attention)
+    batch, positions = _long_inputs(), torch.arange(80)
+    loss, grads = _loss_and_grads(model, batch, positions, lambda x: x)
+    ref_loss, ref_grads = _loss_and_grads(reference, batch, positions, lambda x: x)
+    assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss), (loss, ref_loss)
+    assert any("forget_proj" in n for n in ref_grads)
+    for name, ref in ref_grads.items():
+        assert ref.norm() > 0, f"{name} got no gradient"
+        assert rel_err(grads[name], ref) < 1e-10, f"{name}: rel err {rel_err(grads[name], ref):.2e}"
+
+
+def test_gated_mixers_pass_log_gate_and_ungated_mixers_do_not():
+    """Bound as apply_sequence_parallel binds engines (functools.partial(engine, layout=, group=)), a stand-in
+    engine on one process sees what the mixers pass: a gated mixer calls it
+    with log_gate = logsigmoid(x W_f + b_f)/τ (B, T, H_kv) ≤ 0 of its input x, carrying gradient, and no
+    log_decay; an ungated one exactly as before (log_decay only)."""
+    calls = []
+
+    def engine(q, k, v, *, log_decay=None, causal=True, layout="contiguous", group=None, **gate):
+        calls.append((log_decay, gate, k.shape[2]))
+        return _dense_linear_attention(q, k, v, log_decay=log_decay, causal=causal, **gate)
+
+    tokens = _inputs()["tokens"]
+    for family in ("pure", "gated-hybrid"):
+        bound = functools.partial(engine, layout="contiguous", group=None)
+        model = _set_linear_attn(_models()[family], lambda m: bound)
+        mixer_inputs = []
+        for m in model.modules():
+            if hasattr(m, "linear_attn"):
+                m.register_forward_pre_hook(lambda m, args: mixer_inputs.append((m, args[0])))
+        calls.clear()
+        model.logits(model(tokens, torch.arange(T))).square().mean().backward()
+        assert len(calls) == len(mixer_inputs) == FAMILIES[family].layer_types().count("L")
+        for (mixer, x), (log_decay, gate, kv_heads) in zip(mixer_inputs, calls):
+            if family == "pure":
+                assert gate == {} and log_decay.dtype == torch.float64
+                continue
+            assert log_decay is None and set(gate) == {"log_gate"}
+            g = gate["log_gate"]
+            assert g.shape == (B, T, kv_heads) and g.dtype == torch.float64 and g.requires_grad
+            expected = F.logsigmoid(F.linear(x, mixer.forget_proj.weight, mixer.forget_proj.bias)) / 16.0
+            assert mixer.gate_logit_normalizer == 16.0 and rel_err(g, expected) < 1e-15
+            assert bool((g <= 0).all()) and bool((g < 0).any())
+        assert all(p.grad is not None and p.grad.norm() > 0 for p in model.parameters())
+
+
+def _exact_log_decays(family, mixer):
+    """The model's log λ (H,) written out in float64 from the formulas, not from models.common."""
+    H = mixer.n_heads
+    if family == "tnl":
+        depth = 1.0 - mixer.layer_idx / (mixer.n_layers - 1) + 1e-5
+        return torch.tensor([-(2.0 ** (-8.0 * (h + 1) / H)) * depth for h in range(H)], dtype=torch.float64)
+    return torch.tensor([math.log1p(-(2.0 ** (-5.0 - h))) for h in range(H)], dtype=torch.float64)
+
+
+@pytest.mark.parametrize("family", ["tnl", "pure"])
+def test_float64_models_use_float64_decays(family):
+    """A float64 model (lightning decay for TNL, retention for "pure") against the dense form with its decays
+    written out in float64: equal to rounding (the decays used to be built in float32: ~1e-9 on TNL logits)."""
+    model = _models()[family].eval()
+
+    def per_mixer(mixer):
+        exact = _exact_log_decays(family, mixer)
+
+        def attn(q, k, v, *, log_decay, causal=True):
+            assert log_decay.dtype == torch.float64
+            return _dense_linear_attention(q, k, v, log_decay=exact, causal=causal)
+        return attn
+
+    reference = _set_linear_attn(copy.deepcopy(model), per_mixer)
+    tokens = _inputs()["tokens"]
+    with torch.no_grad():
+        logits = model.logits(model(tokens, torch.arange(T)))
+        expected = reference.logits(reference(tokens, torch.arange(T)))
+    assert rel_err(logits, expected) < 1e-13
+
+
+def test_tnl_padding_row_follows_the_release():
+    """pad_token_id 0 (the release's padding_idx): row 0 zero at init; its lookups pass no gradient (the row
+    still gets the tied head's), the forward is unchanged; -1 turns it off."""
+    model = _models()["tnl"]
+    assert torch.count_nonzero(model.embed.weight[0]) == 0 and torch.count_nonzero(model.embed.weight[1]) > 0
+    with torch.no_grad():
+        model.embed.weight[0].normal_()                                 # as after training through the tied head
+    tokens = _inputs()["tokens"].clone()
+    tokens[:, ::3] = 0
+    labels = _inputs()["labels"]
+    hidden = model(tokens, torch.arange(T))
+    dweight, = torch.autograd.grad(model.loss(hidden, labels)[0], model.embed.weight)
+    head_only, = torch.autograd.grad(model.loss(hidden.detach(), labels)[0], model.embed.weight)
+    assert rel_err(dweight[0], head_only[0]) < 1e-14                    # nothing from the lookups of token 0
+    assert rel_err(dweight[1:], head_only[1:]) > 1e-3                   # other rows: lookups and head
+    unpadded = copy.deepcopy(model)
+    unpadded.config = dataclasses.replace(model.config, pad_token_id=-1)
+    assert torch.equal(unpadded(tokens, torch.arange(T)), hidden.detach())
+    dweight, = torch.autograd.grad(unpadded.loss(unpadded(tokens, torch.arange(T)), labels)[0],
+                                   unpadded.embed.weight)
+    assert rel_err(dweight[0], head_only[0]) > 1e-3
+    fresh = models.build_model(dataclasses.replace(FAMILIES["tnl"], pad_token_id=-1))
+    assert torch.count_nonzero(fresh.embed.weight[0]) > 0
+
+
+def test_gated_presets_reach_the_launcher():
+    """--model linear-llama3-tiny-gated, or linear_decay through --model.overrides, passes the launcher's checks."""
+    from launch.config import check_config, parse_args
+    for argv in (["--model", "linear-llama3-tiny-gated"], ["--model", "linear-llama3-tiny-gated-hybrid"],
+                 ["--model.overrides", '{"linear_decay": "gated"}']):
+        cfg, _ = parse_args(argv)
+        check_config(cfg, world_size=cfg.parallel.sp)
+        model_cfg = dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides)
+        model = models.build_model(model_cfg, device="meta")
+        assert all(l.mixer.forget_proj is not None for l in model.layers if l.kind == "L")
 
 
 def test_chunked_cross_entropy_matches_dense_loss():
@@ -181,7 +367,8 @@ def _expected_params(cfg):
     if isinstance(cfg, TNLConfig):
         return cfg.vocab_size * D + cfg.n_layers * (5 * D * D + 3 * D * cfg.glu_dim) + D  # + LRPE θ (H·d = D)
     d = D // cfg.n_heads
-    mixer = {"L": 5 * D * D + d, "N": 2 * D * D + 2 * D * cfg.n_kv_heads * d}
+    gate = cfg.n_heads * (D + 1) if cfg.linear_decay == "gated" else 0        # W_f (H, D) and b_f (H,)
+    mixer = {"L": 5 * D * D + d + gate, "N": 2 * D * D + 2 * D * cfg.n_kv_heads * d}
     per_layer = sum(mixer[k] + 2 * D + 3 * D * cfg.ffn_dim for k in cfg.layer_types())
     return 2 * cfg.vocab_size * D + D + per_layer
 
@@ -210,7 +397,8 @@ def test_tnl_decay_follows_the_release():
     assert alibi_slopes(8) == [2.0 ** (-(h + 1)) for h in range(8)]
     assert alibi_slopes(20)[:16] == alibi_slopes(16) and alibi_slopes(20)[16:] == alibi_slopes(32)[0:8:2]
     ld = lightning_log_decay(4, 1, 3)
-    assert torch.allclose(ld, -torch.tensor(alibi_slopes(4)) * (0.5 + 1e-5))
+    expected = -torch.tensor(alibi_slopes(4), dtype=torch.float64) * (0.5 + 1e-5)
+    assert ld.dtype == torch.float64 and torch.equal(ld, expected)
     model = models.build_model(FAMILIES["tnl"])
     assert model.layers[0].mixer.lrpe is not None and all(l.mixer.lrpe is None for l in model.layers[1:])
     assert not any("norm" in n for n, _ in model.named_parameters())    # SRMSNorm has no weight
@@ -258,7 +446,7 @@ def test_unknown_names_raise():
     with pytest.raises(ValueError, match="linear-llama3-1b"):
         models.build_model("llama-1b", device="meta")
     model = models.build_model(FAMILIES["hybrid"])
-    with pytest.raises(ValueError, match=r"\('lasp2', 'lasp1'\)"):
+    with pytest.raises(ValueError, match=re.escape(str(LINEAR_ENGINES))):
         apply_sequence_parallel(model, linear="lasp3")
     with pytest.raises(ValueError, match=r"\('allgather', 'ring', 'ulysses', 'local'\)"):
         apply_sequence_parallel(model, softmax="flash")
@@ -268,6 +456,12 @@ def test_unknown_names_raise():
         LinearLlamaConfig(feature_map="relu")
     with pytest.raises(ValueError, match="linear_decay"):
         LinearLlamaConfig(linear_decay="gla")
+    with pytest.raises(ValueError, match="gate_logit_normalizer must be > 0, got 0"):
+        LinearLlamaConfig(linear_decay="gated", gate_logit_normalizer=0)
+    with pytest.raises(ValueError, match="linear_decay"):                # BAM has no gated experts (silently ungated)
+        models.BAMConfig(linear_decay="gated")
+    with pytest.raises(ValueError, match="pad_token_id=101 must be -1 .* vocab_size=101"):
+        TNLConfig(vocab_size=101, pad_token_id=101)
 
 
 def test_bad_shapes_raise():
@@ -284,6 +478,9 @@ def test_bad_shapes_raise():
     model = models.build_model(FAMILIES["tnl"])
     with pytest.raises(ValueError, match="positions"):
         model(torch.zeros(2, 8, dtype=torch.long), torch.arange(7))
+    x = torch.ones(1, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"log_gate \(1, 4, 2\) needs causal=True"):
+        local_linear_attention(x, x, x, log_gate=-torch.ones(1, 4, 2), causal=False)
     apply_sequence_parallel(model, layout="zigzag")                     # one process: lasp2 with no group
     with pytest.raises(ValueError, match="zigzag"):
         model(torch.zeros(1, 7, dtype=torch.long), torch.arange(7))
