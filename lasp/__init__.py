@@ -1,8 +1,10 @@
-"""Linear-attention sequence parallelism: LASP-2 (one all-gather each way) and LASP-1 (ring baseline)."""
+"""Linear-attention sequence parallelism: LASP-2 (one all-gather each way), LASP-1 (ring baseline) and All-Scan
+(one prefix state per segment, pipelined point to point)."""
+from .allscan import allscan
 from .lasp1 import lasp1
 from .lasp2 import lasp2
 
-__all__ = ["lasp1", "lasp2"]
+__all__ = ["allscan", "lasp1", "lasp2"]
 from .ring_linear import ring_linear_attention  # noqa: E402  the left-product ring baseline (benchmarks)
 
 __all__ += ["ring_linear_attention"]

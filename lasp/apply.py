@@ -11,12 +11,14 @@ import inspect
 
 from parallel import allgather_attention, comm, layout as layouts, mesh, ring_attention, ulysses_attention
 
+from .allscan import allscan
 from .lasp1 import lasp1
 from .lasp2 import lasp2
 
 __all__ = ["LINEAR_ENGINES", "SOFTMAX_ENGINES", "resolve_engines", "apply_sequence_parallel"]
 
-LINEAR_ENGINES = ("lasp2", "lasp1")
+LINEAR_ENGINES = ("lasp2", "lasp1", "allscan")
+_LINEAR_FUNCTIONS = {"lasp2": lasp2, "lasp1": lasp1, "allscan": allscan}
 SOFTMAX_ENGINES = ("allgather", "ring", "ulysses", "local")
 _SOFTMAX_FUNCTIONS = {"allgather": allgather_attention, "ring": ring_attention, "ulysses": ulysses_attention}
 
@@ -41,7 +43,7 @@ def resolve_engines(linear="lasp2", softmax="allgather", layout="contiguous"):
         softmax_fn = _SOFTMAX_FUNCTIONS[softmax]
         if layout != "contiguous" and not _takes_layout(softmax_fn):
             raise ValueError(f"softmax engine {softmax!r} runs only the 'contiguous' layout, got {layout!r}")
-    return (lasp2 if linear == "lasp2" else lasp1), softmax_fn
+    return _LINEAR_FUNCTIONS[linear], softmax_fn
 
 
 def _bind(engine, layout, group):

@@ -1,0 +1,267 @@
+"""All-Scan (ZeCO-style): each rank receives ONE prefix state per segment, in K blocks pipelined down a chain.
+
+Shapes: local shards q (B, T_local, H, d_k), k (B, T_local, H_kv, d_k), v (B, T_local, H_kv, d_v), H a multiple
+of H_kv; states (B, H_kv, d_k, d_v) in float32 (float64 for float64 inputs). A rank's tokens are n segments of c
+tokens (n = 1 contiguous, 2 zigzag) with global sub-chunk indices g = 0..N−1, N = W·n (parallel/layout.py).
+Causal, λ = exp(log_decay) per K/V head, a = λ^c the decay of a whole segment (lasp/common.py for M, dM):
+
+  forward   M_g = Σ_t λ^{c−1−t} k_tᵀ v_t                 the segment's own state, computed first
+            P_{g+1} = a·P_g + M_g   (P_0 = 0)             the chain: P_g comes from the owner of sub-chunk g−1
+                                                          in K column blocks of d_v; each block is folded and
+                                                          sent on to the owner of g+1 as soon as it is folded
+            o_t = O_intra,t + λ^{t+1} q_t P_g             O_intra computed while the first blocks travel
+  backward  dM_g = Σ_t λ^{t+1} q_tᵀ dO_t;  G_{g−1} = a·G_g + dM_g  (G_{N−1} = 0): the same chain reversed,
+            dq_t += λ^{t+1} dO_t P_gᵀ,  dk_t += λ^{c−1−t} v_t G_gᵀ,  dv_t += λ^{c−1−t} k_t G_g
+  non-causal (λ = 1): total = prefix + own + suffix, own = Σ of the rank's segments' M, with a prefix chain up
+            the ranks and a suffix chain down them (one state in from each side); ranks in the lower half
+            serve the prefix chain first, the upper half the suffix chain, so neither waits for the other.
+
+Message flow. A chain start (no predecessor) sends its blocks before the local compute. Every other rank posts
+all its receives first, computes O_intra (or the intra backward), then for block j = 0..K−1: wait, fold, send.
+Time on W ranks for an m-byte state (α latency, β bandwidth): the last rank has its prefix after about
+(h + K − 1)(α + m/(Kβ)) for h hops, against (W−1)(α + m/β) for LASP-2's all-gather, and it received m bytes
+(LASP-2: (W−1)·m). `choose_blocks` minimises that: K = sqrt((h−1)·m/(αβ)), clamped to [1, min(d_v, 8)].
+
+Zigzag: the chain runs through the first segments (sub-chunks 0..W−1, ranks 0→W−1), turns on rank W−1 with no
+message (it holds sub-chunks W−1 and W), and comes back through the second segments (ranks W−1→0): h = 2(W−1)
+hops. Each segment still has exactly one predecessor and one successor, so one state in and one out per
+segment; rank 0's first and rank W−1's second segment take theirs without a message.
+
+Bytes received per rank and pass: one state (B·H_kv·d_k·d_v·elem) per segment that has a predecessor on
+another rank, independent of W and T. Length check: every rank's (T_local, n) travels in one tiny all-gather
+(8 bytes per rank, forward only) started before the chain and checked after it: message sizes do not depend on
+T_local, so ranks holding different lengths all finish the chain and then all raise the same ValueError
+instead of hanging. B, H_kv, d_k, d_v and K must agree across ranks (they come from the model and the code).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+
+from kernels import resolve_backend, state_dtype
+from parallel import comm, layout as layouts, mesh
+
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, from_segments,
+                     intra_backward, intra_forward, local_state, state_grad, to_segments)
+
+__all__ = ["allscan", "allscan_forward", "allscan_backward", "choose_blocks", "DEFAULT_NETWORK"]
+
+LOCAL = "local"        # a link fed by the previous link on the same rank (the zigzag turn), no message
+MAX_BLOCKS = 8
+# assumed by `choose_blocks` when no network model is set: one 25 Gbit/s link, 10 µs per message
+DEFAULT_NETWORK = comm.NetworkModel(latency_s=10e-6, bytes_per_s=25e9 / 8)
+
+
+def choose_blocks(state_bytes, hops, d_v, model=None):
+    """K minimising (h + K − 1)(α + m/(Kβ)): round(sqrt((h−1)·m/(αβ))) in [1, min(d_v, 8)]; 1 for h ≤ 1.
+
+    model: a comm.NetworkModel; default the one in force (LASP_SIM_NETWORK), else DEFAULT_NETWORK."""
+    model = model or comm.network_model() or DEFAULT_NETWORK
+    if hops <= 1:
+        return 1
+    if model.latency_s == 0:
+        best = MAX_BLOCKS
+    else:
+        best = round(math.sqrt((hops - 1) * state_bytes / (model.latency_s * model.bytes_per_s)))
+    return max(1, min(best, d_v, MAX_BLOCKS))
+
+
+@dataclass
+class _Link:
+    """One step of a chain on this rank: incoming X, outgoing scale·X + state. src/dst: None (chain end),
+    LOCAL (the previous/next link on this rank) or the peer's index in the group."""
+    name: object
+    state: torch.Tensor                  # (B, H_kv, d_k, d_v)
+    src: object
+    dst: object
+
+
+def _is_peer(end):
+    return end is not None and end != LOCAL
+
+
+def _chain_links(states, layout, group, reverse):
+    """Links of the causal chain over sub-chunks (g ascending; descending if reverse), in this rank's order."""
+    W, r = comm.group_size(group), comm.group_rank(group)
+    n = layouts.segments_per_rank(layout)
+    owner = {g: rank for rank in range(W) for g in layouts.segment_indices(layout, rank, W)}
+    idx = layouts.segment_indices(layout, r, W)
+    per_seg, step = states.unflatten(0, (-1, n)), -1 if reverse else 1
+
+    def end(g):
+        return None if g not in owner else (LOCAL if owner[g] == r else owner[g])
+    order = sorted(range(n), key=lambda s: idx[s], reverse=reverse)
+    return [_Link(s, per_seg[:, s], end(idx[s] - step), end(idx[s] + step)) for s in order]
+
+
+def _total_links(own, group):
+    """Non-causal: a prefix chain up the ranks and a suffix chain down, the nearer chain start served first."""
+    W, r = comm.group_size(group), comm.group_rank(group)
+    up = _Link("prefix", own, r - 1 if r > 0 else None, r + 1 if r < W - 1 else None)
+    down = _Link("suffix", own, r + 1 if r < W - 1 else None, r - 1 if r > 0 else None)
+    return [up, down] if r < (W - 1) / 2 else [down, up]
+
+
+def _column_slices(d_v, blocks):
+    sizes = [d_v // blocks + (j < d_v % blocks) for j in range(blocks)]
+    starts = [sum(sizes[:j]) for j in range(blocks)]
+    return [slice(a, a + s) for a, s in zip(starts, sizes)]
+
+
+def _start(links, blocks, group):
+    """Post every receive; chain starts send their blocks now. -> pending (slices, inboxes, send works)."""
+    slices = _column_slices(links[0].state.shape[-1], blocks)
+    inboxes = []
+    for link in links:
+        bufs = [link.state.new_empty((*link.state.shape[:-1], sl.stop - sl.start)) for sl in slices] \
+            if _is_peer(link.src) else []
+        inboxes.append(list(zip(bufs, comm.exchange([], [(b, link.src) for b in bufs], group))) if bufs else [])
+    sent = []
+    for link in links:
+        if link.src is None and _is_peer(link.dst):          # nothing to wait for: M leaves before the compute
+            sent += comm.exchange([(link.state[..., sl], link.dst) for sl in slices], [], group)
+    return slices, inboxes, sent
+
+
+def _finish(links, scale, pending, group):
+    """Block by block in chain order: wait, fold X ← scale·X + state, send on. -> ({name: incoming}, send works)."""
+    slices, inboxes, sent = pending
+    incoming, carried = {}, None
+    for link, inbox in zip(links, inboxes):
+        parts, out = [], []
+        for j, sl in enumerate(slices):
+            own = link.state[..., sl]
+            if link.src is None:
+                x = torch.zeros_like(own)
+            elif link.src == LOCAL:
+                x = carried[j]
+            else:
+                x, work = inbox[j]
+                work.wait()
+            parts.append(x)
+            if link.dst is None or (link.src is None and link.dst != LOCAL):   # chain end, or sent by _start
+                continue
+            y = own if link.src is None else (x + own if scale is None else scale * x + own)
+            out.append(y)
+            if link.dst != LOCAL:
+                sent += comm.exchange([(y, link.dst)], [], group)
+        incoming[link.name] = torch.cat(parts, dim=-1)
+        carried = out
+    return incoming, sent
+
+
+def _scan(links, scale, blocks, group, compute):
+    """Start the chain, run compute() while blocks travel, finish it. -> (compute's result, incoming, sends)."""
+    pending = _start(links, blocks, group)
+    result = compute()
+    incoming, sent = _finish(links, scale, pending, group)
+    return result, incoming, sent
+
+
+def _segment_scale(log_decay, c, dtype):
+    """a = λ^c per K/V head as (1, H_kv, 1, 1), or None without decay."""
+    return None if log_decay is None else torch.exp(c * log_decay.to(dtype)).view(1, -1, 1, 1)
+
+
+def _blocks(blocks, states, layout, causal, group):
+    W = comm.group_size(group)
+    hops = (W - 1) * (layouts.segments_per_rank(layout) if causal else 1)
+    per_segment = states[0].numel() * states.element_size() * (states.shape[0] // layouts.segments_per_rank(layout))
+    return blocks or choose_blocks(per_segment, hops, states.shape[-1])
+
+
+def _start_length_check(local_len, n, layout, group, dtype, device):
+    """All-gather every rank's (T_local, n) now; the returned check raises the same ValueError on every rank."""
+    out, work = comm.all_gather(torch.tensor([local_len, n], dtype=dtype, device=device), group, async_op=True)
+
+    def check():
+        work.wait()
+        rows = out.view(-1, 2)
+        if not bool((rows == rows[0]).all()):
+            raise ValueError(f"All-Scan ranks hold different local lengths {rows[:, 0].long().tolist()} or layouts:"
+                             f" every rank of the sequence-parallel group must hold T/W tokens in layout {layout!r}")
+    return check
+
+
+def _scan_states(states, log_decay, c, causal, layout, group, blocks, reverse, compute):
+    """Run the chain(s) over per-segment states around compute(). -> (result, per-row X (B·n, ...), sends)."""
+    n = layouts.segments_per_rank(layout)
+    if causal:
+        links = _chain_links(states, layout, group, reverse)
+        result, incoming, sent = _scan(links, _segment_scale(log_decay, c, states.dtype), blocks, group, compute)
+        return result, torch.stack([incoming[s] for s in range(n)], dim=1).flatten(0, 1), sent
+    own = states.unflatten(0, (-1, n)).sum(1)
+    result, incoming, sent = _scan(_total_links(own, group), None, blocks, group, compute)
+    total = incoming["prefix"] + own + incoming["suffix"]
+    return result, total.repeat_interleave(n, dim=0), sent
+
+
+def allscan_forward(q, k, v, log_decay, causal, layout, group, backend, blocks=None):
+    """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v) or the non-causal total, K used)."""
+    n = layouts.segments_per_rank(layout)
+    qs, ks, vs = (to_segments(x, n) for x in (q, k, v))
+    check = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
+    states = local_state(ks, vs, log_decay)
+    blocks = _blocks(blocks, states, layout, causal, group)
+
+    def compute():
+        if causal:
+            return intra_forward(qs, ks, vs, log_decay, backend)
+        return qs.new_zeros(*qs.shape[:3], vs.shape[-1])
+    o, prefix, sent = _scan_states(states, log_decay, qs.shape[1], causal, layout, group, blocks, False, compute)
+    o = add_prefix_output(o, qs, prefix, log_decay if causal else None)
+    comm.wait_all(sent)
+    check()
+    return from_segments(o, n), prefix, blocks
+
+
+def allscan_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, blocks):
+    """-> (dq, dk, dv) local shards; the suffix gradient G comes down the chain reversed."""
+    n = layouts.segments_per_rank(layout)
+    qs, ks, vs, dos = (to_segments(x, n) for x in (q, k, v, do))
+    dstates = state_grad(qs, dos, log_decay, k.shape[2])
+
+    def compute():
+        if causal:
+            return intra_backward(qs, ks, vs, log_decay, dos, backend)
+        return tuple(torch.zeros_like(x) for x in (qs, ks, vs))
+    (dq, dk, dv), suffix, sent = _scan_states(dstates, log_decay, qs.shape[1], causal, layout, group, blocks, True,
+                                              compute)
+    grads = add_state_grads(dq, dk, dv, qs, ks, vs, dos, prefix, suffix, log_decay)
+    comm.wait_all(sent)
+    return tuple(from_segments(g, n) for g in grads)
+
+
+class _AllScan(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, causal, layout, group, backend, blocks):
+        o, prefix, blocks = allscan_forward(q, k, v, log_decay, causal, layout, group, backend, blocks)
+        ctx.save_for_backward(q, k, v, log_decay, prefix)
+        ctx.config = (causal, layout, group, backend, blocks)
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, log_decay, prefix = ctx.saved_tensors
+        dq, dk, dv = allscan_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config)
+        return dq, dk, dv, None, None, None, None, None, None
+
+
+def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
+            blocks=None):
+    """All-Scan linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
+
+    Same arguments, grouped K/V heads and errors as `lasp.lasp2`; blocks: the K column blocks of each message
+    (1 ≤ K ≤ d_v; None = `choose_blocks`). log_gate (data-dependent gates) is not supported yet: ValueError.
+    Raises ValueError before any communication on bad shapes; on every rank if ranks hold different lengths.
+    """
+    if log_gate is not None:
+        raise ValueError("allscan: log_gate (data-dependent gates) is not supported yet, lasp/common.py has no "
+                         "gated state helpers; use log_decay (constant per-head decay) or lasp2")
+    check_engine_inputs(q, k, v, log_decay, causal, layout)
+    if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
+        raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")
+    group = mesh.sp_group() if group is None else group
+    backend = resolve_backend(backend, q.device)
+    log_decay = constant_decay(log_decay, q)
+    return _AllScan.apply(q, k, v, log_decay, causal, layout, group, backend, blocks)
