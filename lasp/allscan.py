@@ -247,17 +247,14 @@ class _AllScan(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None, None
 
 
-def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
-            blocks=None):
+def allscan(q, k, v, *, log_decay=None, causal=True, layout="contiguous", group=None, backend=None, blocks=None):
     """All-Scan linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
     Same arguments, grouped K/V heads and errors as `lasp.lasp2`; blocks: the K column blocks of each message
-    (1 ≤ K ≤ d_v; None = `choose_blocks`). log_gate (data-dependent gates) is not supported yet: ValueError.
+    (1 ≤ K ≤ d_v; None = `choose_blocks`). No log_gate yet: data-dependent gates wait for lasp/common.py's
+    gated state helpers (callers detect gate support by the parameter, so it is absent rather than refused).
     Raises ValueError before any communication on bad shapes; on every rank if ranks hold different lengths.
     """
-    if log_gate is not None:
-        raise ValueError("allscan: log_gate (data-dependent gates) is not supported yet, lasp/common.py has no "
-                         "gated state helpers; use log_decay (constant per-head decay) or lasp2")
     check_engine_inputs(q, k, v, log_decay, causal, layout)
     if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
         raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")
