@@ -9,6 +9,7 @@ import argparse
 import dataclasses
 import inspect
 import json
+import math
 import os
 import re
 import tomllib
@@ -18,7 +19,7 @@ from pathlib import Path
 
 __all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
            "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
-           "merge", "check_config"]
+           "merge", "check_config", "OPTIM_BOUNDS"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
@@ -243,10 +244,24 @@ def _check_positive(cfg):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < minimum:
             raise ValueError(f"{key} must be >= {minimum}, got {getattr(getattr(cfg, section), name)}")
-    for key in ("optim.lr", "optim.min_lr", "optim.weight_decay", "optim.grad_clip", "run.peak_flops"):
-        section, name = key.split(".")
-        if getattr(getattr(cfg, section), name) < 0:
-            raise ValueError(f"{key} must be >= 0")
+    peak_flops = cfg.run.peak_flops
+    if not (math.isfinite(peak_flops) and peak_flops >= 0):
+        raise ValueError(f"run.peak_flops must be a finite number >= 0, got {peak_flops}")
+
+
+# Bounds of the optimizer values (docs/launch.md), closed intervals. AdamW moves each weight by about
+# lr per step, so a learning rate above 1 is never meant; betas are averaging factors in [0, 1); eps keeps the
+# update's denominator away from 0; decay and clipping beyond these are typos, not settings.
+OPTIM_BOUNDS = {"lr": (0.0, 1.0), "min_lr": (0.0, 1.0), "weight_decay": (0.0, 1.0), "beta1": (0.0, 0.999999),
+                "beta2": (0.0, 0.999999), "eps": (1e-30, 1.0), "grad_clip": (0.0, 1e6)}
+
+
+def _check_optim(optim):
+    """Finite and within OPTIM_BOUNDS, with the key named."""
+    for name, (lo, hi) in OPTIM_BOUNDS.items():
+        value = getattr(optim, name)
+        if not (math.isfinite(value) and lo <= value <= hi):
+            raise ValueError(f"optim.{name} must be a finite number in [{lo:g}, {hi:g}], got {value}")
 
 
 def _check_tensor_parallel(cfg):
@@ -273,6 +288,7 @@ def check_config(cfg, world_size):
     from parallel.mesh import check_mesh_sizes
 
     _check_positive(cfg)
+    _check_optim(cfg.optim)
     if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
         raise ValueError(f"model.init_from: no such file {cfg.model.init_from!r} (a models.save_model file)")
     presets = sorted({**models.PRESETS, **models.BAM_PRESETS})

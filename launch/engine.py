@@ -129,6 +129,14 @@ class DDPEngine:
     def lr(self):
         return self.scheduler.get_last_lr()[0]
 
+    def weights_finite(self):
+        """-> bool tensor: every weight the torch optimizer updates on this rank is finite (ZeRO: this rank's
+        partition of the fp32 master weights). One pass over the weights: the sum of a tensor holding a NaN/inf
+        is NaN/inf."""
+        optimizer = getattr(self.optimizer, "optimizer", self.optimizer)   # DeepSpeed wraps the torch AdamW
+        sums = [p.detach().sum(dtype=torch.float32) for g in optimizer.param_groups for p in g["params"]]
+        return torch.isfinite(torch.stack(sums).sum()) if sums else torch.tensor(True)
+
     def save(self, folder, rank):
         # full (unsplit) weights and moments: gathered over tp by every rank, written once
         model_state = tensor.full_state_dict(self.model)

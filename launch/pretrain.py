@@ -15,6 +15,7 @@ Each step: forward on the local shard, the loss sum normalised by the token coun
 0 done, 2 bad input, 3 non-finite loss. See docs/launch.md.
 """
 import dataclasses
+import math
 import os
 import signal
 import sys
@@ -36,11 +37,12 @@ from launch.report import Reporter, peak_flops  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh  # noqa: E402
 
-__all__ = ["NonFiniteLoss", "train", "dry_run", "main"]
+__all__ = ["NonFiniteStep", "train", "dry_run", "main"]
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss became NaN/inf: the run stops without writing a checkpoint (the last good one stays)."""
+class NonFiniteStep(RuntimeError):
+    """A step gave a NaN/inf loss, gradient norm or weight on some rank: the run stops before any checkpoint of
+    that step is written (rank 0 has printed the message, naming the last checkpoint with finite weights)."""
 
 
 class StopSignal:
@@ -217,6 +219,28 @@ def _setup(cfg):
     return run
 
 
+def _check_finite(step, loss_sum, grad_norm, run, reporter):
+    """Stop (NonFiniteStep on every rank) if the loss, the global gradient norm or any weight this rank's optimizer
+    updated is NaN/inf on ANY rank: one all-reduce of three flags, before any checkpoint of this step is written.
+    Every checkpoint is written after this check passed, so the newest one holds finite weights."""
+    flags = torch.stack([~torch.isfinite(loss_sum), torch.tensor(not math.isfinite(grad_norm), device=run.device),
+                         ~run.engine.weights_finite()]).float()
+    flags = comm.all_reduce(flags)
+    if not flags.any():
+        return
+    what = [name for name, n in zip(("loss", "gradient norm", "weights after the update"), flags.tolist()) if n]
+    last = run.last_ckpt or "none (no checkpoint was written yet)"
+    message = (f"non-finite {' and '.join(what)} at step {step} (loss sum {loss_sum.item()}, gradient norm "
+               f"{grad_norm}; on {int(flags.max())} of {run.mesh.world_size} ranks); stopped without saving step "
+               f"{step}. The last checkpoint with finite weights is {last}: continue from it with --resume (and "
+               f"e.g. a lower --optim.lr)")
+    if run.rank == 0:                     # printed before any rank exits: torchrun kills the rest at the first exit
+        reporter.write(f"pretrain: {message}")
+        sys.stdout.flush()
+    comm.barrier()
+    raise NonFiniteStep(message)
+
+
 def _summary(cfg, run, n_params, tokens_per_step, peak_note):
     p, mesh = cfg.parallel, run.mesh
     return (f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
@@ -232,7 +256,8 @@ def train(cfg, hook=None):
     "sample"}.
 
     hook(step, model), if given, runs before each step's forward (tests use it to send SIGTERM or break weights).
-    Raises ValueError for bad input (before any collective that could hang), NonFiniteLoss on NaN/inf loss.
+    Raises ValueError for bad input (before any collective that could hang), NonFiniteStep on a NaN/inf loss,
+    gradient norm or weight (no checkpoint of that step is written).
     """
     run = _setup(cfg)
     rank, device, mesh, engine, root = run.rank, run.device, run.mesh, run.engine, run.root
@@ -262,9 +287,6 @@ def train(cfg, hook=None):
             totals = comm.all_reduce(torch.stack([loss_sum.detach().float(), count.float(),
                                                   torch.tensor(float(stop.requested), device=device)]))
             loss = (totals[0] / totals[1]).item()
-            if not torch.isfinite(totals[0]):
-                raise NonFiniteLoss(f"loss is {loss} at step {step}: stopping without a checkpoint; the last good "
-                                    f"one is {ckpt.latest(root) if root.exists() else None}")
             engine.backward(loss_sum * sp / group_count.clamp_min(1.0)[0])   # see engine.py: Σ over sp, mean over dp
             grad_norm = engine.step()
             dt = time.perf_counter() - t0
@@ -272,6 +294,7 @@ def train(cfg, hook=None):
             reporter.log({"step": step, "loss": loss, "lr": lr, "tokens": step * tokens_per_step,
                           "tokens_per_s": tokens_per_step / dt, "mfu": 6 * n_params * tokens_per_step / dt / peak,
                           "grad_norm": grad_norm})
+            _check_finite(step, totals[0], grad_norm, run, reporter)          # before anything is saved
             preempted = totals[2].item() > 0
             every = cfg.checkpoint.every
             if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
@@ -347,9 +370,7 @@ def main(argv=None):
     except ValueError as e:
         print(f"pretrain: error: {e}", file=sys.stderr)
         return 2
-    except NonFiniteLoss as e:
-        if rank == 0:
-            print(f"pretrain: {e}", file=sys.stderr)
+    except NonFiniteStep:    # rank 0 printed it
         return 3
 
 

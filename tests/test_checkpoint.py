@@ -97,3 +97,55 @@ def test_every_torch_load_is_weights_only():
             if "weights_only=True" not in m[0]:
                 bad.append(f"{path.relative_to(REPO)}: {m[0]}")
     assert not bad, bad
+
+
+# ---------------------------------------------------------------------------------------------- finite or refuse
+def _poison_gradient_at(step, rank):
+    """At `step`, on one rank, the gradient of one weight becomes inf: the loss stays finite, the gradient norm is
+    inf, clipping multiplies by 1/inf = 0 and inf * 0 = NaN: every weight NaN after the update."""
+    def hook(s, model):
+        if s == step and torch.distributed.get_rank() == rank:
+            weight = model.layers[0].mlp.up_proj.weight
+            handle = weight.register_hook(lambda g: (handle.remove(), g * float("inf"))[1])
+    return hook
+
+
+def _train_until_nonfinite(cfg, hook):
+    try:
+        pretrain.train(cfg, hook)
+    except pretrain.NonFiniteStep as e:
+        return str(e)
+    return None
+
+
+@pytest.mark.parametrize("zero", ["0"])   # ZeRO passes too (DeepSpeed itself skips an inf step); 12 s, not run
+def test_nonfinite_gradient_stops_before_the_checkpoint(tmp_path, cache_dir, zero):
+    """A finite loss with an inf gradient on one rank at step 3, a checkpoint due at every step: every rank stops
+    at step 3, naming step_00000002 (finite), and no step_00000003 exists. Fails without the check (tried: the old
+    loss-only check saved step_00000003 with NaN weights and went on)."""
+    if zero != "0":
+        import deepspeed  # noqa: F401
+    cfg = tiny(tmp_path / "run", cache_dir, "--sp", "1", "--zero", zero, "--max-steps", "4", "--checkpoint.every", "1",
+               "--checkpoint.keep", "1")
+    messages = run_ranks(2, _train_until_nonfinite, cfg, _poison_gradient_at(3, rank=1))
+    assert all(m and "non-finite gradient norm" in m and "at step 3" in m for m in messages), messages
+    root = tmp_path / "run" / "checkpoints"
+    assert "step_00000002" in messages[0] and ckpt.latest(root).name == "step_00000002"
+    assert sorted(p.name for p in root.glob("step_*")) == ["step_00000002"] and not list(root.glob(".tmp-*"))
+    ckpt.verify(root / "step_00000002", allow=_safe_types(zero))
+    for f in (root / "step_00000002").rglob("*.pt"):
+        if "rng" not in f.name:
+            tensors = _tensors(ckpt.load_tensors(f, allow=_safe_types(zero)))
+            assert tensors and all(torch.isfinite(t).all() for t in tensors if t.is_floating_point()), f
+
+
+def _safe_types(zero):
+    from launch.engine import _deepspeed_safe_types
+    return _deepspeed_safe_types() if zero != "0" else ()
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    items = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, (list, tuple)) else []
+    return [t for x in items for t in _tensors(x)]

@@ -17,7 +17,7 @@ from launch import checkpoint as ckpt
 from launch.config import TrainConfig, build_parser, merge, parse_args
 from launch.data import PackedDataset, build_cache, load_tokenizer, shard_batch
 from launch.engine import lr_at
-from launch.pretrain import NonFiniteLoss, main, train
+from launch.pretrain import NonFiniteStep, main, train
 from tests.dist import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -146,14 +146,15 @@ def test_tokenizer_round_trip_and_cache(tmp_path):
 # ---------------------------------------------------------------------------------------------- checkpoints
 def test_checkpoint_verify_refuses_corruption(tmp_path):
     def write(folder):
-        (folder / "a.bin").write_bytes(b"x" * 100)
+        torch.save({"w": torch.ones(100)}, folder / "a.pt")
     folder = ckpt.save(tmp_path, 3, write, rank=0, barrier=lambda: None)
-    assert ckpt.latest(tmp_path) == folder and "a.bin" in ckpt.verify(folder)
-    (folder / "a.bin").write_bytes(b"x" * 99)
-    with pytest.raises(ValueError, match="99 bytes.*truncated"):
+    assert ckpt.latest(tmp_path) == folder and "a.pt" in ckpt.verify(folder)
+    data = (folder / "a.pt").read_bytes()
+    (folder / "a.pt").write_bytes(data[:-1])
+    with pytest.raises(ValueError, match=f"{len(data) - 1} bytes.*truncated"):
         ckpt.verify(folder)
-    (folder / "a.bin").write_bytes(b"y" * 100)
-    with pytest.raises(ValueError, match="checksum of a.bin"):
+    (folder / "a.pt").write_bytes(data[:-1] + bytes([data[-1] ^ 1]))
+    with pytest.raises(ValueError, match="checksum of a.pt"):
         ckpt.verify(folder)
     (folder / ckpt.MANIFEST).unlink()
     with pytest.raises(ValueError, match="incomplete"):
@@ -248,7 +249,7 @@ def _train_until_nan(cfg):
                 model.layers[0].mlp.up_proj.weight.fill_(float("nan"))
     try:
         train(cfg, poison)
-    except NonFiniteLoss as e:
+    except NonFiniteStep as e:
         return str(e)
     return None
 
@@ -256,7 +257,7 @@ def _train_until_nan(cfg):
 def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, cache_dir):
     cfg = tiny(tmp_path / "run", cache_dir, "--sp", "2", "--checkpoint.every", "2")
     messages = run_ranks(2, _train_until_nan, cfg)
-    assert all(m and "loss is nan at step 5" in m for m in messages)
+    assert all(m and "non-finite loss" in m and "at step 5" in m and "step_00000004" in m for m in messages)
     root = tmp_path / "run" / "checkpoints"
     assert ckpt.latest(root).name == "step_00000004" and ckpt.verify(ckpt.latest(root))
     assert not list(root.glob(".tmp-*"))
@@ -272,6 +273,12 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, cache_dir):
     (["--model", "no-such-model"], {}, "unknown preset 'no-such-model'"),
     (["--config", "BADKEY"], {}, "unknown config key 'optim.lrr' in .*bad.toml"),
     (["--model.overrides", '{"n_layerz": 2}'], {}, "unknown fields \\['n_layerz'\\]"),
+    (["--optim.lr", "inf"], {}, "optim.lr must be a finite number in \\[0, 1\\], got inf"),
+    (["--optim.lr", "1e9"], {}, "optim.lr must be a finite number in \\[0, 1\\], got 1000000000.0"),
+    (["--optim.min_lr", "nan"], {}, "optim.min_lr must be a finite number .*got nan"),
+    (["--optim.eps", "0"], {}, "optim.eps must be a finite number"),
+    (["--optim.beta2", "1"], {}, "optim.beta2 must be a finite number"),
+    (["--optim.grad_clip", "1e7"], {}, "optim.grad_clip must be a finite number"),
 ])
 def test_bad_input_exits_2_before_any_group(tmp_path, monkeypatch, capsys, argv, env, message):
     (tmp_path / "empty.txt").write_text("  \n\n")
