@@ -2,55 +2,82 @@
 
 Shapes: local shards q (B, C, H, D), k (B, C, H_kv, D), v (B, C, H_kv, d_v), C = T/W tokens per rank in
 `layout` (parallel/layout.py); segment_ids (B, C) document ids or None. Gathered K|V (T, B, H_kv, D + d_v),
-sequence first because gloo gathers along dim 0; rows are in rank order, each rank's block at its global
-positions pos_k (so any layout works: the mask is built from global positions, not from row indices).
+sequence first because gloo gathers along dim 0, then put in global token order (zigzag: one O(T) permutation).
 
     forward   [K|V]_all = AllGather(K|V)            ONE gather, H_kv heads (never repeated to H before it)
               (+ AllGather(segment_ids) when given, issued alongside, small)
-              o, lse = attend(Q_local, K_all, V_all; pos_k ≤ pos_q, same document)
-    backward  dQ, dK_all, dV_all = attend'(…, final o and lse);  [dK|dV] = ReduceScatter(dK_all|dV_all)
-              ONE reduce-scatter: every rank's queries touch every rank's keys, so their dK, dV sum over ranks.
+              each local segment (1 contiguous, 2 zigzag) of global sub-chunk g, c tokens:
+                  full call against the keys of sub-chunks 0..g−1,  causal call against sub-chunk g itself,
+                  merged by lse; keys after it are skipped, not masked (non-causal: one full call on all T keys)
+    backward  the same calls given the final o and lse; their dK, dV add into the gathered buffer (T, ...), then
+              [dK|dV] = ReduceScatter(dK_all|dV_all)   ONE reduce-scatter: every rank's queries touch other keys.
 
-Memory O(T·H_kv·(D + d_v)) for the gathered block; it is kept from the forward so the backward needs no second
-gather. Gradients are reduce-scattered in the compute dtype (float32 for 16-bit inputs) to keep the sum exact.
+Memory O(T·H_kv·(D + d_v)) for the gathered block (kept from the forward, so the backward needs no second
+gather) plus the local op's O(C) working set: the kernel tiles scores, no C × T tensor. Gradients are
+reduce-scattered in the compute dtype (float32 for 16-bit inputs) to keep the sum exact.
 """
 import torch
 
 from . import comm, layout as layouts, mesh
-from .local_attn import attention_block_backward, attention_block_forward, check_attention_inputs, output_delta
+from .local_attn import attend_backward, attend_forward, check_attention_inputs, compute_dtype
 
 __all__ = ["allgather_attention", "allgather_attention_forward", "allgather_attention_backward"]
 
 
-def _positions(local_len, layout, group, device):
-    """(query positions (C,), key positions (T,) of the gathered rows in rank order)."""
-    W, rank = comm.group_size(group), comm.group_rank(group)
-    T = W * local_len
-    keys = torch.cat([layouts.local_positions(T, layout, r, W, device) for r in range(W)])
-    return layouts.local_positions(T, layout, rank, W, device), keys
+def _gathered_positions(local_len, layout, group, device):
+    """Global positions (T,) of the gathered rows, which are in rank order; None when that is already global."""
+    if layout == "contiguous":
+        return None
+    W = comm.group_size(group)
+    return torch.cat([layouts.local_positions(W * local_len, layout, r, W, device) for r in range(W)])
 
 
-def allgather_attention_forward(q, k, v, segment_ids, causal, layout, scale, group):
-    """-> (o (B, C, H, d_v) in q's dtype, lse (B, C, H), gathered K|V (T, B, H_kv, D+d_v), gathered segments)."""
+def _calls(local_len, layout, causal, group):
+    """[(query slice, key slice of the globally ordered keys, causal)] of this rank's queries (local_attn)."""
+    W = comm.group_size(group)
+    if not causal:
+        return [(slice(None), slice(None), False)]
+    c = layouts.check_local_len(local_len, layout)
+    calls = []
+    for s, g in enumerate(layouts.segment_indices(layout, comm.group_rank(group), W)):
+        queries = slice(s * c, (s + 1) * c)
+        if g > 0:
+            calls.append((queries, slice(0, g * c), False))
+        calls.append((queries, slice(g * c, (g + 1) * c), True))
+    return calls
+
+
+def allgather_attention_forward(q, k, v, segment_ids, causal, layout, scale, group, backend="flash_cpu"):
+    """-> (o (B, C, H, d_v) in q's dtype, lse (B, C, H), K|V (T, B, H_kv, D+d_v) and ids (B, T) in global order)."""
     kv_local = torch.cat([k, v], dim=-1).transpose(0, 1)                       # (C, B, H_kv, D + d_v)
     kv_all, work = comm.all_gather(kv_local, group, async_op=True)
     seg_all = None
-    if segment_ids is not None:                                                # (T, B) -> (B, T)
-        seg_all = comm.all_gather(segment_ids.transpose(0, 1), group).transpose(0, 1)
-    q_pos, k_pos = _positions(q.shape[1], layout, group, q.device)
+    if segment_ids is not None:                                                # (T, B)
+        seg_all = comm.all_gather(segment_ids.transpose(0, 1).contiguous(), group)
+    positions = _gathered_positions(q.shape[1], layout, group, q.device)
     work.wait()
+    if positions is not None:                                                  # rank order -> global order
+        order = torch.argsort(positions)
+        kv_all = kv_all.index_select(0, order)
+        seg_all = None if seg_all is None else seg_all.index_select(0, order)
+    seg_all = None if seg_all is None else seg_all.transpose(0, 1)            # (B, T)
     k_all, v_all = kv_all.transpose(0, 1).split([k.shape[-1], v.shape[-1]], dim=-1)
-    out, lse = attention_block_forward(q, k_all, v_all, q_pos, k_pos, segment_ids, seg_all, causal, scale)
+    out, lse = attend_forward(q, k_all, v_all, segment_ids, seg_all, _calls(q.shape[1], layout, causal, group),
+                              scale, backend)
     return out.to(q.dtype), lse, kv_all, seg_all
 
 
-def allgather_attention_backward(q, kv_all, segment_ids, seg_all, out, lse, do, d_k, causal, layout, scale, group):
+def allgather_attention_backward(q, kv_all, segment_ids, seg_all, out, lse, do, d_k, causal, layout, scale, group,
+                                 backend="flash_cpu"):
     """-> (dq, dk, dv) local shards in q's dtype; one reduce-scatter of dK|dV over the gathered length."""
-    q_pos, k_pos = _positions(q.shape[1], layout, group, q.device)
+    dkv_all = torch.zeros(kv_all.shape, dtype=compute_dtype(q.dtype), device=q.device)   # (T, B, H_kv, D+d_v)
     k_all, v_all = kv_all.transpose(0, 1).split([d_k, kv_all.shape[-1] - d_k], dim=-1)
-    dq, dk_all, dv_all = attention_block_backward(q, k_all, v_all, do, output_delta(do, out), lse,
-                                                  q_pos, k_pos, segment_ids, seg_all, causal, scale)
-    dkv_all = torch.cat([dk_all, dv_all], dim=-1).transpose(0, 1)              # (T, B, H_kv, D + d_v)
+    dk_all, dv_all = dkv_all.transpose(0, 1).split([d_k, kv_all.shape[-1] - d_k], dim=-1)  # views: added into
+    dq, _, _ = attend_backward(q, k_all, v_all, out, lse, do, segment_ids, seg_all,
+                               _calls(q.shape[1], layout, causal, group), scale, backend, (None, dk_all, dv_all))
+    positions = _gathered_positions(q.shape[1], layout, group, q.device)
+    if positions is not None:                                                  # global order -> rank order
+        dkv_all = dkv_all.index_select(0, positions)
     dkv = comm.reduce_scatter(dkv_all, group).transpose(0, 1)                  # (B, C, H_kv, D + d_v)
     dk, dv = dkv.split([d_k, dkv.shape[-1] - d_k], dim=-1)
     return dq.to(q.dtype), dk.to(q.dtype), dv.to(q.dtype)
@@ -58,10 +85,11 @@ def allgather_attention_backward(q, kv_all, segment_ids, seg_all, out, lse, do, 
 
 class _AllGatherAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_ids, causal, layout, scale, group):
-        out, lse, kv_all, seg_all = allgather_attention_forward(q, k, v, segment_ids, causal, layout, scale, group)
+    def forward(ctx, q, k, v, segment_ids, causal, layout, scale, group, backend):
+        out, lse, kv_all, seg_all = allgather_attention_forward(q, k, v, segment_ids, causal, layout, scale, group,
+                                                                backend)
         ctx.save_for_backward(q, kv_all, segment_ids, seg_all, out, lse)
-        ctx.config = (k.shape[-1], causal, layout, scale, group)
+        ctx.config = (k.shape[-1], causal, layout, scale, group, backend)
         return out
 
     @staticmethod
@@ -69,18 +97,21 @@ class _AllGatherAttention(torch.autograd.Function):
         q, kv_all, segment_ids, seg_all, out, lse = ctx.saved_tensors
         dq, dk, dv = allgather_attention_backward(q, kv_all, segment_ids, seg_all, out, lse, do.contiguous(),
                                                   *ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
-def allgather_attention(q, k, v, *, causal=True, layout="contiguous", group=None, scale=None, segment_ids=None):
+def allgather_attention(q, k, v, *, causal=True, layout="contiguous", group=None, scale=None, segment_ids=None,
+                        backend=None):
     """Softmax attention of local shards (B, C, H, D), k/v (B, C, H_kv, ·), against the all-gathered K, V.
 
     -> o (B, C, H, d_v). scale None = D^-1/2; segment_ids (B, C) integer document ids: tokens attend only within
     their document, across rank boundaries. group None = the mesh's sequence-parallel group (else the default).
+    backend: the local kernel (kernels.SOFTMAX_BACKENDS; None = the device's tiled one, "torch" = the dense twin).
     Raises ValueError naming the sizes, before any collective, on mismatched shapes/dtypes, H % H_kv ≠ 0, a
-    zigzag local length that is odd, or segment_ids that are not an integer (B, C) tensor.
+    zigzag local length that is odd, segment_ids that are not an integer (B, C) tensor, or a backend the
+    device cannot run (naming backend and device).
     """
-    default_scale = check_attention_inputs(q, k, v, segment_ids, layout)
+    default_scale, backend = check_attention_inputs(q, k, v, segment_ids, layout, backend)
     group = mesh.sp_group() if group is None else group
     scale = default_scale if scale is None else float(scale)
-    return _AllGatherAttention.apply(q, k, v, segment_ids, causal, layout, scale, group)
+    return _AllGatherAttention.apply(q, k, v, segment_ids, causal, layout, scale, group, backend)

@@ -1,37 +1,29 @@
-"""Softmax attention of one query block against one key block, masked by global positions and documents.
+"""What the softmax engines share: input checks, and attending a list of (query slice, key slice) calls.
 
-Shared by the sequence-parallel engines (all-gather KV, ring, Ulysses); plain torch math, runs anywhere.
-Shapes: q (B, Tq, H, D), k (B, Tk, H_kv, D), v (B, Tk, H_kv, d_v) with H = G·H_kv (query head h reads KV head
-h // G, the `repeat_interleave` convention); q_pos (Tq,), k_pos (Tk,) global token positions; q_seg (B, Tq),
-k_seg (B, Tk) document ids or None. out (B, Tq, H, d_v) and lse (B, Tq, H) are in the compute dtype: float32,
-or float64 for float64 inputs (the sequence dim comes second everywhere, so layouts slice one dim).
-
-    s_ij  = scale·q_i·k_j if allowed(i, j) else −∞,   allowed(i, j) = (k_pos_j ≤ q_pos_i if causal)
-                                                                      ∧ (q_seg_i = k_seg_j)
-    lse_i = log Σ_j e^{s_ij},   p_ij = e^{s_ij − lse_i},   out_i = Σ_j p_ij v_j
-A row with no allowed key has lse = −∞ and out = 0, never NaN. Results over disjoint key blocks merge as
-
-    lse' = logaddexp(lse, lse_b),   out' = e^{lse−lse'} out + e^{lse_b−lse'} out_b
-
-Backward, given the FINAL out and lse over all keys (so p is the true probability of every block) and
-δ_i = do_i·out_i:  dv_j = Σ_i p_ij do_i,  ds_ij = p_ij (do_i·v_j − δ_i),  dq_i = scale Σ_j ds_ij k_j,
-dk_j = scale Σ_i ds_ij q_i, with dk, dv summed over the G query heads of each KV head. Blocks' terms add up.
+The local op is kernels/softmax_attn.py (tiled: no Tq × Tk tensor; the dense `torch` twin for tests). Each engine
+turns its layout into calls of two shapes only, so that keys a query cannot see are skipped, never masked:
+    full     the query slice sees every key of the key slice (keys earlier in the sequence, or non-causal)
+    causal   query and key slices are the same tokens, positions increasing: key j ≤ query i
+Shapes: q (B, Tq, H, D); k (B, Tk, H_kv, D), v (B, Tk, H_kv, d_v) in GLOBAL token order within each slice;
+segment ids (B, Tq) / (B, Tk) or None; out (B, Tq, H, d_v) and lse (B, Tq, H) in the compute dtype (float32, or
+float64 for float64 inputs). Partial results over disjoint keys merge by lse (kernels.merge_partial); the
+backward of every call gets the FINAL out and lse, so the calls' gradient terms simply add up.
 """
 import torch
 
+from kernels.softmax_attn import (compute_dtype, merge_partial, output_delta, resolve_softmax_backend,
+                                  softmax_attn_bwd, softmax_attn_fwd)
+
 from . import layout as layouts
 
-__all__ = ["compute_dtype", "check_attention_inputs", "attention_block_forward", "attention_block_backward",
-           "merge_partial", "output_delta"]
+__all__ = ["compute_dtype", "check_attention_inputs", "attend_forward", "attend_backward", "merge_partial",
+           "output_delta"]
 
 
-def compute_dtype(dtype):
-    """Scores, lse and accumulators: float32, or float64 when the inputs are float64."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
+def check_attention_inputs(q, k, v, segment_ids, layout, backend=None):
+    """ValueError naming the sizes or the backend and device (raised before any collective).
 
-
-def check_attention_inputs(q, k, v, segment_ids, layout):
-    """ValueError naming the sizes (raised before any collective); returns the default scale D^-1/2."""
+    -> (default scale D^-1/2, resolved backend name)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
         if x.dim() != 4:
             raise ValueError(f"{name} must be (B, T_local, heads, D), got shape {tuple(x.shape)}")
@@ -54,72 +46,41 @@ def check_attention_inputs(q, k, v, segment_ids, layout):
             raise ValueError(f"segment_ids must be an integer tensor on {q.device}, "
                              f"got {segment_ids.dtype} on {segment_ids.device}")
     layouts.check_local_len(q.shape[1], layout)
-    return q.shape[3] ** -0.5
+    backend = resolve_softmax_backend(backend, q.device, q.dtype, max(q.shape[3], v.shape[3]))
+    return q.shape[3] ** -0.5, backend
 
 
-def _allowed(q_pos, k_pos, q_seg, k_seg, causal):
-    """Boolean mask broadcastable to the scores (B, H_kv, G, Tq, Tk), or None when every pair is allowed."""
-    mask = (k_pos[None, :] <= q_pos[:, None])[None] if causal else None        # (1, Tq, Tk)
-    if q_seg is not None:
-        same_doc = q_seg[:, :, None] == k_seg[:, None, :]                        # (B, Tq, Tk)
-        mask = same_doc if mask is None else mask & same_doc
-    return None if mask is None else mask[:, None, None]
+def _slices(x, s):
+    return None if x is None else x[:, s]
 
 
-def _scores(q, k, mask, scale):
-    """Masked scores (B, H_kv, G, Tq, Tk) in the compute dtype; q is split into (H_kv, G) head groups."""
+def attend_forward(q, k, v, q_seg, k_seg, calls, scale, backend, out=None, lse=None):
+    """calls [(query slice, key slice, causal)] -> (out, lse) merged over the calls; rows no call reaches: 0, −∞.
+
+    out, lse: partial results over other keys to merge into (in place); empty (0, −∞) when None."""
     cdt = compute_dtype(q.dtype)
-    qg = q.unflatten(2, (k.shape[2], -1)).to(cdt)                                # (B, Tq, H_kv, G, D)
-    s = torch.einsum("bqjgd,bkjd->bjgqk", qg, k.to(cdt)) * scale
-    return s if mask is None else s.masked_fill(~mask, float("-inf"))
-
-
-def _probs(s, lse):
-    """p = e^{s − lse} with lse (B, Tq, H); rows with lse = −∞ give p = 0 instead of e^{−∞+∞} = NaN."""
-    lse = lse.transpose(1, 2).unflatten(1, (s.shape[1], s.shape[2]))[..., None]  # (B, H_kv, G, Tq, 1)
-    return torch.exp(s - torch.where(torch.isinf(lse), 0.0, lse))
-
-
-def attention_block_forward(q, k, v, q_pos, k_pos, q_seg, k_seg, causal, scale):
-    """-> (out (B, Tq, H, d_v), lse (B, Tq, H)) of q against this key block only, in the compute dtype."""
-    s = _scores(q, k, _allowed(q_pos, k_pos, q_seg, k_seg, causal), scale)
-    lse = torch.logsumexp(s, dim=-1)                                             # (B, H_kv, G, Tq), −∞ if empty
-    lse = lse.flatten(1, 2).transpose(1, 2)                                      # (B, Tq, H)
-    out = torch.einsum("bjgqk,bkjd->bqjgd", _probs(s, lse), v.to(s.dtype)).flatten(2, 3)
+    out = q.new_zeros((*q.shape[:3], v.shape[-1]), dtype=cdt) if out is None else out
+    lse = torch.full(q.shape[:3], float("-inf"), dtype=cdt, device=q.device) if lse is None else lse
+    for qs, ks, causal in calls:
+        out_b, lse_b = softmax_attn_fwd(q[:, qs], k[:, ks], v[:, ks], causal=causal, scale=scale,
+                                        q_segment_ids=_slices(q_seg, qs), k_segment_ids=_slices(k_seg, ks),
+                                        backend=backend)
+        out[:, qs], lse[:, qs] = merge_partial(out[:, qs], lse[:, qs], out_b, lse_b)
     return out, lse
 
 
-def attention_block_backward(q, k, v, do, delta, lse, q_pos, k_pos, q_seg, k_seg, causal, scale):
-    """This key block's share of the gradients, given the final lse and δ = output_delta(do, out).
+def attend_backward(q, k, v, out, lse, do, q_seg, k_seg, calls, scale, backend, into=(None, None, None)):
+    """The same calls' gradients given the final out, lse: -> (dq, dk, dv) in the compute dtype.
 
-    -> dq (B, Tq, H, D), dk (B, Tk, H_kv, D), dv (B, Tk, H_kv, d_v) in the compute dtype.
-    """
-    s = _scores(q, k, _allowed(q_pos, k_pos, q_seg, k_seg, causal), scale)
-    p = _probs(s, lse)                                                           # (B, H_kv, G, Tq, Tk)
-    cdt = s.dtype
-    dog = do.unflatten(2, (k.shape[2], -1)).to(cdt)                              # (B, Tq, H_kv, G, d_v)
-    dv = torch.einsum("bjgqk,bqjgd->bkjd", p, dog)
-    dp = torch.einsum("bqjgd,bkjd->bjgqk", dog, v.to(cdt))
-    d = delta.transpose(1, 2).unflatten(1, (k.shape[2], -1))[..., None]         # (B, H_kv, G, Tq, 1)
-    ds = p * (dp - d) * scale
-    dq = torch.einsum("bjgqk,bkjd->bqjgd", ds, k.to(cdt)).flatten(2, 3)
-    dk = torch.einsum("bjgqk,bqjgd->bkjd", ds, q.unflatten(2, (k.shape[2], -1)).to(cdt))
+    into: accumulators (dq, dk, dv), views allowed, that the terms are added into; zeros for each None."""
+    cdt = compute_dtype(q.dtype)
+    dq, dk, dv = (torch.zeros(x.shape, dtype=cdt, device=q.device) if acc is None else acc
+                  for x, acc in zip((q, k, v), into))
+    for qs, ks, causal in calls:
+        dq_b, dk_b, dv_b = softmax_attn_bwd(q[:, qs], k[:, ks], v[:, ks], out[:, qs], lse[:, qs], do[:, qs],
+                                            causal=causal, scale=scale, q_segment_ids=_slices(q_seg, qs),
+                                            k_segment_ids=_slices(k_seg, ks), backend=backend)
+        dq[:, qs] += dq_b
+        dk[:, ks] += dk_b
+        dv[:, ks] += dv_b
     return dq, dk, dv
-
-
-def output_delta(do, out):
-    """δ_i = do_i·out_i per head: (B, Tq, H) in the compute dtype (the softmax backward's row term)."""
-    cdt = compute_dtype(do.dtype)
-    return (do.to(cdt) * out.to(cdt)).sum(-1)
-
-
-def merge_partial(out, lse, out_b, lse_b):
-    """Online-softmax merge of two partial results over disjoint key sets -> (out', lse').
-
-    lse' = logaddexp(lse, lse_b); out' = e^{lse−lse'} out + e^{lse_b−lse'} out_b. When both are empty
-    (lse = lse_b = −∞) the shift is taken as 0 so the weights are e^{−∞} = 0, not NaN.
-    """
-    new = torch.logaddexp(lse, lse_b)
-    shift = torch.where(torch.isinf(new), 0.0, new)
-    merged = torch.exp(lse - shift)[..., None] * out + torch.exp(lse_b - shift)[..., None] * out_b
-    return merged, new

@@ -2,11 +2,11 @@
 
 Shapes: local shards q (B, C, H, D), k (B, C, H_kv, D), v (B, C, H_kv, d_v), C = T/W in `layout`; after the
 all-to-all each rank holds every rank's tokens (in rank order, T = W·C) for its H/W query heads and H_kv/W KV
-heads: (B, T, H/W, D). Rows stay in rank order: the causal mask comes from their global positions, so zigzag
-needs no reordering.
+heads: (B, T, H/W, D), rows in rank order; zigzag rows are permuted into global token order (an O(T) copy) so
+that the whole sequence is ONE causal call of the tiled local op (kernels/softmax_attn.py), and back after.
 
     forward   [Q|K|V]_heads = AllToAll([Q|K|V]_seq)     ONE all-to-all for q, k and v together
-              o_h, lse_h = attend(Q_h, K_h, V_h; pos_k ≤ pos_q, same document)
+              o_h, lse_h = attend(Q_h, K_h, V_h; key j ≤ query i, same document)   one causal call
               o = AllToAll(o_h)                          back to sequence shards
     backward  do_h = AllToAll(do);  dQ_h, dK_h, dV_h = attend'(…, o_h, lse_h);  [dQ|dK|dV] = AllToAll(…)
 Segment ids (when given) are all-gathered once (every rank needs all T of them). Bytes per rank shrink as 1/W.
@@ -23,7 +23,7 @@ import math
 import torch
 
 from . import comm, layout as layouts, mesh
-from .local_attn import attention_block_backward, attention_block_forward, check_attention_inputs, output_delta
+from .local_attn import attend_backward, attend_forward, check_attention_inputs
 
 __all__ = ["ulysses_attention", "ulysses_forward", "ulysses_backward", "ulysses_kv_replication"]
 
@@ -50,44 +50,55 @@ def _heads_to_seq(tensors, group):
 
 
 def _row_positions(seq_len, layout, group, device):
-    """Global positions (T,) of the head-sharded rows, which hold every rank's tokens in rank order."""
+    """Global positions (T,) of the head-sharded rows (every rank's tokens in rank order); None when that is
+    already global order (contiguous)."""
+    if layout == "contiguous":
+        return None
     W = comm.group_size(group)
     return torch.cat([layouts.local_positions(seq_len, layout, r, W, device) for r in range(W)])
 
 
-def ulysses_forward(q, k, v, segment_ids, causal, layout, scale, group):
-    """-> (o (B, C, H, d_v), saved head-sharded tensors for the backward)."""
+def _reorder(tensors, index):
+    """index_select dim 1 of each tensor (None passes through); no-op when index is None."""
+    return [x if x is None or index is None else x.index_select(1, index) for x in tensors]
+
+
+def ulysses_forward(q, k, v, segment_ids, causal, layout, scale, group, backend="flash_cpu"):
+    """-> (o (B, C, H, d_v), saved head-sharded tensors in global token order for the backward)."""
     q_h, k_h, v_h = _seq_to_heads([q, k, v], group)
     pos = _row_positions(q_h.shape[1], layout, group, q.device)
     seg = None                                                                     # (B, T): one all-gather
     if segment_ids is not None:
-        seg = comm.all_gather(segment_ids.transpose(0, 1), group).transpose(0, 1)
-    out_h, lse_h = attention_block_forward(q_h, k_h, v_h, pos, pos, seg, seg, causal, scale)
+        seg = comm.all_gather(segment_ids.transpose(0, 1).contiguous(), group).transpose(0, 1)
+    order = None if pos is None else torch.argsort(pos)
+    q_h, k_h, v_h, seg = _reorder([q_h, k_h, v_h, seg], order)                    # global token order
+    out_h, lse_h = attend_forward(q_h, k_h, v_h, seg, seg, [(slice(None), slice(None), causal)], scale, backend)
     out_h = out_h.to(q.dtype)
-    return _heads_to_seq([out_h], group)[0], (q_h, k_h, v_h, seg, out_h, lse_h)
+    return _heads_to_seq(_reorder([out_h], pos), group)[0], (q_h, k_h, v_h, seg, out_h, lse_h)
 
 
-def ulysses_backward(q_h, k_h, v_h, seg, out_h, lse_h, do, causal, layout, scale, group):
+def ulysses_backward(q_h, k_h, v_h, seg, out_h, lse_h, do, causal, layout, scale, group, backend="flash_cpu"):
     """-> (dq, dk, dv) local sequence shards: one all-to-all for do, one for dq|dk|dv."""
     do_h = _seq_to_heads([do], group)[0]
     pos = _row_positions(q_h.shape[1], layout, group, q_h.device)
-    grads = attention_block_backward(q_h, k_h, v_h, do_h, output_delta(do_h, out_h), lse_h, pos, pos, seg, seg,
-                                     causal, scale)
-    return tuple(_heads_to_seq([g.to(q_h.dtype) for g in grads], group))
+    do_h, = _reorder([do_h], None if pos is None else torch.argsort(pos))
+    grads = attend_backward(q_h, k_h, v_h, out_h, lse_h, do_h, seg, seg, [(slice(None), slice(None), causal)],
+                            scale, backend)
+    return tuple(_heads_to_seq(_reorder([g.to(q_h.dtype) for g in grads], pos), group))
 
 
 class _Ulysses(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, segment_ids, causal, layout, scale, group):
-        out, saved = ulysses_forward(q, k, v, segment_ids, causal, layout, scale, group)
+    def forward(ctx, q, k, v, segment_ids, causal, layout, scale, group, backend):
+        out, saved = ulysses_forward(q, k, v, segment_ids, causal, layout, scale, group, backend)
         ctx.save_for_backward(*saved)
-        ctx.config = (causal, layout, scale, group)
+        ctx.config = (causal, layout, scale, group, backend)
         return out
 
     @staticmethod
     def backward(ctx, do):
         dq, dk, dv = ulysses_backward(*ctx.saved_tensors, do.contiguous(), *ctx.config)
-        return dq, dk, dv, None, None, None, None, None
+        return dq, dk, dv, None, None, None, None, None, None
 
 
 def ulysses_kv_replication(num_heads, num_kv_heads, world):
@@ -98,19 +109,21 @@ def ulysses_kv_replication(num_heads, num_kv_heads, world):
     return math.lcm(num_kv_heads, world) // num_kv_heads
 
 
-def ulysses_attention(q, k, v, *, causal=True, layout="contiguous", group=None, scale=None, segment_ids=None):
+def ulysses_attention(q, k, v, *, causal=True, layout="contiguous", group=None, scale=None, segment_ids=None,
+                      backend=None):
     """Ulysses softmax attention of local shards (B, C, H, D), k/v (B, C, H_kv, ·) -> o (B, C, H, d_v).
 
     Needs W | H; KV heads are replicated R = lcm(H_kv, W)/H_kv times when W ∤ H_kv (see the module docstring).
     layout "contiguous" or "zigzag"; scale None = D^-1/2; segment_ids (B, C) integer document ids.
-    group None = the mesh's sequence-parallel group (else the default group). Raises ValueError naming the
-    sizes, before any collective, on W ∤ H, mismatched shapes/dtypes, H % H_kv ≠ 0, a zigzag local length that
-    is odd, or segment_ids that are not an integer (B, C) tensor.
+    group None = the mesh's sequence-parallel group (else the default group). backend: the local kernel
+    (kernels.SOFTMAX_BACKENDS; None = the device's tiled one, "torch" = the dense twin). Raises ValueError naming
+    the sizes, before any collective, on W ∤ H, mismatched shapes/dtypes, H % H_kv ≠ 0, a zigzag local length
+    that is odd, segment_ids that are not an integer (B, C) tensor, or a backend the device cannot run.
     """
-    default_scale = check_attention_inputs(q, k, v, segment_ids, layout)
+    default_scale, backend = check_attention_inputs(q, k, v, segment_ids, layout, backend)
     group = mesh.sp_group() if group is None else group
     copies = ulysses_kv_replication(q.shape[2], k.shape[2], comm.group_size(group))
     if copies > 1:
         k, v = k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
     scale = default_scale if scale is None else float(scale)
-    return _Ulysses.apply(q, k, v, segment_ids, causal, layout, scale, group)
+    return _Ulysses.apply(q, k, v, segment_ids, causal, layout, scale, group, backend)

@@ -3,6 +3,10 @@
 Every rank builds the global inputs from one seed, runs the engine on its shard, and compares the output and
 dq, dk, dv with the shard of `softmax_attention_dense` (1e-10 relative in float64, 2e-5 in float32), and counts
 its collectives. All configurations of one (engine, W) run inside ONE run_ranks call to keep the file fast.
+Backends: the tiled CPU kernel (the default) in float64 and float32, the dense `torch` twin in float64 (GQA
+cases). Packed
+documents of 4 and 1 tokens cross rank boundaries; longer local lengths (37, 300: no multiple of a kernel
+tile) with random documents run at W = 4; a dispatch mode shows no C × T tensor in any engine's fast path.
 """
 import itertools
 import re
@@ -11,13 +15,15 @@ import pytest
 import torch
 
 import parallel
-from parallel import comm, local_attn
+from kernels.softmax_attn import merge_partial
+from parallel import comm
 from tests.dist import rel_err, run_ranks
 from tests.oracles import softmax_attention_dense
+from tests.test_softmax_kernel import _documents, _LargestTensor
 
 B, C, D_K, D_V = 2, 6, 8, 6          # C tokens per rank: zigzag halves of 3; d_k ≠ d_v on purpose
-DOC_LEN = 5                           # packed documents of 5 tokens: boundaries inside and across ranks
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
+RUNS = ((None, torch.float64), (None, torch.float32), ("torch", torch.float64))   # (backend, dtype)
 ENGINES = {"allgather": parallel.allgather_attention, "ring": parallel.ring_attention,
            "ulysses": parallel.ulysses_attention}
 WORLDS = (1, 2, 3, 4, 8)
@@ -43,8 +49,8 @@ def _global_inputs(W, H, H_kv, seed):
     T = C * W
     shapes = ((B, T, H, D_K), (B, T, H_kv, D_K), (B, T, H_kv, D_V), (B, T, H, D_V))
     q, k, v, do = (torch.randn(s, generator=g, dtype=torch.float64) for s in shapes)
-    segment_ids = (torch.arange(T)[None, :] + 3 * torch.arange(B)[:, None]) // DOC_LEN
-    return q, k, v, do, segment_ids
+    starts = (torch.arange(T)[None, :] + 3 * torch.arange(B)[:, None]) % 5 < 2   # documents of 1 and 4 tokens
+    return q, k, v, do, starts.long().cumsum(1)
 
 
 def _oracle_shards(q, k, v, do, causal, scale, segment_ids, layout, rank, W):
@@ -64,15 +70,16 @@ def _run_case(engine, case, seed):
     expected = _oracle_shards(q, k, v, do, causal, scale, segment_ids, layout, rank, W)
     local_seg = None if segment_ids is None else parallel.shard(segment_ids, layout, rank, W)
     rows = []
-    for dtype in (torch.float64, torch.float32):
+    for backend, dtype in RUNS if H_kv < H else RUNS[:2]:             # the twin on the grouped-head cases
         local = [parallel.shard(x, layout, rank, W).to(dtype).requires_grad_() for x in (q, k, v)]
         with parallel.count_collectives() as fwd:
-            out = ENGINES[engine](*local, causal=causal, layout=layout, scale=scale, segment_ids=local_seg)
+            out = ENGINES[engine](*local, causal=causal, layout=layout, scale=scale, segment_ids=local_seg,
+                                  backend=backend)
         with parallel.count_collectives() as bwd:
             out.backward(parallel.shard(do, layout, rank, W).to(dtype))
         got = (out, *(x.grad for x in local))
         errs = {name: rel_err(a, b) for name, a, b in zip(("o", "dq", "dk", "dv"), got, expected)}
-        rows.append((dtype, errs, fwd.summary(), bwd.summary()))
+        rows.append((f"{backend or 'tiled'} {dtype}", errs, fwd.summary(), bwd.summary()))
     return rows
 
 
@@ -109,41 +116,88 @@ def test_engine_matches_float64_oracle(engine, world):
     for rank, rows in enumerate(per_rank):
         for case, dtype, errs, fwd, bwd in rows:
             where = f"{engine} W={world} rank={rank} case={case} {dtype}"
-            bad = {name: err for name, err in errs.items() if not err < TOL[dtype]}
+            tol = TOL[torch.float32 if "float32" in dtype else torch.float64]
+            bad = {name: err for name, err in errs.items() if not err < tol}
             if bad:
-                failures.append(f"{where}: errors {bad} above {TOL[dtype]}")
+                failures.append(f"{where}: errors {bad} above {tol}")
             calls = ({op: n for op, (n, _) in fwd.items()}, {op: n for op, (n, _) in bwd.items()})
             if calls != _expected_calls(engine, world, case[-1]):
                 failures.append(f"{where}: collectives {calls}, expected {_expected_calls(engine, world, case[-1])}")
             op = {"allgather": "all_gather", "ring": "recv"}.get(engine)
-            kv_bytes = _kv_bytes(world, case, dtype)
+            kv_bytes = _kv_bytes(world, case, torch.float32 if "float32" in dtype else torch.float64)
             if op and not case[-1] and fwd.get(op, (0, 0))[1] != kv_bytes:
                 failures.append(f"{where}: forward K/V (calls, bytes) {fwd.get(op)}, expected {kv_bytes} bytes")
     assert not failures, "\n".join(failures[:20])
-    assert len(per_rank) == world and all(len(rows) == 2 * len(_cases(engine, world)) for rows in per_rank)
+    runs = sum(len(RUNS) if h_kv < H else 2 for _, _, H, h_kv, _ in _cases(engine, world))
+    assert len(per_rank) == world and all(len(rows) == runs for rows in per_rank)
 
 
-def test_fully_masked_rows_give_zeros_not_nan():
+def test_merge_of_empty_partials_gives_zeros_not_nan():
     g = torch.Generator().manual_seed(0)
-    q, do = torch.randn(2, 4, 4, D_K, generator=g), torch.randn(2, 4, 4, D_V, generator=g)
-    k, v = torch.randn(2, 5, 2, D_K, generator=g), torch.randn(2, 5, 2, D_V, generator=g)
-    q_pos, k_pos = torch.arange(4), torch.arange(5)
-    q_seg = torch.tensor([[0, 1, 9, 9], [9, 0, 1, 9]])                 # id 9: no key of that document
-    k_seg = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 1, 1]])
-    for causal, qp, kp in ((True, q_pos, k_pos + 10), (False, q_pos, k_pos)):  # every key later / segment 9
-        out, lse = local_attn.attention_block_forward(q, k, v, qp, kp, q_seg, k_seg, causal, 0.5)
-        masked = (q_seg == 9)[:, :, None].expand_as(lse) if not causal else torch.ones_like(lse, dtype=torch.bool)
-        assert torch.isfinite(out).all() and (out[masked] == 0).all() and torch.isneginf(lse[masked]).all()
-        delta = local_attn.output_delta(do, out)
-        grads = local_attn.attention_block_backward(q, k, v, do, delta, lse, qp, kp, q_seg, k_seg, causal, 0.5)
-        assert all(torch.isfinite(x).all() for x in grads)
-        assert (grads[0][masked.unsqueeze(-1).expand_as(grads[0])] == 0).all()
     empty_out, empty_lse = torch.zeros(2, 4, 4, D_V), torch.full((2, 4, 4), float("-inf"))
-    merged, merged_lse = local_attn.merge_partial(empty_out, empty_lse, empty_out, empty_lse)
+    merged, merged_lse = merge_partial(empty_out, empty_lse, empty_out, empty_lse)
     assert (merged == 0).all() and torch.isneginf(merged_lse).all()
     out_b, lse_b = torch.randn(2, 4, 4, D_V, generator=g), torch.randn(2, 4, 4, generator=g)
-    merged, merged_lse = local_attn.merge_partial(empty_out, empty_lse, out_b, lse_b)
+    merged, merged_lse = merge_partial(empty_out, empty_lse, out_b, lse_b)
     assert torch.equal(merged, out_b) and torch.equal(merged_lse, lse_b)
+
+
+def _check_long_shards(engine):
+    """Local lengths 37 (contiguous) and 300 (zigzag), random documents (one of one token, some spanning ranks),
+    GQA, causal: -> [(case, dtype, errors)] on this rank."""
+    W, rank = comm.group_size(), comm.group_rank()
+    rows = []
+    for i, (layout, C, causal) in enumerate((("contiguous", 37, True), ("zigzag", 300, True))):
+        g = torch.Generator().manual_seed(i)
+        T, H, H_kv = C * W, 4, 2
+        q, k, v, do = (torch.randn(s, generator=g, dtype=torch.float64)
+                       for s in ((1, T, H, D_K), (1, T, H_kv, D_K), (1, T, H_kv, D_V), (1, T, H, D_V)))
+        seg = _documents(1, T, seed=i)
+        expected = _oracle_shards(q, k, v, do, causal, None, seg, layout, rank, W)
+        for dtype in TOL:
+            local = [parallel.shard(x, layout, rank, W).to(dtype).requires_grad_() for x in (q, k, v)]
+            out = ENGINES[engine](*local, causal=causal, layout=layout, segment_ids=parallel.shard(seg, layout, rank, W))
+            out.backward(parallel.shard(do, layout, rank, W).to(dtype))
+            errs = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), (out, *(x.grad for x in local)),
+                                                       expected)}
+            rows.append(((layout, C, causal), dtype, errs))
+    return rows
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_long_shards_with_documents(engine):
+    failures = [f"{engine} rank {r} {case} {dtype}: {errs}" for r, rows in enumerate(run_ranks(4, _check_long_shards,
+                engine)) for case, dtype, errs in rows if not max(errs.values()) < TOL[dtype]]
+    assert not failures, "\n".join(failures)
+
+
+def _largest_engine_tensors(C):
+    """{engine: largest tensor any aten op returned in forward + backward} at C tokens per rank, causal, docs."""
+    W, rank = comm.group_size(), comm.group_rank()
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, C, 2, 16, generator=g) for _ in range(4))
+    seg = (rank * C + torch.arange(C))[None] // 1000
+    largest = {}
+    for name, engine in sorted(ENGINES.items()):
+        for backend, n in ((None, C), ("torch", C // 4)):          # the twin on a quarter: it is O(T²)
+            with _LargestTensor() as probe:
+                engine(*(x[:, :n].detach().requires_grad_() for x in (q, k, v)), layout="zigzag",
+                       segment_ids=seg[:, :n], backend=backend).backward(do[:, :n])
+            largest[name, backend] = probe.largest
+    return largest
+
+
+def test_no_tensor_of_c_by_t_elements_in_the_engines():
+    """W = 2, C = 1,024, T = 2,048 (zigzag, documents): no aten result of C·T/8 elements with the tiled kernel (the
+    gathered K|V is C·T/16); the twin's scores (at C/4 tokens per rank) are seen by the same probe. (The kernel's test runs
+    2,048 × 8,192.)"""
+    C, T = 1024, 2048
+    for largest in run_ranks(2, _largest_engine_tensors, C):
+        for (name, backend), n in largest.items():
+            if backend is None:
+                assert n < C * T // 8, f"{name}: a tensor of {n} elements"
+            else:
+                assert n >= (C // 4) ** 2 // 2, f"{name} twin: the probe missed its scores ({n})"
 
 
 def _bad_inputs(W):
@@ -163,6 +217,8 @@ def _bad_inputs(W):
         (ENGINES, (*qkv(), "contiguous", torch.zeros(B, C + 1, dtype=torch.long)), ["(2, 6)", "(2, 7)"]),
         (ENGINES, (*qkv(), "contiguous", seg.float()), ["integer", "float32"]),
         (ENGINES, (*qkv(), "striped", None), ["'striped'"]),
+        (ENGINES, (*qkv(), "contiguous", None, "flash"), ["'flash'", "cpu"]),
+        (ENGINES, (*qkv(), "contiguous", None, "flash_cuda"), ["flash_cuda", "cpu"]),
     ]
     if W > 1:  # Ulysses: W must divide the query heads (and the KV heads after replication)
         cases.append((["ulysses"], (*qkv(H=3, H_kv=3), "contiguous", None), [f"{W} sequence", "(3)"]))
@@ -173,11 +229,11 @@ def _check_bad_inputs():
     """Each bad input raises ValueError naming the sizes with no collective issued; then a good call still works."""
     W = comm.group_size()
     checked = 0
-    for engines, (q, k, v, layout, segment_ids), sizes in _bad_inputs(W):
+    for engines, (q, k, v, layout, segment_ids, *backend), sizes in _bad_inputs(W):
         for name in engines:
             with parallel.count_collectives() as log:
                 with pytest.raises(ValueError, match=".*".join(re.escape(s) for s in sizes)) as raised:
-                    ENGINES[name](q, k, v, layout=layout, segment_ids=segment_ids)
+                    ENGINES[name](q, k, v, layout=layout, segment_ids=segment_ids, backend=(backend or [None])[0])
             assert log.count() == 0, f"{name} issued {log.ops()} before raising {raised.value}"
             checked += 1
     q, k, v = torch.randn(B, C, 4, D_K), torch.randn(B, C, 2, D_K), torch.randn(B, C, 2, D_V)
@@ -187,8 +243,8 @@ def _check_bad_inputs():
 
 
 def test_bad_inputs_raise_before_any_collective_one_process():
-    assert _check_bad_inputs() == 3 * 10
+    assert _check_bad_inputs() == 3 * 12
 
 
 def test_bad_inputs_raise_before_any_collective_two_ranks():
-    assert run_ranks(2, _check_bad_inputs, timeout=60) == [3 * 10 + 1] * 2
+    assert run_ranks(2, _check_bad_inputs, timeout=60) == [3 * 12 + 1] * 2
