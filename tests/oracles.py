@@ -66,3 +66,22 @@ def gated_linear_attention(q, k, v, log_gate=None, log_decay=None, initial_state
         o = o + torch.einsum("bhi,bihk,bhkd->bihd", G.exp(), q, S0)
         final = final + G_end.exp()[..., None, None] * S0
     return o, final
+
+
+def softmax_block_dense(q, k, v, allowed, scale):
+    """(out, lse) of q (B,Tq,H,D) against k, v (B,Tk,H_kv,·) over allowed (B or 1, Tq, Tk) bool; float64.
+
+    A row with no allowed key gives out 0 and lse −∞ (and zero gradients, not NaN). Differentiable."""
+    q, k, v = q.double(), k.double(), v.double()
+    group = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(group, dim=2), v.repeat_interleave(group, dim=2)
+    scores = torch.einsum("bihd,bjhd->bhij", q, k) * scale
+    allowed = allowed[:, None]
+    row_max = scores.masked_fill(~allowed, float("-inf")).amax(-1, keepdim=True).detach()
+    row_max = torch.where(torch.isinf(row_max), torch.zeros_like(row_max), row_max)  # stability shift only
+    weights = torch.exp((scores - row_max).masked_fill(~allowed, float("-inf")))     # masked: exactly 0
+    denom = weights.sum(-1, keepdim=True)
+    probs = weights / torch.where(denom > 0, denom, torch.ones_like(denom))
+    lse = torch.where(denom > 0, torch.log(torch.where(denom > 0, denom, torch.ones_like(denom))) + row_max,
+                      torch.full_like(denom, float("-inf")))
+    return torch.einsum("bhij,bjhd->bihd", probs, v), lse[..., 0].transpose(1, 2)
