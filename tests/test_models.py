@@ -12,6 +12,7 @@ import math
 import os
 import pathlib
 import re
+import warnings
 
 import pytest
 import torch
@@ -276,6 +277,28 @@ def test_gated_mixers_pass_log_gate_and_ungated_mixers_do_not():
             assert mixer.gate_logit_normalizer == 16.0 and rel_err(g, expected) < 1e-15
             assert bool((g <= 0).all()) and bool((g < 0).any())
         assert all(p.grad is not None and p.grad.norm() > 0 for p in model.parameters())
+
+
+def _tensor_parallel_loss_and_grads(model, inputs):
+    from parallel import tensor
+    tensor.apply_tensor_parallel(model)                                 # the default group: 2 ranks
+    loss, grads = _loss_and_grads(model, inputs, torch.arange(T), lambda x: x)
+    grads = {n: model.tensor_parallel.unshard(n, g) for n, g in grads.items()}
+    return (loss, {n: g.numpy() for n, g in grads.items()}) if dist.get_rank() == 0 else None
+
+
+def test_gated_model_under_tensor_parallelism():
+    """tp = 2: the forget projection splits by heads like q/k/v (each rank gates its own heads); loss and every
+    full gradient equal the plain model's."""
+    with warnings.catch_warnings():                                     # imported once here, before the fork,
+        warnings.simplefilter("ignore")                                 # not in each rank (seconds each)
+        import megatron.core.tensor_parallel  # noqa: F401
+    model = _models()["gated-hybrid"]
+    loss, grads = run_ranks(2, _tensor_parallel_loss_and_grads, copy.deepcopy(model), _inputs())[0]
+    ref_loss, ref_grads = _loss_and_grads(model, _inputs(), torch.arange(T), lambda x: x)
+    assert abs(loss - ref_loss) <= 1e-12 * abs(ref_loss)
+    for name, ref in ref_grads.items():
+        assert rel_err(torch.from_numpy(grads[name]), ref) < 1e-10, name
 
 
 def _exact_log_decays(family, mixer):
