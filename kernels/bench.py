@@ -10,6 +10,9 @@ out of memory prints "oom"; once one call of a provider exceeds --max-ms, its lo
 `--smoke` runs on CPU in seconds (T=256, H=2, D=16, fp32, torch and sdpa only; the Triton interpreter is far
 too slow to time) so that checks can exercise this script. Prints a markdown table, writes JSON to --out.
 `--ptxas 90` needs no GPU: it compiles the Triton kernels for sm_90 and prints ptxas register and spill counts.
+`--cpu` is the CPU kernel table (docs/kernels.md): fwd+bwd tokens/s of the torch kernel at T = 8K and 256K
+(B=1, H=8, d=32, per-head decay, fp32, one process), ungated and gated, beside `baseline` (a copy of the torch
+path before the hand-written backward, kept here for that comparison) and a 2048³ matmul, interleaved per repeat.
 """
 import argparse
 import json
@@ -35,6 +38,7 @@ def _parse(argv):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per cell; the median is reported")
     p.add_argument("--max-ms", type=float, default=5000.0, help="skip longer T for a provider slower than this")
+    p.add_argument("--cpu", action="store_true", help="CPU kernel table: new torch kernel vs baseline, 8K vs 256K")
     p.add_argument("--ptxas", type=int, default=None, metavar="SM",
                    help="no GPU needed: compile the Triton kernels for sm_SM (e.g. 90) and print ptxas register use")
     args = p.parse_args(argv)
@@ -224,10 +228,114 @@ def ptxas_report(arch, head_dim=128, dtype="bf16"):
               f"shared {compiled.metadata.shared} B; " + "; ".join(info or [out.strip()]))
 
 
+# ----------------------------------------------------------------------------------------- CPU kernel table
+def _baseline_chunk_scan(q, k, v, log_decay, state, c):
+    """COPY of kernels/linear_attn.py `_chunk_scan` as of issue 13 (one Python step per chunk, autograd backward):
+    the baseline of the CPU table only, not used by the library. (B, H, T, D), T = n·c -> (o, final state)."""
+    B, H, T, _ = q.shape
+    n = T // c
+    q, k, v = (x.reshape(B, H, n, c, x.shape[-1]) for x in (q, k, v))
+    i = torch.arange(c, device=q.device)
+    diff = i[:, None] - i[None, :]
+    powers = (lambda e: torch.exp(log_decay[:, None] * e[None, :].to(log_decay.dtype)))
+    scores = q @ k.transpose(-1, -2)
+    mask = powers(diff.clamp(min=0).flatten()).view(H, 1, c, c) * (diff >= 0)
+    q = q * powers(i + 1).view(H, 1, c, 1)
+    chunk_decay = powers(torch.tensor([c])).view(H, 1, 1)
+    o = (scores * mask) @ v
+    chunk_states = (k * powers(c - 1 - i).view(H, 1, c, 1)).transpose(-1, -2) @ v
+    prefixes = []
+    for m_j in chunk_states.unbind(2):
+        prefixes.append(state)
+        state = m_j + chunk_decay * state
+    o = o + q @ torch.stack(prefixes, dim=2)
+    return o.reshape(B, H, T, -1), state
+
+
+def _baseline(q, k, v, log_decay, chunk_len=64):
+    """The baseline torch path (full chunks only: the table's T are multiples of 64)."""
+    qh, kh, vh = (x.transpose(1, 2) for x in (q, k, v))
+    state = q.new_zeros(q.shape[0], q.shape[2], q.shape[3], v.shape[3])
+    o, _ = _baseline_chunk_scan(qh, kh, vh, log_decay, state, chunk_len)
+    return o.transpose(1, 2)
+
+
+def _nominal_flops(T, H, d_k, d_v, c=64):
+    """Lightning-2 count per fwd+bwd (backward = 2 × forward): 3·(2c(d_k + d_v) + 4 d_k d_v) per token and head."""
+    return 3 * (2 * c * (d_k + d_v) + 4 * d_k * d_v) * T * H
+
+
+def _cpu_cell(kind, T, H, d, gated):
+    """A fwd+bwd closure for one cell of the CPU table."""
+    from .linear_attn import linear_attn_chunked
+    g = torch.Generator().manual_seed(0)
+    q, k, v, do = (torch.randn(1, T, H, d, generator=g) / d ** 0.5 for _ in range(4))
+    log_decay = -2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float32) / H)
+    log_gate = F.logsigmoid(torch.randn(1, T, H, generator=g) + 4.0) if gated else None
+    leaves = [x.requires_grad_() for x in (q, k, v)] + ([log_gate.requires_grad_()] if gated else [])
+
+    def step():
+        for x in leaves:
+            x.grad = None
+        if kind == "baseline":
+            o = _baseline(q, k, v, log_decay)
+        else:
+            o, _ = linear_attn_chunked(q, k, v, log_decay, log_gate=log_gate)
+        o.backward(do)
+    return step
+
+
+def cpu_table(lengths=(8192, 262144), repeats=3, heads=8, head_dim=32, kinds=("new", "baseline")):
+    """Median seconds of every cell, interleaved: each repeat runs every cell once (a load spike hits all)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    cells = {("matmul", 2048, False): lambda: a @ b}
+    for T in lengths:
+        for kind in kinds:
+            for gated in ((False, True) if kind == "new" else (False,)):
+                cells[(kind, T, gated)] = _cpu_cell(kind, T, heads, head_dim, gated)
+    times = {key: [] for key in cells}
+    for fn in cells.values():
+        fn()                                                     # warm-up
+    for _ in range(repeats):
+        for key, fn in cells.items():
+            t0 = time.perf_counter()
+            fn()
+            times[key].append(time.perf_counter() - t0)
+    rows = []
+    for (kind, T, gated), ts in times.items():
+        sec = statistics.median(ts)
+        flops = 2 * 2048 ** 3 if kind == "matmul" else _nominal_flops(T, heads, head_dim, head_dim)
+        rows.append({"kernel": kind, "T": T, "gated": gated, "seconds": sec,
+                     "tokens_per_s": None if kind == "matmul" else T / sec, "gflops": flops / sec / 1e9})
+    return {"config": {"B": 1, "H": heads, "d": head_dim, "dtype": "float32", "repeats": repeats,
+                       "threads": torch.get_num_threads(), "timing": "median, fwd+bwd, interleaved"}, "rows": rows}
+
+
+def cpu_markdown(result):
+    cfg = result["config"]
+    lines = [f"B={cfg['B']} H={cfg['H']} d={cfg['d']} {cfg['dtype']}, {cfg['threads']} thread(s), "
+             f"median of {cfg['repeats']} interleaved repeats", "",
+             "| kernel | gate | T | median s | tokens/s | nominal GFLOP/s |", "|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        gate = "-" if r["kernel"] == "matmul" else ("log_gate + decay" if r["gated"] else "decay")
+        tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
+        name = "matmul 2048³" if r["kernel"] == "matmul" else r["kernel"]
+        lines.append(f"| {name} | {gate} | {r['T']} | {r['seconds']:.3f} | {tps} | {r['gflops']:.1f} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     args = _parse(argv)
     if args.ptxas:
         return ptxas_report(args.ptxas, args.head_dim)
+    if args.cpu:
+        lengths = tuple(args.lengths or (8192, 262144))
+        result = cpu_table(lengths, args.repeats if args.repeats != 10 else 3)
+        print(cpu_markdown(result))
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     result = run(args)
     print(table(result))
     if args.out:

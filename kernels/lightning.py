@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .linear_attn import check_linear_attn_inputs, linear_attn_chunked, state_dtype
+from .linear_attn import check_linear_attn_inputs, chunked_backward, chunked_forward, state_dtype
 
 __all__ = ["lightning_attn", "lightning_attn_fwd", "lightning_attn_bwd", "resolve_backend"]
 
@@ -32,31 +32,19 @@ def lightning_attn_fwd(q, k, v, log_decay=None, initial_state=None, backend="tor
     if backend == "triton" and log_gate is None:
         from .lightning_triton import triton_fwd
         return triton_fwd(q, k, v, log_decay, initial_state)
-    with torch.no_grad():
-        return linear_attn_chunked(q, k, v, log_decay, initial_state, log_gate=log_gate)
+    return chunked_forward(q, k, v, log_decay, log_gate, initial_state)[:2]
 
 
 def lightning_attn_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, backend="torch", log_gate=None):
     """Gradients (dq, dk, dv, dinitial_state, dlog_gate) given do and, optionally, the gradient of the final state.
 
-    dinitial_state is None when initial_state is None, dlog_gate None when log_gate is None.
+    dinitial_state is None when initial_state is None, dlog_gate None when log_gate is None. The torch backend
+    recomputes the block states with one state pass (kernels/linear_attn.py chunked_backward).
     """
     if backend == "triton" and log_gate is None:
         from .lightning_triton import triton_bwd
         return (*triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state), None)
-    with torch.enable_grad():
-        leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-        optional = [None if x is None else x.detach().requires_grad_() for x in (initial_state, log_gate)]
-        o, final = linear_attn_chunked(*leaves, log_decay, optional[0], log_gate=optional[1])
-        outs, grads = [o], [do]
-        if dfinal_state is not None:
-            outs.append(final)
-            grads.append(dfinal_state.to(final.dtype))
-        wrt = leaves + [x for x in optional if x is not None]
-        dx = list(torch.autograd.grad(outs, wrt, grads, allow_unused=True))
-    dq, dk, dv = dx[:3]
-    rest = iter(dx[3:])
-    return (dq, dk, dv, *(None if x is None else next(rest) for x in optional))
+    return chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_state)
 
 
 class _LightningAttn(torch.autograd.Function):

@@ -119,9 +119,10 @@ def _chunk_factors(b, c, dtype, device):
     causal = torch.ones(c, c, dtype=torch.bool, device=device).tril()
     if b is None:
         return causal.to(dtype), None, None, None
-    diff = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf"))   # ≤ 0 where kept
+    mask = b[..., :, None] - b[..., None, :]                       # b_i − b_j ≤ 0 for i ≥ j
+    mask.masked_fill_(~causal, float("-inf")).exp_()              # the upper triangle never reaches exp
     end = b[..., -1:]
-    return diff.exp(), b.exp()[..., None], (end - b).exp()[..., None], end[..., 0]
+    return mask, b.exp()[..., None], (end - b).exp_()[..., None], end[..., 0]
 
 
 def _scan_weights(totals, n, dtype, device):
@@ -137,18 +138,144 @@ def _scan_weights(totals, n, dtype, device):
     return W.to(dtype), Gx.exp().to(dtype)
 
 
+def _flat(x):
+    """(B, H, n, c, D) -> (B·H·n, c, D), a view: every chunk one matrix of a batched product."""
+    return x.view(-1, *x.shape[-2:])
+
+
+def _scaled(x, powers):
+    return x if powers is None else x * powers
+
+
+def _entry_states(k_end, v, totals, state):
+    """P_0..P_n of a block (B, H, n+1, d_k, d_v): the states entering its n chunks, then the one leaving it.
+    k_end = Λ_k K (B, H, n, c, d_k); M_j = (Λ_k K)ᵀ V per chunk."""
+    B, H, n = k_end.shape[:3]
+    chunk_states = torch.bmm(_flat(k_end).transpose(1, 2), _flat(v)).view(B, H, n, -1)
+    W, e = _scan_weights(totals, n, k_end.dtype, k_end.device)
+    P = torch.matmul(W, chunk_states).add_(e[..., None] * state.flatten(-2)[:, :, None])
+    return P.unflatten(-1, state.shape[-2:])
+
+
 def _block_forward(q, k, v, b, state):
     """One block, (B, H, n, c, D), entering with `state` (B, H, d_k, d_v) -> (o (B, H, n, c, d_v), state leaving)."""
-    B, H, n, c, d_k = q.shape
+    B, H, n, c, _ = q.shape
     mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device)
-    o = ((q @ k.transpose(-1, -2)) * mask) @ v                   # intra
-    k_end = k if k_pow is None else k * k_pow
-    chunk_states = k_end.transpose(-1, -2) @ v                   # M_j (B, H, n, d_k, d_v)
+    scores = torch.bmm(_flat(q), _flat(k).transpose(1, 2))
+    scores.view(B, H, n, c, c).mul_(mask)                          # [(Q Kᵀ) ⊙ D]
+    o = torch.bmm(scores, _flat(v))                              # intra
+    P = _entry_states(_scaled(k, k_pow), v, totals, state)       # (B, H, n+1, d_k, d_v)
+    o.baddbmm_(_flat(_scaled(q, q_pow)), P[:, :, :n].reshape(-1, *state.shape[-2:]))   # inter: (Λ_q Q) P_j
+    return o.view(B, H, n, c, -1), P[:, :, n]
+
+
+def _block_backward(q, k, v, do, b, state, dstate_out):
+    """Gradients of one block given the state entering it and dstate_out, the gradient of the state leaving it
+    -> (dq, dk, dv (B, H, n, c, D), gradient of the state entering it). R_j = dL/d(state leaving chunk j)."""
+    B, H, n, c, _ = q.shape
+    mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device)
+    k_end, v_end, do_dec = _scaled(k, k_pow), _scaled(v, k_pow), _scaled(do, q_pow)   # Λ_k K, Λ_k V, Λ_q dO
+    P = _entry_states(k_end, v, totals, state)[:, :, :n].reshape(-1, *state.shape[-2:])   # entering each chunk
+    # dL/dP_r: (Λ_q Q)ᵀ dO for the chunk entries r < n, dstate_out for the exit r = n; R = Wᵀ dP, dP_0 = eᵀ dP
+    dP = torch.bmm(_flat(q).transpose(1, 2), _flat(do_dec)).view(B, H, n, -1)
+    dP = torch.cat([dP, dstate_out.flatten(-2)[:, :, None]], dim=2)
     W, e = _scan_weights(totals, n, q.dtype, q.device)
-    P = W @ chunk_states.flatten(-2) + e[..., None] * state.flatten(-2)[:, :, None]
-    P = P.unflatten(-1, state.shape[-2:])                        # (B, H, n+1, d_k, d_v)
-    q_dec = q if q_pow is None else q * q_pow
-    return o + q_dec @ P[:, :, :n], P[:, :, n]
+    R = torch.matmul(W.transpose(-1, -2), dP).view(-1, *state.shape[-2:])         # (B·H·n, d_k, d_v)
+    dstate_in = (e[..., None] * dP).sum(2).view_as(state)
+    q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
+    dov = torch.bmm(do3, v3.transpose(1, 2))
+    dov.view(B, H, n, c, c).mul_(mask)                             # [(dO Vᵀ) ⊙ D]_ij
+    dq = torch.bmm(dov, k3).baddbmm_(_flat(do_dec), P.transpose(1, 2))
+    dk = torch.bmm(dov.transpose(1, 2), q3).baddbmm_(_flat(v_end), R.transpose(1, 2))
+    del dov
+    qk = torch.bmm(q3, k3.transpose(1, 2))
+    qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
+    dv = torch.bmm(qk.transpose(1, 2), do3).baddbmm_(_flat(k_end), R)
+    shape = (B, H, n, c, -1)
+    return dq.view(shape), dk.view(shape), dv.view(shape), dstate_in
+
+
+def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, block_chunks=16):
+    """No-autograd forward -> (o, final state, checkpoints: the state entering every block, (n_blocks, B, H, d_k,
+    d_v)). log_decay (H,) and log_gate (B, T, H) unchecked here; either may be None."""
+    B, T, H, d_k = q.shape
+    sdt = state_dtype(q.dtype)
+    ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
+    state = q.new_zeros(B, H, d_k, v.shape[-1], dtype=sdt) if initial_state is None else initial_state.to(sdt)
+    o = v.new_empty(B, T, H, v.shape[-1])
+    checkpoints = []
+    for start, n, c in _blocks(T, chunk_len, block_chunks):
+        checkpoints.append(state)
+        qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
+        ob, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c, sdt), state)
+        o[:, start:start + n * c] = _unchunk(ob)
+    return o, state, (torch.stack(checkpoints) if checkpoints else None)
+
+
+def _state_pass(k, v, ld, log_gate, state, chunk_len, block_chunks):
+    """The states entering every block and the final state, without outputs (the backward's recompute)."""
+    checkpoints = []
+    for start, n, c in _blocks(k.shape[1], chunk_len, block_chunks):
+        checkpoints.append(state)
+        kb, vb = (_chunks(x, start, n, c, state.dtype) for x in (k, v))
+        b = _cum_gates(log_gate, ld, start, n, c, state.dtype)
+        _, _, k_pow, totals = _chunk_factors(b, c, state.dtype, k.device)
+        state = _entry_states(_scaled(kb, k_pow), vb, totals, state)[:, :, n]
+    return (torch.stack(checkpoints) if checkpoints else None), state
+
+
+def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_state=None, checkpoints=None,
+                     final_state=None, chunk_len=64, block_chunks=16):
+    """Hand-written chunkwise backward -> (dq, dk, dv, dinitial_state or None, dlog_gate or None).
+
+    Walks the blocks from the last to the first carrying R, the gradient of the state leaving the block (from
+    dS_final). checkpoints / final_state from chunked_forward, or None: recomputed by one state pass. The gate
+    gradient is d a_s = Σ_{t≥s} (q_t·dq_t − k_t·dk_t) + <S_final, dS_final> (a_s scales every product it spans).
+    """
+    B, T, H, d_k = q.shape
+    d_v, sdt = v.shape[-1], state_dtype(q.dtype)
+    ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
+    state0 = q.new_zeros(B, H, d_k, d_v, dtype=sdt) if initial_state is None else initial_state.to(sdt)
+    if checkpoints is None:
+        checkpoints, final_state = _state_pass(k, v, ld, log_gate, state0, chunk_len, block_chunks)
+    grad = q.new_zeros(B, H, d_k, d_v, dtype=sdt) if dfinal_state is None else dfinal_state.to(sdt)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dgate = None if log_gate is None else q.new_empty(B, T, H, dtype=sdt)   # q_t·dq_t − k_t·dk_t
+    blocks = _blocks(T, chunk_len, block_chunks)
+    for index in reversed(range(len(blocks))):
+        start, n, c = blocks[index]
+        qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
+        b = _cum_gates(log_gate, ld, start, n, c, sdt)
+        dqb, dkb, dvb, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad)
+        stop = start + n * c
+        dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
+        if dgate is not None:
+            dgate[:, start:stop] = ((qb * dqb).sum(-1) - (kb * dkb).sum(-1)).permute(0, 2, 3, 1).flatten(1, 2)
+    if dgate is not None:
+        dgate = dgate.double().flip(1).cumsum(1).flip(1)
+        if dfinal_state is not None:
+            dgate += (final_state.double() * dfinal_state.double()).sum((-1, -2))[:, None, :]
+        dgate = dgate.to(log_gate.dtype)
+    return dq, dk, dv, (None if initial_state is None else grad), dgate
+
+
+class _ChunkedLinearAttn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks):
+        o, final, checkpoints = chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, initial_state, checkpoints, final)
+        ctx.sizes = chunk_len, block_chunks
+        ctx.set_materialize_grads(False)                          # an unused final state costs nothing
+        return o, final
+
+    @staticmethod
+    def backward(ctx, do, dfinal):
+        q, k, v, log_decay, log_gate, initial_state, checkpoints, final = ctx.saved_tensors
+        do = torch.zeros_like(v) if do is None else do
+        grads = chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal, checkpoints, final,
+                                 *ctx.sizes)
+        dq, dk, dv, dstate, dgate = grads
+        return dq, dk, dv, None, dgate, dstate, None, None
 
 
 def linear_attn_chunked(q, k, v, log_decay=None, initial_state=None, chunk_len=64, *, log_gate=None,
@@ -156,20 +283,13 @@ def linear_attn_chunked(q, k, v, log_decay=None, initial_state=None, chunk_len=6
     """Chunked causal linear attention -> (o (B, T, H, d_v) in q's dtype, final state (B, H, d_k, d_v)).
 
     Any T: the last partial chunk is a block of its own. Arithmetic in the state dtype. The chunk scan runs in
-    blocks of `block_chunks` chunks, each block's states from one batched product. Differentiable by autograd.
+    blocks of `block_chunks` chunks, each block's states from one batched product. Differentiable (q, k, v,
+    log_gate, initial_state; log_decay is a constant) through the hand-written chunkwise backward.
     """
     check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate)
-    B, T, H, d_k = q.shape
-    sdt = state_dtype(q.dtype)
-    ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
-    state = q.new_zeros(B, H, d_k, v.shape[-1], dtype=sdt) if initial_state is None else initial_state.to(sdt)
-    outs = []
-    for start, n, c in _blocks(T, chunk_len, block_chunks):
-        qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
-        o, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c, sdt), state)
-        outs.append(_unchunk(o))
-    o = torch.cat(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=sdt)
-    return o.to(q.dtype), state
+    if log_decay is not None:
+        log_decay = log_decay.detach()
+    return _ChunkedLinearAttn.apply(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks)
 
 
 def linear_attn_recurrent(q, k, v, log_decay=None, initial_state=None, log_gate=None):
