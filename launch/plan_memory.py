@@ -22,11 +22,14 @@ saved-tensor hooks, its attention function replaced by a stub; the engine's own 
   lasp2/lasp1        saves q, k, v; backward working set 16.6 floats per (token · H·d) with the torch kernels
                      (measured, kernels/linear_attn.py recomputes the chunked forward under autograd), 4 with Triton
   ring_linear        saves q, k, v; backward: scores, their gradient and the decay mask, 3·B·H·C²·4
-  allgather          saves q, the gathered K|V (B·T·H_kv·(d_k+d_v)·a), out, lse; backward: 5 fp32 score-sized
-                     tensors (s, p, dp, dp − δ, p·(dp − δ)) and the mask, 21·B·H·C·T bytes
-  ring               saves q, k, v, out, lse; backward: 21·B·H·C² per block, 2 blocks and 2 accumulators in flight
-  ulysses            saves q, k, v on H/sp heads × T tokens; backward: 21·B·(H/sp)·T²
-(parallel/local_attn.py materialises the scores of a whole block: softmax layers grow as C·T, not C.)
+  allgather          saves q, the gathered K|V (B·T·H_kv·(d_k+d_v)·a), out, lse; backward: the fp32 dK|dV buffer of
+                     the gathered length and the kernel's dK|dV of the earlier keys (2·T·kv·4), one more T·kv·4
+                     for zigzag's reordering back to rank order
+  ring               saves q, k, v, out, lse; backward: 2 blocks and 2 accumulators in flight (4·C·kv·4) and one
+                     step's kernel gradients (dq, dk, dv: C·(H·d_k + kv)·4)
+  ulysses            saves q, k, v on H/sp heads × T tokens; backward: their fp32 gradients and all-to-all buffers
+The local softmax op is tiled (kernels/softmax_attn.py: scores in per-thread tiles of ≤ 256 × 512, never C × T),
+so every term is linear in C and T: softmax layers cost O(T·H_kv·d) (all-gather) or O(C·H·d), not O(C·T).
 Not included: the runtime (CUDA context ≈ 0.5-1 GiB per GPU; on CPU the interpreter, torch and gloo ≈ 0.4 GiB
 per rank, measured), allocator fragmentation, and temporaries inside the optimizer step.
 """
@@ -45,8 +48,6 @@ import models  # noqa: E402
 
 MiB = 2 ** 20
 KERNEL_BWD_FLOATS = {"torch": 16.6, "triton": 4.0}     # working set per token per H·d of the linear kernel's backward
-SCORE_TENSORS = 5       # score-sized fp32 tensors alive at once in parallel/local_attn.attention_block_backward:
-                        # s, p, dp, dp − δ, p·(dp − δ)   (plus the boolean mask)
 LINEAR_ENGINES = ("lasp2", "lasp1", "ring_linear")
 SOFTMAX_ENGINES = ("allgather", "ring", "ulysses")
 
@@ -97,7 +98,7 @@ def probe_blocks(cfg, probe_len=256):
 
 
 # ---------------------------------------------------------------------------------------------- the estimate
-def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel):
+def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel, layout="contiguous"):
     """-> (saved, backward working set incl. the attention gradients, exchange buffer) bytes of one call."""
     H, H_kv, d_k, d_v = shapes["heads"], shapes["kv_heads"], shapes["d_k"], shapes["d_v"]
     grads = B * C * (H * (d_k + d_v) + H_kv * (d_k + d_v)) * a            # do, dq and dk, dv
@@ -109,20 +110,19 @@ def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel):
         return saved, work + grads, 2 * sp * B * H * d_k * d_v * 4         # the gathered states
     kv = B * H_kv * (d_k + d_v)
     out_lse = B * C * H * (d_v * a + 4)
-    scores = SCORE_TENSORS * 4 + 1                                          # fp32 copies + the bool mask
     if engine == "allgather":
-        return (B * C * H * d_k * a + T * kv * a + out_lse, scores * B * H * C * T + 2 * T * kv * 4 + grads,
-                T * kv * a)
+        reorder = T * kv * 4 if layout == "zigzag" else 0
+        return B * C * H * d_k * a + T * kv * a + out_lse, 2 * T * kv * 4 + reorder + grads, T * kv * a
     if engine == "ring":
-        return (B * C * H * d_k * a + C * kv * a + out_lse, scores * B * H * C * C + 4 * C * kv * 4 + grads,
+        return (B * C * H * d_k * a + C * kv * a + out_lse, 4 * C * kv * 4 + B * C * H * d_k * 4 + C * kv * 4 + grads,
                 4 * C * kv * a)
     copies = math.lcm(H_kv, sp) // H_kv                                    # KV heads replicated so sp divides them
     heads_saved = B * C * (H * d_k + copies * H_kv * (d_k + d_v)) * a       # H/sp heads × T tokens = H × C
-    return heads_saved + out_lse, scores * B * (H / sp) * T * T + grads, 2 * heads_saved
+    return heads_saved + out_lse, 2 * heads_saved * 4 / a + grads, 2 * heads_saved
 
 
 def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dtype="fp32", linear="lasp2",
-         softmax="allgather", kernel="torch"):
+         softmax="allgather", kernel="torch", layout="contiguous"):
     """{term: bytes per rank} (+ 'total' and the inputs echoed). ValueError naming the argument on bad input."""
     for name, value in (("sp", sp), ("dp", dp), ("tp", tp), ("batch", batch)):
         if value < 1:
@@ -137,7 +137,7 @@ def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dt
     blocks = {}
     for kind, probe in probe_blocks(cfg).items():
         engine = linear if kind == "L" else softmax
-        saved, work, buf = engine_terms(kind, probe, engine, batch, C, seq_len, sp, a, kernel)
+        saved, work, buf = engine_terms(kind, probe, engine, batch, C, seq_len, sp, a, kernel, layout)
         before, after = (probe[k] * batch * C * a / 4 / tp for k in ("before", "after"))
         blocks[kind] = dict(all=before + after + saved / tp, peak=max(before + after + saved / tp,
                             before + (saved + work) / tp), work=work / tp, buf=buf)
@@ -151,7 +151,8 @@ def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dt
                  comm_buffers=(4 * P if zero == 0 else min(4 * P, 5e8 * 4)) + max(b["buf"] for b in blocks.values()))
     terms["total"] = sum(terms.values())
     return dict(terms, params=P * tp, tokens_per_rank=C, ranks=dict(sp=sp, dp=dp, tp=tp), zero=zero,
-                checkpointing=checkpointing, dtype=dtype, engines=dict(linear=linear, softmax=softmax), kernel=kernel)
+                checkpointing=checkpointing, dtype=dtype, engines=dict(linear=linear, softmax=softmax), kernel=kernel,
+                layout=layout)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -171,6 +172,7 @@ def parse_args(argv=None):
                    help="gpu: bf16 autocast + Triton kernels; cpu: fp32 + torch kernels")
     p.add_argument("--linear", choices=LINEAR_ENGINES, default="lasp2")
     p.add_argument("--softmax", choices=SOFTMAX_ENGINES, default="allgather")
+    p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
     args, rest = p.parse_known_args(argv)
     args.model_overrides = parse_model_overrides(p, rest)
@@ -183,7 +185,8 @@ def main(argv=None):
     gpu = args.device == "gpu"
     try:
         est = plan(model_config(args), args.seq_len, args.sp, args.dp, args.tp, args.zero, args.checkpoint,
-                   args.batch, "bf16" if gpu else "fp32", args.linear, args.softmax, "triton" if gpu else "torch")
+                   args.batch, "bf16" if gpu else "fp32", args.linear, args.softmax, "triton" if gpu else "torch",
+                   args.layout)
     except ValueError as e:
         raise SystemExit(f"plan_memory: {e}")
     if args.json:
