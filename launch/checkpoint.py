@@ -4,11 +4,15 @@ Layout: <root>/step_00000120/{manifest.json, trainer.json, model.pt, optim.pt, r
 <root>/latest naming the newest complete one. Writing (every rank calls `save`, in step):
 
     rank 0 makes <root>/.tmp-step_00000120/          barrier
-    every rank writes its files into it and fsyncs   barrier
+    every rank writes its files into it and fsyncs   agree (a rank that failed, e.g. disk full, stops every rank)
     rank 0 writes manifest.json (size + sha256 of every file), fsyncs, renames the folder to step_00000120,
     fsyncs <root>, rewrites `latest` (temp file + rename), prunes old checkpoints   barrier
 
 A crash at any point leaves either the previous checkpoints untouched or a `.tmp-*` folder that nothing reads.
+Pruning keeps the `keep` newest checkpoints at or below the step just written; it never removes the one `latest`
+names (the one just written) and never touches checkpoints of higher steps (left by a run that was rewound to an
+earlier checkpoint: kept, not shadowed; `latest` says which one continues). A fresh run refuses a folder that
+holds checkpoints already (`check_fresh`), so two runs never mix in one folder.
 Loading first verifies the manifest (every file present, sizes and checksums equal) and only then reads
 anything: a corrupt or truncated checkpoint is refused with a ValueError naming the file, never loaded half.
 
@@ -29,7 +33,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MANIFEST", "step_dir", "save", "latest", "verify", "load_tensors", "rng_state", "set_rng_state",
+__all__ = ["MANIFEST", "step_dir", "save", "latest", "check_fresh", "verify", "load_tensors", "rng_state", "set_rng_state",
            "write_json", "read_json"]
 
 MANIFEST = "manifest.json"
@@ -88,14 +92,29 @@ def _manifest(folder):
     return {"files": {str(p.relative_to(folder)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
 
 
-def _prune(root, keep):
-    done = sorted(p for p in Path(root).glob("step_*") if (p / MANIFEST).exists())
-    for old in done[:-keep]:
+def _step_of(folder):
+    return int(folder.name.split("_")[-1])
+
+
+def _complete(root):
+    """The complete checkpoint folders under root (a manifest written), oldest step first."""
+    return sorted((p for p in Path(root).glob("step_*") if (p / MANIFEST).is_file()
+                   and p.name.split("_")[-1].isdigit()), key=_step_of)
+
+
+def _prune(root, keep, written):
+    """Remove all but the `keep` newest complete checkpoints with steps <= written's; never `written` itself."""
+    older = [p for p in _complete(root) if _step_of(p) <= _step_of(written) and p != written]
+    for old in older[:max(0, len(older) - (keep - 1))]:
         shutil.rmtree(old, ignore_errors=True)
 
 
 def save(root, step, write_files, *, rank, barrier, keep=2):
-    """Write checkpoint `step` under `root`; write_files(folder) writes this rank's files. Returns the folder."""
+    """Write checkpoint `step` under `root`; write_files(folder) writes this rank's files. Returns the folder.
+
+    barrier(error=None): every rank calls it; with an error on any rank it raises on all (pretrain's agreement),
+    so a rank whose write failed (read-only, disk full) stops every rank with one clear ValueError instead of a
+    hang, and the `.tmp-*` folder is removed."""
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
     if rank == 0:
@@ -103,9 +122,20 @@ def save(root, step, write_files, *, rank, barrier, keep=2):
         shutil.rmtree(tmp, ignore_errors=True)   # left by a crash during an earlier save of this step
         tmp.mkdir()
     barrier()
-    write_files(tmp)
-    _fsync_tree(tmp)
-    barrier()
+    error = None
+    try:
+        write_files(tmp)
+        _fsync_tree(tmp)
+    except (OSError, RuntimeError) as e:        # torch.save reports ENOSPC as RuntimeError("basic_ios::clear")
+        free = shutil.disk_usage(root).free / 2**30
+        error = ValueError(f"checkpoint: writing {tmp} failed ({str(e).splitlines()[0]}); {free:.2f} GiB free "
+                           f"under {root}: free space or choose another --checkpoint.dir")
+    try:
+        barrier(error)
+    except ValueError:
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if rank == 0:
         write_json(tmp / MANIFEST, _manifest(tmp))
         _fsync(tmp)
@@ -114,21 +144,39 @@ def save(root, step, write_files, *, rank, barrier, keep=2):
         os.rename(tmp, final)
         _fsync(root)
         write_json(root / "latest", {"step": step, "dir": final.name})
-        _prune(root, keep)
+        _prune(root, keep, final)
     barrier()
     return final
 
 
 def latest(root):
-    """The newest complete checkpoint folder under root, or None. ValueError if `latest` names a missing one."""
+    """The newest complete checkpoint folder under root, or None. ValueError naming `latest` if it is unreadable or
+    names a folder that is missing or incomplete (listing the intact checkpoints that are there)."""
     root = Path(root)
-    if (root / "latest").exists():
+    done = _complete(root)
+    if not (root / "latest").exists():
+        return done[-1] if done else None
+    intact = f"intact checkpoints here: {[p.name for p in done]}" if done else "no intact checkpoint here"
+    try:
         name = read_json(root / "latest")["dir"]
-        if not (root / name).is_dir():
-            raise ValueError(f"checkpoint: {root / 'latest'} names {name}, which does not exist")
-        return root / name
-    done = sorted(p for p in root.glob("step_*") if p.is_dir())
-    return done[-1] if done else None
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"checkpoint: {root / 'latest'} is unreadable ({e}); {intact}: write "
+                         f'{{"dir": "<one of them>"}} into it, or remove it to resume from the newest') from None
+    if not (root / str(name) / MANIFEST).is_file():
+        raise ValueError(f"checkpoint: {root / 'latest'} names {name}, which does not exist or is incomplete; "
+                         f"{intact}")
+    return root / name
+
+
+def check_fresh(root):
+    """ValueError if `root` holds checkpoints already: a run started without --resume must not mix with (prune,
+    shadow, overwrite) another run's checkpoints."""
+    root = Path(root)
+    found = sorted(p.name for p in root.glob("step_*")) + (["latest"] if (root / "latest").exists() else [])
+    if found:
+        raise ValueError(f"{root} already holds checkpoints of another run ({', '.join(found[-3:])}); nothing was "
+                         f"changed. Continue that run with --resume, or start a new one with a new --run-dir "
+                         f"(or --checkpoint.dir)")
 
 
 def verify(folder, allow=()):

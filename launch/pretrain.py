@@ -17,6 +17,7 @@ Each step: forward on the local shard, the loss sum normalised by the token coun
 import dataclasses
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -67,14 +68,26 @@ def _process():
     return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world))
 
 
+class _Reported(ValueError):
+    """A user error already printed once (by the lowest failing rank); main() exits 2 without printing again."""
+
+
 def _agree(error, device):
-    """One all-reduce so that every rank learns whether any rank failed: all raise, none waits in a collective."""
-    flag = torch.tensor([0.0 if error is None else 1.0], device=device)
-    comm.all_reduce(flag)
-    if error is not None:
-        raise error
-    if flag.item() > 0:
-        raise ValueError("another rank failed (its message is above)")
+    """One all-reduce so that every rank learns which ranks failed: all raise, none waits in a collective. The
+    lowest failing rank prints its message, then all pass a barrier, so it is printed once and before any rank
+    exits (torchrun stops the other workers at the first exit)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world == 1 and error is not None:
+        raise error                   # one process (no group): main() prints it
+    flags = torch.zeros(world, device=device)
+    flags[rank] = float(error is not None)
+    failed = comm.all_reduce(flags).nonzero().flatten().tolist()
+    if not failed:
+        return
+    if rank == failed[0]:
+        print(f"pretrain: error: {error}", file=sys.stderr, flush=True)
+    comm.barrier()
+    raise _Reported(str(error) if error is not None else f"rank {failed[0]} failed (its message is above)")
 
 
 def _prepare_data(cfg_data, files, rank, device):
@@ -104,17 +117,27 @@ def _check_compatible(saved, now, folder):
                          + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
 
 
+def _others(root, folder):
+    """' (other complete checkpoints here: [...]; resume from one by writing {"dir": ...} into latest)' or ''."""
+    others = [p.name for p in ckpt._complete(root) if p != folder]
+    return (f" (other checkpoints here: {others}; to resume from one, write {{\"dir\": \"{others[-1]}\"}} into "
+            f"{Path(root) / 'latest'})") if others else ""
+
+
 def _resume(engine, root, rank, state_now, device):
     """Load the newest checkpoint under root -> (the next step, the folder), (1, None) if there is none.
 
     Rank 0 verifies the folder (manifest, checksums, every torch file weights-only) before any rank reads it; every
     rank's reads are weights-only as well, and the ranks agree on success twice (after the check, after the reads),
-    so a bad file gives one clear error on every rank instead of a hang or code run by a crafted pickle."""
+    so a bad file gives one clear error instead of a hang or code run by a crafted pickle."""
     folder, error = None, None
     try:
         folder = ckpt.latest(root)
         if folder is not None and rank == 0:
-            ckpt.verify(folder, engine.safe_types)
+            try:
+                ckpt.verify(folder, engine.safe_types)
+            except ValueError as e:
+                raise ValueError(f"{e}{_others(root, folder)}") from None
             _check_compatible(ckpt.read_json(folder / "trainer.json"), state_now, folder)
     except ValueError as e:
         error = e
@@ -133,15 +156,55 @@ def _resume(engine, root, rank, state_now, device):
     return step, folder
 
 
-def _save(engine, root, step, state, run_dir, rank, keep):
+def _save(engine, root, step, state, run_dir, rank, keep, device):
     def write(folder):
         engine.save(folder, rank)
         torch.save(ckpt.rng_state(), folder / f"rng-rank{rank}.pt")
         if rank == 0:
             ckpt.write_json(folder / "trainer.json", state)
-    folder = ckpt.save(root, step, write, rank=rank, barrier=comm.barrier, keep=keep)
+    def barrier(error=None):
+        _agree(error, device)
+    folder = ckpt.save(root, step, write, rank=rank, barrier=barrier, keep=keep)
     engine.export(run_dir / "model.pt", rank)   # for launch/generate.py
     return folder
+
+
+def _checkpoint_bytes(cfg):
+    """About the bytes of one checkpoint plus the model.pt export: fp32 weights (4 bytes a parameter) and AdamW's
+    two moments (8); ZeRO writes its fp32 master weights besides the module's (4 more); model.pt is 4 again."""
+    import models
+    from launch.engine import model_config
+    if cfg.model.init_from:
+        n_params = Path(cfg.model.init_from).stat().st_size / 4
+    else:
+        model = models.build_model(model_config(cfg.model, cfg.data.vocab_size), device="meta")
+        n_params = sum(p.numel() for p in model.parameters())
+    return int(n_params * (16 if cfg.parallel.zero else 12) * 1.05 + n_params * 4) + 2**20
+
+
+def _writable(folder, key):
+    """mkdir -p folder and create + remove a file in it; ValueError naming the key otherwise."""
+    probe = Path(folder) / f".write-test-{os.uname().nodename}-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{key} {folder} is not writable ({e.strerror or e}): choose another --{key}") from None
+
+
+def _preflight(cfg, run_dir, root):
+    """Before step 1 and any group work (every rank sees the same shared folders): a fresh run refuses a folder
+    with checkpoints; run and checkpoint folders writable; free space for one checkpoint."""
+    if not cfg.checkpoint.resume:
+        ckpt.check_fresh(root)
+    _writable(run_dir, "run.dir")
+    _writable(root, "checkpoint.dir")
+    need, free = _checkpoint_bytes(cfg), shutil.disk_usage(root).free
+    if free < need:
+        raise ValueError(f"checkpoint.dir {root}: {free / 2**30:.2f} GiB free, one checkpoint needs about "
+                         f"{need / 2**30:.2f} GiB (parameter and optimizer bytes): free space or choose another "
+                         f"--checkpoint.dir")
 
 
 def _setup_mesh(sp, tp):
@@ -190,11 +253,10 @@ def _setup(cfg):
     files = corpus_files(cfg.data.corpus)
     check_corpus(files, cfg.data.text_key)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
-    mesh = _setup_mesh(cfg.parallel.sp, cfg.parallel.tp)
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    _preflight(cfg, run_dir, root)
+    mesh = _setup_mesh(cfg.parallel.sp, cfg.parallel.tp)
     data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
     if rank == 0:  # launch/generate.py decodes with it
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
@@ -299,7 +361,7 @@ def train(cfg, hook=None):
             every = cfg.checkpoint.every
             if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
                 run.last_ckpt = _save(engine, root, step, _trainer_state(step, cfg, mesh, run.data_key), run.run_dir,
-                                      rank, cfg.checkpoint.keep)
+                                      rank, cfg.checkpoint.keep, device)
             if preempted:
                 reporter.write(f"SIGTERM: saved {run.last_ckpt} at step {step}; continue with --resume")
                 break
@@ -359,16 +421,21 @@ def dry_run(cfg):
 
 
 def main(argv=None):
-    """Command-line entry: 0 done, 2 bad input (ValueError), 3 non-finite loss."""
-    rank = dist_env()[0]
+    """Command-line entry: 0 done, 2 bad input (ValueError), 3 non-finite step. A user error is printed once
+    (before any process group: by local rank 0 of each node, as every rank found the same; later: by the lowest
+    failing rank, see _agree), without a traceback."""
+    local_rank = dist_env()[2]
     try:
         cfg, dry = parse_args(argv)
         if dry:
             return dry_run(cfg)
         train(cfg)
         return 0
+    except _Reported:
+        return 2
     except ValueError as e:
-        print(f"pretrain: error: {e}", file=sys.stderr)
+        if local_rank == 0:
+            print(f"pretrain: error: {e}", file=sys.stderr, flush=True)
         return 2
     except NonFiniteStep:    # rank 0 printed it
         return 3

@@ -11,7 +11,10 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["GPU_PEAK_FLOPS", "CPU_CORE_PEAK_FLOPS", "peak_flops", "Reporter", "read_metrics", "plot_losses"]
+__all__ = ["GPU_PEAK_FLOPS", "CPU_CORE_PEAK_FLOPS", "REPLACED", "peak_flops", "Reporter", "read_metrics",
+           "plot_losses"]
+
+REPLACED = "metrics.replaced.jsonl"   # rows a resume or a fresh start took out of metrics.jsonl, appended, never lost
 
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12}
 CPU_CORE_PEAK_FLOPS = 100e9
@@ -31,11 +34,39 @@ def peak_flops(configured, device, world_size, local_world_size):
     return CPU_CORE_PEAK_FLOPS * cores * nodes, note
 
 
+def _read_lines(path):
+    """(rows, lines that are not JSON: a line torn by kill -9 while it was written)."""
+    rows, torn = [], []
+    for line in Path(path).read_text().splitlines() if Path(path).exists() else []:
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            torn.append(line)
+    return rows, torn
+
+
 def read_metrics(path):
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The rows of a metrics.jsonl (torn lines skipped)."""
+    return [r for r in _read_lines(path)[0] if r]
+
+
+def _rewind(metrics_path, start_step):
+    """Keep the rows before start_step in metrics.jsonl; append the others (a rewound run's steps past its
+    checkpoint, an earlier run's rows before a fresh start, torn lines) to metrics.replaced.jsonl -> a note or None.
+    The kept rows replace the file atomically (temp file + rename)."""
+    rows, torn = _read_lines(metrics_path)
+    before = [isinstance(r, dict) and r.get("step", start_step) < start_step for r in rows]
+    kept = [r for r, keep in zip(rows, before) if keep]
+    moved = [r for r, keep in zip(rows, before) if not keep] + [{"torn_line": line} for line in torn]
+    if not moved:
+        return None
+    aside = metrics_path.with_name(REPLACED)
+    with open(aside, "a") as f:
+        f.write("".join(json.dumps(r) + "\n" for r in moved))
+    tmp = metrics_path.with_name(metrics_path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    os.replace(tmp, metrics_path)
+    return f"metrics: {len(moved)} row(s) of {metrics_path} from step {start_step} on moved to {aside}"
 
 
 def plot_losses(metrics_path, png_path, title=""):
@@ -56,7 +87,8 @@ def plot_losses(metrics_path, png_path, title=""):
 
 
 class Reporter:
-    """Rank 0 writes; other ranks' calls are no-ops. `start_step` > 0 (resume) drops metrics past it first."""
+    """Rank 0 writes; other ranks' calls are no-ops. Rows of metrics.jsonl from `start_step` on (a resume's steps
+    past its checkpoint; everything on a fresh start) are moved to metrics.replaced.jsonl first, with a note."""
 
     def __init__(self, run_dir, *, rank, start_step, max_steps, progress, wandb_project="", wandb_mode="offline",
                  config=None):
@@ -65,8 +97,7 @@ class Reporter:
         self.bar = self.wandb = None
         if not self.active:
             return
-        kept = [r for r in read_metrics(self.metrics_path) if r["step"] < start_step]
-        self.metrics_path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        note = _rewind(self.metrics_path, start_step)
         self.file = open(self.metrics_path, "a")
         if progress:
             from tqdm import tqdm
@@ -75,6 +106,8 @@ class Reporter:
             import wandb
             self.wandb = wandb.init(project=wandb_project, mode=wandb_mode, dir=str(run_dir), config=config,
                                     name=Path(run_dir).name)
+        if note:
+            self.write(note)
 
     def log(self, row):
         """row: step, loss, lr, tokens, tokens_per_s, mfu, grad_norm (plain numbers)."""
