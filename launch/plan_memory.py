@@ -27,7 +27,8 @@ saved-tensor hooks, its attention function replaced by a stub; the engine's own 
                      for zigzag's reordering back to rank order
   ring               saves q, k, v, out, lse; backward: 2 blocks and 2 accumulators in flight (4·C·kv·4) and one
                      step's kernel gradients (dq, dk, dv: C·(H·d_k + kv)·4)
-  ulysses            saves q, k, v on H/sp heads × T tokens; backward: their fp32 gradients and all-to-all buffers
+  ulysses            saves q, k, v on H/sp heads × T tokens (ValueError unless sp | H); backward: their fp32
+                     gradients and all-to-all buffers
 The local softmax op is tiled (kernels/softmax_attn.py: scores in per-thread tiles of ≤ 256 × 512, never C × T),
 so every term is linear in C and T: softmax layers cost O(T·H_kv·d) (all-gather) or O(C·H·d), not O(C·T).
 Not included: the runtime (CUDA context ≈ 0.5-1 GiB per GPU; on CPU the interpreter, torch and gloo ≈ 0.4 GiB
@@ -36,7 +37,6 @@ per rank, measured), allocator fragmentation, and temporaries inside the optimiz
 import argparse
 import dataclasses
 import json
-import math
 import os
 import sys
 
@@ -45,6 +45,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import models  # noqa: E402
+from parallel.ulysses import ulysses_kv_replication  # noqa: E402
 
 MiB = 2 ** 20
 KERNEL_BWD_FLOATS = {"torch": 16.6, "triton": 4.0}     # working set per token per H·d of the linear kernel's backward
@@ -116,7 +117,7 @@ def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel, layout="contiguou
     if engine == "ring":
         return (B * C * H * d_k * a + C * kv * a + out_lse, 4 * C * kv * 4 + B * C * H * d_k * 4 + C * kv * 4 + grads,
                 4 * C * kv * a)
-    copies = math.lcm(H_kv, sp) // H_kv                                    # KV heads replicated so sp divides them
+    copies = ulysses_kv_replication(H, H_kv, sp)       # KV heads replicated so sp divides them; ValueError if sp ∤ H
     heads_saved = B * C * (H * d_k + copies * H_kv * (d_k + d_v)) * a       # H/sp heads × T tokens = H × C
     return heads_saved + out_lse, 2 * heads_saved * 4 / a + grads, 2 * heads_saved
 

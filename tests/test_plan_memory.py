@@ -35,10 +35,10 @@ def test_static_terms_follow_zero_stage_and_tp():
 def test_activations_grow_linearly_in_t_for_linear_and_tiled_softmax_layers():
     from launch.plan_memory import plan
     lengths = (2 ** 16, 2 ** 17, 2 ** 18)
-    for pattern, softmax, layout in (("L", "allgather", "contiguous"), ("LLLN", "allgather", "contiguous"),
-                                     ("LLLN", "allgather", "zigzag"), ("LLLN", "ring", "zigzag"),
-                                     ("LLLN", "ulysses", "contiguous")):
-        acts = [plan(_config(pattern), T, sp=8, dtype="fp32", softmax=softmax, layout=layout)["activations"]
+    for pattern, softmax, layout, sp in (("L", "allgather", "contiguous", 8), ("LLLN", "allgather", "contiguous", 8),
+                                         ("LLLN", "allgather", "zigzag", 8), ("LLLN", "ring", "zigzag", 8),
+                                         ("LLLN", "ulysses", "contiguous", 2)):     # Ulysses: sp | H = 2
+        acts = [plan(_config(pattern), T, sp=sp, dtype="fp32", softmax=softmax, layout=layout)["activations"]
                 for T in lengths]                                               # affine in T at fixed sp
         assert acts[2] - acts[1] == pytest.approx(2 * (acts[1] - acts[0]), rel=1e-6), (pattern, softmax, layout)
 
@@ -48,6 +48,8 @@ def test_bad_input_names_the_argument():
     for kwargs, word in ((dict(sp=3), "divisible"), (dict(zero=4), "zero"), (dict(dp=0), "dp")):
         with pytest.raises(ValueError, match=word):
             plan(_config("L"), 4096, **kwargs)
+    with pytest.raises(ValueError, match="4 sequence-parallel ranks.*heads \\(2\\)"):   # Ulysses needs sp | H
+        plan(_config("LLLN"), 4096, sp=4, softmax="ulysses")
 
 
 def _measured_step_peak(seq_len, pattern):
