@@ -124,8 +124,9 @@ def _dense_bwd(q, k, v, out, lse, do, q_seg, k_seg, causal, scale):
 
 # ---------------------------------------------------------------------------------------------- tiled kernels
 def _to_kernel(tensors, dtype, head_dim):
-    """(B, T, h, d) -> (B, h, T, head_dim) views in `dtype`, zero-padded on the last dim when d < head_dim."""
-    return [F.pad(x.to(dtype), (0, head_dim - x.shape[-1])).transpose(1, 2) for x in tensors]
+    """(B, T, h, d) -> (B, h, T, head_dim) in `dtype`: views (no copy) unless a cast or zero-padding is needed."""
+    return [(x.to(dtype) if x.shape[-1] == head_dim else F.pad(x.to(dtype), (0, head_dim - x.shape[-1])))
+            .transpose(1, 2) for x in tensors]
 
 
 def _kernel_dims(q, v, backend):

@@ -20,7 +20,7 @@ The local op is tiled (kernels/softmax_attn.py): no C × C score tensor; documen
 """
 import torch
 
-from . import comm, layout as layouts, mesh
+from . import comm, mesh
 from .local_attn import attend_backward, attend_forward, check_attention_inputs, compute_dtype
 
 __all__ = ["ring_attention", "ring_attention_forward", "ring_attention_backward"]

@@ -156,7 +156,8 @@ def _check_long_shards(engine):
         expected = _oracle_shards(q, k, v, do, causal, None, seg, layout, rank, W)
         for dtype in TOL:
             local = [parallel.shard(x, layout, rank, W).to(dtype).requires_grad_() for x in (q, k, v)]
-            out = ENGINES[engine](*local, causal=causal, layout=layout, segment_ids=parallel.shard(seg, layout, rank, W))
+            local_seg = parallel.shard(seg, layout, rank, W)
+            out = ENGINES[engine](*local, causal=causal, layout=layout, segment_ids=local_seg)
             out.backward(parallel.shard(do, layout, rank, W).to(dtype))
             errs = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), (out, *(x.grad for x in local)),
                                                        expected)}
@@ -188,9 +189,9 @@ def _largest_engine_tensors(C):
 
 
 def test_no_tensor_of_c_by_t_elements_in_the_engines():
-    """W = 2, C = 1,024, T = 2,048 (zigzag, documents): no aten result of C·T/8 elements with the tiled kernel (the
-    gathered K|V is C·T/16); the twin's scores (at C/4 tokens per rank) are seen by the same probe. (The kernel's test runs
-    2,048 × 8,192.)"""
+    """W = 2, C = 1,024, T = 2,048 (zigzag, documents): no aten result of C·T/8 elements with the tiled kernel
+    (the gathered K|V is C·T/16); the twin's scores (at C/4 tokens per rank) are seen by the same probe. (The
+    kernel's own test runs 2,048 × 8,192.)"""
     C, T = 1024, 2048
     for largest in run_ranks(2, _largest_engine_tensors, C):
         for (name, backend), n in largest.items():
