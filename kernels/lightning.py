@@ -29,9 +29,9 @@ def resolve_backend(backend, device):
 
 def lightning_attn_fwd(q, k, v, log_decay=None, initial_state=None, backend="torch", log_gate=None):
     """No-grad forward -> (o, final_state)."""
-    if backend == "triton" and log_gate is None:
+    if backend == "triton":
         from .lightning_triton import triton_fwd
-        return triton_fwd(q, k, v, log_decay, initial_state)
+        return triton_fwd(q, k, v, log_decay, initial_state, log_gate=log_gate)
     return chunked_forward(q, k, v, log_decay, log_gate, initial_state)[:2]
 
 
@@ -41,9 +41,9 @@ def lightning_attn_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None,
     dinitial_state is None when initial_state is None, dlog_gate None when log_gate is None. The torch backend
     recomputes the block states with one state pass (kernels/linear_attn.py chunked_backward).
     """
-    if backend == "triton" and log_gate is None:
+    if backend == "triton":
         from .lightning_triton import triton_bwd
-        return (*triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state), None)
+        return triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state, log_gate=log_gate)
     return chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_state)
 
 

@@ -1,7 +1,8 @@
 """Triton kernels for causal linear attention with per-head decay (Lightning Attention-2 style).
 
 Shapes: q, k, dq, dk (B, T, H, d_k); v, o, do, dv (B, T, H, d_v); log_decay (H,) holding log λ_h ≤ 0 or None;
-states (B, H, d_k, d_v) float32. Semantics (kernels/linear_attn.py): S_t = λ S_{t-1} + k_tᵀ v_t, o_t = q_t S_t.
+log_gate (B, T, H) ≤ 0 or None; states (B, H, d_k, d_v) float32. Semantics (kernels/linear_attn.py):
+S_t = e^{a_t} S_{t-1} + k_tᵀ v_t, o_t = q_t S_t with a_t = log λ + g_t.
 
 One program owns one (batch row, head, block of d_v columns) and walks the sequence in blocks of c ≤ BT
 tokens, carrying the float32 state P (d_k × BV) in registers. Per block (i, j are positions inside it):
@@ -13,7 +14,11 @@ tokens, carrying the float32 state P (d_k × BV) in registers. Per block (i, j a
     pass      dV = [(Q Kᵀ) ⊙ D]ᵀ dO + (Λ_k K) R       walked backward in T from R = dS_final:
               R ← λ^c R + (Λ_q Q)ᵀ dO                 after the first block, R = d(initial_state)
 
-Decay powers come from exp(n·log λ) with n ≥ 0 only (exponents are clamped, the upper triangle is selected
+With log_gate, the block's gates a_t = g_t + log λ (0 on masked rows) give b = cumsum(a) inside the block and
+D_ij = e^{b_i − b_j} (i ≥ j), λ^{i+1} → e^{b_i}, λ^{c-1-i} → e^{b_e − b_i}, λ^c → e^{b_e}: only differences with
+a non-positive value are exponentiated. d log_gate = reverse cumsum over T of q_t·dq_t − k_t·dk_t plus
+<S_final, dS_final> (kernels/linear_attn.py gate_grad), from the float32 dq, dk partials.
+Without gates, decay powers come from exp(n·log λ) with n ≥ 0 only (exponents are clamped, the upper triangle is selected
 away), so λ^n underflows to 0 for strong decays and never produces inf·0 = NaN; there is no cumulative sum of
 log-decays. The tail block (T not a multiple of BT) is masked: loads give 0 outside [0, T), stores are masked,
 and its length c enters λ^c and Λ_k. Head dims are padded to powers of two (≥ 16, the smallest tl.dot tile)
@@ -29,7 +34,7 @@ import triton
 import triton.language as tl
 import torch
 
-from .linear_attn import check_linear_attn_inputs
+from .linear_attn import check_linear_attn_inputs, gate_grad
 
 __all__ = ["triton_fwd", "triton_bwd"]
 
@@ -48,10 +53,36 @@ def _block_decays(ld, rt, c, BT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, LOG_DECAY, S0, O, SF, T, H, DK, DV,
-                HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr,
+def _gated_block_decays(a, rt):
+    """a (BT,) log gates of a block, 0 on rows past its end -> D, e^{b_i}, e^{b_e − b_i}, e^{b_e}; b = cumsum(a).
+
+    b_i − b_j and b_e − b_i are summed over their own segment (j, i], (i, e] — one 0/1 product for D — never
+    subtracted: after strong gates b ≈ −300 and fp32 b_i − b_j would be off by 3e-5 where the weight is ≈ 1."""
+    gap = rt[:, None] - rt[None, :]
+    upto = (gap >= 0).to(tl.float32)                                      # [i, t]: t ≤ i
+    after = (gap < 0).to(tl.float32)                                      # [j, t]: t > j
+    segment = tl.dot(upto, tl.trans(after * a[None, :]), input_precision="ieee")   # [i, j]: Σ_{j<t≤i} a_t
+    decay_mask = tl.where(gap >= 0, tl.exp(tl.where(gap >= 0, segment, 0.0)), 0.0)
+    to_end = tl.sum(after * a[None, :], 1)                                # Σ_{t>i} a_t = b_e − b_i
+    b_end = tl.sum(a, 0)
+    return decay_mask, tl.exp(tl.cumsum(a, 0)), tl.exp(to_end), tl.exp(b_end)
+
+
+@triton.jit
+def _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE: tl.constexpr, BT: tl.constexpr):
+    """The block's (D, Λ_q, Λ_k, block decay): from the gates when HAS_GATE, else from the constant log λ."""
+    if HAS_GATE:
+        a = tl.load(LOG_GATE + g_base + rows * H, mask=mt, other=0.0).to(tl.float32)
+        return _gated_block_decays(tl.where(mt, a + ld, 0.0), rt)
+    else:
+        return _block_decays(ld, rt, c, BT)
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, LOG_DECAY, LOG_GATE, S0, O, SF, T, H, DK, DV,
+                HAS_DECAY: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr,
                 BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (d_v blocks, B·H). Q, K (B, T, H, DK); V, O (B, T, H, DV); S0, SF (B, H, DK, DV) contiguous."""
+    """Grid (d_v blocks, B·H). Q, K (B, T, H, DK); V, O (B, T, H, DV); LOG_GATE (B, T, H); S0, SF (B, H, DK, DV)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)            # int64: B·T·H·D offsets exceed 2^31 at long T
     h = bh % H
@@ -68,6 +99,7 @@ def _fwd_kernel(Q, K, V, LOG_DECAY, S0, O, SF, T, H, DK, DV,
     k_base = K + ((bh // H) * T * H + h) * DK
     v_base = V + ((bh // H) * T * H + h) * DV
     o_base = O + ((bh // H) * T * H + h) * DV
+    g_base = (bh // H) * T * H + h                 # gate of row t at g_base + t·H
     s_off = bh * DK * DV + rk[:, None] * DV + rv[None, :]
     s_mask = mk[:, None] & mv[None, :]
     state = tl.zeros((BK, BV), dtype=tl.float32)
@@ -77,7 +109,7 @@ def _fwd_kernel(Q, K, V, LOG_DECAY, S0, O, SF, T, H, DK, DV,
         rows = start + rt
         mt = rows < T
         c = tl.minimum(T - start, BT)
-        decay_mask, q_pow, k_pow, block_pow = _block_decays(ld, rt, c, BT)
+        decay_mask, q_pow, k_pow, block_pow = _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE, BT)
         qk_mask = mt[:, None] & mk[None, :]
         v_mask = mt[:, None] & mv[None, :]
         q = tl.load(q_base + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
@@ -93,10 +125,13 @@ def _fwd_kernel(Q, K, V, LOG_DECAY, S0, O, SF, T, H, DK, DV,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LOG_DECAY, S0, DSF, DQP, DKP, DV_OUT, DS0, T, H, DK, DV,
-                HAS_DECAY: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
+def _bwd_kernel(Q, K, V, DO, LOG_DECAY, LOG_GATE, S0, DSF, DQP, DKP, DV_OUT, DS0, SF, TERMS, T, H, DK, DV,
+                HAS_DECAY: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
                 PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (d_v blocks, B·H). DQP, DKP (NV, B, T, H, DK) float32 partials; DV_OUT (B, T, H, DV); DS0 like S0."""
+    """Grid (d_v blocks, B·H). DQP, DKP (NV, B, T, H, DK) float32 partials; DV_OUT (B, T, H, DV); DS0 like S0;
+    Gated: TERMS (NV, B, T, H) float32 receives q_t·dq_t − k_t·dk_t without the gate-free terms (the diagonal
+    (q_t·k_t)(do_t·v_t); the last token's <k_tᵀ v_t, dS_final>), SF (with dS_final) e^{a_{T−1}} S_{T−2}: the
+    inputs of gate_grad (kernels/linear_attn.py)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)
     h = bh % H
@@ -110,7 +145,9 @@ def _bwd_kernel(Q, K, V, DO, LOG_DECAY, S0, DSF, DQP, DKP, DV_OUT, DS0, T, H, DK
         ld = tl.load(LOG_DECAY + h).to(tl.float32)
     qk_off = ((bh // H) * T * H + h) * DK
     v_off = ((bh // H) * T * H + h) * DV
+    g_base = (bh // H) * T * H + h
     part_off = iv.to(tl.int64) * (tl.num_programs(1) // H) * T * H * DK   # this d_v block's partial slab
+    terms_off = iv.to(tl.int64) * (tl.num_programs(1) // H) * T * H + g_base
     s_off = bh * DK * DV + rk[:, None] * DV + rv[None, :]
     s_mask = mk[:, None] & mv[None, :]
 
@@ -118,21 +155,35 @@ def _bwd_kernel(Q, K, V, DO, LOG_DECAY, S0, DSF, DQP, DKP, DV_OUT, DS0, T, H, DK
     state = tl.zeros((BK, BV), dtype=tl.float32)
     if HAS_INIT:
         state = tl.load(S0 + s_off, mask=s_mask, other=0.0).to(tl.float32)
+    before_last = tl.zeros((BK, BV), dtype=tl.float32)
     for start in range(0, T, BT):
         rows = start + rt
         mt = rows < T
         c = tl.minimum(T - start, BT)
-        decay_mask, q_pow, k_pow, block_pow = _block_decays(ld, rt, c, BT)
+        decay_mask, q_pow, k_pow, block_pow = _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE, BT)
         qk_mask = mt[:, None] & mk[None, :]
         v_mask = mt[:, None] & mv[None, :]
         k = tl.load(K + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
         v = tl.load(V + v_off + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         do = tl.load(DO + v_off + rows[:, None] * (H * DV) + rv[None, :], mask=v_mask, other=0.0).to(tl.float32)
         dov = tl.dot(do, tl.trans(v), input_precision=PRECISION) * decay_mask                   # [i, j]
+        if HAS_GATE:                                     # the diagonal joins dq after q_t·dq_t is taken
+            dov = tl.where(rt[:, None] > rt[None, :], dov, 0.0)
         dq = tl.dot(dov, k, input_precision=PRECISION)
         dq += tl.dot(do * q_pow[:, None], tl.trans(state), input_precision=PRECISION)
+        if HAS_GATE:
+            q = tl.load(Q + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
+            tl.store(TERMS + terms_off + rows * H, tl.sum(q * dq, 1), mask=mt)
+            dq += tl.sum(do * v, 1)[:, None] * k
+            if HAS_DFINAL:
+                if start + BT >= T:                      # e^{a_{T−1}} S_{T−2}: the last block without its last row
+                    last_pow = tl.where(rt < c - 1, k_pow, 0.0)
+                    before_last = state * block_pow + tl.dot(tl.trans(k), v * last_pow[:, None],
+                                                             input_precision=PRECISION)
         tl.store(DQP + part_off + qk_off + rows[:, None] * (H * DK) + rk[None, :], dq, mask=qk_mask)
         state = state * block_pow + tl.dot(tl.trans(k), v * k_pow[:, None], input_precision=PRECISION)
+    if HAS_GATE and HAS_DFINAL:
+        tl.store(SF + s_off, before_last, mask=s_mask)
 
     # dk/dv pass, backward in T; R = gradient of the state leaving the current block
     grad_state = tl.zeros((BK, BV), dtype=tl.float32)
@@ -144,7 +195,7 @@ def _bwd_kernel(Q, K, V, DO, LOG_DECAY, S0, DSF, DQP, DKP, DV_OUT, DS0, T, H, DK
         rows = start + rt
         mt = rows < T
         c = tl.minimum(T - start, BT)
-        decay_mask, q_pow, k_pow, block_pow = _block_decays(ld, rt, c, BT)
+        decay_mask, q_pow, k_pow, block_pow = _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE, BT)
         qk_mask = mt[:, None] & mk[None, :]
         v_mask = mt[:, None] & mv[None, :]
         q = tl.load(Q + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
@@ -156,8 +207,16 @@ def _bwd_kernel(Q, K, V, DO, LOG_DECAY, S0, DSF, DQP, DKP, DV_OUT, DS0, T, H, DK
         dv = tl.dot(tl.trans(qk), do, input_precision=PRECISION)
         dv += tl.dot(k, grad_state, input_precision=PRECISION) * k_pow[:, None]
         dov = tl.dot(do, tl.trans(v), input_precision=PRECISION) * decay_mask                   # [i, j]
+        if HAS_GATE:
+            dov = tl.where(rt[:, None] > rt[None, :], dov, 0.0)
         dk = tl.dot(tl.trans(dov), q, input_precision=PRECISION)
-        dk += tl.dot(v * k_pow[:, None], tl.trans(grad_state), input_precision=PRECISION)
+        dk_state = tl.dot(v * k_pow[:, None], tl.trans(grad_state), input_precision=PRECISION)
+        if HAS_GATE:                # k_t·dk_t; the last token's is its final-state term only: left out
+            k_dk = tl.sum(k * dk, 1) + tl.where(rows == T - 1, 0.0, tl.sum(k * dk_state, 1))
+            q_dq = tl.load(TERMS + terms_off + rows * H, mask=mt, other=0.0)
+            tl.store(TERMS + terms_off + rows * H, q_dq - k_dk, mask=mt)
+            dk += tl.sum(do * v, 1)[:, None] * q
+        dk += dk_state
         tl.store(DKP + part_off + qk_off + rows[:, None] * (H * DK) + rk[None, :], dk, mask=qk_mask)
         tl.store(DV_OUT + v_off + rows[:, None] * (H * DV) + rv[None, :], dv.to(DV_OUT.dtype.element_ty),
                  mask=v_mask)
@@ -186,9 +245,9 @@ def _config(q, v, block_len, block_v, backward):
     return BT, BK, BV, num_warps, ("ieee" if q.dtype == torch.float32 else "tf32")
 
 
-def _check(q, k, v, log_decay, initial_state):
+def _check(q, k, v, log_decay, initial_state, log_gate=None):
     """ValueError for what the kernels cannot run; shapes via check_linear_attn_inputs (no host sync here)."""
-    check_linear_attn_inputs(q, k, v, None, initial_state)
+    check_linear_attn_inputs(q, k, v, None, initial_state, log_gate, check_values=False)
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"backend='triton' supports float32/float16/bfloat16 inputs, got {q.dtype}; "
                          f"use backend='torch' for float64")
@@ -206,13 +265,14 @@ def _float32(x, device):
     return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
 
 
-def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, block_len=None, block_v=None):
+def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, log_gate=None, block_len=None, block_v=None):
     """No-autograd forward -> (o (B, T, H, d_v) in q's dtype, final_state (B, H, d_k, d_v) float32).
 
-    log_decay (H,) ≤ 0 is not re-checked for sign here (lightning_attn does that, once, with a host sync).
-    Raises ValueError on float64, head dims > 128, wrong shapes, or CPU tensors without the interpreter.
+    log_decay (H,) and log_gate (B, T, H) ≤ 0 are not re-checked for sign here (lightning_attn does that, once,
+    with a host sync). Raises ValueError on float64, head dims > 128, wrong shapes, or CPU tensors without the
+    interpreter.
     """
-    _check(q, k, v, log_decay, initial_state)
+    _check(q, k, v, log_decay, initial_state, log_gate)
     q, k, v = (x.contiguous() for x in (q, k, v))
     B, T, H, d_k = q.shape
     d_v = v.shape[-1]
@@ -220,22 +280,26 @@ def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, block_len=None, b
     o = torch.empty_like(v)
     final = torch.empty(B, H, d_k, d_v, device=q.device, dtype=torch.float32)
     log_decay, initial_state = _float32(log_decay, q.device), _float32(initial_state, q.device)
+    log_gate = _float32(log_gate, q.device)
     if B * H * d_v == 0 or d_k == 0:
         final.zero_() if initial_state is None else final.copy_(initial_state)
         return o.zero_(), final
     grid = (triton.cdiv(d_v, BV), B * H)
-    _fwd_kernel[grid](q, k, v, log_decay, initial_state, o, final, T, H, d_k, d_v,
-                      HAS_DECAY=log_decay is not None, HAS_INIT=initial_state is not None, PRECISION=precision,
+    _fwd_kernel[grid](q, k, v, log_decay, log_gate, initial_state, o, final, T, H, d_k, d_v,
+                      HAS_DECAY=log_decay is not None, HAS_GATE=log_gate is not None,
+                      HAS_INIT=initial_state is not None, PRECISION=precision,
                       BT=BT, BK=BK, BV=BV, num_warps=num_warps, num_stages=1)  # no prefetch buffers: no room
     return o, final
 
 
-def triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, *, block_len=None, block_v=None):
-    """Gradients (dq, dk, dv in the input dtype, dinitial_state float32 or None when initial_state is None).
+def triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, *, log_gate=None, block_len=None,
+               block_v=None):
+    """Gradients (dq, dk, dv in the input dtype, dinitial_state float32 or None when initial_state is None,
+    dlog_gate in log_gate's dtype or None when log_gate is None).
 
     do (B, T, H, d_v); dfinal_state (B, H, d_k, d_v) or None (no gradient flows from the final state).
     """
-    _check(q, k, v, log_decay, initial_state)
+    _check(q, k, v, log_decay, initial_state, log_gate)
     if do.shape != v.shape:
         raise ValueError(f"do {tuple(do.shape)} must have the shape of v {tuple(v.shape)}")
     B, T, H, d_k = q.shape
@@ -247,16 +311,24 @@ def triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, *, bloc
     BT, BK, BV, num_warps, precision = _config(q, v, block_len, block_v, backward=True)
     n_v = triton.cdiv(d_v, BV)
     log_decay, initial_state = _float32(log_decay, q.device), _float32(initial_state, q.device)
-    dfinal_state = _float32(dfinal_state, q.device)
+    dfinal_state, gate = _float32(dfinal_state, q.device), _float32(log_gate, q.device)
     launch = B * H * d_v > 0 and d_k > 0
     alloc = torch.empty_like if launch else torch.zeros_like        # the kernel writes every element it owns
     dq_part = alloc(q.new_empty(n_v, B, T, H, d_k, dtype=torch.float32))
     dk_part = alloc(dq_part)
     dv = alloc(v)
     dinit = None if initial_state is None else alloc(initial_state)
+    before_last = None if gate is None or dfinal_state is None else torch.zeros_like(dfinal_state)
+    terms = None if gate is None else torch.zeros(n_v, B, T, H, device=q.device, dtype=torch.float32)
     if launch:
-        _bwd_kernel[(n_v, B * H)](q, k, v, do, log_decay, initial_state, dfinal_state, dq_part, dk_part, dv, dinit,
-                                  T, H, d_k, d_v, HAS_DECAY=log_decay is not None,
-                                  HAS_INIT=initial_state is not None, HAS_DFINAL=dfinal_state is not None,
-                                  PRECISION=precision, BT=BT, BK=BK, BV=BV, num_warps=num_warps, num_stages=1)
-    return dq_part.sum(0).to(q.dtype), dk_part.sum(0).to(k.dtype), dv, dinit
+        _bwd_kernel[(n_v, B * H)](q, k, v, do, log_decay, gate, initial_state, dfinal_state, dq_part, dk_part, dv,
+                                  dinit, before_last, terms, T, H, d_k, d_v, HAS_DECAY=log_decay is not None,
+                                  HAS_GATE=gate is not None, HAS_INIT=initial_state is not None,
+                                  HAS_DFINAL=dfinal_state is not None, PRECISION=precision, BT=BT, BK=BK, BV=BV,
+                                  num_warps=num_warps, num_stages=1)
+    dq, dk = dq_part.sum(0), dk_part.sum(0)
+    dgate = None
+    if gate is not None:
+        final_term = None if before_last is None else (before_last * dfinal_state).sum((-1, -2))
+        dgate = gate_grad(terms.sum(0), final_term, log_gate.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv, dinit, dgate

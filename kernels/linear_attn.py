@@ -20,7 +20,7 @@ used only as a test oracle.
 import torch
 
 __all__ = ["check_linear_attn_inputs", "state_dtype", "repeat_kv", "linear_attn_chunked",
-           "linear_attn_recurrent"]
+           "linear_attn_recurrent", "chunked_forward", "chunked_backward", "gate_grad"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -100,29 +100,31 @@ def _unchunk(x):
     return x.permute(0, 2, 3, 1, 4).reshape(B, n * c, H, D)
 
 
-def _cum_gates(gates, log_decay, start, n, c, dtype):
-    """b (·, H, ·, c): the inclusive cumulative gate inside each chunk (summed in float64), or None (no gate)."""
+def _cum_gates(gates, log_decay, start, n, c):
+    """b (·, H, ·, c) float64: the inclusive cumulative gate inside each chunk, or None (no gate). Float64 so
+    that a difference b_i − b_j near 0 stays exact after b has fallen far (fp32: 1e-4 at b ≈ −1000)."""
     if gates is None and log_decay is None:
         return None
     if gates is None:                                            # constant decay: b_i = (i+1) log λ, every chunk
         i = torch.arange(1, c + 1, dtype=torch.float64, device=log_decay.device)
-        return (log_decay.double()[:, None] * i).to(dtype)[None, :, None, :]
+        return (log_decay.double()[:, None] * i)[None, :, None, :]
     B, _, H = gates.shape
     a = gates[:, start:start + n * c].double().reshape(B, n, c, H).permute(0, 3, 1, 2)
     if log_decay is not None:
         a = a + log_decay.double()[None, :, None, None]
-    return a.cumsum(-1).to(dtype)
+    return a.cumsum(-1)
 
 
 def _chunk_factors(b, c, dtype, device):
-    """-> (D (·,H,·,c,c), Λ_q (·,H,·,c,1), Λ_k (·,H,·,c,1), chunk totals b_e (·,H,·)); no gate: (tril, None, None, None)."""
+    """b float64 -> (D (·,H,·,c,c), Λ_q (·,H,·,c,1), Λ_k (·,H,·,c,1) in dtype, chunk totals b_e (·,H,·) float64);
+    no gate: (tril, None, None, None). The differences are taken in float64, the exponentials in dtype."""
     causal = torch.ones(c, c, dtype=torch.bool, device=device).tril()
     if b is None:
         return causal.to(dtype), None, None, None
-    mask = b[..., :, None] - b[..., None, :]                       # b_i − b_j ≤ 0 for i ≥ j
+    mask = (b[..., :, None] - b[..., None, :]).to(dtype)           # b_i − b_j ≤ 0 for i ≥ j
     mask.masked_fill_(~causal, float("-inf")).exp_()              # the upper triangle never reaches exp
     end = b[..., -1:]
-    return mask, b.exp()[..., None], (end - b).exp_()[..., None], end[..., 0]
+    return mask, b.to(dtype).exp()[..., None], (end - b).to(dtype).exp_()[..., None], end[..., 0]
 
 
 def _scan_weights(totals, n, dtype, device):
@@ -169,9 +171,11 @@ def _block_forward(q, k, v, b, state):
     return o.view(B, H, n, c, -1), P[:, :, n]
 
 
-def _block_backward(q, k, v, do, b, state, dstate_out):
+def _block_backward(q, k, v, do, b, state, dstate_out, gated):
     """Gradients of one block given the state entering it and dstate_out, the gradient of the state leaving it
-    -> (dq, dk, dv (B, H, n, c, D), gradient of the state entering it). R_j = dL/d(state leaving chunk j)."""
+    -> (dq, dk, dv (B, H, n, c, D), gradient of the state entering it, gate terms). R_j = dL/d(state leaving
+    chunk j). Gate terms (gated only, else None): (q_t·dq_t, k_t·dk_t) (B, H, n, c) without the diagonal
+    (q_t·k_t)(do_t·v_t), which appears in both and does not depend on the gates (fp32 cancellation otherwise)."""
     B, H, n, c, _ = q.shape
     mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device)
     k_end, v_end, do_dec = _scaled(k, k_pow), _scaled(v, k_pow), _scaled(do, q_pow)   # Λ_k K, Λ_k V, Λ_q dO
@@ -185,14 +189,22 @@ def _block_backward(q, k, v, do, b, state, dstate_out):
     q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
     dov = torch.bmm(do3, v3.transpose(1, 2))
     dov.view(B, H, n, c, c).mul_(mask)                             # [(dO Vᵀ) ⊙ D]_ij
+    if gated:
+        diag = dov.diagonal(dim1=1, dim2=2).clone()
+        dov.diagonal(dim1=1, dim2=2).zero_()
     dq = torch.bmm(dov, k3).baddbmm_(_flat(do_dec), P.transpose(1, 2))
     dk = torch.bmm(dov.transpose(1, 2), q3).baddbmm_(_flat(v_end), R.transpose(1, 2))
     del dov
+    terms = None
+    if gated:
+        terms = tuple(x.view(B, H, n, c) for x in ((q3 * dq).sum(-1), (k3 * dk).sum(-1)))
+        dq.addcmul_(diag[..., None], k3)
+        dk.addcmul_(diag[..., None], q3)
     qk = torch.bmm(q3, k3.transpose(1, 2))
     qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
     dv = torch.bmm(qk.transpose(1, 2), do3).baddbmm_(_flat(k_end), R)
     shape = (B, H, n, c, -1)
-    return dq.view(shape), dk.view(shape), dv.view(shape), dstate_in
+    return dq.view(shape), dk.view(shape), dv.view(shape), dstate_in, terms
 
 
 def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, block_chunks=16):
@@ -207,7 +219,7 @@ def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, b
     for start, n, c in _blocks(T, chunk_len, block_chunks):
         checkpoints.append(state)
         qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
-        ob, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c, sdt), state)
+        ob, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c), state)
         o[:, start:start + n * c] = _unchunk(ob)
     return o, state, (torch.stack(checkpoints) if checkpoints else None)
 
@@ -218,62 +230,82 @@ def _state_pass(k, v, ld, log_gate, state, chunk_len, block_chunks):
     for start, n, c in _blocks(k.shape[1], chunk_len, block_chunks):
         checkpoints.append(state)
         kb, vb = (_chunks(x, start, n, c, state.dtype) for x in (k, v))
-        b = _cum_gates(log_gate, ld, start, n, c, state.dtype)
+        b = _cum_gates(log_gate, ld, start, n, c)
         _, _, k_pow, totals = _chunk_factors(b, c, state.dtype, k.device)
         state = _entry_states(_scaled(kb, k_pow), vb, totals, state)[:, :, n]
     return (torch.stack(checkpoints) if checkpoints else None), state
 
 
 def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_state=None, checkpoints=None,
-                     final_state=None, chunk_len=64, block_chunks=16):
+                     chunk_len=64, block_chunks=16):
     """Hand-written chunkwise backward -> (dq, dk, dv, dinitial_state or None, dlog_gate or None).
 
     Walks the blocks from the last to the first carrying R, the gradient of the state leaving the block (from
-    dS_final). checkpoints / final_state from chunked_forward, or None: recomputed by one state pass. The gate
-    gradient is d a_s = Σ_{t≥s} (q_t·dq_t − k_t·dk_t) + <S_final, dS_final> (a_s scales every product it spans).
+    dS_final). checkpoints from chunked_forward, or None: recomputed by one state pass. The gate gradient:
+    kernels/linear_attn.py gate_grad.
     """
     B, T, H, d_k = q.shape
     d_v, sdt = v.shape[-1], state_dtype(q.dtype)
     ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
     state0 = q.new_zeros(B, H, d_k, d_v, dtype=sdt) if initial_state is None else initial_state.to(sdt)
     if checkpoints is None:
-        checkpoints, final_state = _state_pass(k, v, ld, log_gate, state0, chunk_len, block_chunks)
+        checkpoints, _ = _state_pass(k, v, ld, log_gate, state0, chunk_len, block_chunks)
     grad = q.new_zeros(B, H, d_k, d_v, dtype=sdt) if dfinal_state is None else dfinal_state.to(sdt)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    dgate = None if log_gate is None else q.new_empty(B, T, H, dtype=sdt)   # q_t·dq_t − k_t·dk_t
+    terms = None if log_gate is None else q.new_empty(2, B, T, H, dtype=sdt)   # q_t·dq_t, k_t·dk_t
     blocks = _blocks(T, chunk_len, block_chunks)
     for index in reversed(range(len(blocks))):
         start, n, c = blocks[index]
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
-        b = _cum_gates(log_gate, ld, start, n, c, sdt)
-        dqb, dkb, dvb, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad)
+        b = _cum_gates(log_gate, ld, start, n, c)
+        dqb, dkb, dvb, grad, block_terms = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad,
+                                                           log_gate is not None)
         stop = start + n * c
         dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
-        if dgate is not None:
-            dgate[:, start:stop] = ((qb * dqb).sum(-1) - (kb * dkb).sum(-1)).permute(0, 2, 3, 1).flatten(1, 2)
-    if dgate is not None:
-        dgate = dgate.double().flip(1).cumsum(1).flip(1)
-        if dfinal_state is not None:
-            dgate += (final_state.double() * dfinal_state.double()).sum((-1, -2))[:, None, :]
-        dgate = dgate.to(log_gate.dtype)
+        if terms is not None:
+            for buffer, x in zip(terms, block_terms):
+                buffer[:, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
+    dgate = None
+    if terms is not None:
+        final_term = None
+        if dfinal_state is not None and T:       # e^{a_{T−1}} <S_{T−2}, dS_final>: one state pass over the last block
+            start = blocks[-1][0]
+            before_last = _state_pass(k[:, start:T - 1], v[:, start:T - 1], ld, log_gate[:, start:T - 1],
+                                      checkpoints[-1], chunk_len, block_chunks)[1]
+            a_last = log_gate[:, T - 1].to(sdt) + (0 if ld is None else ld)
+            final_term = (before_last * dfinal_state.to(sdt)).sum((-1, -2)) * a_last.exp()
+        token_terms = terms[0] - terms[1]
+        token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
+        dgate = gate_grad(token_terms, final_term, log_gate.dtype)
     return dq, dk, dv, (None if initial_state is None else grad), dgate
+
+
+def gate_grad(token_terms, final_term, dtype):
+    """d a_s = Σ_{t≥s} (q_t·dq_t − k_t·dk_t) + <S_final, dS_final>: a_s scales every product spanning s, and the
+    sums cancel the pairs that do not. Given without the terms that cancel exactly (so that the fp32 rounding of
+    a large cancelled term cannot swamp a small gradient): token_terms (B, T, H) without the diagonal
+    (q_t·k_t)(do_t·v_t) and without the last token's <k_{T−1}ᵀ v_{T−1}, dS_final>, which also leaves
+    final_term (B, H) = e^{a_{T−1}} <S_{T−2}, dS_final> (None without dS_final). Sums in float64."""
+    grad = token_terms.double().flip(1).cumsum(1).flip(1)
+    if final_term is not None:
+        grad += final_term.double()[:, None, :]
+    return grad.to(dtype)
 
 
 class _ChunkedLinearAttn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks):
         o, final, checkpoints = chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks)
-        ctx.save_for_backward(q, k, v, log_decay, log_gate, initial_state, checkpoints, final)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, initial_state, checkpoints)
         ctx.sizes = chunk_len, block_chunks
         ctx.set_materialize_grads(False)                          # an unused final state costs nothing
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, log_decay, log_gate, initial_state, checkpoints, final = ctx.saved_tensors
+        q, k, v, log_decay, log_gate, initial_state, checkpoints = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do
-        grads = chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal, checkpoints, final,
-                                 *ctx.sizes)
+        grads = chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal, checkpoints, *ctx.sizes)
         dq, dk, dv, dstate, dgate = grads
         return dq, dk, dv, None, dgate, dstate, None, None
 

@@ -177,7 +177,7 @@ def test_triton_empty_sequence():
     from kernels.lightning_triton import triton_bwd, triton_fwd
     q, k, v, log_decay, state, do, dfinal = _inputs(1, 0, 2, 16, 8, "mixed", True, torch.float32)
     o, final = triton_fwd(q, k, v, log_decay.float(), state)
-    dq, dk, dv, dstate = triton_bwd(q, k, v, log_decay.float(), state, do, dfinal)
+    dq, dk, dv, dstate, _ = triton_bwd(q, k, v, log_decay.float(), state, do, dfinal)
     assert o.shape == (1, 0, 2, 8) and dq.shape == (1, 0, 2, 16) and dv.shape == (1, 0, 2, 8)
     assert torch.equal(final, state) and torch.equal(dstate, dfinal)
 
@@ -194,6 +194,50 @@ def test_triton_fp16_within_twice_torch_error(decay):
            *lightning_attn_bwd(q, k, v, ld, state, do, dfinal, backend="torch"))
     assert got[0].dtype == torch.float16 and got[2].dtype == torch.float16 and got[1].dtype == torch.float32
     for name, a, r, b in zip(("o", "final", "dq", "dk", "dv", "dstate"), got, ref, want):
+        err, ref_err = rel_err(a, b), rel_err(r, b)
+        assert err <= 2 * ref_err + 1e-6 and err < FP16_TOL, f"{name}: {err:.2e} vs torch fp16 {ref_err:.2e}"
+
+
+def _gated_inputs(T, gate, dtype, seed=0):
+    """B = 2, H = 2, d_k = 32 ≠ d_v = 16, a mixed decay on top of the gate, an initial state."""
+    q, k, v, log_decay, state, do, dfinal = _inputs(2, T, 2, 32, 16, "mixed", True, dtype, seed)
+    log_gate = GATES[gate] * torch.rand(2, T, 2, generator=torch.Generator().manual_seed(seed + 1))
+    return q, k, v, log_gate.to(dtype), log_decay, state, do, dfinal
+
+
+def _through_autograd(backend, q, k, v, log_gate, log_decay, state, do, dfinal):
+    """lightning_attn and autograd: (o, final, dq, dk, dv, dstate, dlog_gate)."""
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, log_gate, state)]
+    o, final = lightning_attn(*leaves[:3], log_decay=log_decay, log_gate=leaves[3], initial_state=leaves[4],
+                              output_final_state=True, backend=backend)
+    torch.autograd.backward([o, final], [do, dfinal])
+    grads = [x.grad for x in leaves]
+    return (o.detach(), final.detach(), *grads[:3], grads[4], grads[3])
+
+
+GATED_NAMES = ("o", "final", "dq", "dk", "dv", "dstate", "dlog_gate")
+
+
+@pytest.mark.parametrize("T", [1, 63, 64, 77, 200])
+@pytest.mark.parametrize("gate", list(GATES))
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gated_fp32_matches_quadratic_oracle(backend, gate, T):
+    """Both backends in float32 through lightning_attn: forward and all five gradients within 2e-5."""
+    q, k, v, log_gate, log_decay, state, do, dfinal = _gated_inputs(T, gate, torch.float32)
+    want = _gated_oracle(q, k, v, log_gate, log_decay, state, do, dfinal)
+    got = _through_autograd(backend, q, k, v, log_gate, log_decay.float(), state, do, dfinal)
+    _assert_close(got, want, FP32_TOL, GATED_NAMES)
+
+
+@pytest.mark.parametrize("gate", list(GATES))
+def test_triton_gated_fp16_within_twice_torch_error(gate):
+    """fp16 q, k, v, do and gates (states float32): error at most twice the torch path's own fp16 error."""
+    q, k, v, log_gate, log_decay, state, do, dfinal = _gated_inputs(63, gate, torch.float16)
+    want = _gated_oracle(q, k, v, log_gate, log_decay, state, do, dfinal)
+    got = _through_autograd("triton", q, k, v, log_gate, log_decay.float(), state, do, dfinal)
+    ref = _through_autograd("torch", q, k, v, log_gate, log_decay.float(), state, do, dfinal)
+    assert got[0].dtype == torch.float16 and got[6].dtype == torch.float16 and got[1].dtype == torch.float32
+    for name, a, r, b in zip(GATED_NAMES, got, ref, want):
         err, ref_err = rel_err(a, b), rel_err(r, b)
         assert err <= 2 * ref_err + 1e-6 and err < FP16_TOL, f"{name}: {err:.2e} vs torch fp16 {ref_err:.2e}"
 
