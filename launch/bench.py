@@ -3,6 +3,8 @@
     torchrun --nproc-per-node 4 launch/bench.py --mode layer --seq-lens 4096,8192,16384
     torchrun --nproc-per-node 4 launch/bench.py --mode model --seq-lens 8192,32768 --preset linear-llama3-tiny
     torchrun --nproc-per-node 8 launch/bench.py --mode long --seq-lens 2097152 --model.dim 64 ...
+    torchrun --nproc-per-node 4 launch/bench.py --mode network --seq-lens 8192 \
+        --networks "off;latency_us=50;latency_us=1000;latency_us=20000"
 
 gloo on CPU, NCCL on GPU (parallel.init_mesh). Every rank holds T/W tokens of one sequence (batch B).
   layer  forward+backward of one attention layer per engine: linear (lasp2, lasp1, ring_linear = the left-product
@@ -10,6 +12,11 @@ gloo on CPU, NCCL on GPU (parallel.init_mesh). Every rank holds T/W tokens of on
   model  forward+backward of the whole model (loss included) per "linear+softmax" engine pair.
   long   one full training step (forward, backward, gradient all-reduce, AdamW) with per-layer activation
          checkpointing; one record per length, so a list of lengths gives the curve of peak memory per rank.
+  network  the layer of `layer` mode for the linear engines under the network MODEL of parallel/comm.py
+         (LASP_SIM_NETWORK semantics, one spec per --networks entry, "off" = none): every (engine, network)
+         case interleaved in each repetition. Also per case: `wait_s`, the seconds the slowest rank was blocked
+         in communication, and for LASP-2 `model_comm_s` (the model's gather time) and `hidden` = 1 − wait/model:
+         the share of the gather time hidden behind the intra-chunk compute.
 Time of a repetition = the slowest rank's; reported: the median over repetitions, global tokens/s, collectives
 (calls and bytes RECEIVED per rank, the most loaded rank; for these symmetric patterns it equals bytes sent)
 and peak memory per rank, measured in one extra untimed repetition. Memory: GPU = torch.cuda.max_memory_allocated;
@@ -40,12 +47,13 @@ from launch.bench_report import markdown, render, write_outputs  # noqa: E402
 from launch.engine import checkpoint_blocks  # noqa: E402
 from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
 
-LINEAR = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "ring_linear": lasp.ring_linear_attention}
+LINEAR = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "allscan": lasp.allscan, "ring_linear": lasp.ring_linear_attention}
 SOFTMAX = {"allgather": "allgather_attention", "ring": "ring_attention", "ulysses": "ulysses_attention"}
+SOFTMAX.update({f"{name}_dense": fn for name, fn in SOFTMAX.items()})   # layer mode: on the dense torch twin
 CONTIGUOUS_ONLY = ("lasp1", "ring_linear")
 DEFAULT_ENGINES = {"layer": "lasp2,lasp1,ring_linear,allgather,ulysses",
                    "model": "lasp2+allgather,lasp1+allgather,ring_linear+ring,lasp2+ulysses",
-                   "long": "lasp2+allgather"}
+                   "long": "lasp2+allgather", "network": "lasp2,lasp1,allscan,ring_linear"}
 MiB = 2 ** 20
 
 
@@ -169,7 +177,7 @@ def run_interleaved(cases, reps, warmup, device, group):
 def layer_step(engine, seq_len, args, group, device, dtype):
     """Inputs for one layer on this rank and a closure running forward + backward; None if the engine cannot run."""
     W, r = comm.group_size(group), comm.group_rank(group)
-    if engine == "ulysses" and args.heads % W:
+    if engine.startswith("ulysses") and args.heads % W:
         return None                                          # Ulysses needs W | H
     layout = "contiguous" if engine in CONTIGUOUS_ONLY else args.layout
     pos = local_positions(seq_len, layout, r, W, device)
@@ -185,7 +193,8 @@ def layer_step(engine, seq_len, args, group, device, dtype):
         kw = dict(log_decay=decay) if engine in CONTIGUOUS_ONLY else dict(log_decay=decay, layout=layout)
         fn = functools.partial(LINEAR[engine], group=group, **kw)
     else:
-        fn = functools.partial(getattr(parallel, SOFTMAX[engine]), layout=layout, group=group)
+        fn = functools.partial(getattr(parallel, SOFTMAX[engine]), layout=layout, group=group,
+                               **({"backend": "torch"} if engine.endswith("_dense") else {}))
 
     def step():
         torch.autograd.grad(fn(q, k, v), (q, k, v), do)
@@ -222,6 +231,51 @@ def bench_layers(args, group, device, dtype):
             shape = dict(batch=args.batch, heads=args.heads, kv_heads=args.heads if engine in LINEAR else
                          args.kv_heads, head_dim=args.head_dim, dtype=str(dtype).replace("torch.", ""))
             records.append(_record("layer", engine, seq_len, group, times, shape, profile))
+    return records
+
+
+# ---------------------------------------------------------------------------------------------- network mode
+def timed_comm(step, device, group):
+    """-> (seconds, seconds blocked in communication, the model's all-gather seconds) of one step on this rank."""
+    with count_collectives() as log:
+        seconds = time_step(step, device, group)
+    gathers = [r for r in log.records if r.op == "all_gather"]
+    return seconds, sum(r.wait_s for r in log.records), sum(r.model_s for r in gathers), sum(
+        r.wait_s for r in gathers)
+
+
+def bench_network(args, group, device, dtype):
+    """Linear engines x network models, every case interleaved in each repetition; one record per case."""
+    records = []
+    for seq_len in args.seq_lens:
+        cases = {}
+        for spec in args.networks:
+            for engine in args.engines:
+                step = layer_step(engine, seq_len, args, group, device, dtype)
+
+                def run(step=step, spec=spec):
+                    with comm.simulated_network(None if spec == "off" else spec):
+                        step()
+                cases[engine, spec] = run
+        profiles = {key: profile_step(step, device, group) for key, step in cases.items()}   # also the warm-up
+        local = {key: [] for key in cases}
+        for rep in range(args.warmup + args.reps):
+            for key, step in cases.items():
+                measured = timed_comm(step, device, group)
+                if rep >= args.warmup:
+                    local[key].append(measured)
+        for (engine, spec), reps in local.items():
+            times, wait, model, gather_wait = (across_ranks(list(col), group, device) for col in zip(*reps))
+            shape = dict(batch=args.batch, heads=args.heads, kv_heads=args.heads, head_dim=args.head_dim,
+                         dtype=str(dtype).replace("torch.", ""), network=spec)
+            net = comm.parse_network("" if spec == "off" else spec) or comm.NetworkModel()
+            extra = dict(wait_s=statistics.median(wait), model_comm_s=statistics.median(model),
+                         gather_wait_s=statistics.median(gather_wait), latency_s=net.latency_s,
+                         gbps=None if net.bytes_per_s == float("inf") else net.bytes_per_s * 8 / 1e9)
+            if engine == "lasp2" and extra["model_comm_s"] > 0:
+                extra["hidden"] = max(0.0, 1 - extra["gather_wait_s"] / extra["model_comm_s"])
+            profile = {k: v for k, v in profiles[engine, spec].items() if not k.startswith("peak")}
+            records.append(_record("network", engine, seq_len, group, times, shape, dict(profile, **extra)))
     return records
 
 
@@ -375,11 +429,13 @@ def _record(mode, engine, seq_len, group, times, shape, profile):
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", choices=("layer", "model", "long"), default="layer")
+    p.add_argument("--mode", choices=("layer", "model", "long", "network"), default="layer")
     p.add_argument("--seq-lens", "--seq-len", default="4096,8192,16384", help="comma-separated global lengths")
     p.add_argument("--engines", help="layer: names; model/long: linear+softmax pairs (default per mode)")
     p.add_argument("--layout", default="contiguous", choices=("contiguous", "zigzag"),
                    help="for engines that take one (lasp1 and ring_linear always run contiguous)")
+    p.add_argument("--networks", default="off;latency_us=50;latency_us=1000;latency_us=20000",
+                   help="network mode: ';'-separated LASP_SIM_NETWORK specs (e.g. 'latency_us=50,gbps=25'), 'off'")
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--kv-heads", type=int, help="softmax layer engines (default: --heads)")
@@ -399,6 +455,7 @@ def parse_args(argv=None):
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
     args.engines = (args.engines or DEFAULT_ENGINES[args.mode]).split(",")
     args.kv_heads = args.kv_heads or args.heads
+    args.networks = [spec.strip() for spec in args.networks.split(";")]
     long = args.mode == "long"
     args.checkpoint = long if args.checkpoint is None else args.checkpoint
     args.reps = (1 if long else 5) if args.reps is None else args.reps
@@ -417,12 +474,19 @@ def parse_model_overrides(parser, rest):
 
 def _validate(parser, args):
     names = set(LINEAR) | set(SOFTMAX)
+    for spec in args.networks:
+        try:
+            comm.parse_network("" if spec == "off" else spec)
+        except ValueError as e:
+            parser.error(f"--networks: {e}")
+    if args.mode == "network" and not set(args.engines) <= set(LINEAR):
+        parser.error(f"--engines: network mode runs linear engines only, one of {sorted(LINEAR)}")
     for engine in args.engines:
         parts = engine.split("+")
-        ok = (parts[0] in names) if args.mode == "layer" else (
+        ok = (parts[0] in names) if args.mode in ("layer", "network") else (
             len(parts) == 2 and parts[0] in LINEAR and parts[1] in SOFTMAX)
         if not ok:
-            parser.error(f"--engines: {engine!r} is not " + (f"one of {sorted(names)}" if args.mode == "layer"
+            parser.error(f"--engines: {engine!r} is not " + (f"one of {sorted(names)}" if args.mode in ("layer", "network")
                          else f"a pair linear+softmax of {sorted(LINEAR)} + {sorted(SOFTMAX)}"))
     if args.mode == "long" and len(args.engines) != 1:
         parser.error("--engines: long mode runs one engine pair")
@@ -453,6 +517,8 @@ def main(argv=None):
             print(markdown({"records": records}), flush=True)
     if args.mode == "long":
         bench_long(args, group, device, emit)
+    elif args.mode == "network":
+        emit(bench_network(args, group, device, dtype))
     else:
         emit(bench_layers(args, group, device, dtype) if args.mode == "layer" else
              bench_models(args, group, device, dtype))

@@ -78,8 +78,49 @@ def _rows(recs):
     return rows
 
 
+PAPER_LASP2_OVER_LASP1 = 1 / 1.152   # LASP-2 paper: +15.2% throughput over LASP-1 (2048K tokens, 64 GPUs)
+ZECO_OVER_BEST = 1 / 1.6             # ZeCO: 60% faster than the previous best SP (8M tokens, 256 GPUs)
+
+
+def _network_rows(recs):
+    """Per (device, config, W, T, network): the engines' times and the ratios the papers report."""
+    groups = {}
+    for r in recs:
+        key = (r["device"], _config(r["shape"]), r["world"], r["seq_len"], r["shape"]["network"])
+        groups.setdefault(key, {})[r["engine"]] = r
+    rows = ["| device | config | W | T | network (model) | " + " | ".join(f"{e} s" for e in _NET_ENGINES) +
+            " | LASP-2 / LASP-1 (paper 0.868) | All-Scan / LASP-2 (ZeCO 0.625) | All-Scan / LASP-1 "
+            "| LASP-2 gather hidden | MiB recv/rank lasp2 / allscan | load (start → end) |",
+            "|" + "---|" * (11 + len(_NET_ENGINES))]
+
+    def ratio(a, b, by):
+        return f"{by[a]['median_s'] / by[b]['median_s']:.3f}" if a in by and b in by else "–"
+    for (device, config, W, T, net), by in sorted(groups.items(), key=lambda kv: (kv[0][:4], _net_order(kv[1]))):
+        times = " | ".join(f"{by[e]['median_s']:.4g}" if e in by else "–" for e in _NET_ENGINES)
+        hidden = by.get("lasp2", {}).get("hidden")
+        mib = "/".join(f"{by[e]['bytes_per_rank'] / MiB:.3f}" if e in by else "–" for e in ("lasp2", "allscan"))
+        load = next(iter(by.values()))
+        rows.append(f"| {device} | {config} | {W} | {T:,} | {net} | {times} | {ratio('lasp2', 'lasp1', by)} "
+                    f"| {ratio('allscan', 'lasp2', by)} | {ratio('allscan', 'lasp1', by)} "
+                    f"| {'–' if hidden is None else f'{hidden:.0%}'} | {mib} "
+                    f"| {load['load_avg_start'][0]:.1f} → {load['load_avg_end'][0]:.1f} |")
+    return rows
+
+
+_NET_ENGINES = ("lasp2", "lasp1", "allscan", "ring_linear")
+
+
+def _net_order(by):
+    """(latency s, Gbit/s) of a record or of {engine: record} of one network; inf bandwidth when unlimited."""
+    r = by if "latency_s" in by else next(iter(by.values()))
+    return r["latency_s"], float("inf") if r["gbps"] is None else r["gbps"]
+
+
 def markdown(data):
     lines = []
+    if any(r["mode"] == "network" for r in data["records"]):
+        lines += ["### network (modelled interconnect)", ""] + _network_rows(
+            [r for r in data["records"] if r["mode"] == "network"]) + [""]
     for mode in ("layer", "model", "long"):
         recs = sorted((r for r in data["records"] if r["mode"] == mode),
                       key=lambda r: (r["device"], _config(r["shape"]), r["world"], r["seq_len"], r["engine"]))
@@ -104,8 +145,11 @@ def plot(data, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     long = [r for r in data["records"] if r["mode"] == "long"]
+    network = [r for r in data["records"] if r["mode"] == "network"]
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    if long:
+    if network:
+        _plot_network(ax, network)
+    elif long:
         xs = sorted(r["tokens_per_rank"] for r in long)
         ax.plot(xs, [r["peak_bytes"] / MiB for r in sorted(long, key=lambda r: r["tokens_per_rank"])], "o",
                 label="measured step peak (max over ranks)")
@@ -134,6 +178,22 @@ def plot(data, path):
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_network(ax, recs):
+    """Step time against the modelled latency, one line per (engine, W, bandwidth)."""
+    series = {}
+    for r in recs:
+        latency, gbps = _net_order(r)
+        bw = "unlimited" if gbps == float("inf") else f"{gbps:g} Gbit/s"
+        series.setdefault((r["engine"], r["world"], r["seq_len"], bw), []).append((max(latency, 1e-6), r["median_s"]))
+    engines = sorted({key[0] for key in series})
+    for (engine, W, T, bw), pts in sorted(series.items()):
+        pts.sort()
+        ax.plot(*zip(*pts), marker="os^D"[W.bit_length() % 4], color=f"C{engines.index(engine) % 10}",
+                label=f"{engine}, W={W}, T={T:,}, {bw}")
+    ax.set(xlabel="modelled latency per message (s; 'off' and 0 at 1e-6)", ylabel="forward + backward (s)",
+           xscale="log", yscale="log")
 
 
 def write_outputs(records, machine, out):

@@ -28,6 +28,7 @@ later), so K messages back to back cost α + K·m/β, and a chain of dependent h
 The delays are sleeps: the CPU stays free for the ranks' compute. A malformed value raises ValueError when this
 module is imported (start-up), naming the variable and the accepted keys.
 """
+import itertools
 import math
 import os
 import queue
@@ -118,6 +119,8 @@ class CommRecord:
     peer: int = None       # P2P: the peer's index in the group
     model_s: float = 0.0   # the network model's time for this call (0 when the model is off)
     wait_s: float = 0.0    # seconds this rank was blocked in the call or in its wait()
+    issued: int = 0        # this process's event order: when the call was issued,
+    waited: int = None     # and when it was first waited for (the received data usable from there)
 
 
 @dataclass
@@ -159,8 +162,11 @@ def count_collectives():
         _ACTIVE_LOGS.remove(log)
 
 
+_EVENTS = itertools.count(1)
+
+
 def _record(op, size, nbytes, peer=None):
-    rec = CommRecord(op, size, int(nbytes), peer)
+    rec = CommRecord(op, size, int(nbytes), peer, issued=next(_EVENTS))
     for log in _ACTIVE_LOGS:
         log.records.append(rec)
     return rec
@@ -203,7 +209,13 @@ class _Timed:
         start = time.perf_counter()
         self.work.wait()
         _sleep_until(self.deadline)
-        self.record.wait_s += time.perf_counter() - start
+        _waited(self.record, start)
+
+
+def _waited(record, start):
+    record.wait_s += time.perf_counter() - start
+    if record.waited is None:
+        record.waited = next(_EVENTS)
 
 
 def _collective(op, world, nbytes, record):
@@ -369,7 +381,7 @@ def _blocking(call, record, deadline):
     start = time.perf_counter()
     call()
     _sleep_until(deadline)
-    record.wait_s += time.perf_counter() - start
+    _waited(record, start)
 
 
 def exchange(send_to, recv_from, group=None):
