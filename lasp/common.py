@@ -2,25 +2,53 @@
 
 Shapes: q (S, c, H, d_k), do (S, c, H, d_v); k (S, c, H_kv, d_k), v (S, c, H_kv, d_v), where the S = B·n rows
 are the rank's n segments of c tokens for each batch row (n = 1 contiguous, 2 zigzag); states P, G, M
-(S, H_kv, d_k, d_v) in the state dtype. Grouped heads: query head i reads key/value head i // (H / H_kv), so the
-states, and every message of the engines, count the H_kv distinct K/V heads only; log_decay is (H_kv,).
-With λ = exp(log_decay) per head and t = 0..c−1 the position inside a segment:
+(S, H_kv, d_k, d_v) in the state dtype; log_gate (S, c, H_kv). Grouped heads: query head i reads key/value head
+i // (H / H_kv), so the states, and every message of the engines, count the H_kv distinct K/V heads only;
+log_decay is (H_kv,). Per segment, a_t = log λ + g_t (log_decay and log_gate add; either may be absent) and
+A_t = Σ_{s≤t} a_s, A_e = A_{c−1} (the segment's total, summed in float64); constant decay: A_t = (t+1)·log λ.
 
-    M  = Σ_t λ^{c−1−t} k_tᵀ v_t            (the segment's own state, decayed to its end)
-    dM = Σ_t λ^{t+1} q_tᵀ do_t             (gradient flowing into the state that enters the segment)
-    o_t  += λ^{t+1} q_t P                  dq_t += λ^{t+1} do_t Pᵀ
-    dk_t += λ^{c−1−t} v_t Gᵀ               dv_t += λ^{c−1−t} k_t G
+    M  = Σ_t e^{A_e − A_t} k_tᵀ v_t         (the segment's own state, decayed to its end)
+    dM = Σ_t e^{A_t} q_tᵀ do_t              (gradient flowing into the state that enters the segment)
+    o_t  += e^{A_t} q_t P                   dq_t += e^{A_t} do_t Pᵀ
+    dk_t += e^{A_e − A_t} v_t Gᵀ            dv_t += e^{A_e − A_t} k_t G           (G: gradient of the state leaving)
+    the state leaving is e^{A_e} P + M, so with b_u = k_u·dk_u^{via G}:
+    dg_s += Σ_{u≥s} q_u·dq_u^{via P} + Σ_{u<s} b_u + e^{A_e} <P, G>    (g_s scales every product it spans)
+
+Only differences of inclusive cumulative sums that are ≤ 0 are exponentiated, so nothing overflows.
+The products run per (segment, head) as batched matmuls on strided views, accumulating in place into the
+kernel's fresh outputs: no permuted copies of the (c, H, D) tensors, no grouped einsum views.
 """
 import torch
 
-from kernels import check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv, state_dtype
+from kernels import (check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv,
+                     state_dtype)
 from parallel import layout as layouts
 
-__all__ = ["check_engine_inputs", "to_segments", "from_segments", "local_state", "state_grad",
-           "add_prefix_output", "add_state_grads", "intra_forward", "intra_backward", "constant_decay"]
+__all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
+           "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",
+           "intra_forward", "intra_backward", "local_backward", "constant_decay"]
 
 
-def check_engine_inputs(q, k, v, log_decay, causal, layout):
+def check_log_gate(log_gate, q, k, causal):
+    """ValueError naming the shapes unless log_gate is (B, T_local, H_kv) on q's device, in q's or the state dtype,
+    finite and ≤ 0, with causal=True. Call before any collective (the value check syncs with the device)."""
+    want = (q.shape[0], q.shape[1], k.shape[2])
+    if tuple(log_gate.shape) != want:
+        raise ValueError(f"log_gate must be (B, T_local, H_kv) = {want} for q {tuple(q.shape)}, k {tuple(k.shape)}, "
+                         f"got {tuple(log_gate.shape)}")
+    if log_gate.dtype not in (q.dtype, state_dtype(q.dtype)):
+        raise ValueError(f"log_gate {tuple(log_gate.shape)} has dtype {log_gate.dtype}; q {tuple(q.shape)} is "
+                         f"{q.dtype}: use {q.dtype} or {state_dtype(q.dtype)}")
+    if log_gate.device != q.device:
+        raise ValueError(f"log_gate {tuple(log_gate.shape)} is on {log_gate.device}, q {tuple(q.shape)} on {q.device}")
+    if not causal:
+        raise ValueError(f"log_gate {tuple(log_gate.shape)} needs causal=True: gates are only defined for causal "
+                         f"attention")
+    if log_gate.numel() and not bool((torch.isfinite(log_gate) & (log_gate <= 0)).all()):
+        raise ValueError(f"log_gate {tuple(log_gate.shape)} must be finite and <= 0 (gates e^g in (0, 1])")
+
+
+def check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate=None):
     """ValueError naming the sizes, raised before any collective. Returns the segment length c."""
     if q.dim() == 4 and k.dim() == 4 and k.shape[2] and q.shape[2] != k.shape[2]:
         if q.shape[2] % k.shape[2]:
@@ -30,6 +58,8 @@ def check_engine_inputs(q, k, v, log_decay, causal, layout):
     check_linear_attn_inputs(q, k, v, log_decay)
     if log_decay is not None and not causal:
         raise ValueError("log_decay needs causal=True: decay is only defined for causal attention")
+    if log_gate is not None:
+        check_log_gate(log_gate, q, k, causal)
     return layouts.check_local_len(q.shape[1], layout)
 
 
@@ -39,80 +69,142 @@ def constant_decay(log_decay, q):
 
 
 def to_segments(x, n):
-    """(B, n·c, H, D) -> (B·n, c, H, D), a view."""
+    """(B, n·c, ...) -> (B·n, c, ...), a view."""
     return x.unflatten(1, (n, x.shape[1] // n)).flatten(0, 1)
 
 
 def from_segments(x, n):
-    """(B·n, c, H, D) -> (B, n·c, H, D), a view."""
+    """(B·n, c, ...) -> (B, n·c, ...), a view."""
     return x.unflatten(0, (x.shape[0] // n, n)).flatten(1, 2)
 
 
-def _powers(log_decay, c, first, step, dtype):
-    """λ^{first + step·t} for t = 0..c−1 as (1, c, H, 1), or None without decay."""
+def _cum_gate(log_gate, log_decay):
+    """A (S, c, H_kv) float64: the inclusive cumulative sum of a = log_gate + log_decay inside each segment."""
+    a = log_gate.double() if log_decay is None else log_gate.double() + log_decay.double()
+    return a.cumsum(1)
+
+
+def _weights(log_decay, log_gate, c, dtype, to_end):
+    """e^{A_t} (to_end False) or e^{A_e − A_t} (to_end True) as (1 or S, c, H_kv, 1); None without decay or gate."""
+    if log_gate is not None:
+        A = _cum_gate(log_gate, log_decay)
+        return (A[:, -1:] - A if to_end else A).exp().to(dtype)[..., None]
     if log_decay is None:
         return None
     t = torch.arange(c, device=log_decay.device, dtype=dtype)
-    return torch.exp((first + step * t)[:, None] * log_decay.to(dtype)[None, :])[None, :, :, None]
+    power = (c - 1 - t) if to_end else (t + 1)
+    return torch.exp(power[:, None] * log_decay.to(dtype)[None, :])[None, :, :, None]
 
 
-def _scaled(x, powers, dtype):
+def segment_log_totals(log_decay, log_gate, c):
+    """A_e per segment: (S, H_kv) float64 with a gate, (1, H_kv) c·log λ for a constant decay, else None."""
+    if log_gate is not None:
+        return _cum_gate(log_gate, log_decay)[:, -1]
+    return None if log_decay is None else c * log_decay.double()[None]
+
+
+def _scaled(x, weights, dtype):
     x = x.to(dtype)
-    return x if powers is None else x * powers
+    return x if weights is None else x * weights
 
 
-def _grouped(x, n_kv):
-    """(S, c, H, D) -> (S, c, H_kv, H/H_kv, D), a view: query head i is (i // G, i % G)."""
-    return x.unflatten(2, (n_kv, x.shape[2] // n_kv))
+def _per_query_head(x, groups, dim):
+    """Per K/V head -> per query head (a repeat of a small tensor: weights or states)."""
+    return x if x is None or groups == 1 else x.repeat_interleave(groups, dim)
 
 
-def _grouped_scaled(x, powers, dtype, n_kv):
-    return _grouped(_scaled(x, None if powers is None else powers.repeat_interleave(x.shape[2] // n_kv, 2), dtype),
-                    n_kv)
+def _accumulate(out, a, b):
+    """out[s, :, h] += a[s, :, h] @ b[s, h] in place, out (S, c, H, D), a (S, c, H, K), b (S, H, K, D)."""
+    for s in range(out.shape[0]):
+        out[s].transpose(0, 1).baddbmm_(a[s].transpose(0, 1), b[s])
+    return out
 
 
-def intra_forward(q, k, v, log_decay, backend):
-    """O_intra = [(Q Kᵀ) ⊙ D] V per segment, zero initial state."""
-    return lightning_attn_fwd(q, *repeat_kv(q, k, v, log_decay), None, backend)[0]
+def _token_product(a, b):
+    """Σ_t a_tᵀ b_t per (segment, head): (S, c, H, K), (S, c, H, D) -> (S, H, K, D)."""
+    return torch.einsum("sthk,sthv->shkv", a, b)
+
+
+def local_state(k, v, log_decay, log_gate=None):
+    """M (S, H_kv, d_k, d_v)."""
+    sdt = state_dtype(k.dtype)
+    return _token_product(_scaled(k, _weights(log_decay, log_gate, k.shape[1], sdt, True), sdt), v.to(sdt))
+
+
+def state_grad(q, do, log_decay, n_kv, log_gate=None):
+    """dM per K/V head (S, H_kv, d_k, d_v): summed over its query heads."""
+    sdt, groups = state_dtype(q.dtype), q.shape[2] // n_kv
+    w = _per_query_head(_weights(log_decay, log_gate, q.shape[1], sdt, False), groups, 2)
+    dstate = _token_product(_scaled(q, w, sdt), do.to(sdt))
+    return dstate if groups == 1 else dstate.unflatten(1, (n_kv, groups)).sum(2)
+
+
+def add_prefix_output(o, q, prefix, log_decay, log_gate=None):
+    """o + e^{A_t} q_t P (P of the query head's K/V head), returned in o's dtype (o may be updated in place)."""
+    sdt, groups = prefix.dtype, q.shape[2] // prefix.shape[1]
+    w = _per_query_head(_weights(log_decay, log_gate, q.shape[1], sdt, False), groups, 2)
+    out = _accumulate(o.to(sdt), _scaled(q, w, sdt), _per_query_head(prefix, groups, 1))
+    return out.to(o.dtype)
+
+
+def add_suffix_grads(dk, dv, k, v, suffix, log_decay, log_gate=None):
+    """dk + e^{A_e − A_t} v_t Gᵀ, dv + e^{A_e − A_t} k_t G (in place where the dtypes allow), and with a gate the
+    exclusive prefix sum Σ_{u<s} b_u, b_u = k_u·dk_u^{via G} (S, c, H_kv) float64, else None."""
+    sdt = suffix.dtype
+    w = _weights(log_decay, log_gate, k.shape[1], sdt, True)
+    dk = _accumulate(dk.to(sdt), _scaled(v, w, sdt), suffix.transpose(-1, -2))
+    if log_gate is None:
+        return dk, _accumulate(dv.to(sdt), _scaled(k, w, sdt), suffix), None
+    dv_suffix = _accumulate(torch.zeros_like(dv, dtype=sdt), _scaled(k, w, sdt), suffix)
+    b = (dv_suffix * v.to(sdt)).sum(-1, dtype=torch.float64)            # k_u·dk_u^{via G} = v_u·dv_u^{via G}
+    return dk, dv_suffix.add_(dv.to(sdt)), b.cumsum(1) - b
+
+
+def add_state_grads(dq, dk, dv, q, k, v, do, prefix, suffix, log_decay, log_gate=None):
+    """Add the cross-segment terms of the gradients given the prefix P and the suffix gradient G -> (dq, dk, dv),
+    and with a gate also d log_gate of those terms (S, c, H_kv) float64 (the kernel's intra part not included)."""
+    sdt, groups = prefix.dtype, q.shape[2] // prefix.shape[1]
+    w = _per_query_head(_weights(log_decay, log_gate, q.shape[1], sdt, False), groups, 2)
+    dq_prefix = _accumulate(torch.zeros_like(dq, dtype=sdt), _scaled(do, w, sdt),
+                            _per_query_head(prefix, groups, 1).transpose(-1, -2))
+    dk, dv, b = add_suffix_grads(dk, dv, k, v, suffix, log_decay, log_gate)
+    out = (dq_prefix.add_(dq.to(sdt)).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
+    if log_gate is None:
+        return out
+    a = (q.to(sdt) * dq_prefix).sum(-1, dtype=torch.float64)           # q_u·dq_u^{via P}, per query head
+    a = a if groups == 1 else a.unflatten(2, (-1, groups)).sum(3)
+    return (*out, add_total_grad(a.flip(1).cumsum(1).flip(1) + b, prefix, suffix, log_decay, log_gate))
+
+
+def add_total_grad(dg, prefix, suffix, log_decay, log_gate):
+    """dg + e^{A_e} <P, G> (S, c, H_kv) float64: the segment's total gate scales P on its way to the state leaving."""
+    total = segment_log_totals(log_decay, log_gate, log_gate.shape[1])
+    return dg + (total.exp() * (prefix.double() * suffix.double()).sum((-1, -2)))[:, None]
+
+
+def intra_forward(q, k, v, log_decay, backend, log_gate=None, initial_state=None):
+    """O_intra = [(Q Kᵀ) ⊙ D] V per segment, zero initial state (or the kernel's full output from initial_state)."""
+    groups = q.shape[2] // k.shape[2]
+    k, v, log_decay = repeat_kv(q, k, v, log_decay)
+    return lightning_attn_fwd(q, k, v, log_decay, _per_query_head(initial_state, groups, 1), backend,
+                              _per_query_head(log_gate, groups, 2))[0]
+
+
+def local_backward(q, k, v, log_decay, do, backend, log_gate=None, initial_state=None, dfinal_state=None):
+    """The kernel's gradients of one segment entering with initial_state (None = 0), given the gradient of the state
+    leaving it (None = 0) -> (dq, dk, dv, d log_gate or None); dk, dv, d log_gate summed over each query group."""
+    groups, n_kv = q.shape[2] // k.shape[2], k.shape[2]
+    k_rep, v_rep, ld = repeat_kv(q, k, v, log_decay)
+    if dfinal_state is not None and groups > 1:    # one state per K/V head: its gradient enters one copy only
+        dfinal_state = torch.stack([dfinal_state, *[torch.zeros_like(dfinal_state)] * (groups - 1)], 2).flatten(1, 2)
+    dq, dk, dv, _, dg = lightning_attn_bwd(q, k_rep, v_rep, ld, _per_query_head(initial_state, groups, 1), do,
+                                           dfinal_state, backend, _per_query_head(log_gate, groups, 2))
+    if groups > 1:
+        dk, dv = (x.unflatten(2, (n_kv, groups)).sum(3) for x in (dk, dv))
+        dg = None if dg is None else dg.unflatten(2, (n_kv, groups)).sum(3)
+    return dq, dk, dv, dg
 
 
 def intra_backward(q, k, v, log_decay, do, backend):
     """(dq, dk, dv) of the intra term; dk, dv summed over each K/V head's query group."""
-    groups = q.shape[2] // k.shape[2]
-    dq, dk, dv = lightning_attn_bwd(q, *repeat_kv(q, k, v, log_decay), None, do, None, backend)[:3]
-    if groups > 1:
-        dk, dv = (x.unflatten(2, (k.shape[2], groups)).sum(3) for x in (dk, dv))
-    return dq, dk, dv
-
-
-def local_state(k, v, log_decay):
-    sdt = state_dtype(k.dtype)
-    c = k.shape[1]
-    return torch.einsum("sthk,sthv->shkv", _scaled(k, _powers(log_decay, c, c - 1, -1, sdt), sdt), v.to(sdt))
-
-
-def state_grad(q, do, log_decay, n_kv):
-    """dM per K/V head: summed over its query heads."""
-    sdt = state_dtype(q.dtype)
-    qd = _grouped_scaled(q, _powers(log_decay, q.shape[1], 1, 1, sdt), sdt, n_kv)
-    return torch.einsum("sthgk,sthgv->shkv", qd, _grouped(do.to(sdt), n_kv))
-
-
-def add_prefix_output(o, q, prefix, log_decay):
-    """o + λ^{t+1} q_t P (P of the query head's K/V head), returned in o's dtype."""
-    sdt, n_kv = prefix.dtype, prefix.shape[1]
-    qd = _grouped_scaled(q, _powers(log_decay, q.shape[1], 1, 1, sdt), sdt, n_kv)
-    inter = torch.einsum("sthgk,shkv->sthgv", qd, prefix).flatten(2, 3)
-    return (o.to(sdt) + inter).to(o.dtype)
-
-
-def add_state_grads(dq, dk, dv, q, k, v, do, prefix, suffix, log_decay):
-    """Add the cross-segment terms of the gradients given the prefix P and the suffix gradient G."""
-    sdt = prefix.dtype
-    c = q.shape[1]
-    kd = _powers(log_decay, c, c - 1, -1, sdt)
-    dod = _grouped_scaled(do, _powers(log_decay, c, 1, 1, sdt), sdt, prefix.shape[1])
-    dq = dq.to(sdt) + torch.einsum("sthgv,shkv->sthgk", dod, prefix).flatten(2, 3)
-    dk = dk.to(sdt) + torch.einsum("sthv,shkv->sthk", _scaled(v, kd, sdt), suffix)
-    dv = dv.to(sdt) + torch.einsum("sthk,shkv->sthv", _scaled(k, kd, sdt), suffix)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    return local_backward(q, k, v, log_decay, do, backend)[:3]

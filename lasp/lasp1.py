@@ -1,86 +1,89 @@
 """LASP-1: the ring baseline. States travel rank to rank, one hop at a time (contiguous layout only).
 
-Shapes: local shards q, k (B, C, H, d_k), v (B, C, H, d_v); states (B, H, d_k, d_v) in float32 (float64 for
-float64 inputs). With M_r = Σ_t λ^{C−1−t} k_tᵀ v_t and dM_r = Σ_t λ^{t+1} q_tᵀ dO_t (lasp/common.py):
+Shapes: local shards q (B, C, H, d_k), k (B, C, H_kv, d_k), v (B, C, H_kv, d_v), log_gate (B, C, H_kv); states
+(B, H_kv, d_k, d_v) in float32 (float64 for float64 inputs). With a_t = log λ + g_t, A_t its inclusive cumsum
+on the rank, A_e = A_{C−1}, M_r = Σ_t e^{A_e − A_t} k_tᵀ v_t and dM_r = Σ_t e^{A_t} q_tᵀ dO_t (lasp/common.py):
 
-  forward   rank r receives P_r from r−1 (P_0 = 0), sends P_{r+1} = λ^C P_r + M_r to r+1,
-            o_t = O_intra,t + λ^{t+1} q_t P_r
-  backward  rank r receives G_r from r+1 (G_{W−1} = 0), sends G_{r−1} = λ^C G_r + dM_r to r−1, then the same
-            cross terms as LASP-2. Non-causal (λ = 1): a prefix ring and a suffix ring each way, total = P+M+G.
+  forward   rank r receives P_r from r−1 (P_0 = 0), sends P_{r+1} = e^{A_e} P_r + M_r to r+1,
+            o = the local kernel entering with state P_r        (o_t = O_intra,t + e^{A_t} q_t P_r)
+  backward  rank r receives G_r from r+1 (G_{W−1} = 0), sends G_{r−1} = e^{A_e} G_r + dM_r to r−1, then the
+            kernel's backward entering with P_r and leaving with gradient G_r gives dq, dk, dv and d log_gate
+            whole (its state terms are those of lasp/common.py). Non-causal (λ = 1, no gate): a prefix ring and
+            a suffix ring each way, total = P+M+G.
 
-W−1 sequential hops per ring, each one state: the same bytes per rank as LASP-2 but serialised latency, which
-is what LASP-2's single all-gather removes.
+Each rank's own total A_e is all the fold needs, so nothing but the state travels. W−1 sequential hops per
+ring, each one state: the same bytes per rank as LASP-2 but serialised latency, which is what LASP-2's single
+all-gather removes.
 """
 import torch
 
 from kernels import resolve_backend
 from parallel import comm, mesh
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, intra_backward,
-                     intra_forward, local_state, state_grad)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, intra_forward,
+                     local_backward, local_state, segment_log_totals, state_grad)
 
 __all__ = ["lasp1", "lasp1_forward", "lasp1_backward"]
 
 
-def _ring_scan(states, log_decay, C, group, reverse):
-    """Exclusive scan X_r = Σ over earlier ranks s (later ones if reverse) of λ^{C·(|r−s|−1)} M_s, by P2P hops."""
+def _ring_scan(states, log_totals, group, reverse):
+    """Exclusive scan by P2P hops: X_r = the fold X ← e^{A_e,s} X + M_s over earlier ranks s (later ones if reverse);
+    log_totals (B or 1, H) float64 is this rank's own segment total A_e (None: no decay)."""
     W, r = comm.group_size(group), comm.group_rank(group)
     src, dst = (r + 1, r - 1) if reverse else (r - 1, r + 1)
     carried = torch.zeros_like(states)
     if 0 <= src < W:                                   # everyone but the first rank of the ring waits
         comm.recv(carried, src, group)
     if 0 <= dst < W:                                   # everyone but the last rank passes its fold on
-        decay = 1.0 if log_decay is None else torch.exp(C * log_decay.to(states.dtype)).view(1, -1, 1, 1)
+        decay = 1.0 if log_totals is None else log_totals.exp().to(states.dtype)[..., None, None]
         comm.send(decay * carried + states, dst, group)
     return carried
 
 
-def lasp1_forward(q, k, v, log_decay, causal, group, backend):
+def lasp1_forward(q, k, v, log_decay, causal, group, backend, log_gate=None):
     """-> (o, prefix) where prefix is P_r (causal) or the total Σ_s M_s (non-causal)."""
-    C = q.shape[1]
-    states = local_state(k, v, log_decay)
-    prefix = _ring_scan(states, log_decay, C, group, reverse=False)
-    if causal:
-        o_intra = intra_forward(q, k, v, log_decay, backend)
-        return add_prefix_output(o_intra, q, prefix, log_decay), prefix
-    total = prefix + states + _ring_scan(states, None, C, group, reverse=True)
+    states = local_state(k, v, log_decay, log_gate)
+    prefix = _ring_scan(states, segment_log_totals(log_decay, log_gate, q.shape[1]), group, reverse=False)
+    if causal:       # the prefix is known before the local compute: the kernel starts from it (no extra product)
+        return intra_forward(q, k, v, log_decay, backend, log_gate, initial_state=prefix), prefix
+    total = prefix + states + _ring_scan(states, None, group, reverse=True)
     return add_prefix_output(q.new_zeros(*q.shape[:3], v.shape[-1]), q, total, None), total
 
 
-def lasp1_backward(q, k, v, log_decay, prefix, do, causal, group, backend):
-    C = q.shape[1]
-    dstates = state_grad(q, do, log_decay, k.shape[2])
-    suffix = _ring_scan(dstates, log_decay, C, group, reverse=True)
-    if causal:
-        dq, dk, dv = intra_backward(q, k, v, log_decay, do, backend)
-    else:
-        suffix = suffix + dstates + _ring_scan(dstates, None, C, group, reverse=False)
-        dq, dk, dv = (torch.zeros_like(x) for x in (q, k, v))
-    return add_state_grads(dq, dk, dv, q, k, v, do, prefix, suffix, log_decay)
+def lasp1_backward(q, k, v, log_decay, prefix, do, causal, group, backend, log_gate=None):
+    """-> (dq, dk, dv, d log_gate or None)."""
+    dstates = state_grad(q, do, log_decay, k.shape[2], log_gate)
+    suffix = _ring_scan(dstates, segment_log_totals(log_decay, log_gate, q.shape[1]), group, reverse=True)
+    if causal:       # entering with P, leaving with gradient G: the kernel's gradients are the whole answer
+        return local_backward(q, k, v, log_decay, do, backend, log_gate, prefix, suffix)
+    suffix = suffix + dstates + _ring_scan(dstates, None, group, reverse=False)
+    zeros = (torch.zeros_like(x) for x in (q, k, v))
+    return (*add_state_grads(*zeros, q, k, v, do, prefix, suffix, None), None)
 
 
 class _LASP1(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, causal, group, backend):
-        o, prefix = lasp1_forward(q, k, v, log_decay, causal, group, backend)
-        ctx.save_for_backward(q, k, v, log_decay, prefix)
+    def forward(ctx, q, k, v, log_decay, log_gate, causal, group, backend):
+        o, prefix = lasp1_forward(q, k, v, log_decay, causal, group, backend, log_gate)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix)
         ctx.config = (causal, group, backend)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, prefix = ctx.saved_tensors
-        dq, dk, dv = lasp1_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config)
-        return dq, dk, dv, None, None, None, None
+        q, k, v, log_decay, log_gate, prefix = ctx.saved_tensors
+        dq, dk, dv, dg = lasp1_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate)
+        return dq, dk, dv, None, dg, None, None, None
 
 
-def lasp1(q, k, v, *, log_decay=None, causal=True, group=None, backend=None):
+def lasp1(q, k, v, *, log_decay=None, log_gate=None, causal=True, group=None, backend=None):
     """LASP-1 ring linear attention on contiguous local shards (B, C, H, D) -> o (B, C, H, d_v).
 
-    Same arguments (grouped K/V heads included) and errors as `lasp.lasp2` (no layout: contiguous only).
+    Same arguments (grouped K/V heads and log_gate included) and errors as `lasp.lasp2` (no layout: contiguous
+    only).
     """
-    check_engine_inputs(q, k, v, log_decay, causal, "contiguous")
+    check_engine_inputs(q, k, v, log_decay, causal, "contiguous", log_gate)
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
-    return _LASP1.apply(q, k, v, log_decay, causal, group, backend)
+    return _LASP1.apply(q, k, v, log_decay, log_gate, causal, group, backend)

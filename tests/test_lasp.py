@@ -4,17 +4,24 @@ import torch
 import torch.distributed as dist
 
 from tests.dist import rel_err, run_ranks
-from tests.oracles import linear_attention_dense
+from tests.oracles import gated_linear_attention, linear_attention_dense
 
 # a head with λ = 1, a mild decay, and one whose λ^C underflows to 0
 DECAY = torch.tensor([0.0, -0.05, -60.0])
 TOL = {torch.float64: 1e-10, torch.float32: 2e-5}
 
 
-def _case(engine, W, layout, causal, log_decay, dtype, T=None, seed=0, q_heads=3):
+def _gates(T, g):
+    """log_gate (2, T, 3) per K/V head: weak (−1e−4 at most), logsigmoid-like, and strong (down to −20)."""
+    u = torch.rand(2, T, 3, generator=g, dtype=torch.float64)
+    return torch.stack([-1e-4 * u[..., 0], torch.nn.functional.logsigmoid(4 * u[..., 1] - 1), -20 * u[..., 2]], -1)
+
+
+def _case(engine, W, layout, causal, log_decay, dtype, T=None, seed=0, q_heads=3, gated=False):
     """Run one engine call on this rank's shard; return (errors vs oracle shard, comm summary per pass).
 
-    q_heads = 6 makes 2 query heads share each of the 3 K/V heads (grouped, head i reads K/V head i // 2)."""
+    q_heads = 6 makes 2 query heads share each of the 3 K/V heads (grouped, head i reads K/V head i // 2).
+    gated: a data-dependent log_gate (B, T, 3) too, against the gated oracle, with its gradient (last error)."""
     from lasp import lasp1, lasp2
     from parallel import count_collectives, shard
     r = dist.get_rank()
@@ -22,18 +29,26 @@ def _case(engine, W, layout, causal, log_decay, dtype, T=None, seed=0, q_heads=3
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(2, T, h, d, generator=g, dtype=torch.float64) for h, d in ((q_heads, 4), (3, 4), (3, 5)))
     do = torch.randn(2, T, q_heads, 5, generator=g, dtype=torch.float64)
-    full = [x.clone().requires_grad_() for x in (q, k, v)]
+    inputs = (q, k, v, _gates(T, g)) if gated else (q, k, v)
+    full = [x.clone().requires_grad_() for x in inputs]
     G = q_heads // 3
-    ref = linear_attention_dense(full[0], *(x.repeat_interleave(G, dim=2) for x in full[1:]),
-                                 None if log_decay is None else log_decay.repeat_interleave(G), causal)
+    per_query_head = [x.repeat_interleave(G, dim=2) for x in full[1:]]
+    ld = None if log_decay is None else log_decay.repeat_interleave(G)
+    if gated:
+        ref = gated_linear_attention(full[0], *per_query_head, log_decay=ld)[0]
+    else:
+        ref = linear_attention_dense(full[0], *per_query_head, ld, causal)
     ref_grads = torch.autograd.grad(ref, full, do)
-    local = [shard(x, layout, r, W).to(dtype).requires_grad_() for x in (q, k, v)]
+    local = [shard(x, layout, r, W).to(dtype).requires_grad_() for x in inputs]
     kwargs = dict(log_decay=None if log_decay is None else log_decay.to(dtype), causal=causal)
+    if gated:
+        kwargs["log_gate"] = local.pop()
+        local.append(kwargs["log_gate"])
     with count_collectives() as fwd_log:
         if engine == "lasp2":
-            o = lasp2(*local, layout=layout, **kwargs)
+            o = lasp2(*local[:3], layout=layout, **kwargs)
         else:
-            o = lasp1(*local, **kwargs)
+            o = lasp1(*local[:3], **kwargs)
     with count_collectives() as bwd_log:
         grads = torch.autograd.grad(o, local, shard(do, layout, r, W).to(dtype))
     errors = [rel_err(o, shard(ref, layout, r, W))]
@@ -46,16 +61,19 @@ def _configs(engine):
     for layout in layouts:
         for dtype in (torch.float64, torch.float32):
             for causal, decay in ((True, None), (True, DECAY), (False, None)):
-                yield layout, causal, decay, dtype, 3
-        yield layout, True, DECAY, torch.float64, 6                       # grouped K/V heads
-        yield layout, False, None, torch.float64, 6
+                yield layout, causal, decay, dtype, 3, False
+        yield layout, True, DECAY, torch.float64, 6, False               # grouped K/V heads
+        yield layout, False, None, torch.float64, 6, False
+        for dtype in (torch.float64, torch.float32):                      # data-dependent gates (+ decay)
+            yield layout, True, None, dtype, 3, True
+        yield layout, True, DECAY, torch.float64, 6, True
 
 
 def _all_cases(engine, W):
     out = []
-    for layout, causal, decay, dtype, q_heads in _configs(engine):
-        errors, fwd, bwd = _case(engine, W, layout, causal, decay, dtype, q_heads=q_heads)
-        out.append(((layout, causal, decay is not None, str(dtype), q_heads), errors, fwd, bwd))
+    for layout, causal, decay, dtype, q_heads, gated in _configs(engine):
+        errors, fwd, bwd = _case(engine, W, layout, causal, decay, dtype, q_heads=q_heads, gated=gated)
+        out.append(((layout, causal, decay is not None, str(dtype), q_heads, gated), errors, fwd, bwd))
     return out
 
 
@@ -65,7 +83,7 @@ def test_engine_matches_float64_oracle(engine, W):
     for rank, results in enumerate(run_ranks(W, _all_cases, engine, W)):
         for config, errors, fwd, bwd in results:
             tol = TOL[torch.float64 if "float64" in config[3] else torch.float32]
-            assert max(errors) < tol, f"{engine} W={W} rank {rank} {config}: errors o,dq,dk,dv = {errors}"
+            assert max(errors) < tol, f"{engine} W={W} rank {rank} {config}: errors o,dq,dk,dv(,dg) = {errors}"
             if engine == "lasp2":  # exactly one all-gather each way, nothing else
                 assert fwd == {"all_gather": fwd["all_gather"]} and fwd["all_gather"][0] == 1, (config, fwd)
                 assert bwd == {"all_gather": bwd["all_gather"]} and bwd["all_gather"][0] == 1, (config, bwd)
@@ -73,20 +91,23 @@ def test_engine_matches_float64_oracle(engine, W):
 
 def _payload_bytes(W):
     sizes = []
-    for T, q_heads in ((8 * W, 3), (32 * W, 3), (8 * W, 6)):   # 6 query heads on 3 K/V heads: same states
-        _, fwd, bwd = _case("lasp2", W, "zigzag", True, DECAY, torch.float32, T=T, q_heads=q_heads)
+    for T, q_heads, gated in ((8 * W, 3, False), (32 * W, 3, False), (8 * W, 6, False), (8 * W, 3, True),
+                              (32 * W, 6, True)):       # 6 query heads on 3 K/V heads: the same states
+        _, fwd, bwd = _case("lasp2", W, "zigzag", True, DECAY, torch.float32, T=T, q_heads=q_heads, gated=gated)
         sizes.append((fwd["all_gather"][1], bwd["all_gather"][1]))
     return sizes
 
 
 def test_lasp2_payload_independent_of_length():
-    W = 4
+    """Per layer and pass: (W−1)·n·B·H_kv·d_k·d_v·4 bytes, + n·B·H_kv·4 for the gate totals, + the 8-byte header."""
+    W, n, B, H_kv, d_k, d_v = 4, 2, 2, 3, 4, 5
     for sizes in run_ranks(W, _payload_bytes, W):
-        (f1, b1), (f2, b2), grouped = sizes
+        (f1, b1), (f2, b2), grouped, (gf1, gb1), (gf2, gb2) = sizes
         assert grouped == (f1, b1), sizes                 # messages count the distinct K/V heads only
-        state = 2 * 2 * 3 * 4 * 5 * 4      # n=2 zigzag segments · B·H·d_k·d_v · 4 bytes
-        assert b1 == b2 == (W - 1) * state, sizes
-        assert f1 == f2 == (W - 1) * (state + 2 * 4), sizes  # + the (T_local, n) header
+        assert b1 == b2 == (W - 1) * n * B * H_kv * d_k * d_v * 4, sizes
+        assert f1 == f2 == b1 + (W - 1) * 2 * 4, sizes   # + the (T_local, n) header
+        assert gb1 == gb2 == (W - 1) * n * B * H_kv * (d_k * d_v + 1) * 4, sizes
+        assert gf1 == gf2 == gb1 + (W - 1) * 2 * 4, sizes
 
 
 def _lasp1_ring_counts(W):
@@ -154,6 +175,27 @@ def test_bad_input_single_process():
         lasp2(q, q, q, layout="ring")
     with pytest.raises(ValueError, match="causal"):
         lasp1(q, q, q, log_decay=torch.tensor([-0.1, -0.1]), causal=False)
+
+
+@pytest.mark.parametrize("engine", ["lasp2", "lasp1"])
+def test_bad_log_gate_raises_before_any_collective(engine):
+    from lasp import lasp1, lasp2
+    from parallel import count_collectives
+    fn = lasp2 if engine == "lasp2" else lasp1
+    q, kv = torch.randn(1, 6, 4, 3), torch.randn(1, 6, 2, 3)            # 4 query heads on 2 K/V heads
+    gate = -torch.rand(1, 6, 2)
+    bad = [(gate[:, :5], r"\(1, 6, 2\).*\(1, 5, 2\)"), (gate.repeat(1, 1, 2), r"\(1, 6, 2\).*\(1, 6, 4\)"),
+           (gate.double(), "dtype.*float64"), (gate.half(), "dtype.*float16"), (gate.to("meta"), "meta"),
+           (gate.abs() + 0.1, "<= 0"), (torch.where(gate < -0.5, float("nan"), gate), "finite"),
+           (torch.full_like(gate, float("-inf")), "finite")]
+    with count_collectives() as log:
+        for log_gate, message in bad:
+            with pytest.raises(ValueError, match=message):
+                fn(q, kv, kv, log_gate=log_gate)
+        with pytest.raises(ValueError, match=r"causal.*|\(1, 6, 2\).*causal"):
+            fn(q, kv, kv, log_gate=gate, causal=False)
+    assert log.summary() == {}, log.summary()
+    assert fn(q, kv, kv, log_gate=gate, log_decay=torch.tensor([-0.1, 0.0])).shape == (1, 6, 4, 3)
 
 
 def _unequal_lengths():
