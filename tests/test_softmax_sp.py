@@ -142,34 +142,36 @@ def test_merge_of_empty_partials_gives_zeros_not_nan():
     assert torch.equal(merged, out_b) and torch.equal(merged_lse, lse_b)
 
 
-def _check_long_shards(engine):
+def _check_long_shards():
     """Local lengths 37 (contiguous) and 300 (zigzag), random documents (one of one token, some spanning ranks),
-    GQA, causal: -> [(case, dtype, errors)] on this rank."""
+    GQA, causal, every engine on one oracle per case: -> [(engine, case, dtype, errors)] on this rank."""
     W, rank = comm.group_size(), comm.group_rank()
     rows = []
-    for i, (layout, C, causal) in enumerate((("contiguous", 37, True), ("zigzag", 300, True))):
+    for i, (layout, C) in enumerate((("contiguous", 37), ("zigzag", 300))):
         g = torch.Generator().manual_seed(i)
         T, H, H_kv = C * W, 4, 2
         q, k, v, do = (torch.randn(s, generator=g, dtype=torch.float64)
                        for s in ((1, T, H, D_K), (1, T, H_kv, D_K), (1, T, H_kv, D_V), (1, T, H, D_V)))
         seg = _documents(1, T, seed=i)
-        expected = _oracle_shards(q, k, v, do, causal, None, seg, layout, rank, W)
-        for dtype in TOL:
+        expected = _oracle_shards(q, k, v, do, True, None, seg, layout, rank, W)
+        local_seg = parallel.shard(seg, layout, rank, W)
+        for engine, dtype in itertools.product(sorted(ENGINES), TOL):
             local = [parallel.shard(x, layout, rank, W).to(dtype).requires_grad_() for x in (q, k, v)]
-            local_seg = parallel.shard(seg, layout, rank, W)
-            out = ENGINES[engine](*local, causal=causal, layout=layout, segment_ids=local_seg)
+            out = ENGINES[engine](*local, layout=layout, segment_ids=local_seg)
             out.backward(parallel.shard(do, layout, rank, W).to(dtype))
             errs = {n: rel_err(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), (out, *(x.grad for x in local)),
                                                        expected)}
-            rows.append(((layout, C, causal), dtype, errs))
+            rows.append((engine, (layout, C), dtype, errs))
     return rows
 
 
-@pytest.mark.parametrize("engine", sorted(ENGINES))
-def test_long_shards_with_documents(engine):
-    failures = [f"{engine} rank {r} {case} {dtype}: {errs}" for r, rows in enumerate(run_ranks(4, _check_long_shards,
-                engine)) for case, dtype, errs in rows if not max(errs.values()) < TOL[dtype]]
+def test_long_shards_with_documents():
+    """Every engine at W = 4 in one run_ranks call (37 and 300 tokens per rank, random documents)."""
+    per_rank = run_ranks(4, _check_long_shards)
+    failures = [f"{engine} rank {r} {case} {dtype}: {errs}" for r, rows in enumerate(per_rank)
+                for engine, case, dtype, errs in rows if not max(errs.values()) < TOL[dtype]]
     assert not failures, "\n".join(failures)
+    assert all(len(rows) == 2 * len(ENGINES) * len(TOL) for rows in per_rank)
 
 
 def _largest_engine_tensors(C):
