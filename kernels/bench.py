@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .lightning import lightning_attn
 
-PROVIDERS = ("triton", "torch", "sdpa", "fla")
+PROVIDERS = ("triton", "torch", "sdpa", "fla", "triton+gate", "fla+gate")
 GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
@@ -38,6 +38,8 @@ def _parse(argv):
     p.add_argument("--head-dim", type=int, default=128)
     p.add_argument("--repeats", type=int, default=10, help="timed calls per cell; the median is reported")
     p.add_argument("--max-ms", type=float, default=5000.0, help="skip longer T for a provider slower than this")
+    p.add_argument("--check", action="store_true",
+                   help="GPU acceptance run (accuracy of every kernel, timing, a training step); on CPU: what it can")
     p.add_argument("--cpu", action="store_true", help="CPU kernel table: new torch kernel vs baseline, 8K vs 256K")
     p.add_argument("--ptxas", type=int, default=None, metavar="SM",
                    help="no GPU needed: compile the Triton kernels for sm_SM (e.g. 90) and print ptxas register use")
@@ -56,10 +58,14 @@ def _fla_op():
     return chunk_simple_gla, None
 
 
-def _step(provider, q, k, v, log_decay, do, fla_op):
-    """One forward + backward of `provider`; gradients land in q.grad, k.grad, v.grad."""
+def _step(provider, q, k, v, log_decay, log_gate, do, fla_op):
+    """One forward + backward of `provider`; gradients land in q.grad, k.grad, v.grad (and log_gate.grad)."""
     if provider in ("triton", "torch"):
         o, _ = lightning_attn(q, k, v, log_decay=log_decay, backend=provider)
+    elif provider == "triton+gate":
+        o, _ = lightning_attn(q, k, v, log_decay=log_decay, log_gate=log_gate, backend="triton")
+    elif provider == "fla+gate":
+        o, _ = fla_op(q, k, v, g=log_gate + log_decay, scale=1.0)           # the same a_t = g_t + log λ
     elif provider == "sdpa":
         # (B, T, H, D) -> (B, H, T, D) for SDPA; the flash backend is forced on CUDA so a silent math fallback
         # cannot pass for flash attention
@@ -99,17 +105,18 @@ def _inputs(T, H, D, dtype, device, seed=0):
     q, k, v, do = (torch.randn(1, T, H, D, generator=g, device=device, dtype=dtype) for _ in range(4))
     q, k = q / D ** 0.5, k / D ** 0.5          # keep linear-attention outputs O(1) in bf16
     slopes = 2.0 ** (-8.0 * torch.arange(1, H + 1, device=device, dtype=torch.float32) / H)
-    return [x.requires_grad_() for x in (q, k, v)], -slopes, do
+    log_gate = F.logsigmoid(torch.randn(1, T, H, generator=g, device=device) + 4.0)   # g ≈ −0.02, mostly
+    return [x.requires_grad_() for x in (q, k, v, log_gate)], -slopes, do
 
 
 def _run_cell(provider, T, args, dtype, device, fla_op):
     """-> (milliseconds or None, status string, output for cross-checks or None)."""
-    (q, k, v), log_decay, do = _inputs(T, args.heads, args.head_dim, dtype, device)
+    (q, k, v, log_gate), log_decay, do = _inputs(T, args.heads, args.head_dim, dtype, device)
 
     def step():
-        for x in (q, k, v):
+        for x in (q, k, v, log_gate):
             x.grad = None
-        return _step(provider, q, k, v, log_decay, do, fla_op)
+        return _step(provider, q, k, v, log_decay, log_gate, do, fla_op)
     try:
         ms = _time_ms(step, args.repeats, device.type == "cuda")
         return ms, "ok", step().detach().float()
@@ -128,6 +135,7 @@ def run(args):
     lengths = args.lengths or ((256,) if args.smoke else GPU_LENGTHS)
     fla_op, fla_reason = _fla_op() if cuda else (None, "CPU run")
     skip_reason = {"triton": None if cuda else "CPU run (interpreter too slow to time)", "fla": fla_reason}
+    skip_reason.update({"triton+gate": skip_reason["triton"], "fla+gate": fla_reason})
     too_slow = set()
     rows = []
     for T in lengths:
@@ -145,11 +153,11 @@ def run(args):
             if out is not None and provider != "sdpa":
                 outputs[provider] = out
         # the linear-attention providers compute the same function: record how far apart they are
-        if "torch" in outputs:
-            for other in ("triton", "fla"):
-                if other in outputs:
-                    diff = (outputs[other] - outputs["torch"]).norm() / outputs["torch"].norm()
-                    row[f"{other}_vs_torch_rel_err"] = diff.item()
+        for ref, others in (("torch", ("triton", "fla")), ("triton+gate", ("fla+gate",))):
+            for other in others:
+                if ref in outputs and other in outputs:
+                    diff = (outputs[other] - outputs[ref]).norm() / outputs[ref].norm()
+                    row[f"{other}_vs_{ref}_rel_err"] = diff.item()
         rows.append(row)
         print(f"T={T}: " + ", ".join(f"{p} {_cell(row, p)}" for p in PROVIDERS), flush=True)
     return {"device": torch.cuda.get_device_name() if cuda else "cpu",
@@ -175,12 +183,15 @@ def table(result):
     cfg = result["config"]
     lines = [f"Card: {result['device']} | B={cfg['B']} H={cfg['H']} D={cfg['D']} {cfg['dtype']} | "
              f"forward+backward, median ms",
-             "", "| T | triton (ours) | torch | SDPA flash | fla simple_gla | ours/fla | SDPA/ours |",
-             "|---|---|---|---|---|---|---|"]
+             "", "| T | triton (ours) | torch | SDPA flash | fla simple_gla | ours/fla | SDPA/ours | "
+                 "triton+gate | fla+gate | ours/fla gated |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for row in result["rows"]:
         cells = [_cell(row, p) for p in ("triton", "torch", "sdpa", "fla")]
+        gated = [_cell(row, p) for p in ("triton+gate", "fla+gate")]
         lines.append(f"| {row['T']} | " + " | ".join(cells) + f" | {_ratio(row['triton_ms'], row['fla_ms'])} | "
-                     f"{_ratio(row['sdpa_ms'], row['triton_ms'])} |")
+                     f"{_ratio(row['sdpa_ms'], row['triton_ms'])} | " + " | ".join(gated) +
+                     f" | {_ratio(row['triton+gate_ms'], row['fla+gate_ms'])} |")
     notes = {f"{p}: {row[p + '_status']}" for row in result["rows"] for p in PROVIDERS
              if row[p + "_ms"] is None}
     return "\n".join(lines + ([""] + sorted(notes) if notes else []))
@@ -324,10 +335,128 @@ def cpu_markdown(result):
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------ GPU acceptance (--check)
+CHECK_CASES = {            # name: (gate scale g = scale·U(0, 1) or None, per-head decay, initial state + dS_final)
+    "plain": (None, False, False), "decay+state": (None, True, True),
+    "gate strong+decay+state": (-20.0, True, True), "gate weak": (-1e-4, False, False)}
+
+
+def _check_inputs(case, T, B=2, H=4, d_k=64, d_v=128, seed=0):
+    """float64 CPU inputs of one accuracy case: (q, k, v, log_decay, log_gate, state, do, dfinal)."""
+    scale, decay, with_state = CHECK_CASES[case]
+    g = torch.Generator().manual_seed(seed)
+    q, k = (torch.randn(B, T, H, d_k, generator=g, dtype=torch.float64) / d_k ** 0.5 for _ in range(2))
+    v, do = (torch.randn(B, T, H, d_v, generator=g, dtype=torch.float64) for _ in range(2))
+    log_decay = -(2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)) if decay else None
+    log_gate = None if scale is None else scale * torch.rand(B, T, H, generator=g, dtype=torch.float64)
+    state, dfinal = ((torch.randn(B, H, d_k, d_v, generator=g, dtype=torch.float64) for _ in range(2))
+                     if with_state else (None, None))
+    return q, k, v, log_decay, log_gate, state, do, dfinal
+
+
+def _outputs(inputs, backend, dtype, device):
+    """(o, final, dq, dk, dv, dstate, dlog_gate) of lightning_attn in `dtype` on `device` (Nones dropped), float64
+    on the CPU. Inputs are rounded to `dtype` first, so the float64 reference sees the same numbers."""
+    q, k, v, log_decay, log_gate, state, do, dfinal = inputs
+    cast = (lambda x, to: None if x is None else x.detach().to(dtype).to(device=device, dtype=to).requires_grad_())
+    q, k, v = (cast(x, dtype) for x in (q, k, v))
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    log_gate, state = cast(log_gate, sdt), cast(state, sdt)
+    ld = None if log_decay is None else log_decay.to(device=device, dtype=sdt)
+    o, final = lightning_attn(q, k, v, log_decay=ld, log_gate=log_gate, initial_state=state,
+                              output_final_state=True, backend=backend)
+    outs, grads = [o], [do.to(dtype).to(device=device, dtype=o.dtype)]
+    if dfinal is not None:
+        outs.append(final)
+        grads.append(dfinal.to(device=device, dtype=final.dtype))
+    torch.autograd.backward(outs, grads)
+    got = [o, final, q.grad, k.grad, v.grad, None if state is None else state.grad,
+           None if log_gate is None else log_gate.grad]
+    return [None if x is None else x.detach().double().cpu() for x in got]
+
+
+def _errors(got, want):
+    names = ("o", "final", "dq", "dk", "dv", "dstate", "dlog_gate")
+    return {n: ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+            for n, a, b in zip(names, got, want) if a is not None}
+
+
+def check_accuracy(device, T):
+    """Every lightning_attn kernel on `device` in fp32 and bf16 against float64 on the CPU. Error ratio = our
+    error / the torch backend's error on the same device and dtype (house rule: bf16 ≤ 2); fp32 must be < 2e-5."""
+    backends = ("triton", "torch") if device.type == "cuda" else ("torch",)
+    rows = []
+    for case in CHECK_CASES:
+        inputs = _check_inputs(case, T)
+        for dtype in (torch.float32, torch.bfloat16):
+            rounded = [None if x is None else x.to(dtype).double() for x in inputs]   # what both sides see
+            want = _outputs(rounded, "torch", torch.float64, torch.device("cpu"))
+            errs = {b: _errors(_outputs(inputs, b, dtype, device), want) for b in backends}
+            for backend in backends:
+                worst = max(errs[backend].values())
+                ratio = worst / max(max(errs["torch"].values()), 1e-300)
+                ok = worst < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
+                rows.append({"case": case, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                             "worst_rel_err": worst, "ratio_to_torch": ratio, "errors": errs[backend], "ok": ok})
+    return rows
+
+
+def _train_step(cuda, run_dir):
+    """The launcher for 3 steps of the tiny config on one CUDA rank; on CPU only its flags (--dry-run)."""
+    import pathlib
+    import subprocess
+    import sys
+    root = pathlib.Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "launch/pretrain.py",
+           "--config", "tiny", "--max-steps", "3", "--run-dir", str(run_dir)]
+    if not cuda:
+        cmd = [sys.executable, "launch/pretrain.py", "--config", "tiny", "--max-steps", "3", "--run-dir",
+               str(run_dir), "--dry-run"]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
+    return {"command": " ".join(cmd[1:]), "rc": done.returncode, "tail": (done.stdout + done.stderr)[-2000:]}
+
+
+def check(args):
+    """GPU acceptance run: accuracy of every kernel, the timing table, one short CUDA training step. On CPU it
+    runs what it can (the torch backend's accuracy at a small size, the launcher's flags) and lists the rest as
+    skipped, with the reason."""
+    import tempfile
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    skipped = [] if cuda else ["accuracy of backend='triton' (needs CUDA)",
+                               "timing table vs fla chunk_simple_gla and SDPA flash (needs CUDA)",
+                               "CUDA training step of launch/pretrain.py (needs CUDA; its flags checked with --dry-run)"]
+    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "skipped": skipped,
+              "accuracy": check_accuracy(device, 1000 if cuda else 77)}
+    for row in result["accuracy"]:
+        print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['case']:24s} {row['backend']:6s} {row['dtype']:8s} "
+              f"worst rel err {row['worst_rel_err']:.2e}  / torch {row['ratio_to_torch']:.2f}", flush=True)
+    if cuda:
+        args.lengths = args.lengths or [4096, 16384, 65536]
+        args.repeats = min(args.repeats, 5)
+        result["timing"] = run(args)
+        print(table(result["timing"]), flush=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        result["train"] = _train_step(cuda, tmp)
+    print(f"{'ok  ' if result['train']['rc'] == 0 else 'FAIL'} {result['train']['command']} "
+          f"(rc {result['train']['rc']})")
+    for reason in skipped:
+        print(f"SKIPPED: {reason}")
+    result["ok"] = all(r["ok"] for r in result["accuracy"]) and result["train"]["rc"] == 0
+    print("check: " + ("all run parts passed" if result["ok"] else "FAILED (see above)"))
+    return result
+
+
 def main(argv=None):
     args = _parse(argv)
     if args.ptxas:
         return ptxas_report(args.ptxas, args.head_dim)
+    if args.check:
+        result = check(args)
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
     if args.cpu:
         lengths = tuple(args.lengths or (8192, 262144))
         result = cpu_table(lengths, args.repeats if args.repeats != 10 else 3)

@@ -299,6 +299,22 @@ def test_bad_input_raises(backend, make, match):
         lightning_attn(q, k, v, log_decay=log_decay, initial_state=state, backend=backend)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("make, match", [
+    (lambda g: g[:, :5], r"log_gate must be \(B, T, H\) = \(1, 7, 2\) for q \(1, 7, 2, 8\), got \(1, 5, 2\)"),
+    (lambda g: g[..., None], r"\(B, T, H\) = \(1, 7, 2\) .* got \(1, 7, 2, 1\)"),
+    (lambda g: g.long(), r"log_gate must be a floating tensor, got torch.int64"),
+    (lambda g: g.to("meta"), r"log_gate is on meta but q is on cpu"),
+    (lambda g: g.index_fill(1, torch.tensor([3]), 0.5), r"log_gate \(1, 7, 2\) must be finite and <= 0"),
+    (lambda g: g.index_fill(1, torch.tensor([3]), float("nan")), r"finite and <= 0"),
+    (lambda g: g.index_fill(1, torch.tensor([3]), float("-inf")), r"finite and <= 0"),
+])
+def test_bad_log_gate_raises(backend, make, match):
+    q, k, v = torch.randn(1, 7, 2, 8), torch.randn(1, 7, 2, 8), torch.randn(1, 7, 2, 4)
+    with pytest.raises(ValueError, match=match):
+        lightning_attn(q, k, v, log_gate=make(-torch.rand(1, 7, 2)), backend=backend)
+
+
 def test_triton_refuses_what_it_cannot_run(monkeypatch):
     import kernels.lightning_triton as lt
     x = torch.randn(1, 5, 2, 8)
@@ -325,3 +341,24 @@ def test_bench_smoke(tmp_path):
     bench.main(["--smoke", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
     assert rows and all(row["torch_ms"] is not None for row in rows)
+
+
+def test_bench_check_runs_on_cpu_and_reports_skips(tmp_path, capsys):
+    """`python -m kernels.bench --check` on CPU: the torch backend's accuracy (fp32 < 2e-5, bf16 rows present),
+    the launcher's flags through --dry-run, and the GPU parts listed as skipped, in the output and the JSON."""
+    import json
+
+    from kernels import bench
+    out = tmp_path / "check.json"
+    bench.main(["--check", "--out", str(out)])
+    result = json.loads(out.read_text())
+    printed = capsys.readouterr().out
+    assert result["ok"] and result["device"] == "cpu"
+    assert {r["backend"] for r in result["accuracy"]} == {"torch"}
+    assert {(r["case"], r["dtype"]) for r in result["accuracy"]} == {
+        (case, dt) for case in bench.CHECK_CASES for dt in ("float32", "bfloat16")}
+    assert all(r["worst_rel_err"] < 2e-5 for r in result["accuracy"] if r["dtype"] == "float32")
+    assert "--dry-run" in result["train"]["command"] and result["train"]["rc"] == 0
+    for what in ("backend='triton'", "timing table", "CUDA training step"):
+        assert any(what in reason for reason in result["skipped"]), what
+        assert "SKIPPED: " in printed and what in printed
