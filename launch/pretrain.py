@@ -169,17 +169,15 @@ def _save(engine, root, step, state, run_dir, rank, keep, device):
     return folder
 
 
-def _checkpoint_bytes(cfg):
-    """About the bytes of one checkpoint plus the model.pt export: fp32 weights (4 bytes a parameter) and AdamW's
-    two moments (8); ZeRO writes its fp32 master weights besides the module's (4 more); model.pt is 4 again."""
-    import models
-    from launch.engine import model_config
-    if cfg.model.init_from:
-        n_params = Path(cfg.model.init_from).stat().st_size / 4
-    else:
-        model = models.build_model(model_config(cfg.model, cfg.data.vocab_size), device="meta")
-        n_params = sum(p.numel() for p in model.parameters())
-    return int(n_params * (16 if cfg.parallel.zero else 12) * 1.05 + n_params * 4) + 2**20
+def _check_free_space(root, n_params, zero):
+    """ValueError unless root's file system has room for one checkpoint plus the model.pt export: fp32 weights
+    (4 bytes a parameter) and AdamW's two moments (8); ZeRO also writes its fp32 master weights (4); model.pt 4."""
+    need = int(n_params * (16 if zero else 12) * 1.05 + n_params * 4) + 2**20
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise ValueError(f"checkpoint.dir {root}: {free / 2**30:.2f} GiB free, one checkpoint needs about "
+                         f"{need / 2**30:.2f} GiB ({n_params} parameters and their AdamW moments): free space or "
+                         f"choose another --checkpoint.dir")
 
 
 def _writable(folder, key):
@@ -194,17 +192,12 @@ def _writable(folder, key):
 
 
 def _preflight(cfg, run_dir, root):
-    """Before step 1 and any group work (every rank sees the same shared folders): a fresh run refuses a folder
-    with checkpoints; run and checkpoint folders writable; free space for one checkpoint."""
+    """Before any group work (every rank sees the same shared folders): a fresh run refuses a folder with
+    checkpoints; run and checkpoint folders writable. (Free space is checked once the model is built.)"""
     if not cfg.checkpoint.resume:
         ckpt.check_fresh(root)
     _writable(run_dir, "run.dir")
     _writable(root, "checkpoint.dir")
-    need, free = _checkpoint_bytes(cfg), shutil.disk_usage(root).free
-    if free < need:
-        raise ValueError(f"checkpoint.dir {root}: {free / 2**30:.2f} GiB free, one checkpoint needs about "
-                         f"{need / 2**30:.2f} GiB (parameter and optimizer bytes): free space or choose another "
-                         f"--checkpoint.dir")
 
 
 def _setup_mesh(sp, tp):
@@ -266,6 +259,13 @@ def _setup(cfg):
     from parallel.tensor import apply_tensor_parallel, replica_group
     model = build_model(cfg.model, tokenizer.get_piece_size(), cfg.run.seed, device)
     n_params = sum(p.numel() for p in model.parameters())   # the full model, before TP splits it
+    error = None
+    try:
+        if rank == 0:                                        # before step 1: room for one checkpoint
+            _check_free_space(root, n_params, cfg.parallel.zero)
+    except ValueError as e:
+        error = e
+    _agree(error, device)
     apply_sequence_parallel(model, linear=cfg.parallel.linear, softmax=cfg.parallel.softmax,
                             layout=cfg.parallel.layout, group=mesh.group("sp"))
     apply_global_router_counts(model)  # MoE (BAM) balancing loss counts every rank's routes; no-op without MoE
