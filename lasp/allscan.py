@@ -1,17 +1,21 @@
 """All-Scan (ZeCO-style): each rank receives ONE prefix state per segment, in K blocks pipelined down a chain.
 
 Shapes: local shards q (B, T_local, H, d_k), k (B, T_local, H_kv, d_k), v (B, T_local, H_kv, d_v), H a multiple
-of H_kv; states (B, H_kv, d_k, d_v) in float32 (float64 for float64 inputs). A rank's tokens are n segments of c
-tokens (n = 1 contiguous, 2 zigzag) with global sub-chunk indices g = 0..N−1, N = W·n (parallel/layout.py).
-Causal, λ = exp(log_decay) per K/V head, a = λ^c the decay of a whole segment (lasp/common.py for M, dM):
+of H_kv, log_gate (B, T_local, H_kv); states (B, H_kv, d_k, d_v) in float32 (float64 for float64 inputs). A
+rank's tokens are n segments of c tokens (n = 1 contiguous, 2 zigzag) with global sub-chunk indices g = 0..N−1,
+N = W·n (parallel/layout.py). Causal, per token a_t = log λ + g_t (log_decay and log_gate add), A_t its
+inclusive cumsum inside the segment, A_e = A_{c−1} the segment's total (lasp/common.py for M, dM and the grads):
 
-  forward   M_g = Σ_t λ^{c−1−t} k_tᵀ v_t                 the segment's own state, computed first
-            P_{g+1} = a·P_g + M_g   (P_0 = 0)             the chain: P_g comes from the owner of sub-chunk g−1
-                                                          in K column blocks of d_v; each block is folded and
-                                                          sent on to the owner of g+1 as soon as it is folded
-            o_t = O_intra,t + λ^{t+1} q_t P_g             O_intra computed while the first blocks travel
-  backward  dM_g = Σ_t λ^{t+1} q_tᵀ dO_t;  G_{g−1} = a·G_g + dM_g  (G_{N−1} = 0): the same chain reversed,
-            dq_t += λ^{t+1} dO_t P_gᵀ,  dk_t += λ^{c−1−t} v_t G_gᵀ,  dv_t += λ^{c−1−t} k_t G_g
+  forward   M_g = Σ_t e^{A_e − A_t} k_tᵀ v_t             the segment's own state, computed first
+            P_{g+1} = e^{A_e,g}·P_g + M_g   (P_0 = 0)     the chain: P_g comes from the owner of sub-chunk g−1
+                                                          in K column blocks of d_v; each block is folded with
+                                                          the LOCAL total and sent on to the owner of g+1 as
+                                                          soon as it is folded
+            o_t = O_intra,t + e^{A_t} q_t P_g             O_intra computed while the first blocks travel
+  backward  dM_g = Σ_t e^{A_t} q_tᵀ dO_t;  G_{g−1} = e^{A_e,g}·G_g + dM_g  (G_{N−1} = 0): the chain reversed,
+            the kernel's backward entering from P_g (dq and its d log_gate whole) runs meanwhile, then
+            dk_t += e^{A_e − A_t} v_t G_gᵀ,  dv_t += e^{A_e − A_t} k_t G_g,
+            dg_s += Σ_{u<s} k_u·dk_u^{via G} + e^{A_e} <P_g, G_g>          (the totals' path)
   non-causal (λ = 1): total = prefix + own + suffix, own = Σ of the rank's segments' M, with a prefix chain up
             the ranks and a suffix chain down them (one state in from each side); ranks in the lower half
             serve the prefix chain first, the upper half the suffix chain, so neither waits for the other.
@@ -28,7 +32,8 @@ hops. Each segment still has exactly one predecessor and one successor, so one s
 segment; rank 0's first and rank W−1's second segment take theirs without a message.
 
 Bytes received per rank and pass: one state (B·H_kv·d_k·d_v·elem) per segment that has a predecessor on
-another rank, independent of W and T. Length check: every rank's (T_local, n) travels in one tiny all-gather
+another rank, independent of W and T; with gates too, since each rank folds with its own segment's total (no
+gate totals travel, unlike LASP-2's gather). Length check: every rank's (T_local, n) travels in one tiny all-gather
 (8 bytes per rank, forward only) started before the chain and checked after it: message sizes do not depend on
 T_local, so ranks holding different lengths all finish the chain and then all raise the same ValueError
 instead of hanging. B, H_kv, d_k, d_v and K must agree across ranks (they come from the model and the code).
@@ -41,8 +46,9 @@ import torch
 from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, from_segments,
-                     intra_backward, intra_forward, local_state, state_grad, to_segments)
+from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
+                     constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,
+                     state_grad, to_segments)
 
 __all__ = ["allscan", "allscan_forward", "allscan_backward", "choose_blocks", "DEFAULT_NETWORK"]
 
@@ -72,6 +78,7 @@ class _Link:
     LOCAL (the previous/next link on this rank) or the peer's index in the group."""
     name: object
     state: torch.Tensor                  # (B, H_kv, d_k, d_v)
+    scale: torch.Tensor                  # e^{A_e} of the segment, (B or 1, H_kv, 1, 1); None: 1
     src: object
     dst: object
 
@@ -80,7 +87,7 @@ def _is_peer(end):
     return end is not None and end != LOCAL
 
 
-def _chain_links(states, layout, group, reverse):
+def _chain_links(states, scales, layout, group, reverse):
     """Links of the causal chain over sub-chunks (g ascending; descending if reverse), in this rank's order."""
     W, r = comm.group_size(group), comm.group_rank(group)
     n = layouts.segments_per_rank(layout)
@@ -91,14 +98,14 @@ def _chain_links(states, layout, group, reverse):
     def end(g):
         return None if g not in owner else (LOCAL if owner[g] == r else owner[g])
     order = sorted(range(n), key=lambda s: idx[s], reverse=reverse)
-    return [_Link(s, per_seg[:, s], end(idx[s] - step), end(idx[s] + step)) for s in order]
+    return [_Link(s, per_seg[:, s], scales[s], end(idx[s] - step), end(idx[s] + step)) for s in order]
 
 
 def _total_links(own, group):
     """Non-causal: a prefix chain up the ranks and a suffix chain down, the nearer chain start served first."""
     W, r = comm.group_size(group), comm.group_rank(group)
-    up = _Link("prefix", own, r - 1 if r > 0 else None, r + 1 if r < W - 1 else None)
-    down = _Link("suffix", own, r + 1 if r < W - 1 else None, r - 1 if r > 0 else None)
+    up = _Link("prefix", own, None, r - 1 if r > 0 else None, r + 1 if r < W - 1 else None)
+    down = _Link("suffix", own, None, r + 1 if r < W - 1 else None, r - 1 if r > 0 else None)
     return [up, down] if r < (W - 1) / 2 else [down, up]
 
 
@@ -123,7 +130,7 @@ def _start(links, blocks, group):
     return slices, inboxes, sent
 
 
-def _finish(links, scale, pending, group):
+def _finish(links, pending, group):
     """Block by block in chain order: wait, fold X ← scale·X + state, send on. -> ({name: incoming}, send works)."""
     slices, inboxes, sent = pending
     incoming, carried = {}, None
@@ -141,7 +148,7 @@ def _finish(links, scale, pending, group):
             parts.append(x)
             if link.dst is None or (link.src is None and link.dst != LOCAL):   # chain end, or sent by _start
                 continue
-            y = own if link.src is None else (x + own if scale is None else scale * x + own)
+            y = own if link.src is None else (x + own if link.scale is None else link.scale * x + own)
             out.append(y)
             if link.dst != LOCAL:
                 sent += comm.exchange([(y, link.dst)], [], group)
@@ -150,17 +157,22 @@ def _finish(links, scale, pending, group):
     return incoming, sent
 
 
-def _scan(links, scale, blocks, group, compute):
+def _scan(links, blocks, group, compute):
     """Start the chain, run compute() while blocks travel, finish it. -> (compute's result, incoming, sends)."""
     pending = _start(links, blocks, group)
     result = compute()
-    incoming, sent = _finish(links, scale, pending, group)
+    incoming, sent = _finish(links, pending, group)
     return result, incoming, sent
 
 
-def _segment_scale(log_decay, c, dtype):
-    """a = λ^c per K/V head as (1, H_kv, 1, 1), or None without decay."""
-    return None if log_decay is None else torch.exp(c * log_decay.to(dtype)).view(1, -1, 1, 1)
+def _segment_scales(log_decay, gs, c, n, dtype):
+    """e^{A_e} of each local segment as (B or 1, H_kv, 1, 1), a list of n; None entries without decay or gate."""
+    totals = segment_log_totals(log_decay, gs, c)                  # (B·n, H_kv) gated, (1, H_kv) constant, None
+    if totals is None:
+        return [None] * n
+    scale = totals.exp().to(dtype)
+    per = scale[:, None] if scale.shape[0] == 1 else scale.unflatten(0, (-1, n))
+    return [per[:, 0 if per.shape[1] == 1 else s, :, None, None] for s in range(n)]
 
 
 def _blocks(blocks, states, layout, causal, group):
@@ -183,82 +195,93 @@ def _start_length_check(local_len, n, layout, group, dtype, device):
     return check
 
 
-def _scan_states(states, log_decay, c, causal, layout, group, blocks, reverse, compute):
+def _scan_states(states, scales, causal, layout, group, blocks, reverse, compute):
     """Run the chain(s) over per-segment states around compute(). -> (result, per-row X (B·n, ...), sends)."""
     n = layouts.segments_per_rank(layout)
     if causal:
-        links = _chain_links(states, layout, group, reverse)
-        result, incoming, sent = _scan(links, _segment_scale(log_decay, c, states.dtype), blocks, group, compute)
+        links = _chain_links(states, scales, layout, group, reverse)
+        result, incoming, sent = _scan(links, blocks, group, compute)
         return result, torch.stack([incoming[s] for s in range(n)], dim=1).flatten(0, 1), sent
     own = states.unflatten(0, (-1, n)).sum(1)
-    result, incoming, sent = _scan(_total_links(own, group), None, blocks, group, compute)
+    result, incoming, sent = _scan(_total_links(own, group), blocks, group, compute)
     total = incoming["prefix"] + own + incoming["suffix"]
     return result, total.repeat_interleave(n, dim=0), sent
 
 
-def allscan_forward(q, k, v, log_decay, causal, layout, group, backend, blocks=None):
+def _segments(x, n):
+    return None if x is None else to_segments(x, n)
+
+
+def allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks=None):
     """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v) or the non-causal total, K used)."""
     n = layouts.segments_per_rank(layout)
-    qs, ks, vs = (to_segments(x, n) for x in (q, k, v))
+    qs, ks, vs, gs = (_segments(x, n) for x in (q, k, v, log_gate))
     check = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
-    states = local_state(ks, vs, log_decay)
+    states = local_state(ks, vs, log_decay, gs)
     blocks = _blocks(blocks, states, layout, causal, group)
+    scales = _segment_scales(log_decay, gs, qs.shape[1], n, states.dtype)
 
     def compute():
         if causal:
-            return intra_forward(qs, ks, vs, log_decay, backend)
+            return intra_forward(qs, ks, vs, log_decay, backend, gs)
         return qs.new_zeros(*qs.shape[:3], vs.shape[-1])
-    o, prefix, sent = _scan_states(states, log_decay, qs.shape[1], causal, layout, group, blocks, False, compute)
-    o = add_prefix_output(o, qs, prefix, log_decay if causal else None)
+    o, prefix, sent = _scan_states(states, scales, causal, layout, group, blocks, False, compute)
+    o = add_prefix_output(o, qs, prefix, log_decay, gs) if causal else add_prefix_output(o, qs, prefix, None)
     comm.wait_all(sent)
     check()
     return from_segments(o, n), prefix, blocks
 
 
-def allscan_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, blocks):
-    """-> (dq, dk, dv) local shards; the suffix gradient G comes down the chain reversed."""
+def allscan_backward(q, k, v, log_decay, log_gate, prefix, do, causal, layout, group, backend, blocks):
+    """-> (dq, dk, dv, d log_gate or None) local shards; the suffix gradient G comes down the chain reversed."""
     n = layouts.segments_per_rank(layout)
-    qs, ks, vs, dos = (to_segments(x, n) for x in (q, k, v, do))
-    dstates = state_grad(qs, dos, log_decay, k.shape[2])
+    qs, ks, vs, dos, gs = (_segments(x, n) for x in (q, k, v, do, log_gate))
+    dstates = state_grad(qs, dos, log_decay, k.shape[2], gs)
+    scales = _segment_scales(log_decay, gs, qs.shape[1], n, dstates.dtype)
+    if not causal:
+        _, suffix, sent = _scan_states(dstates, scales, False, layout, group, blocks, True, lambda: None)
+        zeros = (torch.zeros_like(x) for x in (qs, ks, vs))
+        grads = add_state_grads(*zeros, qs, ks, vs, dos, prefix, suffix, None)
+        comm.wait_all(sent)
+        return (*(from_segments(g, n) for g in grads), None)
 
-    def compute():
-        if causal:
-            return intra_backward(qs, ks, vs, log_decay, dos, backend)
-        return tuple(torch.zeros_like(x) for x in (qs, ks, vs))
-    (dq, dk, dv), suffix, sent = _scan_states(dstates, log_decay, qs.shape[1], causal, layout, group, blocks, True,
-                                              compute)
-    grads = add_state_grads(dq, dk, dv, qs, ks, vs, dos, prefix, suffix, log_decay)
+    def compute():                      # the kernel enters from the cached prefix: dq (and its dg part) whole
+        return local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix)
+    (dq, dk, dv, dg), suffix, sent = _scan_states(dstates, scales, True, layout, group, blocks, True, compute)
+    dk, dv, b = add_suffix_grads(dk, dv, ks, vs, suffix, log_decay, gs)
+    if gs is not None:
+        dg = from_segments((dg.double() + add_total_grad(b, prefix, suffix, log_decay, gs)).to(log_gate.dtype), n)
     comm.wait_all(sent)
-    return tuple(from_segments(g, n) for g in grads)
+    return from_segments(dq, n), from_segments(dk.to(k.dtype), n), from_segments(dv.to(v.dtype), n), dg
 
 
 class _AllScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, causal, layout, group, backend, blocks):
-        o, prefix, blocks = allscan_forward(q, k, v, log_decay, causal, layout, group, backend, blocks)
-        ctx.save_for_backward(q, k, v, log_decay, prefix)
+    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks):
+        o, prefix, blocks = allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix)
         ctx.config = (causal, layout, group, backend, blocks)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, prefix = ctx.saved_tensors
-        dq, dk, dv = allscan_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config)
-        return dq, dk, dv, None, None, None, None, None, None
+        q, k, v, log_decay, log_gate, prefix = ctx.saved_tensors
+        dq, dk, dv, dg = allscan_backward(q, k, v, log_decay, log_gate, prefix, do.contiguous(), *ctx.config)
+        return dq, dk, dv, None, dg, None, None, None, None, None
 
 
-def allscan(q, k, v, *, log_decay=None, causal=True, layout="contiguous", group=None, backend=None, blocks=None):
+def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
+            blocks=None):
     """All-Scan linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
-    Same arguments, grouped K/V heads and errors as `lasp.lasp2`; blocks: the K column blocks of each message
-    (1 ≤ K ≤ d_v; None = `choose_blocks`). No log_gate yet: data-dependent gates wait for lasp/common.py's
-    gated state helpers (callers detect gate support by the parameter, so it is absent rather than refused).
+    Same arguments (grouped K/V heads, log_decay, log_gate) and errors as `lasp.lasp2`; blocks: the K column
+    blocks of each message (1 ≤ K ≤ d_v; None = `choose_blocks`).
     Raises ValueError before any communication on bad shapes; on every rank if ranks hold different lengths.
     """
-    check_engine_inputs(q, k, v, log_decay, causal, layout)
+    check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate)
     if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
         raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
-    return _AllScan.apply(q, k, v, log_decay, causal, layout, group, backend, blocks)
+    return _AllScan.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks)
