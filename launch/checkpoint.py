@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-__all__ = ["MANIFEST", "step_dir", "save", "latest", "check_fresh", "verify", "load_tensors", "rng_state", "set_rng_state",
-           "write_json", "read_json"]
+__all__ = ["MANIFEST", "step_dir", "save", "latest", "check_fresh", "verify", "load_tensors", "rng_state",
+           "set_rng_state", "write_json", "read_json"]
 
 MANIFEST = "manifest.json"
 

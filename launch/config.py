@@ -280,6 +280,21 @@ def _check_tensor_parallel(cfg):
         raise ValueError(f"parallel.tp={tp} does not fit model.preset {cfg.model.preset!r}: {e}") from None
 
 
+def _check_init_from(path, vocab_size):
+    """A models.save_model file (its config read without its weights) with the tokenizer's vocabulary."""
+    from models.serialization import load_model_config
+    if not Path(path).is_file():
+        raise ValueError(f"model.init_from: no such file {path!r} (a models.save_model file)")
+    try:
+        found = load_model_config(path)
+    except ValueError as e:
+        raise ValueError(f"model.init_from: {e}") from None
+    if found.vocab_size != vocab_size:
+        raise ValueError(f"model.init_from: {path} has vocabulary {found.vocab_size}, data.vocab_size is "
+                         f"{vocab_size}: train with --data.vocab_size {found.vocab_size} on the corpus it was "
+                         f"trained on")
+
+
 def check_config(cfg, world_size):
     """Everything that can be checked before any process-group work: ValueError naming the key."""
     import models
@@ -289,8 +304,8 @@ def check_config(cfg, world_size):
 
     _check_positive(cfg)
     _check_optim(cfg.optim)
-    if cfg.model.init_from and not Path(cfg.model.init_from).is_file():
-        raise ValueError(f"model.init_from: no such file {cfg.model.init_from!r} (a models.save_model file)")
+    if cfg.model.init_from:
+        _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
     presets = sorted({**models.PRESETS, **models.BAM_PRESETS})
     if cfg.model.preset not in presets:
         raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {presets}")

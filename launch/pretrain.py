@@ -11,8 +11,9 @@ in `parallel.layout`, each dp group reads its own batches, and the tp ranks of a
 channels and vocabulary (parallel/tensor.py; checkpoints hold full weights, so a run resumes at another tp).
 Each step: forward on the local shard, the loss sum normalised by the token count of the whole sequence group
 (engine.py explains the gradient scaling), backward, clip, AdamW, warm-up + cosine schedule. Checkpoints every
-`checkpoint.every` steps, at the end and on SIGTERM (checkpoint.py); `--resume` continues bit-for-bit. Exit codes:
-0 done, 2 bad input, 3 non-finite loss. See docs/launch.md.
+`checkpoint.every` steps, at the end and on SIGTERM (checkpoint.py), never after a step with a NaN/inf loss,
+gradient norm or weight; `--resume` continues bit for bit (docs/launch.md says under which conditions). Exit codes:
+0 done, 2 bad input (printed once, no traceback), 3 non-finite step. See docs/launch.md.
 """
 import dataclasses
 import math
@@ -38,7 +39,7 @@ from launch.report import Reporter, peak_flops  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh  # noqa: E402
 
-__all__ = ["NonFiniteStep", "train", "dry_run", "main"]
+__all__ = ["NonFiniteStep", "model_label", "train", "dry_run", "main"]
 
 
 class NonFiniteStep(RuntimeError):
@@ -112,9 +113,11 @@ def _check_compatible(saved, now, folder):
     """The data order needs the same dp and corpus; ZeRO partitions need the same world and stage."""
     keys = ["dp", "zero", "data_key"] + (["world_size"] if now["zero"] else [])
     diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
+    hint = (" (a checkpoint resumes with the engine it was written by: DDP for --zero 0, DeepSpeed for 1-3; pass "
+            "the run's own --zero, or start a new run with a new --run-dir)") if "zero" in diff else ""
     if diff:
         raise ValueError(f"checkpoint {folder} does not fit this run: "
-                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()))
+                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()) + hint)
 
 
 def _others(root, folder):
@@ -234,6 +237,7 @@ class _Run:
     dataset: PackedDataset
     model: torch.nn.Module
     n_params: int               # counted before ZeRO-3 partitions them
+    label: str                  # what is trained (model_label)
     engine: object
     start: int                  # first step to run (1-based)
     last_ckpt: Path = None
@@ -274,8 +278,8 @@ def _setup(cfg):
     if cfg.parallel.activation_checkpointing:
         checkpoint_blocks(model)
     engine = make_engine(model, cfg, world, device, data_group=replica_group(mesh))
-    run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, n_params, engine,
-               start=1)
+    run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, n_params,
+               model_label(cfg.model, model.config), engine, start=1)
     if cfg.checkpoint.resume:
         run.start, run.last_ckpt = _resume(engine, root, rank, _trainer_state(0, cfg, mesh, run.data_key), device)
     return run
@@ -303,9 +307,30 @@ def _check_finite(step, loss_sum, grad_norm, run, reporter):
     raise NonFiniteStep(message)
 
 
+def model_label(cfg_model, config):
+    """What the run trains: model.preset, or with model.init_from the preset the file's config equals (with the
+    run's overrides, then without) or else its family, and the file: "tnl-tiny (from m.pt)"."""
+    import models
+    if not cfg_model.init_from:
+        return cfg_model.preset
+    found = models.config_to_dict(config)
+
+    def same(name, overrides):
+        preset = models.get_config(name)
+        fields = {f.name for f in dataclasses.fields(preset)}
+        if not set(overrides) <= fields:
+            return False
+        candidate = dataclasses.replace(preset, **overrides, vocab_size=config.vocab_size)
+        return models.config_to_dict(candidate) == found
+    names = [cfg_model.preset] if same(cfg_model.preset, cfg_model.overrides) else [
+        n for n in sorted({**models.PRESETS, **models.BAM_PRESETS}) if same(n, {})]
+    what = names[0] if names else f"a {found['family']} model matching no preset"
+    return f"{what} (from {cfg_model.init_from})"
+
+
 def _summary(cfg, run, n_params, tokens_per_step, peak_note):
     p, mesh = cfg.parallel, run.mesh
-    return (f"{cfg.model.preset}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
+    return (f"{run.label}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
             f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} x tp {mesh.tp} ({p.linear} + {p.softmax}, "
             f"{p.layout}), "
             f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "
@@ -367,7 +392,7 @@ def train(cfg, hook=None):
                 break
     finally:
         stop.restore()
-        reporter.close(title=f"{cfg.model.preset}, dp {dp} x sp {sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
+        reporter.close(title=f"{run.label}, dp {dp} x sp {sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
     sample = None
     if rank == 0 and cfg.run.sample_tokens and not preempted and (run.run_dir / "model.pt").exists():
         sample = _sample(run.run_dir, run.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)

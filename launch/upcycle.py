@@ -43,7 +43,7 @@ def read_checkpoint(path, what):
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (OSError, RuntimeError, EOFError) as e:
         raise ValueError(f"{what} {path}: cannot read it ({e})") from None
-    if not isinstance(payload, dict) or set(payload) < {"model_config", "model"}:
+    if not isinstance(payload, dict) or not {"model_config", "model"} <= set(payload):
         raise ValueError(f"{what} {path} is not a model checkpoint: expected keys 'model_config' and 'model'")
     try:
         return models.config_from_dict(payload["model_config"]), payload["model"]

@@ -4,10 +4,13 @@ Written atomically (a temporary file in the same folder, then os.replace), so a 
 """
 import dataclasses
 import os
+import pickle
 
 import torch
 
-__all__ = ["config_to_dict", "config_from_dict", "save_model", "load_model"]
+__all__ = ["config_to_dict", "config_from_dict", "save_model", "read_payload", "load_model_config", "load_model"]
+
+KEYS = ("model_config", "model")
 
 
 def _families():
@@ -54,6 +57,28 @@ def _config_difference(found, expected):
                      for k in sorted(set(found) | set(expected)) if found.get(k) != expected.get(k))
 
 
+def read_payload(path, mmap=False):
+    """The {"model_config", "model"} dict of a save_model file, read weights-only (mmap: no tensor bytes read).
+    ValueError naming the file when it cannot be read or lacks either key (e.g. a training checkpoint's optim.pt)."""
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (OSError, RuntimeError, EOFError) as e:
+        raise ValueError(f"{path}: not a readable model file ({str(e).splitlines()[0]})") from None
+    except pickle.UnpicklingError as e:   # a global outside the weights-only set: never unpickled
+        raise ValueError(f"{path}: holds more than tensors and plain containers ({str(e).splitlines()[0][:200]}); "
+                         f"refusing to unpickle it") from None
+    if not isinstance(payload, dict) or not set(KEYS) <= set(payload):
+        found = sorted(payload)[:6] if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"{path} is not a model checkpoint: expected keys 'model_config' and 'model', found "
+                         f"{found} (a models.save_model file such as <run dir>/model.pt)")
+    return payload
+
+
+def load_model_config(path):
+    """The model config a save_model file describes, without reading its weights -> config. ValueError otherwise."""
+    return config_from_dict(read_payload(path, mmap=True)["model_config"])
+
+
 def load_model(path, *, config=None, device=None):
     """Build the model a checkpoint file describes and load its weights -> model (on `device`, default cpu).
 
@@ -61,9 +86,7 @@ def load_model(path, *, config=None, device=None):
     and when the weights do not fit the config they were saved with.
     """
     from . import build_model, get_config
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(payload, dict) or set(payload) < {"model_config", "model"}:
-        raise ValueError(f"{path} is not a model checkpoint: expected keys 'model_config' and 'model'")
+    payload = read_payload(path)
     found = config_from_dict(payload["model_config"])
     if config is not None:
         expected = get_config(config) if isinstance(config, str) else config

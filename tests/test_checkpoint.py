@@ -2,6 +2,7 @@
 
 Each test here was broken once on purpose (the fix reverted) and seen to fail; the docstrings say how.
 Small on purpose: the tiny preset, a few steps, 2-4 gloo ranks."""
+import dataclasses
 import pickle
 import re
 import shutil
@@ -262,3 +263,86 @@ def test_kill_and_resume_is_bit_exact(tmp_path, cache_dir, world, args):
                                                                                     if s > 3}
     a, b = _weights(tmp_path / "full"), _weights(tmp_path / "cut")
     assert sorted(a) == sorted(b) and [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+# ---------------------------------------------------------------------------------------------- checks and messages
+def _main_argv(run_dir, cache_dir, *args):
+    return ["--config", "tiny", "--run-dir", str(run_dir), "--data.cache_dir", cache_dir, "--run.sample_tokens", "0",
+            *args]
+
+
+def test_truncated_latest_names_the_file_and_the_intact_checkpoints(tmp_path):
+    """Was 'Unterminated string starting at: line 3 column 2' with no file named."""
+    root = tmp_path / "ckpt"
+    _fake_checkpoints(root, [2, 4])
+    text = (root / "latest").read_text()
+    (root / "latest").write_text(text[:12])
+    with pytest.raises(ValueError, match=r"latest is unreadable.*not valid JSON.*intact checkpoints here: "
+                                         r"\['step_00000002', 'step_00000004'\]"):
+        ckpt.latest(root)
+    (root / "latest").write_text('{"dir": "step_00000009"}')
+    with pytest.raises(ValueError, match="names step_00000009, which does not exist"):
+        ckpt.latest(root)
+
+
+def test_a_failed_write_stops_with_a_message_and_leaves_no_tmp(tmp_path):
+    """Disk full in the middle of a save (torch.save reports it as RuntimeError 'basic_ios::clear')."""
+    def write(folder):
+        raise RuntimeError("[enforce fail at inline_container.cc:783] . PytorchStreamWriter failed writing file: "
+                           "basic_ios::clear")
+    with pytest.raises(ValueError, match=r"writing .*\.tmp-step_00000003 failed .*GiB free"):
+        ckpt.save(tmp_path, 3, write, rank=0, barrier=_solo_barrier)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_unwritable_or_full_folders_are_found_before_step_1(tmp_path, cache_dir, capsys, monkeypatch):
+    """A read-only checkpoint folder (here under /proc, read-only even for root) and a full disk: exit 2 with the
+    folder named before any step (was: the first save crashed with 'basic_ios::clear')."""
+    argv = _main_argv(tmp_path / "run", cache_dir)
+    assert pretrain.main([*argv, "--checkpoint.dir", "/proc/lasp-checkpoints"]) == 2
+    assert "checkpoint.dir /proc/lasp-checkpoints is not writable" in capsys.readouterr().err
+    monkeypatch.setattr(pretrain.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
+                                                                                                 1000))
+    assert pretrain.main(argv) == 2
+    err = capsys.readouterr().err
+    assert re.search(r"0\.00 GiB free, one checkpoint needs about 0\.0\d GiB", err) and err.count("error") == 1
+    assert not list((tmp_path / "run").rglob("step_*")) and not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_init_from_a_non_model_file_or_another_family(tmp_path, cache_dir, capsys):
+    """init_from optim.pt: a clear error (was KeyError: models/serialization.py tested a proper subset of the keys);
+    init_from a tnl-tiny file: the run is labelled tnl-tiny (was linear-llama3-tiny)."""
+    import models
+    from launch.config import parse_args
+    from models.serialization import load_model_config
+    torch.save({"optimizer": {}, "scheduler": {}}, tmp_path / "optim.pt")
+    assert pretrain.main(_main_argv(tmp_path / "run", cache_dir, "--model.init_from", str(tmp_path / "optim.pt"))) == 2
+    assert "optim.pt is not a model checkpoint: expected keys 'model_config' and 'model', found ['optimizer'" in \
+        capsys.readouterr().err
+    tnl = models.build_model(dataclasses.replace(models.get_config("tnl-tiny"), vocab_size=512), device="meta")
+    cfg, _ = parse_args(["--config", "tiny", "--model.init_from", "m.pt"])
+    assert pretrain.model_label(cfg.model, tnl.config) == "tnl-tiny (from m.pt)"
+    cfg.model.init_from = ""
+    assert pretrain.model_label(cfg.model, tnl.config) == "linear-llama3-tiny"
+    own = models.build_model(dataclasses.replace(models.get_config("linear-llama3-tiny"), **cfg.model.overrides,
+                                                 vocab_size=512), device="cpu")
+    models.save_model(tmp_path / "own.pt", own)
+    cfg.model.init_from = str(tmp_path / "own.pt")
+    assert pretrain.model_label(cfg.model, load_model_config(tmp_path / "own.pt")).startswith("linear-llama3-tiny (")
+
+
+def _main_on_rank(argv):
+    return pretrain.main(argv)
+
+
+def test_an_error_after_the_group_is_printed_once(tmp_path, cache_dir, capfd):
+    """A truncated checkpoint on --resume, 2 ranks: exit 2 on both, one message naming the file (was: every rank
+    printed it, and under torchrun only some did)."""
+    run_dir = tmp_path / "run"
+    run_ranks(2, pretrain.train, tiny(run_dir, cache_dir, "--max-steps", "2"))
+    model_file = run_dir / "checkpoints" / "step_00000002" / "model.pt"
+    model_file.write_bytes(model_file.read_bytes()[:-10])
+    capfd.readouterr()
+    codes = run_ranks(2, _main_on_rank, _main_argv(run_dir, cache_dir, "--max-steps", "4", "--resume"))
+    err = capfd.readouterr().err
+    assert codes == [2, 2] and err.count("pretrain: error") == 1 and "model.pt has" in err and "Traceback" not in err

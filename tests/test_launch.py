@@ -329,7 +329,8 @@ def test_sbatch_dry_run():
 
 
 def test_torchrun_smoke(tmp_path, cache_dir):
-    """The real entry point: 2 ranks, sp 2, 3 steps, wandb offline; metrics, plot, model.pt and a sample."""
+    """The real entry point: 2 ranks, sp 2, 3 steps, wandb offline; metrics, plot, model.pt and a sample. Then the
+    same command again refuses the folder (no --resume): one message, worker exit code 2 in torchrun's summary."""
     run_dir = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "launch/pretrain.py",
@@ -344,3 +345,9 @@ def test_torchrun_smoke(tmp_path, cache_dir):
     assert "--- sample ---" in out.stdout + out.stderr
     import models
     assert models.load_model(run_dir / "model.pt").config.dim == 64
+    # the same command again, without --resume: a user error, printed once, workers exit 2, no worker traceback
+    again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
+    text = again.stdout + again.stderr
+    assert again.returncode != 0 and text.count("already holds checkpoints of another run") == 1, text[-3000:]
+    assert re.search(r"exitcode\s*:\s*2\b", text) and "launch/pretrain.py\", line" not in text, text[-3000:]
+    assert [r["step"] for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())] == [1, 2, 3]
