@@ -19,7 +19,7 @@ sequences per rank, a = activation bytes (4 fp32, 2 under bf16 autocast), D widt
                  without: every block's saved tensors + the worst engine working set.
 A block's saved tensors are counted exactly: one block of each kind runs on the meta device with autograd's
 saved-tensor hooks, its attention function replaced by a stub; the engine's own terms come from its code:
-  lasp2/lasp1        saves q, k, v; backward working set 16.6 floats per (token · H·d) with the torch kernels
+  lasp2/lasp1/allscan saves q, k, v; backward working set 16.6 floats per (token · H·d) with the torch kernels
                      (measured, kernels/linear_attn.py recomputes the chunked forward under autograd), 4 with Triton
   ring_linear        saves q, k, v; backward: scores, their gradient and the decay mask, 3·B·H·C²·4
   allgather          saves q, the gathered K|V (B·T·H_kv·(d_k+d_v)·a), out, lse; backward: the fp32 dK|dV buffer of
@@ -49,7 +49,7 @@ from parallel.ulysses import ulysses_kv_replication  # noqa: E402
 
 MiB = 2 ** 20
 KERNEL_BWD_FLOATS = {"torch": 16.6, "triton": 4.0}     # working set per token per H·d of the linear kernel's backward
-LINEAR_ENGINES = ("lasp2", "lasp1", "ring_linear")
+LINEAR_ENGINES = ("lasp2", "lasp1", "ring_linear", "allscan")
 SOFTMAX_ENGINES = ("allgather", "ring", "ulysses")
 
 
@@ -108,6 +108,8 @@ def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel, layout="contiguou
         if engine == "ring_linear":
             return saved, 3 * B * H * C * C * 4 + grads, 4 * B * C * H * (d_k + d_v) * 4
         work = KERNEL_BWD_FLOATS[kernel] * B * C * H * (d_k + d_v) / 2 * 4
+        if engine == "allscan":     # ≤ 2 segments' received states and their folded copies sent on (lasp/allscan.py)
+            return saved, work + grads, 4 * B * H * d_k * d_v * 4
         return saved, work + grads, 2 * sp * B * H * d_k * d_v * 4         # the gathered states
     kv = B * H_kv * (d_k + d_v)
     out_lse = B * C * H * (d_v * a + 4)
