@@ -109,43 +109,54 @@ def _prune(root, keep, written):
         shutil.rmtree(old, ignore_errors=True)
 
 
+def _failure(tmp, root, e):
+    """The ValueError for a failed write: what failed and the free space (ENOSPC reads as 'basic_ios::clear')."""
+    free = shutil.disk_usage(root if Path(root).exists() else Path(root).parent).free / 2**30
+    return ValueError(f"checkpoint: writing {tmp} failed ({str(e).splitlines()[0]}); {free:.2f} GiB free under "
+                      f"{root}: free space or choose another --checkpoint.dir")
+
+
+def _publish(root, step, tmp, final, keep):
+    """Rank 0: manifest, rename into place, `latest`, prune."""
+    write_json(tmp / MANIFEST, _manifest(tmp))
+    _fsync(tmp)
+    if final.exists():                         # the same step saved again (e.g. SIGTERM right after `every`)
+        shutil.rmtree(final)
+    os.rename(tmp, final)
+    _fsync(root)
+    write_json(root / "latest", {"step": step, "dir": final.name})
+    _prune(root, keep, final)
+
+
 def save(root, step, write_files, *, rank, barrier, keep=2):
     """Write checkpoint `step` under `root`; write_files(folder) writes this rank's files. Returns the folder.
 
-    barrier(error=None): every rank calls it; with an error on any rank it raises on all (pretrain's agreement),
-    so a rank whose write failed (read-only, disk full) stops every rank with one clear ValueError instead of a
-    hang, and the `.tmp-*` folder is removed."""
+    barrier(error=None): every rank calls it after each phase; with an error on any rank it raises on all
+    (pretrain's agreement), so a write that failed on one rank (read-only, disk full) stops every rank with one
+    clear ValueError instead of a hang, and the `.tmp-*` folder is removed."""
     root, final = Path(root), step_dir(root, step)
     tmp = root / f".tmp-{final.name}"
-    if rank == 0:
+    def start():
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)   # left by a crash during an earlier save of this step
         tmp.mkdir()
-    barrier()
-    error = None
-    try:
+
+    def write():
         write_files(tmp)
         _fsync_tree(tmp)
-    except (OSError, RuntimeError) as e:        # torch.save reports ENOSPC as RuntimeError("basic_ios::clear")
-        free = shutil.disk_usage(root).free / 2**30
-        error = ValueError(f"checkpoint: writing {tmp} failed ({str(e).splitlines()[0]}); {free:.2f} GiB free "
-                           f"under {root}: free space or choose another --checkpoint.dir")
-    try:
-        barrier(error)
-    except ValueError:
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if rank == 0:
-        write_json(tmp / MANIFEST, _manifest(tmp))
-        _fsync(tmp)
-        if final.exists():                         # the same step saved again (e.g. SIGTERM right after `every`)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(root)
-        write_json(root / "latest", {"step": step, "dir": final.name})
-        _prune(root, keep, final)
-    barrier()
+    for mine, phase in ((rank == 0, start), (True, write), (rank == 0, lambda: _publish(root, step, tmp, final, keep))):
+        error = None
+        try:
+            if mine:
+                phase()
+        except (OSError, RuntimeError) as e:   # torch.save reports ENOSPC as RuntimeError("basic_ios::clear")
+            error = _failure(tmp, root, e)
+        try:
+            barrier(error)
+        except ValueError:
+            if rank == 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
 
 
