@@ -98,7 +98,15 @@ def _segments(x, n):
     return None if x is None else to_segments(x, n)
 
 
-def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=None):
+def _prefix_fold(gathered, gathered_totals, log_decay, c, layout, group, suffix):
+    """The prefix P (suffix G) of every local segment from the gathered states, in global sub-chunk order."""
+    N = gathered.shape[0]
+    weights = _fold_weights(_fold_totals(log_decay, gathered_totals, c, N), _local_indices(layout, group), N,
+                            gathered.dtype, gathered.device, suffix)
+    return _fold(gathered, weights, layouts.segments_per_rank(layout))
+
+
+def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=None, overlap=True):
     """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v)) for the backward."""
     n = layouts.segments_per_rank(layout)
     qs, ks, vs, gs = (_segments(x, n) for x in (q, k, v, log_gate))
@@ -106,35 +114,35 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=N
     header = torch.tensor([q.shape[1], n], dtype=sdt, device=q.device)
     totals = None if gs is None else segment_log_totals(log_decay, gs, c)
     finish = _gather_states(local_state(ks, vs, log_decay, gs), n, layout, group, header, totals)
-    if causal:
-        o_intra = intra_forward(qs, ks, vs, log_decay, backend, gs)            # overlaps the gather
-    gathered, gathered_totals = finish()
-    if causal:
-        weights = _fold_weights(_fold_totals(log_decay, gathered_totals, c, gathered.shape[0]),
-                                _local_indices(layout, group), gathered.shape[0], sdt, q.device, False)
-        prefix = _fold(gathered, weights, n)
+    if not causal:
+        total = finish()[0].sum(0).repeat_interleave(n, dim=0)               # Σ_j M_j for every segment row
+        return from_segments(add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None), n), total
+    if overlap:
+        o_intra = intra_forward(qs, ks, vs, log_decay, backend, gs)            # while the gather flies
+    prefix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=False)
+    if overlap:
         return from_segments(add_prefix_output(o_intra, qs, prefix, log_decay, gs), n), prefix
-    total = gathered.sum(0).repeat_interleave(n, dim=0)                       # Σ_j M_j for every segment row
-    return from_segments(add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None), n), total
+    return from_segments(intra_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix), n), prefix
 
 
-def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, log_gate=None):
+def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, log_gate=None, overlap=True):
     """-> (dq, dk, dv, d log_gate or None) local shards."""
     n = layouts.segments_per_rank(layout)
     qs, ks, vs, dos, gs = (_segments(x, n) for x in (q, k, v, do, log_gate))
-    c, H, sdt = qs.shape[1], k.shape[2], prefix.dtype
+    c = qs.shape[1]
     totals = None if gs is None else segment_log_totals(log_decay, gs, c)
-    finish = _gather_states(state_grad(qs, dos, log_decay, H, gs), n, layout, group, totals=totals)
+    finish = _gather_states(state_grad(qs, dos, log_decay, k.shape[2], gs), n, layout, group, totals=totals)
     if not causal:
         suffix = finish()[0].sum(0).repeat_interleave(n, dim=0)
         zeros = (torch.zeros_like(x) for x in (qs, ks, vs))
         return (*(from_segments(g, n) for g in add_state_grads(*zeros, qs, ks, vs, dos, prefix, suffix, None)), None)
+    if not overlap:         # the kernel enters from P and leaves with gradient G: its gradients are the answer
+        suffix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
+        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, suffix)
+        return tuple(None if g is None else from_segments(g, n) for g in grads)
     # the kernel starts from the cached prefix, so dq (and the q·dq part of d log_gate) is complete already
-    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix)   # overlaps the gather
-    gathered, gathered_totals = finish()
-    weights = _fold_weights(_fold_totals(log_decay, gathered_totals, c, gathered.shape[0]),
-                            _local_indices(layout, group), gathered.shape[0], sdt, q.device, True)
-    suffix = _fold(gathered, weights, n)
+    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix)   # while the gather flies
+    suffix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
     dk, dv, b = add_suffix_grads(dk, dv, ks, vs, suffix, log_decay, gs)
     if gs is not None:
         dg = from_segments((dg.double() + add_total_grad(b, prefix, suffix, log_decay, gs)).to(log_gate.dtype), n)
@@ -143,26 +151,32 @@ def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backen
 
 class _LASP2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend):
-        o, prefix = lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate)
+    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, overlap):
+        o, prefix = lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate, overlap)
         ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix)
         ctx.config = (causal, layout, group, backend)
+        ctx.overlap = overlap
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, log_decay, log_gate, prefix = ctx.saved_tensors
-        dq, dk, dv, dg = lasp2_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate)
-        return dq, dk, dv, None, dg, None, None, None, None
+        dq, dk, dv, dg = lasp2_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate,
+                                        ctx.overlap)
+        return dq, dk, dv, None, dg, None, None, None, None, None
 
 
-def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None):
+def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
+          overlap=True):
     """LASP-2 linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
     k, v may have fewer heads H_kv (H % H_kv == 0, grouped as i // (H/H_kv)); log_decay: (H_kv,) of log λ ≤ 0, one
     per state (constant, no gradient), None = no decay; log_gate: (B, T_local, H_kv) of g ≤ 0 (differentiable,
     adds to log_decay), None = no gate; causal=False needs neither.
     group=None: the mesh's sequence-parallel group, else the default group, else a single process.
+    overlap=True runs the local kernel while each gather is in flight and adds the cross terms after (3 more
+    d_k×d_v products per token and pass pair than overlap=False, which runs the kernel from the gathered prefix:
+    fewest flops, the gather exposed; best where a collective costs little next to the local compute).
     Raises ValueError (before any collective) on mismatched shapes/dtypes, bad log_decay or log_gate (shape,
     dtype, device, positive or non-finite entries), a local length the layout cannot split; and on every rank if
     ranks hold different lengths.
@@ -171,4 +185,4 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
-    return _LASP2.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend)
+    return _LASP2.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, bool(overlap))
