@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from .lightning import lightning_attn
+from .lightning import lightning_attn, lightning_attn_bwd, lightning_attn_fwd
 
 PROVIDERS = ("triton", "torch", "sdpa", "fla", "triton+gate", "fla+gate")
 GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -40,6 +40,7 @@ def _parse(argv):
     p.add_argument("--max-ms", type=float, default=5000.0, help="skip longer T for a provider slower than this")
     p.add_argument("--check", action="store_true",
                    help="GPU acceptance run (accuracy of every kernel, timing, a training step); on CPU: what it can")
+    p.add_argument("--peak", default=None, metavar="KIND,T,GATED", help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help="CPU kernel table: new torch kernel vs baseline, 8K vs 256K")
     p.add_argument("--ptxas", type=int, default=None, metavar="SM",
                    help="no GPU needed: compile the Triton kernels for sm_SM (e.g. 90) and print ptxas register use")
@@ -214,10 +215,11 @@ def ptxas_report(arch, head_dim=128, dtype="bf16"):
         raise SystemExit("--ptxas compiles for a GPU: unset TRITON_INTERPRET")
     ptxas = get_ptxas(arch).path                          # the ptxas Triton itself uses for this arch
     x = torch.empty(1, 1, 1, head_dim, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
-    for kernel, backward in ((lt._fwd_kernel, False), (lt._bwd_kernel, True)):
+    for kernel, backward, gated in ((lt._fwd_kernel, False, False), (lt._bwd_kernel, True, False),
+                                    (lt._fwd_kernel, False, True), (lt._bwd_kernel, True, True)):
         BT, BK, BV, num_warps, precision = lt._config(x, x, None, None, backward)
-        consts = {"HAS_DECAY": True, "HAS_INIT": True, "HAS_DFINAL": True, "PRECISION": precision,
-                  "BT": BT, "BK": BK, "BV": BV}
+        consts = {"HAS_DECAY": True, "HAS_GATE": gated, "HAS_INIT": True, "HAS_DFINAL": True,
+                  "PRECISION": precision, "BT": BT, "BK": BK, "BV": BV}
         sig = {}
         for name in kernel.arg_names:
             if name in consts:
@@ -235,7 +237,7 @@ def ptxas_report(arch, head_dim=128, dtype="bf16"):
         out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
                              text=True).stderr
         info = [line.split(":", 1)[-1].strip() for line in out.splitlines() if "spill" in line or "Used" in line]
-        print(f"{'bwd' if backward else 'fwd'} {dtype} d={head_dim} BT={BT} BV={BV} warps={num_warps} {gpu}: "
+        print(f"{'bwd' if backward else 'fwd'}{'+gate' if gated else ''} {dtype} d={head_dim} BT={BT} BV={BV} warps={num_warps} {gpu}: "
               f"shared {compiled.metadata.shared} B; " + "; ".join(info or [out.strip()]))
 
 
@@ -290,19 +292,47 @@ def _cpu_cell(kind, T, H, d, gated):
             x.grad = None
         if kind == "baseline":
             o = _baseline(q, k, v, log_decay)
-        else:
+        elif kind == "recompute":           # the engines' no-autograd pair: the backward redoes the state pass
+            lightning_attn_fwd(q, k, v, log_decay, log_gate=log_gate)
+            lightning_attn_bwd(q, k, v, log_decay, None, do, log_gate=log_gate)
+            return
+        else:                                           # block-entry states saved by the forward
             o, _ = linear_attn_chunked(q, k, v, log_decay, log_gate=log_gate)
         o.backward(do)
     return step
 
 
-def cpu_table(lengths=(8192, 262144), repeats=3, heads=8, head_dim=32, kinds=("new", "baseline")):
+def step_peak_mib(kind, T, gated, heads=8, head_dim=32):
+    """Resident-set high-water mark of one fwd+bwd above the resident set just before it (Linux /proc), MiB.
+    Run in a fresh process (`--peak`), first call, so that nothing earlier is cached in the heap."""
+    step = _cpu_cell(kind, T, heads, head_dim, gated)
+
+    def read(key):
+        with open("/proc/self/status") as f:
+            return int(next(line for line in f if line.startswith(key)).split()[1]) / 1024
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")                                    # resets VmHWM to the current resident set
+    before = read("VmRSS:")
+    step()
+    return read("VmHWM:") - before
+
+
+def _peak_in_subprocess(kind, T, gated):
+    import subprocess
+    import sys
+    done = subprocess.run([sys.executable, "-m", "kernels.bench", "--peak", f"{kind},{T},{int(gated)}"],
+                          capture_output=True, text=True, check=True)
+    return float(done.stdout.split()[-1])
+
+
+def cpu_table(lengths=(8192, 262144), repeats=3, heads=8, head_dim=32, kinds=("new", "recompute", "baseline"),
+              memory=True):
     """Median seconds of every cell, interleaved: each repeat runs every cell once (a load spike hits all)."""
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     cells = {("matmul", 2048, False): lambda: a @ b}
     for T in lengths:
         for kind in kinds:
-            for gated in ((False, True) if kind == "new" else (False,)):
+            for gated in ((False,) if kind == "baseline" else (False, True)):
                 cells[(kind, T, gated)] = _cpu_cell(kind, T, heads, head_dim, gated)
     times = {key: [] for key in cells}
     for fn in cells.values():
@@ -316,7 +346,8 @@ def cpu_table(lengths=(8192, 262144), repeats=3, heads=8, head_dim=32, kinds=("n
     for (kind, T, gated), ts in times.items():
         sec = statistics.median(ts)
         flops = 2 * 2048 ** 3 if kind == "matmul" else _nominal_flops(T, heads, head_dim, head_dim)
-        rows.append({"kernel": kind, "T": T, "gated": gated, "seconds": sec,
+        peak = _peak_in_subprocess(kind, T, gated) if memory and kind != "matmul" else None
+        rows.append({"kernel": kind, "T": T, "gated": gated, "seconds": sec, "peak_mib": peak,
                      "tokens_per_s": None if kind == "matmul" else T / sec, "gflops": flops / sec / 1e9})
     return {"config": {"B": 1, "H": heads, "d": head_dim, "dtype": "float32", "repeats": repeats,
                        "threads": torch.get_num_threads(), "timing": "median, fwd+bwd, interleaved"}, "rows": rows}
@@ -326,12 +357,14 @@ def cpu_markdown(result):
     cfg = result["config"]
     lines = [f"B={cfg['B']} H={cfg['H']} d={cfg['d']} {cfg['dtype']}, {cfg['threads']} thread(s), "
              f"median of {cfg['repeats']} interleaved repeats", "",
-             "| kernel | gate | T | median s | tokens/s | nominal GFLOP/s |", "|---|---|---|---|---|---|"]
+             "| kernel | gate | T | median s | tokens/s | nominal GFLOP/s | step peak MiB |",
+             "|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
         gate = "-" if r["kernel"] == "matmul" else ("log_gate + decay" if r["gated"] else "decay")
         tps = "-" if r["tokens_per_s"] is None else f"{r['tokens_per_s']:,.0f}"
         name = "matmul 2048³" if r["kernel"] == "matmul" else r["kernel"]
-        lines.append(f"| {name} | {gate} | {r['T']} | {r['seconds']:.3f} | {tps} | {r['gflops']:.1f} |")
+        peak = "-" if r.get("peak_mib") is None else f"{r['peak_mib']:.0f}"
+        lines.append(f"| {name} | {gate} | {r['T']} | {r['seconds']:.3f} | {tps} | {r['gflops']:.1f} | {peak} |")
     return "\n".join(lines)
 
 
@@ -451,6 +484,9 @@ def main(argv=None):
     args = _parse(argv)
     if args.ptxas:
         return ptxas_report(args.ptxas, args.head_dim)
+    if args.peak:
+        kind, T, gated = args.peak.split(",")
+        return print(f"peak MiB {step_peak_mib(kind, int(T), gated == '1'):.1f}")
     if args.check:
         result = check(args)
         if args.out:

@@ -12,7 +12,7 @@ import os
 
 import torch
 
-from .linear_attn import check_linear_attn_inputs, chunked_backward, chunked_forward, state_dtype
+from .linear_attn import check_linear_attn_inputs, chunked_backward, chunked_forward, linear_attn_chunked, state_dtype
 
 __all__ = ["lightning_attn", "lightning_attn_fwd", "lightning_attn_bwd", "resolve_backend"]
 
@@ -77,5 +77,8 @@ def lightning_attn(q, k, v, *, log_decay=None, log_gate=None, initial_state=None
         log_decay = log_decay.detach().to(device=q.device, dtype=state_dtype(q.dtype))
     if initial_state is not None:
         initial_state = initial_state.to(state_dtype(q.dtype))
-    o, final = _LightningAttn.apply(q, k, v, log_decay, log_gate, initial_state, backend)
+    if backend == "torch":                  # its own autograd Function, which keeps the block-entry states
+        o, final = linear_attn_chunked(q, k, v, log_decay, initial_state, log_gate=log_gate)
+    else:
+        o, final = _LightningAttn.apply(q, k, v, log_decay, log_gate, initial_state, backend)
     return o, (final if output_final_state else None)

@@ -123,8 +123,15 @@ def _chunk_factors(b, c, dtype, device):
         return causal.to(dtype), None, None, None
     mask = (b[..., :, None] - b[..., None, :]).to(dtype)           # b_i − b_j ≤ 0 for i ≥ j
     mask.masked_fill_(~causal, float("-inf")).exp_()              # the upper triangle never reaches exp
+    return (mask, b.to(dtype).exp()[..., None], *_state_factors(b, dtype))
+
+
+def _state_factors(b, dtype):
+    """-> (Λ_k (·,H,·,c,1) = e^{b_e − b_i} in dtype, chunk totals b_e (·,H,·) float64), or (None, None)."""
+    if b is None:
+        return None, None
     end = b[..., -1:]
-    return mask, b.to(dtype).exp()[..., None], (end - b).to(dtype).exp_()[..., None], end[..., 0]
+    return (end - b).to(dtype).exp_()[..., None], end[..., 0]
 
 
 def _scan_weights(totals, n, dtype, device):
@@ -230,8 +237,7 @@ def _state_pass(k, v, ld, log_gate, state, chunk_len, block_chunks):
     for start, n, c in _blocks(k.shape[1], chunk_len, block_chunks):
         checkpoints.append(state)
         kb, vb = (_chunks(x, start, n, c, state.dtype) for x in (k, v))
-        b = _cum_gates(log_gate, ld, start, n, c)
-        _, _, k_pow, totals = _chunk_factors(b, c, state.dtype, k.device)
+        k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), state.dtype)
         state = _entry_states(_scaled(kb, k_pow), vb, totals, state)[:, :, n]
     return (torch.stack(checkpoints) if checkpoints else None), state
 
@@ -268,16 +274,23 @@ def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_sta
     dgate = None
     if terms is not None:
         final_term = None
-        if dfinal_state is not None and T:       # e^{a_{T−1}} <S_{T−2}, dS_final>: one state pass over the last block
-            start = blocks[-1][0]
-            before_last = _state_pass(k[:, start:T - 1], v[:, start:T - 1], ld, log_gate[:, start:T - 1],
-                                      checkpoints[-1], chunk_len, block_chunks)[1]
-            a_last = log_gate[:, T - 1].to(sdt) + (0 if ld is None else ld)
-            final_term = (before_last * dfinal_state.to(sdt)).sum((-1, -2)) * a_last.exp()
+        if dfinal_state is not None and T:
+            last = blocks[-1][0], checkpoints[-1]
+            final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks)
         token_terms = terms[0] - terms[1]
         token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
         dgate = gate_grad(token_terms, final_term, log_gate.dtype)
     return dq, dk, dv, (None if initial_state is None else grad), dgate
+
+
+def _before_last_term(k, v, ld, log_gate, last_block, dfinal_state, chunk_len, block_chunks):
+    """e^{a_{T−1}} <S_{T−2}, dS_final> (B, H): one state pass over the last block, up to its last token."""
+    start, state = last_block
+    T = k.shape[1]
+    before_last = _state_pass(k[:, start:T - 1], v[:, start:T - 1], ld, log_gate[:, start:T - 1], state,
+                              chunk_len, block_chunks)[1]
+    a_last = log_gate[:, T - 1].to(state.dtype) + (0 if ld is None else ld)
+    return (before_last * dfinal_state.to(state.dtype)).sum((-1, -2)) * a_last.exp()
 
 
 def gate_grad(token_terms, final_term, dtype):
