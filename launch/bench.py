@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -504,7 +505,7 @@ def main(argv=None):
     machine = machine_info(device)
     machine["device"] = machine.get("gpu", "cpu")
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc-per-node "
-               f"{mesh.world_size} launch/bench.py " + " ".join(sys.argv[1:] if argv is None else argv))
+               f"{mesh.world_size} launch/bench.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)))
 
     def emit(records):
         """Stamp the records with the command and the load, write the outputs (rank 0), print the table."""

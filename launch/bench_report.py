@@ -181,19 +181,24 @@ def plot(data, path):
 
 
 def _plot_network(ax, recs):
-    """Step time against the modelled latency, one line per (engine, W, bandwidth)."""
+    """Step time against the swept link parameter (latency if it varies, else bandwidth), per (engine, W);
+    records without a model ('off') are left out."""
+    recs = [r for r in recs if r["latency_s"] > 0 or r["gbps"] is not None]
+    by_latency = len({r["latency_s"] for r in recs}) > 1
     series = {}
     for r in recs:
-        latency, gbps = _net_order(r)
-        bw = "unlimited" if gbps == float("inf") else f"{gbps:g} Gbit/s"
-        series.setdefault((r["engine"], r["world"], r["seq_len"], bw), []).append((max(latency, 1e-6), r["median_s"]))
+        x = r["latency_s"] if by_latency else r["gbps"]
+        other = (f"{r['gbps']:g} Gbit/s" if r["gbps"] else "unlimited") if by_latency else f"α={r['latency_s']:g} s"
+        if x:
+            series.setdefault((r["engine"], r["world"], r["seq_len"], other), []).append((x, r["median_s"]))
     engines = sorted({key[0] for key in series})
-    for (engine, W, T, bw), pts in sorted(series.items()):
+    worlds = sorted({key[1] for key in series})
+    for (engine, W, T, other), pts in sorted(series.items()):
         pts.sort()
-        ax.plot(*zip(*pts), marker="os^D"[W.bit_length() % 4], color=f"C{engines.index(engine) % 10}",
-                label=f"{engine}, W={W}, T={T:,}, {bw}")
-    ax.set(xlabel="modelled latency per message (s; 'off' and 0 at 1e-6)", ylabel="forward + backward (s)",
-           xscale="log", yscale="log")
+        ax.plot(*zip(*pts), marker="os^D"[worlds.index(W) % 4], linestyle=("-", "--", ":")[worlds.index(W) % 3],
+                color=f"C{engines.index(engine) % 10}", label=f"{engine}, W={W}, T={T:,}, {other}")
+    ax.set(xlabel="modelled latency per message (s)" if by_latency else "modelled link bandwidth (Gbit/s)",
+           ylabel="forward + backward (s)", xscale="log", yscale="log")
 
 
 def write_outputs(records, machine, out):
