@@ -484,10 +484,10 @@ def _validate(parser, args):
         parser.error(f"--engines: network mode runs linear engines only, one of {sorted(LINEAR)}")
     for engine in args.engines:
         parts = engine.split("+")
-        ok = (parts[0] in names) if args.mode in ("layer", "network") else (
-            len(parts) == 2 and parts[0] in LINEAR and parts[1] in SOFTMAX)
+        single = args.mode in ("layer", "network")
+        ok = (parts[0] in names) if single else (len(parts) == 2 and parts[0] in LINEAR and parts[1] in SOFTMAX)
         if not ok:
-            parser.error(f"--engines: {engine!r} is not " + (f"one of {sorted(names)}" if args.mode in ("layer", "network")
+            parser.error(f"--engines: {engine!r} is not " + (f"one of {sorted(names)}" if single
                          else f"a pair linear+softmax of {sorted(LINEAR)} + {sorted(SOFTMAX)}"))
     if args.mode == "long" and len(args.engines) != 1:
         parser.error("--engines: long mode runs one engine pair")
@@ -505,7 +505,7 @@ def main(argv=None):
     machine = machine_info(device)
     machine["device"] = machine.get("gpu", "cpu")
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '')} torchrun --nproc-per-node "
-               f"{mesh.world_size} launch/bench.py " + " ".join(map(shlex.quote, sys.argv[1:] if argv is None else argv)))
+               f"{mesh.world_size} launch/bench.py " + shlex.join(sys.argv[1:] if argv is None else argv))
 
     def emit(records):
         """Stamp the records with the command and the load, write the outputs (rank 0), print the table."""

@@ -219,9 +219,10 @@ def _events(log):
 def serial_rounds(logs):
     """Longest chain of dependent communication rounds across ranks, given each rank's ordered [(op, peer)].
 
-    A send leaves one round after everything this rank had received before it (see `_events`); a collective is one round after the latest of its ranks and,
-    being async in these engines (waited after the local compute), gates no later message. Blocks of one message
-    stream travel in the same round, so K pipelined blocks count once."""
+    A send leaves one round after everything this rank had received before it (see `_events`); a collective
+    is one round after the latest of its ranks and, being async in these engines (waited after the local
+    compute), gates no later message. Blocks of one message stream travel in the same round, so K pipelined
+    blocks count once."""
     W = len(logs)
     pos, clock, rounds = [0] * W, [0] * W, 0
     sent = {}                                    # (src, dst) -> rounds of the messages in order
