@@ -214,6 +214,7 @@ def _block_backward(q, k, v, do, b, state, dstate_out, gated):
     return dq.view(shape), dk.view(shape), dv.view(shape), dstate_in, terms
 
 
+@torch.no_grad()
 def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, block_chunks=16):
     """No-autograd forward -> (o, final state, checkpoints: the state entering every block, (n_blocks, B, H, d_k,
     d_v)). log_decay (H,) and log_gate (B, T, H) unchecked here; either may be None."""
@@ -242,6 +243,7 @@ def _state_pass(k, v, ld, log_gate, state, chunk_len, block_chunks):
     return (torch.stack(checkpoints) if checkpoints else None), state
 
 
+@torch.no_grad()
 def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_state=None, checkpoints=None,
                      chunk_len=64, block_chunks=16):
     """Hand-written chunkwise backward -> (dq, dk, dv, dinitial_state or None, dlog_gate or None).
@@ -269,8 +271,8 @@ def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_sta
         stop = start + n * c
         dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
         if terms is not None:
-            for buffer, x in zip(terms, block_terms):
-                buffer[:, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
+            for i, x in enumerate(block_terms):
+                terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
     dgate = None
     if terms is not None:
         final_term = None
