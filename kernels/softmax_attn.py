@@ -221,7 +221,8 @@ def softmax_attn_fwd(q, k, v, *, causal=False, scale=None, q_segment_ids=None, k
     causal=True is the diagonal block (Tq = Tk, key j ≤ query i); k_segment_ids default to q's under causal.
     ValueError on mismatched sizes, or a backend the device / dtype / head dim cannot run."""
     k_seg = _check_block(q, k, v, q_segment_ids, k_segment_ids, causal)
-    backend, scale = _backend_for(q, v, backend), q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = _backend_for(q, v, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cdt = compute_dtype(q.dtype)
     with torch.no_grad():
         if backend == "torch":
@@ -242,7 +243,8 @@ def softmax_attn_bwd(q, k, v, out, lse, do, *, causal=False, scale=None, q_segme
     """This block's gradients (dq, dk, dv) in the compute dtype, given the FINAL out and lse of the queries'
     rows (over every key block they attend to) and do. Same arguments and errors as `softmax_attn_fwd`."""
     k_seg = _check_block(q, k, v, q_segment_ids, k_segment_ids, causal)
-    backend, scale = _backend_for(q, v, backend), q.shape[-1] ** -0.5 if scale is None else float(scale)
+    backend = _backend_for(q, v, backend)
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     cdt = compute_dtype(q.dtype)
     with torch.no_grad():
         if backend == "torch":
@@ -272,7 +274,7 @@ class _SoftmaxAttn(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do):
         q, k, v, segment_ids, out, lse = ctx.saved_tensors
-        grads = softmax_attn_bwd(q, k, v, out, lse, do, q_segment_ids=segment_ids, k_segment_ids=segment_ids,
+        grads = softmax_attn_bwd(q, k, v, out, lse, do.contiguous(), q_segment_ids=segment_ids, k_segment_ids=segment_ids,
                                  **ctx.config)
         return (*(g.to(q.dtype) for g in grads), None, None, None, None)
 
