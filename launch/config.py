@@ -65,6 +65,7 @@ class DataConfig:
     batch_size: int = 4               # sequences per data-parallel rank and step
     seed: int = 0                     # shuffles the packed sequences, one permutation per epoch
     cache_dir: str = "~/.cache/lasp"  # tokenizer + token cache, keyed by corpus content and vocabulary
+    mqar: dict = field(default_factory=dict)  # {} = the corpus; {"kv_pairs": 16} = synthetic recall (launch/mqar.py)
 
 
 @dataclass
@@ -295,6 +296,15 @@ def _check_init_from(path, vocab_size):
                          f"trained on")
 
 
+def _check_mqar(cfg):
+    """data.mqar: the task fits data.seq_len and data.vocab_size; no tokenizer, so no text sample."""
+    from launch.data import check_mqar
+    check_mqar(cfg.data.mqar, cfg.data.seq_len, cfg.data.vocab_size)
+    if cfg.run.sample_tokens:
+        raise ValueError(f"data.mqar trains on synthetic tokens without a tokenizer: set run.sample_tokens = 0 "
+                         f"(got {cfg.run.sample_tokens})")
+
+
 def check_config(cfg, world_size):
     """Everything that can be checked before any process-group work: ValueError naming the key."""
     import models
@@ -323,6 +333,8 @@ def check_config(cfg, world_size):
     _check_choice("parallel.zero", cfg.parallel.zero, (0, 1, 2, 3))
     _check_choice("run.dtype", cfg.run.dtype, ("auto", "fp32", "bf16"))
     _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
+    if cfg.data.mqar:
+        _check_mqar(cfg)
     try:
         resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
         check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp)

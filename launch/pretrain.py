@@ -33,7 +33,7 @@ import torch.distributed as dist  # noqa: E402
 from launch import checkpoint as ckpt  # noqa: E402
 from launch.config import check_config, parse_args  # noqa: E402
 from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files,  # noqa: E402
-                         load_tokenizer, shard_batch)
+                         load_tokenizer, MQARDataset, shard_batch)
 from launch.engine import build_model, checkpoint_blocks, make_engine  # noqa: E402
 from launch.report import Reporter, peak_flops  # noqa: E402
 from parallel import comm  # noqa: E402
@@ -92,7 +92,11 @@ def _agree(error, device):
 
 
 def _prepare_data(cfg_data, files, rank, device):
-    """Rank 0 trains the tokenizer and tokenizes the corpus once (cached); every rank then loads the cache."""
+    """Rank 0 trains the tokenizer and tokenizes the corpus once (cached); every rank then loads the cache.
+    data.mqar: synthetic recall sequences instead (no files, no tokenizer: None)."""
+    if cfg_data.mqar:
+        dataset = MQARDataset(cfg_data.mqar, cfg_data.seq_len, cfg_data.vocab_size, cfg_data.seed)
+        return Path(dataset.key), None, dataset
     path = cache_path(files, cfg_data.text_key, cfg_data.vocab_size, cfg_data.cache_dir)
     error = None
     if rank == 0:
@@ -255,13 +259,14 @@ def _setup(cfg):
     _preflight(cfg, run_dir, root)
     mesh = _setup_mesh(cfg.parallel.sp, cfg.parallel.tp)
     data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
-    if rank == 0:  # launch/generate.py decodes with it
+    if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
 
     from lasp.apply import apply_sequence_parallel
     from parallel.experts import apply_global_router_counts
     from parallel.tensor import apply_tensor_parallel, replica_group
-    model = build_model(cfg.model, tokenizer.get_piece_size(), cfg.run.seed, device)
+    vocab_size = tokenizer.get_piece_size() if tokenizer is not None else cfg.data.vocab_size
+    model = build_model(cfg.model, vocab_size, cfg.run.seed, device)
     n_params = sum(p.numel() for p in model.parameters())   # the full model, before TP splits it
     error = None
     try:
@@ -330,7 +335,7 @@ def model_label(cfg_model, config):
 
 def _summary(cfg, run, n_params, tokens_per_step, peak_note):
     p, mesh = cfg.parallel, run.mesh
-    return (f"{run.label}: {n_params / 1e6:.2f}M parameters, vocab {run.tokenizer.get_piece_size()}; "
+    return (f"{run.label}: {n_params / 1e6:.2f}M parameters, vocab {run.model.config.vocab_size}; "
             f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} x tp {mesh.tp} ({p.linear} + {p.softmax}, "
             f"{p.layout}), "
             f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "

@@ -1,0 +1,174 @@
+"""Held-out perplexity of a saved model: `python -m launch.evaluate MODEL.pt [--tokenizer T] [--data ...] [--json F]`.
+
+    python -m launch.evaluate runs/x/model.pt                            # tokenizer.model beside it, Shakespeare
+    torchrun --nproc-per-node 2 -m launch.evaluate runs/x/model.pt --sp 2 --json runs/x/eval.json
+
+MODEL.pt is a models.save_model file (<run dir>/model.pt). The corpus (--data, default the embedded one) is
+tokenized with the given tokenizer (default: <model folder>/tokenizer.model, which pretrain writes there) into the
+launch/data.py cache, and the held-out split (launch.data.split_bounds: the last 5% of the stream, which training
+never reads) is packed into --seq-len sequences and scored in order: mean cross-entropy over the masked labels,
+perplexity = exp(loss), next-token accuracy. Under torchrun the ranks form dp × sp (parallel.mesh): each sequence
+is split over the sp ranks of a group by --layout and the same sequence-parallel engines as training; dp groups
+take every dp-th batch; sums are all-reduced in float64, so every world prints the same numbers (to float32
+rounding). Exit codes: 0 done, 2 bad input (not a model file, tokenizer vocabulary != model vocabulary, a split
+shorter than one sequence), printed once without a traceback.
+"""
+import argparse
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+__all__ = ["sentencepiece_size", "score_batch", "evaluate_batches", "heldout_dataset", "parse_args", "evaluate", "main"]
+
+
+def score_batch(model, batch):
+    """A (local shard) batch -> float64 tensor [loss_sum, label count, correct argmax] over loss_mask labels."""
+    hidden = model(batch["tokens"], batch["positions"], batch["segment_ids"])
+    loss_sum, count = model.loss(hidden, batch["labels"], batch["loss_mask"])
+    correct = ((model.logits(hidden).argmax(-1) == batch["labels"]) & batch["loss_mask"]).sum()
+    return torch.stack([loss_sum.detach().double(), torch.as_tensor(count).double(), correct.double()])
+
+
+@torch.no_grad()
+def evaluate_batches(model, batches, layout="contiguous", sp_rank=0, sp=1, device="cpu"):
+    """Sum score_batch over `batches` (full (B, T) batches, sharded here for this sp rank), then over all ranks
+    -> {"loss", "perplexity", "accuracy", "tokens"}. Every rank must pass the same number of batches per sp group."""
+    from launch.data import shard_batch
+    from parallel import comm
+    total = torch.zeros(3, dtype=torch.float64, device=device)
+    model.eval()
+    for batch in batches:
+        local = {k: v.to(device) for k, v in shard_batch(batch, layout, sp_rank, sp).items()}
+        total += score_batch(model, local)
+    total = comm.all_reduce(total)
+    loss_sum, tokens, correct = total.tolist()
+    if tokens == 0:
+        raise ValueError("evaluate: no labels to score (every loss_mask entry is False)")
+    loss = loss_sum / tokens
+    return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / tokens,
+            "tokens": int(tokens)}
+
+
+def sentencepiece_size(tokenizer_file):
+    """The number of pieces of a sentencepiece model file; ValueError naming the file otherwise."""
+    import sentencepiece
+    if not Path(tokenizer_file).is_file():
+        raise ValueError(f"evaluate: no tokenizer {tokenizer_file} (pass --tokenizer, the run's tokenizer.model)")
+    try:
+        return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
+    except (OSError, RuntimeError) as e:
+        raise ValueError(f"evaluate: {tokenizer_file} is not a sentencepiece model ({e})") from None
+
+
+def _load_checked(model_file, tokenizer_file):
+    """The model on CPU; ValueError naming files and numbers when it or the tokenizer does not fit."""
+    import zipfile
+    import models
+    if not Path(model_file).is_file() or not zipfile.is_zipfile(model_file):
+        raise ValueError(f"evaluate: {model_file} is not a model file (a models.save_model archive such as "
+                         f"<run dir>/model.pt)")
+    model = models.load_model(model_file)          # ValueError for an archive that holds no model
+    pieces = sentencepiece_size(tokenizer_file)
+    if pieces != model.config.vocab_size:
+        raise ValueError(f"evaluate: tokenizer {tokenizer_file} has {pieces} pieces but model "
+                         f"{model_file} has vocab_size {model.config.vocab_size}: pass the tokenizer.model of the "
+                         f"run that wrote the model")
+    return model
+
+
+def heldout_dataset(corpus, text_key, tokenizer_file, seq_len, cache_dir):
+    """The held-out split of `corpus` tokenized with `tokenizer_file` -> launch.data.PackedDataset."""
+    from launch.data import PackedDataset, build_cache, cache_path, check_corpus, corpus_files
+    files = corpus_files(corpus)
+    check_corpus(files, text_key)
+    path = cache_path(files, text_key, 0, cache_dir, tokenizer_file=tokenizer_file)
+    build_cache(files, text_key, 0, path, tokenizer_file=tokenizer_file)   # atomic: ranks may race
+    return PackedDataset(path, seq_len, split="heldout")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__.splitlines()[0])
+    p.add_argument("model", help="a models.save_model file, e.g. <run dir>/model.pt")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokenizer.model beside MODEL)")
+    p.add_argument("--data", nargs="*", default=[], metavar="PATH", help="corpus files/folders (default: embedded)")
+    p.add_argument("--text-key", default="text", help="the jsonl field holding a document")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out sequence")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--max-sequences", type=int, default=0, help="score only the first N held-out sequences (0 = all)")
+    p.add_argument("--cache-dir", default="~/.cache/lasp", help="token cache (launch/data.py)")
+    p.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks per sequence (torchrun world / sp = dp)")
+    p.add_argument("--layout", default="contiguous", help="contiguous | zigzag")
+    p.add_argument("--linear", default="lasp2", help="linear-attention engine (lasp.LINEAR_ENGINES)")
+    p.add_argument("--softmax", default="allgather", help="softmax-attention engine (lasp.SOFTMAX_ENGINES)")
+    p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
+    return p.parse_args(argv)
+
+
+def _batches(dataset, n_sequences, batch_size, dp_rank, dp):
+    """Every dp-th batch of the first n_sequences held-out sequences, in order."""
+    starts = range(dp_rank * batch_size, n_sequences, dp * batch_size)
+    return (dataset.rows(range(s, min(s + batch_size, n_sequences))) for s in starts)
+
+
+def evaluate(args):
+    """Check the inputs (ValueError before any collective), then score the held-out split -> result dict."""
+    from lasp.apply import apply_sequence_parallel
+    from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh
+    from parallel.layout import local_positions
+    tokenizer_file = args.tokenizer or str(Path(args.model).resolve().parent / "tokenizer.model")
+    model = _load_checked(args.model, tokenizer_file)
+    world = dist.get_world_size() if dist.is_initialized() else dist_env()[1]
+    check_mesh_sizes(world, args.sp)
+    local_positions(args.seq_len, args.layout, 0, args.sp)           # seq_len fits the layout
+    dataset = heldout_dataset(args.data, args.text_key, tokenizer_file, args.seq_len, args.cache_dir)
+    n = min(dataset.n_sequences, args.max_sequences or dataset.n_sequences)
+    mesh = build_mesh(dist.get_rank(), world, args.sp) if dist.is_initialized() else init_mesh(args.sp)
+    apply_sequence_parallel(model, linear=args.linear, softmax=args.softmax, layout=args.layout,
+                            group=mesh.group("sp"))
+    dp_rank, sp_rank = mesh.rank_in("dp"), mesh.rank_in("sp")
+    result = evaluate_batches(model, _batches(dataset, n, args.batch_size, dp_rank, mesh.dp), args.layout,
+                              sp_rank, args.sp)
+    cfg = model.config
+    return {"model": str(args.model), "tokenizer": tokenizer_file, "family": model.family,
+            "pattern": getattr(cfg, "pattern", None), "vocab_size": cfg.vocab_size,
+            "parameters": sum(p.numel() for p in model.parameters()), "split": "heldout",
+            "corpus": [str(p) for p in args.data] or ["embedded"], "heldout_tokens": len(dataset.tokens),
+            "seq_len": args.seq_len, "sequences": n, "world_size": world, "sp": args.sp, **result}
+
+
+def _table(r):
+    return "\n".join([
+        f"model      {r['model']} ({r['family']} {r['pattern'] or ''}, {r['parameters'] / 1e6:.2f}M parameters, "
+        f"vocab {r['vocab_size']})",
+        f"held-out   {r['heldout_tokens']} tokens (the last 5% of the stream), {r['sequences']} sequences of "
+        f"{r['seq_len']}; world {r['world_size']}, sp {r['sp']}",
+        f"{'loss':>10} {'perplexity':>11} {'accuracy':>9} {'tokens':>8}",
+        f"{r['loss']:10.5f} {r['perplexity']:11.3f} {r['accuracy']:9.4f} {r['tokens']:8d}"])
+
+
+def main(argv=None):
+    """Command-line entry: 0 done, 2 bad input (ValueError: printed by local rank 0, no traceback)."""
+    from parallel.mesh import dist_env
+    args = parse_args(argv)
+    rank, _, local_rank = dist_env()
+    if dist.is_initialized():                       # e.g. the test helper made the group
+        rank = local_rank = dist.get_rank()
+    try:
+        result = evaluate(args)
+    except ValueError as e:
+        if local_rank == 0:
+            print(f"evaluate: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if rank == 0:
+        print(_table(result))
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

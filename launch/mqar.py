@@ -1,0 +1,149 @@
+"""MQAR sweep (Zoology's multi-query associative recall): recall accuracy of model patterns against key-value pairs.
+
+    python -m launch.mqar --json docs/quality/mqar.json --plot docs/quality/mqar.png      # the measurement
+    python -m launch.mqar --quick                                                          # smoke run, every pattern
+
+For every pattern (SWEEP: pure linear, a hybrid with one softmax layer, all softmax, gated linear) and every number
+of pairs K, one run of the real training loop, launch.pretrain.train, on data.mqar = {"kv_pairs": K} (the task is
+launch.data.MQARDataset: K key-value pairs, then the K keys queried again; the loss counts only the query
+positions), at a fixed width. Then the exported model.pt is scored on fresh sequences (another generator seed) by
+launch.evaluate.evaluate_batches: accuracy = the fraction of query positions whose argmax is the value.
+--json writes {"records": [{"pattern", "mixer", "kv_pairs", "seq_len", "dim", "accuracy", "steps", "seconds",
+...}]}; --plot draws accuracy against kv_pairs, one line per pattern. Each run is one process on CPU (or the GPU
+torch finds); the runs' folders go under --run-root.
+"""
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+__all__ = ["SWEEP", "parse_args", "mqar_config", "run_one", "plot", "main"]
+
+# name -> (pattern over n_layers, linear_decay, what mixes tokens)
+SWEEP = {
+    "linear": ("L", "none", "linear attention (no decay)"),
+    "hybrid": ("LN", "none", "linear attention, then one softmax layer"),
+    "softmax": ("N", "none", "softmax attention"),
+    "gated": ("L", "gated", "gated linear attention (data-dependent forget gate)"),
+}
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m launch.mqar", description=__doc__.splitlines()[0])
+    p.add_argument("--patterns", nargs="*", default=list(SWEEP), choices=list(SWEEP))
+    p.add_argument("--kv-pairs", nargs="*", type=int, default=[4, 8, 16])
+    p.add_argument("--min-kv-pairs", type=int, default=0, help="curriculum: a training sequence draws K from "
+                   "[this, kv_pairs] (0 = always kv_pairs); evaluation always uses kv_pairs")
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--vocab-size", type=int, default=64)
+    p.add_argument("--dim", type=int, default=64)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--steps", type=int, default=600)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--warmup", type=int, default=50)
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--seed", type=int, default=0, help="model initialisation and training sequences")
+    p.add_argument("--eval-sequences", type=int, default=256)
+    p.add_argument("--run-root", default=None, help="run folders (default: a temporary folder)")
+    p.add_argument("--json", default=None, metavar="FILE")
+    p.add_argument("--plot", default=None, metavar="PNG")
+    p.add_argument("--quick", action="store_true", help="smoke run: every pattern, 2 pair counts, a few steps")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.kv_pairs, args.steps, args.eval_sequences, args.warmup = args.kv_pairs[:2], 3, 16, 1
+        args.batch_size, args.seq_len = 4, 32
+    return args
+
+
+def mqar_config(args, name, kv_pairs, run_dir):
+    """The launch.config.TrainConfig of one run (validated by pretrain's check_config when it starts)."""
+    from launch.config import TrainConfig, merge
+    pattern, decay, _ = SWEEP[name]
+    cfg = TrainConfig()
+    merge(cfg, {
+        "model": {"preset": "linear-llama3-tiny",
+                  "overrides": {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads,
+                                "n_kv_heads": args.heads, "ffn_dim": 2 * args.dim, "pattern": pattern,
+                                "linear_decay": decay, "loss_chunk_tokens": 4096}},
+        "parallel": {"activation_checkpointing": False},
+        "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": args.warmup, "max_steps": args.steps,
+                  "weight_decay": args.weight_decay},
+        "data": {"vocab_size": args.vocab_size, "seq_len": args.seq_len, "batch_size": args.batch_size,
+                 "seed": args.seed, "mqar": {"kv_pairs": kv_pairs, "min_kv_pairs": args.min_kv_pairs}},
+        "checkpoint": {"every": 0, "keep": 1},
+        "run": {"dir": str(run_dir), "seed": args.seed, "progress": False, "sample_tokens": 0, "dtype": "fp32"},
+    }, "launch/mqar.py")
+    return cfg
+
+
+def run_one(args, name, kv_pairs, run_dir):
+    """Train one (pattern, K) through launch.pretrain.train, score model.pt on fresh sequences -> a record."""
+    import models
+    from launch.data import MQARDataset
+    from launch.evaluate import evaluate_batches
+    from launch.pretrain import train
+    cfg = mqar_config(args, name, kv_pairs, run_dir)
+    start = time.perf_counter()
+    losses = train(cfg)["losses"]
+    seconds = time.perf_counter() - start
+    model = models.load_model(Path(run_dir) / "model.pt")
+    test = MQARDataset({"kv_pairs": kv_pairs, "seed": 1}, args.seq_len, args.vocab_size, args.seed)
+    batches = (test.rows(range(i, min(i + 64, args.eval_sequences))) for i in range(0, args.eval_sequences, 64))
+    scores = evaluate_batches(model, batches)
+    pattern = model.config.layer_types()
+    return {"pattern": pattern, "mixer": SWEEP[name][2], "name": name, "kv_pairs": kv_pairs,
+            "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.layers, "vocab_size": args.vocab_size,
+            "accuracy": scores["accuracy"], "loss": scores["loss"], "train_loss": losses[max(losses)],
+            "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "min_kv_pairs": args.min_kv_pairs,
+            "seed": args.seed, "eval_queries": scores["tokens"], "seconds": round(seconds, 1)}
+
+
+def plot(records, path):
+    """Accuracy against kv_pairs, one line per pattern name."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for name in dict.fromkeys(r["name"] for r in records):
+        rows = sorted((r["kv_pairs"], r["accuracy"]) for r in records if r["name"] == name)
+        label = f"{name} ({next(r['pattern'] for r in records if r['name'] == name)})"
+        ax.plot(*zip(*rows), marker="o", label=label)
+    first = records[0]
+    ax.set(xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(0, 1.02), xscale="log", title=(
+        f"MQAR, width {first['dim']}, T {first['seq_len']}, {first['steps']} steps"))
+    ax.set_xticks(sorted({r["kv_pairs"] for r in records}), [str(k) for k in sorted({r["kv_pairs"] for r in records})])
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None):
+    """Run the sweep; prints a table row per run; exit 2 on bad input (ValueError, e.g. K too many for seq_len)."""
+    args = parse_args(argv)
+    root = Path(args.run_root or tempfile.mkdtemp(prefix="mqar-"))
+    records = []
+    try:
+        for name in args.patterns:
+            for kv_pairs in args.kv_pairs:
+                records.append(run_one(args, name, kv_pairs, root / f"{name}-K{kv_pairs}"))
+                r = records[-1]
+                print(f"mqar: {name:8s} {r['pattern']:6s} K={kv_pairs:3d} accuracy {r['accuracy']:.3f} "
+                      f"(train loss {r['train_loss']:.3f}, {r['seconds']:.0f} s)", flush=True)
+    except ValueError as e:
+        print(f"mqar: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    if args.json:
+        Path(args.json).write_text(json.dumps({"command": " ".join(["python -m launch.mqar", *(argv or sys.argv[1:])]),
+                                               "records": records}, indent=1) + "\n")
+    if args.plot:
+        plot(records, args.plot)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
