@@ -101,10 +101,11 @@ BUCKET_ELEMENTS = 1 << 24   # gradient elements per all-reduce (64 MiB of fp32):
 
 
 def fixed_buckets(params, cap=BUCKET_ELEMENTS):
-    """Consecutive runs of `params` (in model order) of at most `cap` elements each (a larger tensor alone)."""
+    """Consecutive runs of `params` (in model order) of one dtype and at most `cap` elements each (a larger tensor
+    alone)."""
     buckets, size = [], cap
     for p in params:
-        if size + p.numel() > cap:
+        if size + p.numel() > cap or buckets[-1][-1].dtype != p.dtype:
             buckets.append([])
             size = 0
         buckets[-1].append(p)

@@ -346,3 +346,26 @@ def test_an_error_after_the_group_is_printed_once(tmp_path, cache_dir, capfd):
     codes = run_ranks(2, _main_on_rank, _main_argv(run_dir, cache_dir, "--max-steps", "4", "--resume"))
     err = capfd.readouterr().err
     assert codes == [2, 2] and err.count("pretrain: error") == 1 and "model.pt has" in err and "Traceback" not in err
+
+
+def _average_on_rank():
+    from launch.engine import average_gradients, fixed_buckets
+    rank = torch.distributed.get_rank()
+    params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64)) for n in (5, 3, 7)]
+    for i, p in enumerate(params):
+        p.grad = torch.arange(p.numel(), dtype=torch.float64) * (rank + 1) + i
+    params[1].grad = None if rank == 0 else params[1].grad      # a missing gradient counts as zeros
+    buckets = fixed_buckets(params, cap=8)
+    average_gradients(buckets)
+    return [[p.numel() for p in b] for b in buckets], [p.grad.tolist() for p in params]
+
+
+def test_average_gradients_in_fixed_buckets_on_3_ranks():
+    """The DDP engine's gradient mean on an odd world, float64, against the mean written out."""
+    results = run_ranks(3, _average_on_rank)
+    for layout, grads in results:
+        assert layout == [[5, 3], [7]]
+        for i, (n, got) in enumerate(zip((5, 3, 7), grads)):
+            ranks = [r for r in range(3) if not (i == 1 and r == 0)]
+            want = [sum(k * (r + 1) + i for r in ranks) / 3 for k in range(n)]
+            assert got == pytest.approx(want, rel=1e-12, abs=1e-12), i
