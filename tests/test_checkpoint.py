@@ -336,16 +336,17 @@ def _main_on_rank(argv):
 
 
 def test_an_error_after_the_group_is_printed_once(tmp_path, cache_dir, capfd):
-    """A truncated checkpoint on --resume, 2 ranks: exit 2 on both, one message naming the file (was: every rank
-    printed it, and under torchrun only some did)."""
+    """A truncated checkpoint on --resume, 2 ranks: exit 2 on both, one message naming the file and the older
+    intact checkpoint (was: every rank printed it, and under torchrun only some did)."""
     run_dir = tmp_path / "run"
-    run_ranks(2, pretrain.train, tiny(run_dir, cache_dir, "--max-steps", "2"))
+    run_ranks(2, pretrain.train, tiny(run_dir, cache_dir, "--max-steps", "2", "--checkpoint.every", "1"))
     model_file = run_dir / "checkpoints" / "step_00000002" / "model.pt"
     model_file.write_bytes(model_file.read_bytes()[:-10])
     capfd.readouterr()
     codes = run_ranks(2, _main_on_rank, _main_argv(run_dir, cache_dir, "--max-steps", "4", "--resume"))
     err = capfd.readouterr().err
     assert codes == [2, 2] and err.count("pretrain: error") == 1 and "model.pt has" in err and "Traceback" not in err
+    assert 'other checkpoints here: [\'step_00000001\']; to resume from one, write {"dir": "step_00000001"}' in err
 
 
 def _average_on_rank():
