@@ -27,6 +27,7 @@ SWEEP = {
     "hybrid": ("LN", "none", "linear attention, then one softmax layer"),
     "softmax": ("N", "none", "softmax attention"),
     "gated": ("L", "gated", "gated linear attention (data-dependent forget gate)"),
+    "gated-hybrid": ("LN", "gated", "gated linear attention, then one softmax layer"),
 }
 
 
