@@ -22,11 +22,12 @@ import torch
 
 from kernels import (check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv,
                      state_dtype)
+from kernels.linear_attn import chunked_backward, chunked_forward   # the torch kernel with its block states
 from parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
            "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",
-           "intra_forward", "intra_backward", "local_backward", "constant_decay"]
+           "intra_forward", "intra_backward", "local_forward", "local_backward", "constant_decay"]
 
 
 def check_log_gate(log_gate, q, k, causal):
@@ -165,12 +166,12 @@ def add_state_grads(dq, dk, dv, q, k, v, do, prefix, suffix, log_decay, log_gate
     and with a gate also d log_gate of those terms (S, c, H_kv) float64 (the kernel's intra part not included)."""
     sdt, groups = prefix.dtype, q.shape[2] // prefix.shape[1]
     w = _per_query_head(_weights(log_decay, log_gate, q.shape[1], sdt, False), groups, 2)
-    dq_prefix = _accumulate(torch.zeros_like(dq, dtype=sdt), _scaled(do, w, sdt),
-                            _per_query_head(prefix, groups, 1).transpose(-1, -2))
+    start = dq.to(sdt) if log_gate is None else torch.zeros_like(dq, dtype=sdt)   # in place without a gate
+    dq_prefix = _accumulate(start, _scaled(do, w, sdt), _per_query_head(prefix, groups, 1).transpose(-1, -2))
     dk, dv, b = add_suffix_grads(dk, dv, k, v, suffix, log_decay, log_gate)
-    out = (dq_prefix.add_(dq.to(sdt)).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
     if log_gate is None:
-        return out
+        return dq_prefix.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    out = (dq_prefix.add(dq.to(sdt)).to(q.dtype), dk.to(k.dtype), dv.to(v.dtype))
     a = (q.to(sdt) * dq_prefix).sum(-1, dtype=torch.float64)           # q_u·dq_u^{via P}, per query head
     a = a if groups == 1 else a.unflatten(2, (-1, groups)).sum(3)
     return (*out, add_total_grad(a.flip(1).cumsum(1).flip(1) + b, prefix, suffix, log_decay, log_gate))
@@ -182,23 +183,37 @@ def add_total_grad(dg, prefix, suffix, log_decay, log_gate):
     return dg + (total.exp() * (prefix.double() * suffix.double()).sum((-1, -2)))[:, None]
 
 
-def intra_forward(q, k, v, log_decay, backend, log_gate=None, initial_state=None):
-    """O_intra = [(Q Kᵀ) ⊙ D] V per segment, zero initial state (or the kernel's full output from initial_state)."""
+def local_forward(q, k, v, log_decay, backend, log_gate=None, initial_state=None):
+    """The kernel's output for segments entering with initial_state (None = 0) -> (o, block states or None): the
+    torch kernel's states entering each block of chunks, which spare `local_backward` its state pass."""
     groups = q.shape[2] // k.shape[2]
     k, v, log_decay = repeat_kv(q, k, v, log_decay)
-    return lightning_attn_fwd(q, k, v, log_decay, _per_query_head(initial_state, groups, 1), backend,
-                              _per_query_head(log_gate, groups, 2))[0]
+    state, gate = _per_query_head(initial_state, groups, 1), _per_query_head(log_gate, groups, 2)
+    if backend == "torch":
+        o, _, block_states = chunked_forward(q, k, v, log_decay, gate, state)
+        return o, block_states
+    return lightning_attn_fwd(q, k, v, log_decay, state, backend, gate)[0], None
 
 
-def local_backward(q, k, v, log_decay, do, backend, log_gate=None, initial_state=None, dfinal_state=None):
+def intra_forward(q, k, v, log_decay, backend, log_gate=None, initial_state=None):
+    """O_intra = [(Q Kᵀ) ⊙ D] V per segment, zero initial state (or the kernel's full output from initial_state)."""
+    return local_forward(q, k, v, log_decay, backend, log_gate, initial_state)[0]
+
+
+def local_backward(q, k, v, log_decay, do, backend, log_gate=None, initial_state=None, dfinal_state=None,
+                   block_states=None):
     """The kernel's gradients of one segment entering with initial_state (None = 0), given the gradient of the state
-    leaving it (None = 0) -> (dq, dk, dv, d log_gate or None); dk, dv, d log_gate summed over each query group."""
+    leaving it (None = 0) -> (dq, dk, dv, d log_gate or None); dk, dv, d log_gate summed over each query group.
+    block_states: from `local_forward` with the same initial_state (torch backend), or None (recomputed)."""
     groups, n_kv = q.shape[2] // k.shape[2], k.shape[2]
     k_rep, v_rep, ld = repeat_kv(q, k, v, log_decay)
     if dfinal_state is not None and groups > 1:    # one state per K/V head: its gradient enters one copy only
         dfinal_state = torch.stack([dfinal_state, *[torch.zeros_like(dfinal_state)] * (groups - 1)], 2).flatten(1, 2)
-    dq, dk, dv, _, dg = lightning_attn_bwd(q, k_rep, v_rep, ld, _per_query_head(initial_state, groups, 1), do,
-                                           dfinal_state, backend, _per_query_head(log_gate, groups, 2))
+    state, gate = _per_query_head(initial_state, groups, 1), _per_query_head(log_gate, groups, 2)
+    if backend == "torch":
+        dq, dk, dv, _, dg = chunked_backward(q, k_rep, v_rep, ld, gate, state, do, dfinal_state, block_states)
+    else:
+        dq, dk, dv, _, dg = lightning_attn_bwd(q, k_rep, v_rep, ld, state, do, dfinal_state, backend, gate)
     if groups > 1:
         dk, dv = (x.unflatten(2, (n_kv, groups)).sum(3) for x in (dk, dv))
         dg = None if dg is None else dg.unflatten(2, (n_kv, groups)).sum(3)

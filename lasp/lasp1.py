@@ -20,8 +20,8 @@ import torch
 from kernels import resolve_backend
 from parallel import comm, mesh
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, intra_forward,
-                     local_backward, local_state, segment_log_totals, state_grad)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, local_backward,
+                     local_forward, local_state, segment_log_totals, state_grad)
 
 __all__ = ["lasp1", "lasp1_forward", "lasp1_backward"]
 
@@ -41,21 +41,22 @@ def _ring_scan(states, log_totals, group, reverse):
 
 
 def lasp1_forward(q, k, v, log_decay, causal, group, backend, log_gate=None):
-    """-> (o, prefix) where prefix is P_r (causal) or the total Σ_s M_s (non-causal)."""
+    """-> (o, prefix, block states or None) where prefix is P_r (causal) or the total Σ_s M_s (non-causal)."""
     states = local_state(k, v, log_decay, log_gate)
     prefix = _ring_scan(states, segment_log_totals(log_decay, log_gate, q.shape[1]), group, reverse=False)
     if causal:       # the prefix is known before the local compute: the kernel starts from it (no extra product)
-        return intra_forward(q, k, v, log_decay, backend, log_gate, initial_state=prefix), prefix
+        o, block_states = local_forward(q, k, v, log_decay, backend, log_gate, initial_state=prefix)
+        return o, prefix, block_states
     total = prefix + states + _ring_scan(states, None, group, reverse=True)
-    return add_prefix_output(q.new_zeros(*q.shape[:3], v.shape[-1]), q, total, None), total
+    return add_prefix_output(q.new_zeros(*q.shape[:3], v.shape[-1]), q, total, None), total, None
 
 
-def lasp1_backward(q, k, v, log_decay, prefix, do, causal, group, backend, log_gate=None):
+def lasp1_backward(q, k, v, log_decay, prefix, do, causal, group, backend, log_gate=None, block_states=None):
     """-> (dq, dk, dv, d log_gate or None)."""
     dstates = state_grad(q, do, log_decay, k.shape[2], log_gate)
     suffix = _ring_scan(dstates, segment_log_totals(log_decay, log_gate, q.shape[1]), group, reverse=True)
     if causal:       # entering with P, leaving with gradient G: the kernel's gradients are the whole answer
-        return local_backward(q, k, v, log_decay, do, backend, log_gate, prefix, suffix)
+        return local_backward(q, k, v, log_decay, do, backend, log_gate, prefix, suffix, block_states)
     suffix = suffix + dstates + _ring_scan(dstates, None, group, reverse=False)
     zeros = (torch.zeros_like(x) for x in (q, k, v))
     return (*add_state_grads(*zeros, q, k, v, do, prefix, suffix, None), None)
@@ -64,15 +65,16 @@ def lasp1_backward(q, k, v, log_decay, prefix, do, causal, group, backend, log_g
 class _LASP1(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, log_gate, causal, group, backend):
-        o, prefix = lasp1_forward(q, k, v, log_decay, causal, group, backend, log_gate)
-        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix)
+        o, prefix, block_states = lasp1_forward(q, k, v, log_decay, causal, group, backend, log_gate)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix, block_states)
         ctx.config = (causal, group, backend)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, log_gate, prefix = ctx.saved_tensors
-        dq, dk, dv, dg = lasp1_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate)
+        q, k, v, log_decay, log_gate, prefix, block_states = ctx.saved_tensors
+        dq, dk, dv, dg = lasp1_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate,
+                                        block_states)
         return dq, dk, dv, None, dg, None, None, None
 
 

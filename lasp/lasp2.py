@@ -11,10 +11,12 @@ add), A_t its inclusive cumsum inside the segment, A_e = A_{c−1} the segment's
             [(M_0, A_e,0) … ] = AllGather(M_g, A_e,g)       started async; the local kernel runs meanwhile
             P_g = Σ_{j<g} e^{Γ_{g−1} − Γ_j} M_j            = the fold P ← e^{A_e,j} P + M_j over earlier sub-chunks
             o_t = O_intra,t + e^{A_t} q_t P_g               (Γ: inclusive cumsum of the totals over sub-chunks)
-  backward  dM_g = Σ_t e^{A_t} q_tᵀ dO_t                   ONE all-gather (with the totals again), overlapped with
-            G_g = Σ_{j>g} e^{Γ_{j−1} − Γ_g} dM_j            the kernel's backward entering from P_g (which gives
-            dk_t += e^{A_e − A_t} v_t G_gᵀ,  dv_t += e^{A_e − A_t} k_t G_g      dq and its d log_gate whole)
-            dg_s += Σ_{u<s} k_u·dk_u^{via G} + e^{A_e} <P_g, G_g>      (the totals' path; lasp/common.py)
+  backward  dM_g = Σ_t e^{A_t} q_tᵀ dO_t                   ONE all-gather (with the totals again), overlapped
+            G_g = Σ_{j>g} e^{Γ_{j−1} − Γ_g} dM_j            with the local kernel's backward
+            dq_t += e^{A_t} dO_t P_gᵀ, dk_t += e^{A_e − A_t} v_t G_gᵀ, dv_t += e^{A_e − A_t} k_t G_g
+            dg_s += Σ_{u≥s} q_u·dq_u^{via P} + Σ_{u<s} k_u·dk_u^{via G} + e^{A_e} <P_g, G_g>   (lasp/common.py)
+  overlap=False: the kernel runs from P_g (forward) and from P_g to G_g (backward) after the gathers instead,
+            which is all of the above with no product of its own beyond M_g and dM_g.
   non-causal (λ = 1, no gate): o = Q Σ_j M_j;  dq = dO (Σ_j M_j)ᵀ,  dk = V (Σ_j dM_j)ᵀ,  dv = K Σ_j dM_j.
 
 Only differences of inclusive cumsums that are ≤ 0 are exponentiated (float64 sums), so nothing overflows.
@@ -27,9 +29,8 @@ import torch
 from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
 
-from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
-                     constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,
-                     state_grad, to_segments)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, from_segments,
+                     local_backward, local_forward, local_state, segment_log_totals, state_grad, to_segments)
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
@@ -107,7 +108,8 @@ def _prefix_fold(gathered, gathered_totals, log_decay, c, layout, group, suffix)
 
 
 def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=None, overlap=True):
-    """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v)) for the backward."""
+    """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v), the torch kernel's block states (overlap=False)
+    or None) for the backward."""
     n = layouts.segments_per_rank(layout)
     qs, ks, vs, gs = (_segments(x, n) for x in (q, k, v, log_gate))
     c, sdt = qs.shape[1], state_dtype(q.dtype)
@@ -116,16 +118,19 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=N
     finish = _gather_states(local_state(ks, vs, log_decay, gs), n, layout, group, header, totals)
     if not causal:
         total = finish()[0].sum(0).repeat_interleave(n, dim=0)               # Σ_j M_j for every segment row
-        return from_segments(add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None), n), total
+        o = add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None)
+        return from_segments(o, n), total, None
     if overlap:
-        o_intra = intra_forward(qs, ks, vs, log_decay, backend, gs)            # while the gather flies
+        o_intra, block_states = local_forward(qs, ks, vs, log_decay, backend, gs)   # while the gather flies
     prefix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=False)
     if overlap:
-        return from_segments(add_prefix_output(o_intra, qs, prefix, log_decay, gs), n), prefix
-    return from_segments(intra_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix), n), prefix
+        return from_segments(add_prefix_output(o_intra, qs, prefix, log_decay, gs), n), prefix, block_states
+    o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix)
+    return from_segments(o, n), prefix, block_states
 
 
-def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, log_gate=None, overlap=True):
+def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, log_gate=None, overlap=True,
+                   block_states=None):
     """-> (dq, dk, dv, d log_gate or None) local shards."""
     n = layouts.segments_per_rank(layout)
     qs, ks, vs, dos, gs = (_segments(x, n) for x in (q, k, v, do, log_gate))
@@ -138,31 +143,31 @@ def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backen
         return (*(from_segments(g, n) for g in add_state_grads(*zeros, qs, ks, vs, dos, prefix, suffix, None)), None)
     if not overlap:         # the kernel enters from P and leaves with gradient G: its gradients are the answer
         suffix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
-        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, suffix)
+        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, suffix, block_states)
         return tuple(None if g is None else from_segments(g, n) for g in grads)
-    # the kernel starts from the cached prefix, so dq (and the q·dq part of d log_gate) is complete already
-    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix)   # while the gather flies
+    # the kernel from a zero state (its block states kept by the forward) while the gather flies, then the terms of P, G
+    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs, block_states=block_states)
     suffix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
-    dk, dv, b = add_suffix_grads(dk, dv, ks, vs, suffix, log_decay, gs)
+    grads = add_state_grads(dq, dk, dv, qs, ks, vs, dos, prefix, suffix, log_decay, gs)
     if gs is not None:
-        dg = from_segments((dg.double() + add_total_grad(b, prefix, suffix, log_decay, gs)).to(log_gate.dtype), n)
-    return from_segments(dq, n), from_segments(dk.to(k.dtype), n), from_segments(dv.to(v.dtype), n), dg
+        grads = (*grads[:3], (dg.double() + grads[3]).to(log_gate.dtype))
+    return tuple(from_segments(g, n) for g in grads) + ((None,) if gs is None else ())
 
 
 class _LASP2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, overlap):
-        o, prefix = lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate, overlap)
-        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix)
+        o, prefix, block_states = lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate, overlap)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix, block_states)
         ctx.config = (causal, layout, group, backend)
         ctx.overlap = overlap
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, log_gate, prefix = ctx.saved_tensors
+        q, k, v, log_decay, log_gate, prefix, block_states = ctx.saved_tensors
         dq, dk, dv, dg = lasp2_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate,
-                                        ctx.overlap)
+                                        ctx.overlap, block_states)
         return dq, dk, dv, None, dg, None, None, None, None, None
 
 
@@ -174,8 +179,8 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
     per state (constant, no gradient), None = no decay; log_gate: (B, T_local, H_kv) of g ≤ 0 (differentiable,
     adds to log_decay), None = no gate; causal=False needs neither.
     group=None: the mesh's sequence-parallel group, else the default group, else a single process.
-    overlap=True runs the local kernel while each gather is in flight and adds the cross terms after (3 more
-    d_k×d_v products per token and pass pair than overlap=False, which runs the kernel from the gathered prefix:
+    overlap=True runs the local kernel while each gather is in flight and adds the cross terms after (4 more
+    d_k×d_v products per token over fwd+bwd than overlap=False, which runs the kernel from the gathered prefix:
     fewest flops, the gather exposed; best where a collective costs little next to the local compute).
     Raises ValueError (before any collective) on mismatched shapes/dtypes, bad log_decay or log_gate (shape,
     dtype, device, positive or non-finite entries), a local length the layout cannot split; and on every rank if
