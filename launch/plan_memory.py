@@ -24,7 +24,8 @@ saved-tensor hooks, its attention function replaced by a stub; the engine's own 
   ring_linear        saves q, k, v; backward: scores, their gradient and the decay mask, 3·B·H·C²·4
   allgather          saves q, the gathered K|V (B·T·H_kv·(d_k+d_v)·a), out, lse; backward: the fp32 dK|dV buffer of
                      the gathered length and the kernel's dK|dV of the earlier keys (2·T·kv·4), one more T·kv·4
-                     for zigzag's reordering back to rank order
+                     for zigzag's reordering back to rank order; exchange buffer: the local K|V (the gathered
+                     one is the saved tensor)
   ring               saves q, k, v, out, lse; backward: 2 blocks and 2 accumulators in flight (4·C·kv·4) and one
                      step's kernel gradients (dq, dk, dv: C·(H·d_k + kv)·4)
   ulysses            saves q, k, v on H/sp heads × T tokens (ValueError unless sp | H); backward: their fp32
@@ -115,7 +116,10 @@ def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel, layout="contiguou
     out_lse = B * C * H * (d_v * a + 4)
     if engine == "allgather":
         reorder = T * kv * 4 if layout == "zigzag" else 0
-        return B * C * H * d_k * a + T * kv * a + out_lse, 2 * T * kv * 4 + reorder + grads, T * kv * a
+        # exchange buffer: the local K|V sent (the gathered K|V is the saved tensor above, not counted twice),
+        # + the rank-order copy that zigzag's reordering keeps alive for a moment
+        send = C * kv * a + (T * kv * a if layout == "zigzag" else 0)
+        return B * C * H * d_k * a + T * kv * a + out_lse, 2 * T * kv * 4 + reorder + grads, send
     if engine == "ring":
         return (B * C * H * d_k * a + C * kv * a + out_lse, 4 * C * kv * 4 + B * C * H * d_k * 4 + C * kv * 4 + grads,
                 4 * C * kv * a)
