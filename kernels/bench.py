@@ -13,6 +13,8 @@ too slow to time) so that checks can exercise this script. Prints a markdown tab
 `--cpu` is the CPU kernel table (docs/kernels.md): fwd+bwd tokens/s of the torch kernel at T = 8K and 256K
 (B=1, H=8, d=32, per-head decay, fp32, one process), ungated and gated, beside `baseline` (a copy of the torch
 path before the hand-written backward, kept here for that comparison) and a 2048³ matmul, interleaved per repeat.
+`--check` is the GPU acceptance run (docs/kernels.md): every lightning_attn kernel against float64 on the CPU in
+fp32 and bf16, the timing table, three CUDA steps of launch/pretrain.py; on CPU it says what it skips.
 """
 import argparse
 import json
@@ -237,7 +239,8 @@ def ptxas_report(arch, head_dim=128, dtype="bf16"):
         out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
                              text=True).stderr
         info = [line.split(":", 1)[-1].strip() for line in out.splitlines() if "spill" in line or "Used" in line]
-        print(f"{'bwd' if backward else 'fwd'}{'+gate' if gated else ''} {dtype} d={head_dim} BT={BT} BV={BV} warps={num_warps} {gpu}: "
+        name = ("bwd" if backward else "fwd") + ("+gate" if gated else "")
+        print(f"{name} {dtype} d={head_dim} BT={BT} BV={BV} warps={num_warps} {gpu}: "
               f"shared {compiled.metadata.shared} B; " + "; ".join(info or [out.strip()]))
 
 
@@ -456,9 +459,9 @@ def check(args):
     import tempfile
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
-    skipped = [] if cuda else ["accuracy of backend='triton' (needs CUDA)",
-                               "timing table vs fla chunk_simple_gla and SDPA flash (needs CUDA)",
-                               "CUDA training step of launch/pretrain.py (needs CUDA; its flags checked with --dry-run)"]
+    skipped = [] if cuda else [
+        "accuracy of backend='triton' (needs CUDA)", "timing table vs fla chunk_simple_gla and SDPA flash (needs CUDA)",
+        "CUDA training step of launch/pretrain.py (needs CUDA; its flags checked with --dry-run)"]
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "skipped": skipped,
               "accuracy": check_accuracy(device, 1000 if cuda else 77)}
     for row in result["accuracy"]:

@@ -14,14 +14,16 @@ tokens, carrying the float32 state P (d_k × BV) in registers. Per block (i, j a
     pass      dV = [(Q Kᵀ) ⊙ D]ᵀ dO + (Λ_k K) R       walked backward in T from R = dS_final:
               R ← λ^c R + (Λ_q Q)ᵀ dO                 after the first block, R = d(initial_state)
 
-With log_gate, the block's gates a_t = g_t + log λ (0 on masked rows) give b = cumsum(a) inside the block and
-D_ij = e^{b_i − b_j} (i ≥ j), λ^{i+1} → e^{b_i}, λ^{c-1-i} → e^{b_e − b_i}, λ^c → e^{b_e}: only differences with
-a non-positive value are exponentiated. d log_gate = reverse cumsum over T of q_t·dq_t − k_t·dk_t plus
-<S_final, dS_final> (kernels/linear_attn.py gate_grad), from the float32 dq, dk partials.
-Without gates, decay powers come from exp(n·log λ) with n ≥ 0 only (exponents are clamped, the upper triangle is selected
-away), so λ^n underflows to 0 for strong decays and never produces inf·0 = NaN; there is no cumulative sum of
-log-decays. The tail block (T not a multiple of BT) is masked: loads give 0 outside [0, T), stores are masked,
-and its length c enters λ^c and Λ_k. Head dims are padded to powers of two (≥ 16, the smallest tl.dot tile)
+With log_gate, the block's gates a_t = g_t + log λ (0 on masked rows) replace the powers of λ: D_ij =
+e^{Σ_{j<t≤i} a_t} (i ≥ j), λ^{i+1} → e^{b_i} (b = cumsum(a)), λ^{c-1-i} → e^{Σ_{t>i} a_t}, λ^c → e^{b_e}. The
+segment sums are summed over their own segment (a 0/1 product, a masked row sum), never taken as differences of
+cumulative sums (fp32 would lose 3e-5 of a weight ≈ 1 after strong gates). d log_gate = reverse cumsum over T of
+q_t·dq_t − k_t·dk_t plus <S_final, dS_final>, taken without the terms that cancel exactly (gate_grad in
+kernels/linear_attn.py): the kernel writes those per-token terms and e^{a_{T−1}} S_{T−2}.
+Without gates, decay powers come from exp(n·log λ) with n ≥ 0 only (exponents are clamped, the upper triangle is
+selected away), so λ^n underflows to 0 for strong decays and never produces inf·0 = NaN; there is no cumulative
+sum of log-decays. The tail block (T not a multiple of BT) is masked: loads give 0 outside [0, T), stores are
+masked, and its length c enters λ^c and Λ_k. Head dims are padded to powers of two (≥ 16, the smallest tl.dot tile)
 with masks. A d_v block needs all of d_k, so dq and dk are partial sums over the d_v blocks: each program
 writes its float32 partial and the launcher adds them.
 
