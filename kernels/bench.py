@@ -417,9 +417,47 @@ def _errors(got, want):
             for n, a, b in zip(names, got, want) if a is not None}
 
 
+def _softmax_outputs(inputs, backend, dtype, device):
+    """(o, dq, dk, dv) of causal softmax_attn (kernels/softmax_attn.py) in `dtype` on `device`, float64 on the CPU."""
+    from .softmax_attn import softmax_attn
+    q, k, v, do = inputs
+    q, k, v = (x.detach().to(dtype).to(device).requires_grad_() for x in (q, k, v))
+    o = softmax_attn(q, k, v, causal=True, backend=backend)
+    o.backward(do.to(dtype).to(device))
+    return [x.detach().double().cpu() for x in (o, q.grad, k.grad, v.grad)]
+
+
+def _softmax_rows(device, T):
+    """The softmax kernels' accuracy rows: every backend this device runs in fp32 / bf16 against float64."""
+    from .softmax_attn import SOFTMAX_BACKENDS, resolve_softmax_backend
+    g = torch.Generator().manual_seed(1)
+    inputs = [torch.randn(2, T, 4, 64, generator=g, dtype=torch.float64) for _ in range(4)]
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        rounded = [x.to(dtype).double() for x in inputs]
+        want = _softmax_outputs(rounded, "torch", torch.float64, torch.device("cpu"))
+        errs = {}
+        for backend in SOFTMAX_BACKENDS:
+            try:
+                resolve_softmax_backend(backend, device, dtype, 64)
+            except ValueError:
+                continue                                        # not a kernel of this device and dtype
+            got = _softmax_outputs(inputs, backend, dtype, device)
+            errs[backend] = {n: ((a - b).norm() / b.norm()).item()
+                             for n, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
+        for backend, err in errs.items():
+            worst = max(err.values())
+            ratio = worst / max(max(errs["torch"].values()), 1e-300)
+            ok = worst < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
+            rows.append({"case": "softmax causal", "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                         "worst_rel_err": worst, "ratio_to_torch": ratio, "errors": err, "ok": ok})
+    return rows
+
+
 def check_accuracy(device, T):
-    """Every lightning_attn kernel on `device` in fp32 and bf16 against float64 on the CPU. Error ratio = our
-    error / the torch backend's error on the same device and dtype (house rule: bf16 ≤ 2); fp32 must be < 2e-5."""
+    """Every lightning_attn and softmax_attn kernel on `device` in fp32 and bf16 against float64 on the CPU. Error
+    ratio = its error / the torch backend's error on the same device and dtype (house rule: bf16 ≤ 2); fp32 must
+    be < 2e-5."""
     backends = ("triton", "torch") if device.type == "cuda" else ("torch",)
     rows = []
     for case in CHECK_CASES:
@@ -434,7 +472,7 @@ def check_accuracy(device, T):
                 ok = worst < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
                 rows.append({"case": case, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
                              "worst_rel_err": worst, "ratio_to_torch": ratio, "errors": errs[backend], "ok": ok})
-    return rows
+    return rows + _softmax_rows(device, T)
 
 
 def _train_step(cuda, run_dir):

@@ -344,8 +344,9 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_check_runs_on_cpu_and_reports_skips(tmp_path, capsys):
-    """`python -m kernels.bench --check` on CPU: the torch backend's accuracy (fp32 < 2e-5, bf16 rows present),
-    the launcher's flags through --dry-run, and the GPU parts listed as skipped, in the output and the JSON."""
+    """`python -m kernels.bench --check` on CPU: the accuracy of the torch linear kernel and of the CPU softmax
+    kernels (fp32 < 2e-5, bf16 rows present), the launcher's flags through --dry-run, and the GPU parts listed as
+    skipped, in the output and the JSON."""
     import json
 
     from kernels import bench
@@ -354,9 +355,12 @@ def test_bench_check_runs_on_cpu_and_reports_skips(tmp_path, capsys):
     result = json.loads(out.read_text())
     printed = capsys.readouterr().out
     assert result["ok"] and result["device"] == "cpu"
-    assert {r["backend"] for r in result["accuracy"]} == {"torch"}
-    assert {(r["case"], r["dtype"]) for r in result["accuracy"]} == {
+    linear = [r for r in result["accuracy"] if r["case"] in bench.CHECK_CASES]
+    assert {r["backend"] for r in linear} == {"torch"}
+    assert {(r["case"], r["dtype"]) for r in linear} == {
         (case, dt) for case in bench.CHECK_CASES for dt in ("float32", "bfloat16")}
+    assert {(r["backend"], r["dtype"]) for r in result["accuracy"] if r["case"] == "softmax causal"} == {
+        (b, dt) for b in ("flash_cpu", "torch") for dt in ("float32", "bfloat16")}
     assert all(r["worst_rel_err"] < 2e-5 for r in result["accuracy"] if r["dtype"] == "float32")
     assert "--dry-run" in result["train"]["command"] and result["train"]["rc"] == 0
     for what in ("backend='triton'", "timing table", "CUDA training step"):
