@@ -114,16 +114,20 @@ def test_lasp2_payload_independent_of_length():
 
 
 def _lasp1_ring_counts(W):
-    return [_case("lasp1", W, "contiguous", causal, None, torch.float64)[1:] for causal in (True, False)]
+    runs = [_case("lasp1", W, "contiguous", causal, None, torch.float64)[1:] for causal in (True, False)]
+    return runs + [_case("lasp1", W, "contiguous", True, None, torch.float32, gated=True)[1:]]
 
 
 def test_lasp1_ring_hops():
-    """Causal: one hop in and one out per pass, none past the ends. Non-causal: a ring each way per pass."""
+    """Causal (gated too): one hop in and one out per pass, none past the ends, each one state (the gate totals stay
+    local). Non-causal: a ring each way per pass."""
     W = 4
-    for r, ((fwd, bwd), (nc_fwd, nc_bwd)) in enumerate(run_ranks(W, _lasp1_ring_counts, W)):
+    for r, ((fwd, bwd), (nc_fwd, nc_bwd), (g_fwd, g_bwd)) in enumerate(run_ranks(W, _lasp1_ring_counts, W)):
         first, last = r == 0, r == W - 1
-        assert fwd.get("recv", (0,))[0] == (not first) and fwd.get("send", (0,))[0] == (not last), (r, fwd)
-        assert bwd.get("recv", (0,))[0] == (not last) and bwd.get("send", (0,))[0] == (not first), (r, bwd)
+        for fwd, bwd in ((fwd, bwd), (g_fwd, g_bwd)):
+            assert fwd.get("recv", (0,))[0] == (not first) and fwd.get("send", (0,))[0] == (not last), (r, fwd)
+            assert bwd.get("recv", (0,))[0] == (not last) and bwd.get("send", (0,))[0] == (not first), (r, bwd)
+        assert g_fwd.get("recv", (0, 0))[1] == (not first) * 2 * 3 * 4 * 5 * 4, (r, g_fwd)   # B·H_kv·d_k·d_v·4
         for log in (nc_fwd, nc_bwd):
             assert log.get("recv", (0,))[0] == 2 - first - last == log.get("send", (0,))[0], (r, log)
 
