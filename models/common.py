@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import lightning_attn, repeat_kv, state_dtype
+from kernels import lightning_attn, repeat_kv, softmax_attn, state_dtype
 
 __all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "MIXER_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin",
            "apply_rotary", "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
@@ -183,16 +183,10 @@ def dense_attention(q, k, v, mask, scale=None):
 def local_softmax_attention(q, k, v, *, causal=True, scale=None, segment_ids=None):
     """Softmax attention on one process (tokens in order): q (B, T, H, d), k, v (B, T, H_kv, d) -> (B, T, H, d).
 
-    Causal mask j ≤ i; with segment_ids (B, T), also same document. scale None = 1/√d.
+    Causal mask j ≤ i; with segment_ids (B, T), also same document. scale None = 1/√d. The tiled kernel
+    (kernels.softmax_attn): no (T, T) score or mask tensor, memory linear in T.
     """
-    T = q.shape[1]
-    mask = None
-    if causal:
-        mask = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()[None]
-    if segment_ids is not None:
-        same = segment_ids[:, :, None] == segment_ids[:, None, :]
-        mask = same if mask is None else mask & same
-    return dense_attention(q, k, v, mask, scale)
+    return softmax_attn(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids)
 
 
 def run_linear_attention(attn_fn, q, k, v, log_decay, cache, log_gate=None):

@@ -532,3 +532,16 @@ def test_models_never_import_distributed_code():
 
 def test_lasp_exports_apply():
     assert lasp.apply_sequence_parallel is apply_sequence_parallel and hasattr(lasp, "lasp2")
+
+
+def test_single_process_softmax_layers_allocate_no_t_by_t_tensor():
+    """The model's own (unsharded) softmax path runs the tiled kernel: at T = 2,048 no op returns a tensor of
+    T²/4 elements (the dense mask/score path did; the probe sees it, see test_softmax_kernel)."""
+    from tests.test_softmax_kernel import _LargestTensor
+    cfg = LinearLlamaConfig(vocab_size=64, dim=32, n_layers=2, n_heads=2, n_kv_heads=1, ffn_dim=32, pattern="LN")
+    model, Tn = models.build_model(cfg), 2048
+    tokens = torch.randint(0, 64, (1, Tn))
+    with _LargestTensor() as probe:
+        loss_sum, _ = model.loss(model(tokens, torch.arange(Tn)), tokens)
+        loss_sum.backward()
+    assert probe.largest < Tn * Tn // 4, probe.largest
