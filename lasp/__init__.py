@@ -9,5 +9,6 @@ from .ring_linear import ring_linear_attention  # noqa: E402  the left-product r
 
 __all__ += ["ring_linear_attention"]
 from .apply import apply_sequence_parallel  # noqa: E402  swap a model's attention functions for these engines
+from .apply import ENGINES, LINEAR_ENGINES, SOFTMAX_ENGINES  # noqa: E402  every engine's declaration, by name
 
-__all__ += ["apply_sequence_parallel"]
+__all__ += ["apply_sequence_parallel", "ENGINES", "LINEAR_ENGINES", "SOFTMAX_ENGINES"]

@@ -45,6 +45,7 @@ import torch
 
 from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
+from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
                      constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,
@@ -285,3 +286,13 @@ def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="cont
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
     return _AllScan.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks)
+
+
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes: as LASP-2's; buffer ≤ 2 received + 2 sent states."""
+    return linear_saved(s), linear_kernel_work(s), 4 * s.B * s.H * s.d_k * s.d_v * 4
+
+
+ENGINE = EngineSpec("allscan", "linear", allscan, ("contiguous", "zigzag"),
+                    "states: one prefix state per segment, point to point down a chain, pipelined in column blocks",
+                    _memory)

@@ -7,72 +7,79 @@ is set to functools.partial(engine, layout=..., group=...), so every rank runs t
 those attribute names, never by importing model classes.
 """
 import functools
-import inspect
 
-from parallel import allgather_attention, comm, layout as layouts, mesh, ring_attention, ulysses_attention
+from parallel import comm, layout as layouts, mesh
+from parallel.allgather_attn import ENGINE as _ALLGATHER
+from parallel.ring_attn import ENGINE as _RING
+from parallel.ulysses import ENGINE as _ULYSSES
 
-from .allscan import allscan
-from .lasp1 import lasp1
-from .lasp2 import lasp2
+from .allscan import ENGINE as _ALLSCAN
+from .lasp1 import ENGINE as _LASP1
+from .lasp2 import ENGINE as _LASP2
+from .ring_linear import ENGINE as _RING_LINEAR
 
-__all__ = ["LINEAR_ENGINES", "SOFTMAX_ENGINES", "resolve_engines", "apply_sequence_parallel"]
+__all__ = ["ENGINES", "LINEAR_ENGINES", "SOFTMAX_ENGINES", "BASELINE_ENGINES", "resolve_engines", "bind_engine",
+           "apply_sequence_parallel"]
 
-LINEAR_ENGINES = ("lasp2", "lasp1", "allscan")
-_LINEAR_FUNCTIONS = {"lasp2": lasp2, "lasp1": lasp1, "allscan": allscan}
-SOFTMAX_ENGINES = ("allgather", "ring", "ulysses", "local")
-_SOFTMAX_FUNCTIONS = {"allgather": allgather_attention, "ring": ring_attention, "ulysses": ulysses_attention}
-
-
-def _takes_layout(fn):
-    """Whether an engine accepts `layout` (contiguous-only engines do not)."""
-    return "layout" in inspect.signature(fn).parameters
+# every engine's declaration (parallel/engines.py EngineSpec), by name; the tuples below are read from it
+ENGINES = {spec.name: spec for spec in (_LASP2, _LASP1, _RING_LINEAR, _ALLSCAN, _ALLGATHER, _RING, _ULYSSES)}
+LINEAR_ENGINES = tuple(n for n, spec in ENGINES.items() if spec.kind == "linear" and not spec.baseline)
+SOFTMAX_ENGINES = tuple(n for n, spec in ENGINES.items() if spec.kind == "softmax" and not spec.baseline) + ("local",)
+BASELINE_ENGINES = tuple(n for n, spec in ENGINES.items() if spec.baseline)    # benchmarks only (ring_linear)
 
 
-def resolve_engines(linear="lasp2", softmax="allgather", layout="contiguous"):
-    """-> (linear engine, softmax engine or None for "local"). ValueError naming the choices for unknown names
-    or an engine that cannot run `layout` (LASP-1: contiguous only)."""
-    if linear not in LINEAR_ENGINES:
+def _resolve_specs(linear, softmax, layout, baselines):
+    """-> (linear EngineSpec, softmax EngineSpec or None for "local"); ValueError as `resolve_engines`."""
+    linear_choices = LINEAR_ENGINES + (BASELINE_ENGINES if baselines else ())
+    if linear not in linear_choices:
         raise ValueError(f"linear engine must be one of {LINEAR_ENGINES}, got {linear!r}")
     if softmax not in SOFTMAX_ENGINES:
         raise ValueError(f"softmax engine must be one of {SOFTMAX_ENGINES}, got {softmax!r}")
     layouts.segments_per_rank(layout)                                   # ValueError for an unknown layout
-    if linear == "lasp1" and layout != "contiguous":
-        raise ValueError(f"linear engine 'lasp1' runs only the 'contiguous' layout, got {layout!r}: use 'lasp2'")
-    softmax_fn = None
-    if softmax != "local":
-        softmax_fn = _SOFTMAX_FUNCTIONS[softmax]
-        if layout != "contiguous" and not _takes_layout(softmax_fn):
-            raise ValueError(f"softmax engine {softmax!r} runs only the 'contiguous' layout, got {layout!r}")
-    return _LINEAR_FUNCTIONS[linear], softmax_fn
+    if layout not in ENGINES[linear].layouts:
+        raise ValueError(f"linear engine {linear!r} runs only the 'contiguous' layout, got {layout!r}: use 'lasp2'")
+    softmax_spec = None if softmax == "local" else ENGINES[softmax]
+    if softmax_spec is not None and layout not in softmax_spec.layouts:
+        raise ValueError(f"softmax engine {softmax!r} runs only the 'contiguous' layout, got {layout!r}")
+    return ENGINES[linear], softmax_spec
 
 
-def _bind(engine, layout, group):
-    """engine with layout (if it takes one) and group fixed: the mixer calls it like the local default."""
-    if _takes_layout(engine):
-        return functools.partial(engine, layout=layout, group=group)
-    return functools.partial(engine, group=group)                       # contiguous-only engines
+def resolve_engines(linear="lasp2", softmax="allgather", layout="contiguous", baselines=False):
+    """-> (linear engine, softmax engine or None for "local"). ValueError naming the choices for unknown names
+    or an engine that cannot run `layout` (LASP-1: contiguous only). baselines=True also accepts the linear
+    benchmark baselines (BASELINE_ENGINES)."""
+    linear_spec, softmax_spec = _resolve_specs(linear, softmax, layout, baselines)
+    return linear_spec.fn, None if softmax_spec is None else softmax_spec.fn
 
 
-def apply_sequence_parallel(model, *, linear="lasp2", softmax="allgather", layout="contiguous", group=None):
+def bind_engine(spec, layout, group):
+    """spec.fn with layout (if it runs more than one) and group fixed: the mixer calls it like the local default."""
+    if len(spec.layouts) > 1:
+        return functools.partial(spec.fn, layout=layout, group=group)
+    return functools.partial(spec.fn, group=group)                      # contiguous-only engines
+
+
+def apply_sequence_parallel(model, *, linear="lasp2", softmax="allgather", layout="contiguous", group=None,
+                            baselines=False):
     """Set every mixer's attention function to a sequence-parallel engine over `group`; returns the model.
 
     linear ∈ LINEAR_ENGINES, softmax ∈ SOFTMAX_ENGINES ("local": softmax layers attend within their own shard only,
     which is exact on a group of one; refused on a larger group when the model has softmax layers).
-    group=None: the mesh's sequence-parallel group, else the default group. Raises ValueError (see
-    `resolve_engines`) before touching the model.
+    group=None: the mesh's sequence-parallel group, else the default group. baselines=True also accepts the
+    benchmark baselines (ring_linear). Raises ValueError (see `resolve_engines`) before touching the model.
     """
-    linear_fn, softmax_fn = resolve_engines(linear, softmax, layout)
+    linear_spec, softmax_spec = _resolve_specs(linear, softmax, layout, baselines)
     linear_mixers = [m for m in model.modules() if hasattr(m, "linear_attn")]
     softmax_mixers = [m for m in model.modules() if hasattr(m, "softmax_attn")]
     resolved = mesh.sp_group() if group is None else group
-    if softmax_fn is None and softmax_mixers and comm.group_size(resolved) > 1:
+    if softmax_spec is None and softmax_mixers and comm.group_size(resolved) > 1:
         raise ValueError(f"softmax engine 'local' is exact only on one rank; the group has "
                          f"{comm.group_size(resolved)}: use one of {SOFTMAX_ENGINES[:-1]}")
     for m in linear_mixers:
-        m.linear_attn = _bind(linear_fn, layout, group)
+        m.linear_attn = bind_engine(linear_spec, layout, group)
     for m in softmax_mixers:
-        if softmax_fn is None:
+        if softmax_spec is None:
             m.__dict__.pop("softmax_attn", None)                        # back to the class default (local)
         else:
-            m.softmax_attn = _bind(softmax_fn, layout, group)
+            m.softmax_attn = bind_engine(softmax_spec, layout, group)
     return model

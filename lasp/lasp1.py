@@ -19,6 +19,7 @@ import torch
 
 from kernels import resolve_backend
 from parallel import comm, mesh
+from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, local_backward,
                      local_forward, local_state, segment_log_totals, state_grad)
@@ -89,3 +90,13 @@ def lasp1(q, k, v, *, log_decay=None, log_gate=None, causal=True, group=None, ba
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
     return _LASP1.apply(q, k, v, log_decay, log_gate, causal, group, backend)
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes: as LASP-2's (the buffer counted as its gathered states)."""
+    return linear_saved(s), linear_kernel_work(s), 2 * s.sp * s.B * s.H * s.d_k * s.d_v * 4
+
+
+ENGINE = EngineSpec("lasp1", "linear", lasp1, ("contiguous",),
+                    "states: one (B, H_kv, d_k, d_v) state per ring hop, W−1 sequential hops each way", _memory)

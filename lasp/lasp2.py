@@ -28,6 +28,7 @@ import torch
 
 from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
+from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, from_segments,
                      local_backward, local_forward, local_state, segment_log_totals, state_grad, to_segments)
@@ -191,3 +192,15 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
     return _LASP2.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, bool(overlap))
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes: q, k, v and two states; the local kernel's backward
+    (16.6 floats per token·H·d torch, 4 Triton: parallel/engines.py); the gathered W·n states."""
+    return linear_saved(s), linear_kernel_work(s), 2 * s.sp * s.B * s.H * s.d_k * s.d_v * 4
+
+
+ENGINE = EngineSpec("lasp2", "linear", lasp2, ("contiguous", "zigzag"),
+                    "states: one all-gather of every segment's (B, H_kv, d_k, d_v) state forward, one backward",
+                    _memory)

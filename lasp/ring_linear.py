@@ -22,6 +22,7 @@ import torch
 
 from kernels import state_dtype
 from parallel import comm, layout as layouts, mesh
+from parallel.engines import EngineSpec, linear_saved
 
 from .common import check_engine_inputs, constant_decay
 
@@ -115,3 +116,15 @@ def ring_linear_attention(q, k, v, *, log_decay=None, causal=True, group=None):
     group = mesh.sp_group() if group is None else group
     log_decay = constant_decay(log_decay, q)
     return _RingLinear.apply(q, k, v, log_decay, causal, group)
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes: q, k, v; scores, their gradient and the decay mask
+    (3·B·H·C²·4); K|V blocks and accumulators in flight."""
+    return linear_saved(s), 3 * s.B * s.H * s.C * s.C * 4, 4 * s.B * s.C * s.H * (s.d_k + s.d_v) * 4
+
+
+ENGINE = EngineSpec("ring_linear", "linear", ring_linear_attention, ("contiguous",),
+                    "K|V blocks around the ring: W−1 hops forward; W−1 K|V and W dK|dV hops backward", _memory,
+                    baseline=True)

@@ -43,15 +43,15 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import torch  # noqa: E402
 
 import lasp  # noqa: E402
-import parallel  # noqa: E402
 from launch.bench_report import markdown, render, write_outputs  # noqa: E402
 from launch.engine import checkpoint_blocks  # noqa: E402
 from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
 
-LINEAR = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "allscan": lasp.allscan, "ring_linear": lasp.ring_linear_attention}
-SOFTMAX = {"allgather": "allgather_attention", "ring": "ring_attention", "ulysses": "ulysses_attention"}
+# engine facts come from each engine's declaration (lasp.ENGINES, parallel/engines.py): names, functions, layouts
+LINEAR = {name: spec.fn for name, spec in lasp.ENGINES.items() if spec.kind == "linear"}     # + ring_linear baseline
+SOFTMAX = {name: spec.fn for name, spec in lasp.ENGINES.items() if spec.kind == "softmax"}
 SOFTMAX.update({f"{name}_dense": fn for name, fn in SOFTMAX.items()})   # layer mode: on the dense torch twin
-CONTIGUOUS_ONLY = ("lasp1", "ring_linear")
+CONTIGUOUS_ONLY = tuple(name for name, spec in lasp.ENGINES.items() if spec.layouts == ("contiguous",))
 DEFAULT_ENGINES = {"layer": "lasp2,lasp1,ring_linear,allgather,ulysses",
                    "model": "lasp2+allgather,lasp1+allgather,ring_linear+ring,lasp2+ulysses",
                    "long": "lasp2+allgather", "network": "lasp2,lasp1,allscan,ring_linear"}
@@ -194,7 +194,7 @@ def layer_step(engine, seq_len, args, group, device, dtype):
         kw = dict(log_decay=decay) if engine in CONTIGUOUS_ONLY else dict(log_decay=decay, layout=layout)
         fn = functools.partial(LINEAR[engine], group=group, **kw)
     else:
-        fn = functools.partial(getattr(parallel, SOFTMAX[engine]), layout=layout, group=group,
+        fn = functools.partial(SOFTMAX[engine], layout=layout, group=group,
                                **({"backend": "torch"} if engine.endswith("_dense") else {}))
 
     def step():
@@ -297,11 +297,7 @@ def model_config(args):
 def set_engines(model, pair, layout, group):
     """Point the model's mixers at the engine pair "linear+softmax" (linear may be the ring_linear baseline)."""
     linear, softmax = pair.split("+")
-    lasp.apply_sequence_parallel(model, linear="lasp2" if linear == "ring_linear" else linear, softmax=softmax,
-                                 layout=layout, group=group)
-    if linear == "ring_linear":
-        for mixer in (m for m in model.modules() if hasattr(m, "linear_attn")):
-            mixer.linear_attn = functools.partial(lasp.ring_linear_attention, group=group)
+    lasp.apply_sequence_parallel(model, linear=linear, softmax=softmax, layout=layout, group=group, baselines=True)
 
 
 def sequence_batch(seq_len, layout, args, group, device):

@@ -18,18 +18,9 @@ sequences per rank, a = activation bytes (4 fp32, 2 under bf16 autocast), D widt
                          tensors + the engine's backward working set + the attention gradients)
                  without: every block's saved tensors + the worst engine working set.
 A block's saved tensors are counted exactly: one block of each kind runs on the meta device with autograd's
-saved-tensor hooks, its attention function replaced by a stub; the engine's own terms come from its code:
-  lasp2/lasp1/allscan saves q, k, v; backward working set 16.6 floats per (token · H·d) with the torch kernels
-                     (measured, kernels/linear_attn.py recomputes the chunked forward under autograd), 4 with Triton
-  ring_linear        saves q, k, v; backward: scores, their gradient and the decay mask, 3·B·H·C²·4
-  allgather          saves q, the gathered K|V (B·T·H_kv·(d_k+d_v)·a), out, lse; backward: the fp32 dK|dV buffer of
-                     the gathered length and the kernel's dK|dV of the earlier keys (2·T·kv·4), one more T·kv·4
-                     for zigzag's reordering back to rank order; exchange buffer: the local K|V (the gathered
-                     one is the saved tensor)
-  ring               saves q, k, v, out, lse; backward: 2 blocks and 2 accumulators in flight (4·C·kv·4) and one
-                     step's kernel gradients (dq, dk, dv: C·(H·d_k + kv)·4)
-  ulysses            saves q, k, v on H/sp heads × T tokens (ValueError unless sp | H); backward: their fp32
-                     gradients and all-to-all buffers
+saved-tensor hooks, its attention function replaced by a stub; the engine's own terms (saved tensors, backward
+working set, exchange buffer) come from its declaration, `ENGINE.memory` next to its code (parallel/engines.py),
+listed per engine at the end of --help; the attention gradients (do, dq, dk, dv) are added to every engine's.
 The local softmax op is tiled (kernels/softmax_attn.py: scores in per-thread tiles of ≤ 256 × 512, never C × T),
 so every term is linear in C and T: softmax layers cost O(T·H_kv·d) (all-gather) or O(C·H·d), not O(C·T).
 Not included: the runtime (CUDA context ≈ 0.5-1 GiB per GPU; on CPU the interpreter, torch and gloo ≈ 0.4 GiB
@@ -37,21 +28,23 @@ per rank, measured), allocator fragmentation, and temporaries inside the optimiz
 """
 import argparse
 import dataclasses
+import inspect
 import json
 import os
 import sys
+import textwrap
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
 
 import models  # noqa: E402
-from parallel.ulysses import ulysses_kv_replication  # noqa: E402
+from lasp.apply import ENGINES  # noqa: E402
+from parallel.engines import CallShape  # noqa: E402
 
 MiB = 2 ** 20
-KERNEL_BWD_FLOATS = {"torch": 16.6, "triton": 4.0}     # working set per token per H·d of the linear kernel's backward
-LINEAR_ENGINES = ("lasp2", "lasp1", "ring_linear", "allscan")
-SOFTMAX_ENGINES = ("allgather", "ring", "ulysses")
+LINEAR_ENGINES = tuple(name for name, spec in ENGINES.items() if spec.kind == "linear")     # + ring_linear baseline
+SOFTMAX_ENGINES = tuple(name for name, spec in ENGINES.items() if spec.kind == "softmax")
 
 
 # ---------------------------------------------------------------------------------------------- meta probe
@@ -103,29 +96,22 @@ def probe_blocks(cfg, probe_len=256):
 def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel, layout="contiguous"):
     """-> (saved, backward working set incl. the attention gradients, exchange buffer) bytes of one call."""
     H, H_kv, d_k, d_v = shapes["heads"], shapes["kv_heads"], shapes["d_k"], shapes["d_v"]
+    spec = ENGINES[engine]
+    assert spec.kind == ("linear" if kind == "L" else "softmax"), (kind, engine)
     grads = B * C * (H * (d_k + d_v) + H_kv * (d_k + d_v)) * a            # do, dq and dk, dv
-    if kind == "L":
-        saved = B * C * H * (2 * d_k + d_v) * a + 2 * B * H * d_k * d_v * 4
-        if engine == "ring_linear":
-            return saved, 3 * B * H * C * C * 4 + grads, 4 * B * C * H * (d_k + d_v) * 4
-        work = KERNEL_BWD_FLOATS[kernel] * B * C * H * (d_k + d_v) / 2 * 4
-        if engine == "allscan":     # ≤ 2 segments' received states and their folded copies sent on (lasp/allscan.py)
-            return saved, work + grads, 4 * B * H * d_k * d_v * 4
-        return saved, work + grads, 2 * sp * B * H * d_k * d_v * 4         # the gathered states
-    kv = B * H_kv * (d_k + d_v)
-    out_lse = B * C * H * (d_v * a + 4)
-    if engine == "allgather":
-        reorder = T * kv * 4 if layout == "zigzag" else 0
-        # exchange buffer: the local K|V sent (the gathered K|V is the saved tensor above, not counted twice),
-        # + the rank-order copy that zigzag's reordering keeps alive for a moment
-        send = C * kv * a + (T * kv * a if layout == "zigzag" else 0)
-        return B * C * H * d_k * a + T * kv * a + out_lse, 2 * T * kv * 4 + reorder + grads, send
-    if engine == "ring":
-        return (B * C * H * d_k * a + C * kv * a + out_lse, 4 * C * kv * 4 + B * C * H * d_k * 4 + C * kv * 4 + grads,
-                4 * C * kv * a)
-    copies = ulysses_kv_replication(H, H_kv, sp)       # KV heads replicated so sp divides them; ValueError if sp ∤ H
-    heads_saved = B * C * (H * d_k + copies * H_kv * (d_k + d_v)) * a       # H/sp heads × T tokens = H × C
-    return heads_saved + out_lse, 2 * heads_saved * 4 / a + grads, 2 * heads_saved
+    saved, work, buf = spec.memory(CallShape(B, C, T, sp, H, H_kv, d_k, d_v, a, kernel, layout))
+    return saved, work + grads, buf
+
+
+def engine_help():
+    """Each engine's declaration as --help lists it: kind, layouts, what it exchanges, its memory terms."""
+    lines = ["engines (their declarations, ENGINE in each engine module):"]
+    for name, spec in ENGINES.items():
+        memory = textwrap.fill(" ".join(inspect.cleandoc(spec.memory.__doc__).split()), 110,
+                               initial_indent="      memory ", subsequent_indent="        ")
+        lines.append(f"  {name} ({spec.kind}{', benchmark baseline' if spec.baseline else ''}; "
+                     f"{'/'.join(spec.layouts)})\n      exchanges {spec.exchange}\n{memory}")
+    return "\n".join(lines)
 
 
 def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dtype="fp32", linear="lasp2",
@@ -165,7 +151,8 @@ def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dt
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
     from launch.bench import parse_model_overrides
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=engine_help(),
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", default="linear-llama3-1b-hybrid", help=f"one of {sorted(models.PRESETS)}")
     p.add_argument("--seq-len", type=int, required=True, help="global tokens per sequence")
     p.add_argument("--sp", type=int, default=1)

@@ -3,7 +3,8 @@ from . import comm, layout, mesh
 from .comm import count_collectives
 from .layout import gather_sequence, local_positions, shard, unshard
 from .mesh import Mesh, build_mesh, current_mesh, init_mesh, sp_group
-from . import local_attn
+from . import engines, local_attn
+from .engines import CallShape, EngineSpec
 from .allgather_attn import allgather_attention
 from .ring_attn import ring_attention
 from .ulysses import ulysses_attention
@@ -12,6 +13,7 @@ from .tensor import apply_tensor_parallel
 
 __all__ = ["comm", "layout", "mesh", "count_collectives", "gather_sequence", "local_positions", "shard", "unshard",
            "Mesh", "build_mesh", "current_mesh", "init_mesh", "sp_group",
+           "engines", "CallShape", "EngineSpec",
            "local_attn", "allgather_attention", "ring_attention", "ulysses_attention",
            "tensor", "apply_tensor_parallel"]
 from . import experts

@@ -19,6 +19,7 @@ reduce-scattered in the compute dtype (float32 for 16-bit inputs) to keep the su
 import torch
 
 from . import comm, layout as layouts, mesh
+from .engines import EngineSpec, attention_out_lse
 from .local_attn import attend_backward, attend_forward, check_attention_inputs, compute_dtype
 
 __all__ = ["allgather_attention", "allgather_attention_forward", "allgather_attention_backward"]
@@ -118,3 +119,19 @@ def allgather_attention(q, k, v, *, causal=True, layout="contiguous", group=None
     group = mesh.sp_group() if group is None else group
     scale = default_scale if scale is None else float(scale)
     return _AllGatherAttention.apply(q, k, v, segment_ids, causal, layout, scale, group, backend)
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes. Saved: q, the gathered K|V, out, lse. Backward: the
+    fp32 dK|dV buffer of the gathered length and the kernel's dK|dV of the earlier keys (2·T·kv·4), one more T·kv·4
+    for zigzag's reordering. Buffer: the local K|V sent (the gathered K|V is the saved tensor, not counted twice)
+    + the rank-order copy that zigzag's reordering keeps alive for a moment."""
+    kv = s.B * s.H_kv * (s.d_k + s.d_v)
+    reorder = s.T * kv * 4 if s.layout == "zigzag" else 0
+    send = s.C * kv * s.a + (s.T * kv * s.a if s.layout == "zigzag" else 0)
+    return s.B * s.C * s.H * s.d_k * s.a + s.T * kv * s.a + attention_out_lse(s), 2 * s.T * kv * 4 + reorder, send
+
+
+ENGINE = EngineSpec("allgather", "softmax", allgather_attention, ("contiguous", "zigzag"),
+                    "K|V: one all-gather forward, one reduce-scatter of dK|dV backward", _memory)

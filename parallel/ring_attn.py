@@ -21,6 +21,7 @@ The local op is tiled (kernels/softmax_attn.py): no C × C score tensor; documen
 import torch
 
 from . import comm, mesh
+from .engines import EngineSpec, attention_out_lse
 from .local_attn import attend_backward, attend_forward, check_attention_inputs, compute_dtype
 
 __all__ = ["ring_attention", "ring_attention_forward", "ring_attention_backward"]
@@ -119,3 +120,16 @@ def ring_attention(q, k, v, *, causal=True, layout="contiguous", group=None, sca
     group = mesh.sp_group() if group is None else group
     scale = default_scale if scale is None else float(scale)
     return _RingAttention.apply(q, k, v, segment_ids, causal, layout, scale, group, backend)
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes. Saved: q, k, v, out, lse. Backward: 2 blocks and 2
+    accumulators in flight (4·C·kv·4) and one step's kernel gradients (dq, dk, dv: C·(H·d_k + kv)·4)."""
+    kv = s.B * s.H_kv * (s.d_k + s.d_v)
+    return (s.B * s.C * s.H * s.d_k * s.a + s.C * kv * s.a + attention_out_lse(s),
+            4 * s.C * kv * 4 + s.B * s.C * s.H * s.d_k * 4 + s.C * kv * 4, 4 * s.C * kv * s.a)
+
+
+ENGINE = EngineSpec("ring", "softmax", ring_attention, ("contiguous", "zigzag"),
+                    "K|V blocks around the ring: W−1 hops forward; W−1 K|V and W dK|dV hops backward", _memory)

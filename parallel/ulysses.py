@@ -23,6 +23,7 @@ import math
 import torch
 
 from . import comm, layout as layouts, mesh
+from .engines import EngineSpec, attention_out_lse
 from .local_attn import attend_backward, attend_forward, check_attention_inputs
 
 __all__ = ["ulysses_attention", "ulysses_forward", "ulysses_backward", "ulysses_kv_replication"]
@@ -127,3 +128,16 @@ def ulysses_attention(q, k, v, *, causal=True, layout="contiguous", group=None, 
         k, v = k.repeat_interleave(copies, dim=2), v.repeat_interleave(copies, dim=2)
     scale = default_scale if scale is None else float(scale)
     return _Ulysses.apply(q, k, v, segment_ids, causal, layout, scale, group, backend)
+
+
+# ---------------------------------------------------------------------------------------------- declaration
+def _memory(s):
+    """(saved, backward working set, exchange buffer) bytes: q, k, v on H/sp heads × T tokens (= H × C; KV heads
+    replicated so sp divides them, ValueError unless sp | H); backward: their fp32 gradients; all-to-all buffers."""
+    copies = ulysses_kv_replication(s.H, s.H_kv, s.sp)
+    heads_saved = s.B * s.C * (s.H * s.d_k + copies * s.H_kv * (s.d_k + s.d_v)) * s.a
+    return heads_saved + attention_out_lse(s), 2 * heads_saved * 4 / s.a, 2 * heads_saved
+
+
+ENGINE = EngineSpec("ulysses", "softmax", ulysses_attention, ("contiguous", "zigzag"),
+                    "q, k, v: one all-to-all sequence → heads; o back; the same two for the gradients", _memory)

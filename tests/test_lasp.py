@@ -219,3 +219,39 @@ def _unequal_lengths():
 def test_ranks_with_different_lengths_raise_everywhere():
     for message in run_ranks(2, _unequal_lengths):
         assert message is not None and "[8, 6]" in message, message
+
+
+def test_engines_are_declared_once_in_their_modules():
+    """lasp.apply's tables are read from each engine module's ENGINE; names, order and layouts are frozen here,
+    and a declared layout set agrees with the function's signature (only multi-layout engines take `layout`)."""
+    import inspect
+
+    from lasp import allscan, apply, lasp1, lasp2, ring_linear_attention
+    from parallel import EngineSpec, allgather_attention, ring_attention, ulysses_attention
+    assert apply.LINEAR_ENGINES == ("lasp2", "lasp1", "allscan")
+    assert apply.SOFTMAX_ENGINES == ("allgather", "ring", "ulysses", "local")
+    assert apply.BASELINE_ENGINES == ("ring_linear",)
+    functions = dict(lasp2=lasp2, lasp1=lasp1, allscan=allscan, ring_linear=ring_linear_attention,
+                     allgather=allgather_attention, ring=ring_attention, ulysses=ulysses_attention)
+    assert {name: spec.fn for name, spec in apply.ENGINES.items()} == functions
+    for name, spec in apply.ENGINES.items():
+        assert isinstance(spec, EngineSpec) and spec.name == name and spec.exchange, name
+        assert inspect.getmodule(spec.fn).ENGINE is spec, name                  # declared next to its function
+        takes_layout = "layout" in inspect.signature(spec.fn).parameters
+        assert takes_layout == (spec.layouts == ("contiguous", "zigzag")), name
+        assert spec.kind == ("linear" if name in ("lasp2", "lasp1", "allscan", "ring_linear") else "softmax")
+
+
+def test_ring_linear_baseline_is_bound_only_when_asked():
+    """apply_sequence_parallel refuses the ring_linear baseline unless baselines=True, then binds it from its
+    declaration (contiguous only, so no layout argument)."""
+    import models
+    from lasp import apply_sequence_parallel, ring_linear_attention
+    model = models.build_model(models.get_config("linear-llama3-tiny"), device="meta")
+    with pytest.raises(ValueError, match="lasp2', 'lasp1', 'allscan'.*ring_linear"):
+        apply_sequence_parallel(model, linear="ring_linear")
+    with pytest.raises(ValueError, match="'ring_linear' runs only the 'contiguous' layout"):
+        apply_sequence_parallel(model, linear="ring_linear", layout="zigzag", baselines=True)
+    apply_sequence_parallel(model, linear="ring_linear", baselines=True)
+    bound = [m.linear_attn for m in model.modules() if hasattr(m, "linear_attn")]
+    assert bound and all(f.func is ring_linear_attention and f.keywords == {"group": None} for f in bound)

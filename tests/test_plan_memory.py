@@ -85,3 +85,22 @@ def test_estimate_within_20_percent_of_measured_peak(pattern, seq_len):
     estimate = est["total"] - est["parameters"] - est["optimizer_states"]
     assert abs(estimate / measured - 1) <= 0.2, f"{pattern}: estimate {estimate / 2**20:.1f} MiB, " \
                                                  f"measured {measured / 2**20:.1f} MiB"
+
+
+def test_engine_memory_terms_come_from_the_declarations():
+    """The planner's per-engine terms are each engine's ENGINE.memory plus the attention gradients; a few pinned
+    values keep the formulas from drifting (B=1, C=8, T=16, sp=2, H=2, H_kv=1, d=4, fp32)."""
+    from launch.plan_memory import engine_terms
+    from lasp.apply import ENGINES
+    from parallel.engines import CallShape
+    shapes = dict(heads=2, kv_heads=1, d_k=4, d_v=4)
+    grads = 8 * (2 * 8 + 1 * 8) * 4
+    pinned = {"lasp2": (1024, 4249.6, 512), "lasp1": (1024, 4249.6, 512), "allscan": (1024, 4249.6, 512),
+              "ring_linear": (1024, 1536, 2048), "allgather": (1088, 1024, 256), "ring": (832, 1536, 1024),
+              "ulysses": (1088, 1536, 1536)}                                  # worked out by hand from the docstrings
+    assert set(pinned) == set(ENGINES)
+    for engine, (saved, work, buf) in pinned.items():
+        kind = "L" if ENGINES[engine].kind == "linear" else "N"
+        assert ENGINES[engine].memory(CallShape(1, 8, 16, 2, 2, 1, 4, 4, 4)) == pytest.approx((saved, work, buf))
+        assert engine_terms(kind, shapes, engine, 1, 8, 16, 2, 4, "torch") == pytest.approx(
+            (saved, work + grads, buf)), engine
