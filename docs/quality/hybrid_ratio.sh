@@ -2,7 +2,7 @@
 # Hybrid-ratio ablation (issue 15, part 3): held-out loss after a fixed token budget for softmax ratios
 # 0, 1/8, 1/4, 1/2, 1 at fixed width and depth (8 layers, the tiny preset's width), 2 seeds each, on the embedded
 # Shakespeare corpus; then one ratio (1/4) trained again at SP = 4 against its SP = 1 run.
-# NOT YET MEASURED in this repository (see docs/quality.md). Usage, from the repository root:
+# Measured once with STEPS=400 (docs/quality.md). Usage, from the repository root:
 #   STEPS=600 SEEDS="0 1" bash docs/quality/hybrid_ratio.sh            # writes runs/ratio/* and docs/quality/hybrid_ratio.json
 set -euo pipefail
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
@@ -41,3 +41,4 @@ for t in sorted(table, key=lambda t: (t["softmax_ratio"], t["sp"])):
     print(f"{t['pattern']:9s} ratio {t['softmax_ratio']:.3f} sp {t['sp']}  held-out loss {t['mean']:.4f} "
           f"(spread {t['spread']:.4f}, n={len(t['heldout_loss'])})")
 PY
+python docs/quality/hybrid_ratio_plot.py "$OUT" "$OUT" "${OUT%.json}.png" "$STEPS"
