@@ -215,15 +215,19 @@ def _backend_for(q, v, backend):
 
 
 # ---------------------------------------------------------------------------------------------- public op
+def _prepare_block(q, k, v, q_segment_ids, k_segment_ids, causal, scale, backend):
+    """Checks shared by the forward and backward -> (k_segment_ids, backend, scale, compute dtype)."""
+    k_seg = _check_block(q, k, v, q_segment_ids, k_segment_ids, causal)
+    return (k_seg, _backend_for(q, v, backend), q.shape[-1] ** -0.5 if scale is None else float(scale),
+            compute_dtype(q.dtype))
+
+
 def softmax_attn_fwd(q, k, v, *, causal=False, scale=None, q_segment_ids=None, k_segment_ids=None, backend=None):
     """No-grad forward of one block -> (out (B, Tq, H, d_v), lse (B, Tq, H)) in the compute dtype.
 
     causal=True is the diagonal block (Tq = Tk, key j ≤ query i); k_segment_ids default to q's under causal.
     ValueError on mismatched sizes, or a backend the device / dtype / head dim cannot run."""
-    k_seg = _check_block(q, k, v, q_segment_ids, k_segment_ids, causal)
-    backend = _backend_for(q, v, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    cdt = compute_dtype(q.dtype)
+    k_seg, backend, scale, cdt = _prepare_block(q, k, v, q_segment_ids, k_segment_ids, causal, scale, backend)
     with torch.no_grad():
         if backend == "torch":
             return _dense_fwd(q, k, v, q_segment_ids, k_seg, causal, scale)
@@ -242,10 +246,7 @@ def softmax_attn_bwd(q, k, v, out, lse, do, *, causal=False, scale=None, q_segme
                      backend=None):
     """This block's gradients (dq, dk, dv) in the compute dtype, given the FINAL out and lse of the queries'
     rows (over every key block they attend to) and do. Same arguments and errors as `softmax_attn_fwd`."""
-    k_seg = _check_block(q, k, v, q_segment_ids, k_segment_ids, causal)
-    backend = _backend_for(q, v, backend)
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    cdt = compute_dtype(q.dtype)
+    k_seg, backend, scale, cdt = _prepare_block(q, k, v, q_segment_ids, k_segment_ids, causal, scale, backend)
     with torch.no_grad():
         if backend == "torch":
             return _dense_bwd(q, k, v, out, lse, do, q_segment_ids, k_seg, causal, scale)
