@@ -230,7 +230,7 @@ def _deepspeed_safe_types():
 
 def _weights_only_deepspeed_loads(ds_engine):
     """Route every file DeepSpeed's load_checkpoint reads through ckpt.load_tensors. DeepSpeed's own torch
-    checkpoint engine unpickles with weights_only=False, i.e. a crafted file runs code. Keeping DeepSpeed's format
+    checkpoint engine unpickles without the weights-only guard: a crafted file runs code. Keeping DeepSpeed's format
     (rather than re-deriving its partitions ourselves) keeps its exact resume of stages 1-3 and world-size checks;
     only the reader changes. Checked: stages 1-3 read nothing else on this path (torch.load elsewhere in DeepSpeed
     serves universal checkpoints, which we do not use)."""
