@@ -24,8 +24,8 @@ import models
 from launch import checkpoint as ckpt
 from parallel import comm, tensor
 
-__all__ = ["model_config", "build_model", "checkpoint_blocks", "lr_at", "build_optimizer", "LossModel",
-           "fixed_buckets", "average_gradients", "DDPEngine", "DeepSpeedEngine", "make_engine"]
+__all__ = ["model_config", "build_model", "checkpoint_blocks", "parallelize", "lr_at", "build_optimizer",
+           "LossModel", "fixed_buckets", "average_gradients", "DDPEngine", "DeepSpeedEngine", "make_engine"]
 
 
 def model_config(cfg_model, vocab_size):
@@ -62,6 +62,23 @@ def checkpoint_blocks(model):
         raise ValueError(f"{type(model).__name__} has no `layers` ModuleList to checkpoint")
     for block in model.layers:
         block.forward = _checkpointed(block.forward)
+    return model
+
+
+def parallelize(model, cfg_parallel, mesh):
+    """Apply the run's parallelism to `model` from outside, in place, in this order: the sequence-parallel engines
+    of its mixers, global router counts (MoE balancing loss over every rank's routes; no-op without MoE), tensor
+    parallelism over the mesh's tp groups, activation checkpointing of each block."""
+    from lasp.apply import apply_sequence_parallel
+    from parallel.experts import apply_global_router_counts
+    from parallel.tensor import apply_tensor_parallel
+    apply_sequence_parallel(model, linear=cfg_parallel.linear, softmax=cfg_parallel.softmax,
+                            layout=cfg_parallel.layout, group=mesh.group("sp"))
+    apply_global_router_counts(model)
+    if mesh.tp > 1:
+        apply_tensor_parallel(model, mesh)
+    if cfg_parallel.activation_checkpointing:
+        checkpoint_blocks(model)
     return model
 
 

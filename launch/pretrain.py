@@ -34,7 +34,7 @@ from launch import checkpoint as ckpt  # noqa: E402
 from launch.config import check_config, parse_args  # noqa: E402
 from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files,  # noqa: E402
                          load_tokenizer, MQARDataset, shard_batch)
-from launch.engine import build_model, checkpoint_blocks, make_engine  # noqa: E402
+from launch.engine import build_model, make_engine, parallelize  # noqa: E402
 from launch.report import Reporter, peak_flops  # noqa: E402
 from parallel import comm  # noqa: E402
 from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh  # noqa: E402
@@ -262,9 +262,7 @@ def _setup(cfg):
     if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
 
-    from lasp.apply import apply_sequence_parallel
-    from parallel.experts import apply_global_router_counts
-    from parallel.tensor import apply_tensor_parallel, replica_group
+    from parallel.tensor import replica_group
     vocab_size = tokenizer.get_piece_size() if tokenizer is not None else cfg.data.vocab_size
     model = build_model(cfg.model, vocab_size, cfg.run.seed, device)
     n_params = sum(p.numel() for p in model.parameters())   # the full model, before TP splits it
@@ -275,13 +273,7 @@ def _setup(cfg):
     except ValueError as e:
         error = e
     _agree(error, device)
-    apply_sequence_parallel(model, linear=cfg.parallel.linear, softmax=cfg.parallel.softmax,
-                            layout=cfg.parallel.layout, group=mesh.group("sp"))
-    apply_global_router_counts(model)  # MoE (BAM) balancing loss counts every rank's routes; no-op without MoE
-    if mesh.tp > 1:
-        apply_tensor_parallel(model, mesh)
-    if cfg.parallel.activation_checkpointing:
-        checkpoint_blocks(model)
+    parallelize(model, cfg.parallel, mesh)
     engine = make_engine(model, cfg, world, device, data_group=replica_group(mesh))
     run = _Run(rank, device, mesh, run_dir, root, data_path.name, tokenizer, dataset, model, n_params,
                model_label(cfg.model, model.config), engine, start=1)
