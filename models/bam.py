@@ -82,6 +82,10 @@ PRESETS = {
                                pattern="L", linear_decay="lightning", loss_chunk_tokens=512),
     "bam-seed-tiny-hybrid": BAMConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192,
                                       pattern="LLLN", linear_decay="lightning", loss_chunk_tokens=512),
+    # an MoE that trains from scratch straight from the launcher: 2 attention experts, 4 top-2 FFN experts
+    "bam-moe-tiny": BAMConfig(vocab_size=512, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=192,
+                              pattern="LLLN", linear_decay="lightning", loss_chunk_tokens=512, n_attn_experts=2,
+                              n_ffn_experts=4, top_k=2),
 }
 
 
