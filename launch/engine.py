@@ -10,27 +10,34 @@ world (dp·sp ranks), so each rank backpropagates sp · loss_sum_r / N:
 Under tensor parallelism (tp > 1, DDP only) each rank holds a shard: DDP then runs over the dp·sp ranks holding the
 same shard (parallel.tensor.replica_group), so the same scaling holds; clipping uses the full model's norm, and
 checkpoints and model.pt hold the full weights (gathered over tp), so a run resumes at another tp size.
+DeepSpeed under tensor parallelism gets the same replica group as its data-parallel group (`_ModelParallelUnit`).
+Under expert parallelism (ep > 1, DDP only) a rank holds E/ep experts, whose gradients the all-to-all's backward
+has already summed over the ep ranks of its expert group: they are SUMMED over the ranks holding the same experts
+(the mesh's edp group, dp·sp/ep ranks) and divided by dp·sp, the replicated weights' divisor:
+(1/(dp·sp)) Σ_edp Σ_ep sp·g = (1/dp) Σ_dp Σ_sp g as above. Clipping and checkpoints see the full experts too.
 """
 import dataclasses
 import logging
 import math
 import os
+import re
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 import models
 from launch import checkpoint as ckpt
-from parallel import comm, tensor
+from parallel import comm, experts, tensor
+from parallel.checkpointing import apply_activation_checkpointing
 
 __all__ = ["model_config", "build_model", "checkpoint_blocks", "parallelize", "lr_at", "build_optimizer",
            "LossModel", "fixed_buckets", "average_gradients", "DDPEngine", "DeepSpeedEngine", "make_engine"]
 
 
 def model_config(cfg_model, vocab_size):
-    """The preset's config with the run's overrides and the tokenizer's vocabulary."""
-    return dataclasses.replace(models.get_config(cfg_model.preset), **cfg_model.overrides, vocab_size=vocab_size)
+    """The run's typed model config (launch.config ModelConfig.arch: the preset + its [model] / --model.<field>
+    values) with the tokenizer's vocabulary."""
+    return dataclasses.replace(cfg_model.arch, vocab_size=vocab_size)
 
 
 def build_model(cfg_model, vocab_size, seed, device=None):
@@ -47,38 +54,24 @@ def build_model(cfg_model, vocab_size, seed, device=None):
     return model
 
 
-def _checkpointed(forward):
-    def run(*args, **kwargs):
-        if not torch.is_grad_enabled():
-            return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
-    return run
-
-
-def checkpoint_blocks(model):
-    """Recompute each block of `model.layers` in backward (activation checkpointing applied from outside:
-    the instance's forward is wrapped, so parameter names and state dicts do not change)."""
-    if not isinstance(getattr(model, "layers", None), nn.ModuleList):
-        raise ValueError(f"{type(model).__name__} has no `layers` ModuleList to checkpoint")
-    for block in model.layers:
-        block.forward = _checkpointed(block.forward)
-    return model
+checkpoint_blocks = apply_activation_checkpointing   # the old name, still used by launch/bench.py
 
 
 def parallelize(model, cfg_parallel, mesh):
     """Apply the run's parallelism to `model` from outside, in place, in this order: the sequence-parallel engines
-    of its mixers, global router counts (MoE balancing loss over every rank's routes; no-op without MoE), tensor
-    parallelism over the mesh's tp groups, activation checkpointing of each block."""
+    of its mixers, global router counts (MoE balancing loss over every rank's routes; no-op without MoE), expert
+    parallelism over the mesh's ep groups, tensor parallelism over its tp groups, activation checkpointing."""
     from lasp.apply import apply_sequence_parallel
-    from parallel.experts import apply_global_router_counts
     from parallel.tensor import apply_tensor_parallel
     apply_sequence_parallel(model, linear=cfg_parallel.linear, softmax=cfg_parallel.softmax,
                             layout=cfg_parallel.layout, group=mesh.group("sp"))
-    apply_global_router_counts(model)
+    experts.apply_global_router_counts(model)
+    if mesh.ep > 1:
+        experts.apply_expert_parallel(model, mesh.group("ep"))
     if mesh.tp > 1:
         apply_tensor_parallel(model, mesh)
     if cfg_parallel.activation_checkpointing:
-        checkpoint_blocks(model)
+        apply_activation_checkpointing(model)
     return model
 
 
@@ -130,10 +123,11 @@ def fixed_buckets(params, cap=BUCKET_ELEMENTS):
     return buckets
 
 
-def average_gradients(buckets, group=None):
+def average_gradients(buckets, group=None, divisor=None):
     """p.grad <- the mean of p.grad over `group` (default: the world), one all-reduce per bucket of flat gradients
-    in the buckets' fixed order; a missing gradient counts as zeros (every rank then holds one)."""
-    world = comm.group_size(group)
+    in the buckets' fixed order; a missing gradient counts as zeros (every rank then holds one). divisor: divide
+    the sum by it instead of the group size (expert shards: dp·sp, see the module docstring)."""
+    world = comm.group_size(group) if divisor is None else divisor
     for bucket in buckets:
         flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in bucket])
         comm.all_reduce(flat, group).div_(world)
@@ -143,7 +137,8 @@ def average_gradients(buckets, group=None):
 
 class DDPEngine:
     """Data parallelism in plain torch: gradients averaged over the world (or data_group: under tensor parallelism
-    the ranks holding the same shard) by all-reduces of fixed buckets, clipping, AdamW, LambdaLR.
+    the ranks holding the same shard) by all-reduces of fixed buckets, clipping, AdamW, LambdaLR. Expert shards
+    (expert parallelism) are left out of those buckets and reduced over expert_data_group in buckets of their own.
 
     Why not torch's DistributedDataParallel: DDP rebuilds its buckets after the first iteration of each process, in
     the order the gradients became ready. A resumed process runs its first step with the initial layout (reverse
@@ -156,21 +151,27 @@ class DDPEngine:
 
     safe_types = ()   # classes its checkpoint files may hold besides tensors and containers (ckpt.load_tensors)
 
-    def __init__(self, model, optim_cfg, world_size, data_group=None):
+    def __init__(self, model, optim_cfg, world_size, data_group=None, expert_data_group=None):
         self.model, self.grad_clip, self.group = model, optim_cfg.grad_clip, data_group
         self.optimizer, self.scheduler = build_optimizer(model, optim_cfg)
         self.forward = LossModel(model)
-        self.buckets = fixed_buckets([p for p in model.parameters() if p.requires_grad])
-        self.world_size = world_size
+        params = [p for p in model.parameters() if p.requires_grad]
+        self.buckets = fixed_buckets([p for p in params if not hasattr(p, "expert_group")])
+        self.expert_buckets = fixed_buckets([p for p in params if hasattr(p, "expert_group")])
+        self.world_size, self.expert_group = world_size, expert_data_group
 
     def backward(self, loss):
         loss.backward()
         if self.world_size > 1:
             average_gradients(self.buckets, self.group)
+        if self.expert_buckets:                          # Σ over the ranks holding the same experts, / (dp·sp)
+            average_gradients(self.expert_buckets, self.expert_group, divisor=comm.group_size(self.group))
 
     def step(self):
         """Clip, step optimizer and schedule -> the global grad norm before clipping."""
-        if getattr(self.model, "tensor_parallel", None) is not None:     # the norm of the full, unsplit model
+        if self.expert_buckets:                                          # full model: experts gathered over ep
+            norm = experts.clip_grad_norm_(self.model, self.grad_clip)
+        elif getattr(self.model, "tensor_parallel", None) is not None:   # the norm of the full, unsplit model
             norm = tensor.clip_grad_norm_(self.model, self.grad_clip)
         else:
             params = [p for p in self.model.parameters() if p.grad is not None]
@@ -192,22 +193,25 @@ class DDPEngine:
         return torch.isfinite(torch.stack(sums).sum()) if sums else torch.tensor(True)
 
     def save(self, folder, rank):
-        # full (unsplit) weights and moments: gathered over tp by every rank, written once
-        model_state = tensor.full_state_dict(self.model)
-        optim_state = tensor.full_optimizer_state(self.model, self.optimizer)
+        # full (unsplit) weights and moments: gathered over tp and ep by every rank, written once
+        model_state = experts.full_state_dict(self.model, tensor.full_state_dict(self.model))
+        optim_state = experts.full_optimizer_state(self.model, self.optimizer,
+                                                   tensor.full_optimizer_state(self.model, self.optimizer))
         if rank == 0:  # replicated state: one copy
             torch.save(model_state, folder / "model.pt")
             torch.save({"optimizer": optim_state, "scheduler": self.scheduler.state_dict()}, folder / "optim.pt")
 
     def load(self, folder):
-        tensor.load_full_state_dict(self.model, ckpt.load_tensors(folder / "model.pt"))
+        model_state = ckpt.load_tensors(folder / "model.pt")
+        tensor.load_full_state_dict(self.model, experts.load_full_state_dict(self.model, model_state))
         state = ckpt.load_tensors(folder / "optim.pt")
-        tensor.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        optim_state = experts.load_full_optimizer_state(self.model, self.optimizer, state["optimizer"])
+        tensor.load_full_optimizer_state(self.model, self.optimizer, optim_state)
         self.scheduler.load_state_dict(state["scheduler"])
 
     def export(self, path, rank):
-        """models.save_model(path) of the full model, on rank 0 (every rank calls it: tp ranks gather)."""
-        state = tensor.full_state_dict(self.model)
+        """models.save_model(path) of the full model, on rank 0 (every rank calls it: tp and ep ranks gather)."""
+        state = experts.full_state_dict(self.model, tensor.full_state_dict(self.model))
         if rank == 0:
             models.save_model(path, self.model, state_dict=state)
 
@@ -257,14 +261,54 @@ def _weights_only_deepspeed_loads(ds_engine):
     engine.load = lambda path, map_location=None: ckpt.load_tensors(path, allow=safe)
 
 
+class _ModelParallelUnit:
+    """DeepSpeed's `mpu` under tensor parallelism: the tp group is its model-parallel group, the ranks holding the
+    same shard (dp·sp of them) its data-parallel group. ZeRO then partitions and reduces over those replicas, and its
+    clipping norm sums the squares of split parameters (megatron's `tensor_model_parallel` attribute, set by
+    parallel.tensor) over the tp group and counts replicated ones on tp rank 0 only: the full model's norm."""
+
+    def __init__(self, tp_group, data_group):
+        self.tp_group, self.data_group = tp_group, data_group
+
+    def get_model_parallel_group(self):
+        return self.tp_group
+
+    def get_model_parallel_rank(self):
+        return comm.group_rank(self.tp_group)
+
+    def get_model_parallel_world_size(self):
+        return comm.group_size(self.tp_group)
+
+    get_tensor_model_parallel_group = get_model_parallel_group
+    get_tensor_model_parallel_rank = get_model_parallel_rank
+    get_tensor_model_parallel_world_size = get_model_parallel_world_size
+
+    def get_data_parallel_group(self):
+        return self.data_group
+
+    def get_data_parallel_rank(self):
+        return comm.group_rank(self.data_group)
+
+    def get_data_parallel_world_size(self):
+        return comm.group_size(self.data_group)
+
+    def get_data_parallel_group_ranks(self):
+        return [comm.global_rank(self.data_group, i) for i in range(comm.group_size(self.data_group))]
+
+
 class DeepSpeedEngine(DDPEngine):
-    """DeepSpeed ZeRO stage 1-3 over the whole world with a torch AdamW; same interface as DDPEngine."""
+    """DeepSpeed ZeRO stage 1-3 with a torch AdamW; same interface as DDPEngine. Over the whole world, or under
+    tensor parallelism over data_group (the ranks holding the same shard; `_ModelParallelUnit`). Its checkpoints hold
+    DeepSpeed's partitions (and tp shards): they resume at the same world size, stage and tp; model.pt is full."""
 
     TAG = "deepspeed"
 
-    def __init__(self, model, optim_cfg, world_size, *, stage, batch_size, device):
+    def __init__(self, model, optim_cfg, world_size, *, stage, batch_size, device, data_group=None):
         ds = self.ds = _import_deepspeed(device)
         self.model, self.stage = model, stage
+        plan = getattr(model, "tensor_parallel", None)
+        mpu = None if plan is None else _ModelParallelUnit(plan.group, data_group)
+        self.tp = 1 if plan is None else plan.size
         optimizer, scheduler = build_optimizer(model, optim_cfg)
         loss_model = LossModel(model)
         if stage == 3:  # the loss reads the output head's weight directly, outside any submodule's forward
@@ -274,7 +318,8 @@ class DeepSpeedEngine(DDPEngine):
                   "zero_optimization": {"stage": stage}, "gradient_clipping": optim_cfg.grad_clip,
                   "zero_allow_untested_optimizer": True, "steps_per_print": 1 << 30}
         self.forward, self.optimizer, _, self.scheduler = ds.initialize(
-            model=loss_model, optimizer=optimizer, lr_scheduler=scheduler, config=config, dist_init_required=False)
+            model=loss_model, optimizer=optimizer, lr_scheduler=scheduler, config=config, mpu=mpu,
+            dist_init_required=False)
         _weights_only_deepspeed_loads(self.forward)
         self.safe_types = _deepspeed_safe_types()
 
@@ -298,6 +343,11 @@ class DeepSpeedEngine(DDPEngine):
                 (folder / script).unlink(missing_ok=True)
 
     def load(self, folder):
+        saved_tp = len({m[1] for m in (re.search(r"mp_rank_(\d+)", f.name) for f in (folder / self.TAG).glob("*"))
+                        if m}) or 1
+        if saved_tp != self.tp:
+            raise ValueError(f"checkpoint {folder}: written by ZeRO at tp={saved_tp}, this run has tp={self.tp}; a "
+                             f"ZeRO checkpoint resumes at the same tp and world size (its model.pt is the full model)")
         path, _ = self.forward.load_checkpoint(str(folder), tag=self.TAG, load_optimizer_states=True,
                                                load_lr_scheduler_states=True)
         if path is None:
@@ -310,8 +360,13 @@ class DeepSpeedEngine(DDPEngine):
             super().export(path, rank)
 
 
-def make_engine(model, cfg, world_size, device, data_group=None):
+def make_engine(model, cfg, world_size, device, data_group=None, expert_data_group=None):
+    """DDPEngine (parallel.zero = 0) or DeepSpeedEngine. data_group: the ranks holding the same tp shard (None: the
+    world); expert_data_group: the ranks holding the same experts (the mesh's "edp" group; DDP only)."""
     if cfg.parallel.zero == 0:
-        return DDPEngine(model, cfg.optim, world_size, data_group)
+        return DDPEngine(model, cfg.optim, world_size, data_group, expert_data_group)
+    if experts.expert_parameters(model):
+        raise ValueError(f"parallel.zero={cfg.parallel.zero} with expert parallelism (parallel.ep > 1) is not "
+                         f"supported: run --ep with --zero 0 (DDP)")
     return DeepSpeedEngine(model, cfg.optim, world_size, stage=cfg.parallel.zero, batch_size=cfg.data.batch_size,
-                           device=device)
+                           device=device, data_group=data_group)

@@ -18,5 +18,6 @@ __all__ = ["comm", "layout", "mesh", "count_collectives", "gather_sequence", "lo
            "tensor", "apply_tensor_parallel"]
 from . import experts
 from .experts import apply_expert_parallel, apply_global_router_counts
+from .checkpointing import apply_activation_checkpointing
 
-__all__ += ["experts", "apply_expert_parallel", "apply_global_router_counts"]
+__all__ += ["experts", "apply_expert_parallel", "apply_global_router_counts", "apply_activation_checkpointing"]

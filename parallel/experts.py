@@ -16,6 +16,12 @@ over it; they must not be averaged with the other ranks' (different) experts. Re
 attention, embeddings) keep their usual data-parallel reduction. Parameters of sharded experts are marked with
 `expert_group` (the group) for an optimizer/DDP wrapper to tell them apart.
 
+Data parallelism around it (the launcher, launch/engine.py): the ranks holding the same experts (one per expert
+group, the mesh's "edp" group, R = dp·sp/W of them) sum their expert gradients and divide by dp·sp, the divisor
+of the replicated weights' average: each already holds the sum over its expert group, so Σ_edp / (dp·sp) =
+(1/(dp·sp)) Σ_all ranks, what the replicated weights get. Checkpoints gather the shards (`full_state_dict`,
+`full_optimizer_state`): a run resumes at another expert-parallel size. `clip_grad_norm_`: the full model's norm.
+
 Router counts: the Switch balancing loss's f_i must count the routes of the whole step, i.e. of every rank that
 holds tokens of it (sequence- and data-parallel ranks alike); `apply_global_router_counts` sums them.
 """
@@ -26,7 +32,11 @@ from torch import nn
 
 from . import comm
 
-__all__ = ["expert_parallel_dispatch", "apply_expert_parallel", "apply_global_router_counts"]
+__all__ = ["expert_parallel_dispatch", "check_expert_parallel", "apply_expert_parallel", "expert_parameters",
+           "full_state_dict", "load_full_state_dict", "full_optimizer_state", "load_full_optimizer_state",
+           "clip_grad_norm_", "apply_global_router_counts"]
+
+EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")   # stacked (E, ...) on dim 0
 
 
 class _AllToAllV(torch.autograd.Function):
@@ -75,6 +85,21 @@ def _moe_layers(model):
     return [m for m in model.modules() if hasattr(m, "expert_dispatch")]
 
 
+def check_expert_parallel(model, ep):
+    """ValueError naming the sizes when `model`'s experts cannot be split over `ep` ranks: no MoE layer (ep > 1),
+    or n_ffn_experts not divisible by ep. Touches nothing, issues no collective (works on the meta device)."""
+    if ep < 1:
+        raise ValueError(f"expert parallelism: ep must be >= 1, got {ep}")
+    layers = [m for m in _moe_layers(model) if getattr(m, "router", None) is not None]
+    if ep > 1 and not layers:
+        raise ValueError(f"expert parallelism over ep={ep} ranks needs routed FFN experts; {type(model).__name__} "
+                         f"has no MoE layer (a BAM preset with n_ffn_experts > 1, e.g. bam-moe-tiny)")
+    for m in layers:
+        if m.n_experts % ep:
+            raise ValueError(f"expert parallelism over ep={ep} ranks needs n_ffn_experts divisible by {ep}, got "
+                             f"{m.n_experts}")
+
+
 def apply_expert_parallel(model, group=None):
     """Shard every MoE layer's experts over `group` (None: the default group) and route tokens by all-to-all.
 
@@ -83,19 +108,92 @@ def apply_expert_parallel(model, group=None):
     Returns the model.
     """
     layers, W, r = _moe_layers(model), comm.group_size(group), comm.group_rank(group)
-    for m in layers:
-        if m.n_experts % W:
-            raise ValueError(f"expert parallelism over {W} ranks needs n_ffn_experts divisible by {W}, got "
-                             f"{m.n_experts}")
+    check_expert_parallel(model, W)
     for m in layers:
         held = slice(r * m.n_experts // W, (r + 1) * m.n_experts // W)
-        for name in ("gate_proj", "up_proj", "down_proj"):
+        for name in EXPERT_WEIGHTS:
             p = nn.Parameter(getattr(m, name).detach()[held].clone())
             p.expert_group = group
             setattr(m, name, p)
         m.expert_offset = held.start
         m.expert_dispatch = functools.partial(expert_parallel_dispatch, group=group)
     return model
+
+
+def expert_parameters(model):
+    """{state-dict name: parameter} of the expert shards (marked `expert_group` by apply_expert_parallel)."""
+    return {n: p for n, p in model.named_parameters() if hasattr(p, "expert_group")}
+
+
+def _gather(p, local):
+    return comm.all_gather(local.contiguous(), p.expert_group)               # (E_l, ...) -> (E, ...)
+
+
+def _slice(p, full):
+    n, r = comm.group_size(p.expert_group), comm.group_rank(p.expert_group)
+    return full.chunk(n)[r].clone()                                            # (E, ...) -> (E_l, ...)
+
+
+def full_state_dict(model, state):
+    """`state` (model's names) with every expert shard gathered over its group: one all-gather per expert tensor,
+    every rank of the group must call it. Without expert parallelism: `state` unchanged."""
+    experts = expert_parameters(model)
+    return {k: _gather(experts[k], v) if k in experts else v for k, v in state.items()}
+
+
+def load_full_state_dict(model, state):
+    """Inverse of full_state_dict: this rank's slice of every full expert tensor (no collective)."""
+    experts = expert_parameters(model)
+    return {k: _slice(experts[k], v) if k in experts else v for k, v in state.items()}
+
+
+def _map_expert_moments(model, optimizer, state, fn):
+    """fn(param, tensor) on every per-element optimizer state tensor (AdamW's moments) of an expert shard."""
+    experts = {id(p) for p in expert_parameters(model).values()}
+    order = [p for g in optimizer.param_groups for p in g["params"]]
+    moments = {i: {k: (fn(order[i], v) if id(order[i]) in experts and torch.is_tensor(v) and v.dim() == order[i].dim()
+                       else v) for k, v in per_param.items()}
+               for i, per_param in state["state"].items()}
+    return {**state, "state": moments}
+
+
+def full_optimizer_state(model, optimizer, state):
+    """An optimizer state dict (param_groups order of `optimizer`) with the expert moments gathered (collective)."""
+    return _map_expert_moments(model, optimizer, state, _gather)
+
+
+def load_full_optimizer_state(model, optimizer, state):
+    """Inverse of full_optimizer_state: this rank's slices of the expert moments (no collective)."""
+    return _map_expert_moments(model, optimizer, state, _slice)
+
+
+def clip_grad_norm_(model, max_norm):
+    """torch.nn.utils.clip_grad_norm_ with the norm of the FULL model's gradient under expert (and tensor)
+    parallelism: squares of expert shards summed over their expert group, of tensor-parallel shards over the tp
+    group, replicated ones counted once. -> the norm before clipping. max_norm <= 0: measure only.
+
+    Bins [replicated, tp shard, expert, expert and tp shard]: one all-reduce of bins 2-3 over the expert group,
+    then (under TP) one of bins 1 and 3 over the tp group."""
+    plan = getattr(model, "tensor_parallel", None)
+    grads = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
+    if not grads:
+        return 0.0
+    dtype = functools.reduce(torch.promote_types, [p.grad.dtype for _, p in grads], torch.float32)
+    squares = torch.zeros(4, dtype=dtype, device=grads[0][1].grad.device)
+    for name, p in grads:
+        split = plan is not None and name in plan.shards
+        squares[2 * hasattr(p, "expert_group") + split] += torch.linalg.vector_norm(p.grad, dtype=dtype) ** 2
+    group = next((p.expert_group for _, p in grads if hasattr(p, "expert_group")), None)
+    if group is not None:
+        squares[2:] = comm.all_reduce(squares[2:].clone(), group)
+    if plan is not None:
+        squares[1::2] = comm.all_reduce(squares[1::2].clone(), plan.group)
+    norm = squares.sum().sqrt()
+    if max_norm > 0:
+        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+        for _, p in grads:
+            p.grad.mul_(scale.to(p.grad.dtype))
+    return float(norm)
 
 
 def _sum_counts(counts, group):

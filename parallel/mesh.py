@@ -24,7 +24,7 @@ class Mesh:
     dp: int
     sp: int
     tp: int
-    groups: dict = field(default_factory=dict)  # "dp" | "sp" | "tp" | "ep" -> ProcessGroup (None on one process)
+    groups: dict = field(default_factory=dict)  # "dp" | "sp" | "tp" | "ep" | "edp" -> ProcessGroup (None: 1 process)
     ep: int = 1
 
     def group(self, name):
@@ -73,16 +73,18 @@ def check_mesh_sizes(world_size, sp=1, tp=1, ep=1):
 
 def _axis_lines(ranks, ep):
     """{axis name: lists of member ranks}. ep: blocks of ep consecutive ranks of the flattened dp·sp axis that
-    share a tp index (expert parallelism spans ranks holding different tokens of the same weight shard)."""
+    share a tp index (expert parallelism spans ranks holding different tokens of the same weight shard). edp
+    (expert data parallel): the dp·sp/ep ranks of one tp index holding the same experts, one per ep group."""
     lines = {name: ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
              for name, axis in (("dp", 0), ("sp", 1), ("tp", 2))}
     tokens_by_tp = ranks.flatten(0, 1).T                                     # (tp, dp·sp)
     lines["ep"] = tokens_by_tp.reshape(-1, ep).tolist()
+    lines["edp"] = tokens_by_tp.reshape(ranks.shape[2], -1, ep).transpose(1, 2).flatten(0, 1).tolist()
     return lines
 
 
 def build_mesh(rank, world_size, sp=1, tp=1, ep=1):
-    """Create the dp, sp, tp and ep groups on an initialised default group (every rank must call this, in the
+    """Create the dp, sp, tp, ep and edp groups on an initialised default group (every rank must call this, in the
     same order)."""
     global _MESH
     dp = check_mesh_sizes(world_size, sp, tp, ep)
