@@ -87,7 +87,7 @@ def run_one(args, name, kv_pairs, run_dir):
     import models
     from launch.data import MQARDataset
     from launch.evaluate import evaluate_batches
-    from launch.pretrain import train
+    from launch.trainer import train
     cfg = mqar_config(args, name, kv_pairs, run_dir)
     start = time.perf_counter()
     losses = train(cfg)["losses"]

@@ -16,7 +16,7 @@ import matplotlib.pyplot  # noqa: F401
 import torch._dynamo  # noqa: F401
 
 from launch import checkpoint as ckpt
-from launch import pretrain
+from launch import pretrain, trainer
 from launch.engine import _import_deepspeed
 from tests.dist import run_ranks
 from tests.test_launch import tiny
@@ -48,12 +48,12 @@ class _Plant:
 def _plant_every_file(cfg, marker):
     """Train 2 steps (checkpoint at 2); then, one file at a time, replace that file of the checkpoint with a crafted
     pickle, recompute the manifest (it proves integrity, not authenticity) and resume -> the error of each file."""
-    pretrain.train(cfg)
+    trainer.train(cfg)
     rank = torch.distributed.get_rank()
     root = Path(cfg.run.dir) / "checkpoints"
     folder, pristine = root / "step_00000002", root / "pristine"
     cfg.checkpoint.resume = True
-    run = pretrain._setup(cfg)                                   # the pristine checkpoint loads
+    run = trainer.setup(cfg)                                   # the pristine checkpoint loads
     assert run.start == 3
     names = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and p.name != ckpt.MANIFEST)
     if rank == 0:
@@ -68,7 +68,7 @@ def _plant_every_file(cfg, marker):
             ckpt.write_json(folder / ckpt.MANIFEST, ckpt._manifest(folder))
         torch.distributed.barrier()
         with pytest.raises(ValueError) as e:
-            pretrain._resume(run.engine, root, rank, pretrain._trainer_state(0, cfg, run.mesh, run.data_key),
+            trainer._resume(run.engine, root, rank, trainer._trainer_state(0, cfg, run.mesh, run.data_key),
                              run.device)
         errors[name] = str(e.value)
     return errors
@@ -123,8 +123,8 @@ def _poison_gradient_at(step, rank):
 
 def _train_until_nonfinite(cfg, hook):
     try:
-        pretrain.train(cfg, hook)
-    except pretrain.NonFiniteStep as e:
+        trainer.train(cfg, hook)
+    except trainer.NonFiniteStep as e:
         return str(e)
     return None
 
@@ -226,7 +226,7 @@ def _train_until_killed(cfg, kill_at=None):
         if step == kill_at:
             raise _Killed
     try:
-        out = pretrain.train(cfg, hook)
+        out = trainer.train(cfg, hook)
     except _Killed:
         return None
     return out["losses"], out["grad_norms"]
@@ -301,7 +301,7 @@ def test_unwritable_or_full_folders_are_found_before_step_1(tmp_path, cache_dir,
     argv = _main_argv(tmp_path / "run", cache_dir)
     assert pretrain.main([*argv, "--checkpoint.dir", "/proc/lasp-checkpoints"]) == 2
     assert "checkpoint.dir /proc/lasp-checkpoints is not writable" in capsys.readouterr().err
-    monkeypatch.setattr(pretrain.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
+    monkeypatch.setattr(trainer.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - 1000,
                                                                                                  1000))
     assert pretrain.main(argv) == 2
     err = capsys.readouterr().err
@@ -321,14 +321,14 @@ def test_init_from_a_non_model_file_or_another_family(tmp_path, cache_dir, capsy
         capsys.readouterr().err
     tnl = models.build_model(dataclasses.replace(models.get_config("tnl-tiny"), vocab_size=512), device="meta")
     cfg, _ = parse_args(["--config", "tiny", "--model.init_from", "m.pt"])
-    assert pretrain.model_label(cfg.model, tnl.config) == "tnl-tiny (from m.pt)"
+    assert trainer.model_label(cfg.model, tnl.config) == "tnl-tiny (from m.pt)"
     cfg.model.init_from = ""
-    assert pretrain.model_label(cfg.model, tnl.config) == "linear-llama3-tiny"
+    assert trainer.model_label(cfg.model, tnl.config) == "linear-llama3-tiny"
     own = models.build_model(dataclasses.replace(models.get_config("linear-llama3-tiny"), **cfg.model.overrides,
                                                  vocab_size=512), device="cpu")
     models.save_model(tmp_path / "own.pt", own)
     cfg.model.init_from = str(tmp_path / "own.pt")
-    assert pretrain.model_label(cfg.model, load_model_config(tmp_path / "own.pt")).startswith("linear-llama3-tiny (")
+    assert trainer.model_label(cfg.model, load_model_config(tmp_path / "own.pt")).startswith("linear-llama3-tiny (")
 
 
 def _main_on_rank(argv):
@@ -339,7 +339,7 @@ def test_an_error_after_the_group_is_printed_once(tmp_path, cache_dir, capfd):
     """A truncated checkpoint on --resume, 2 ranks: exit 2 on both, one message naming the file and the older
     intact checkpoint (was: every rank printed it, and under torchrun only some did)."""
     run_dir = tmp_path / "run"
-    run_ranks(2, pretrain.train, tiny(run_dir, cache_dir, "--max-steps", "2", "--checkpoint.every", "1"))
+    run_ranks(2, trainer.train, tiny(run_dir, cache_dir, "--max-steps", "2", "--checkpoint.every", "1"))
     model_file = run_dir / "checkpoints" / "step_00000002" / "model.pt"
     model_file.write_bytes(model_file.read_bytes()[:-10])
     capfd.readouterr()

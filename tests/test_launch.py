@@ -17,7 +17,8 @@ from launch import checkpoint as ckpt
 from launch.config import TrainConfig, build_parser, merge, parse_args
 from launch.data import PackedDataset, build_cache, load_tokenizer, shard_batch
 from launch.engine import lr_at
-from launch.pretrain import NonFiniteStep, main, train
+from launch.pretrain import main
+from launch.trainer import NonFiniteStep, train
 from tests.dist import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]

@@ -153,7 +153,7 @@ def test_mqar_config_is_checked_before_training():
 
 
 def test_mqar_quick_sweep_through_train(tmp_path):
-    """Every pattern of the sweep, one pair count, 3 steps each through launch.pretrain.train; the JSON records."""
+    """Every pattern of the sweep, one pair count, 3 steps each through launch.trainer.train; the JSON records."""
     out = tmp_path / "m.json"
     assert mqar.main(["--quick", "--kv-pairs", "4", "--run-root", str(tmp_path / "runs"), "--json", str(out),
                       "--plot", str(tmp_path / "m.png")]) == 0

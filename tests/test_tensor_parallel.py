@@ -19,7 +19,7 @@ with warnings.catch_warnings():        # imported before the ranks fork, so that
 
 import models
 from launch.config import check_config, parse_args
-from launch.pretrain import _mesh_table, train
+from launch.trainer import mesh_table, train
 from lasp.apply import apply_sequence_parallel
 from models import LinearLlamaConfig, TNLConfig
 from models.common import SwiGLU
@@ -344,7 +344,7 @@ def test_launcher_checks_tp_before_any_collective():
         check_config(parse_args(["--config", "tiny", "--tp", "8"])[0], 8)
     with pytest.raises(ValueError, match=r"parallel.zero=2 needs parallel.tp=1"):
         check_config(parse_args(["--config", "tiny", "--tp", "2", "--zero", "2"])[0], 2)
-    table = "\n".join(_mesh_table(8, 2, 4, tp=2))
+    table = "\n".join(mesh_table(8, 2, 4, tp=2))
     assert "world 8 = dp 2 x sp 2 x tp 2" in table and "tp groups: [[0, 1], [2, 3], [4, 5], [6, 7]]" in table
     assert "sp groups: [[0, 2], [1, 3], [4, 6], [5, 7]]" in table
     assert "dp groups: [[0, 4], [1, 5], [2, 6], [3, 7]]" in table

@@ -1,0 +1,479 @@
+"""The training core: the one training loop that every entry point runs (pretrain, bench's model and long modes,
+the BAM recipe, the MQAR sweep), and the pieces that build a run (evaluation uses its mesh and engines).
+
+    run = setup(cfg)                      # validate, mesh, data, model, parallelism, engine, resume state
+    metrics = train_step(run, batch)      # one optimizer step on a batch the caller gives (the loop's, or bench's)
+    result = train(cfg, hook)             # the loop: data -> train_step -> checks -> report -> checkpoint
+    run = build(cfg, model, mesh, device) # parallelism + engine around a built model, no data (bench, BAM recipe)
+
+Ranks form a dp × sp × tp mesh (parallel.init_mesh); each packed sequence is split over the sp ranks of its group
+in `parallel.layout`, each dp group reads its own batches, and the tp ranks of a group split the model's heads, MLP
+channels and vocabulary (parallel/tensor.py; checkpoints hold full weights, so a run resumes at another tp).
+Each step: forward on the local shard, the loss sum normalised by the token count of the whole sequence group
+(launch/engine.py explains the gradient scaling), backward (the engine averages gradients), clip, AdamW, the one
+warm-up + cosine schedule (launch.engine.lr_at). Checkpoints every `checkpoint.every` steps, at the end and on
+SIGTERM (launch/checkpoint.py), never after a step with a NaN/inf loss, gradient norm or weight; a resumed run
+continues bit for bit (docs/launch.md says under which conditions). It lives in the package `launch` (imported as
+`launch.trainer`), not in a script: scripts parse arguments and call it; tests import it.
+"""
+import dataclasses
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from launch import checkpoint as ckpt
+from launch.config import check_config
+from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
+                         MQARDataset, shard_batch)
+from launch.engine import build_model, make_engine, parallelize
+from launch.report import Reporter, peak_flops
+from parallel import comm
+from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh
+
+__all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "train_step", "train",
+           "model_label", "mesh_table", "dry_run"]
+
+
+class NonFiniteStep(RuntimeError):
+    """A step gave a NaN/inf loss, gradient norm or weight on some rank: the run stops before any checkpoint of
+    that step is written (rank 0 has printed the message, naming the last checkpoint with finite weights)."""
+
+
+class StopSignal:
+    """SIGTERM (Slurm preemption, torchrun shutdown) sets a flag; the loop checkpoints at the next step end."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _process():
+    """(rank, world size, local rank, local world size) of this process."""
+    rank, world, local_rank = dist_env()
+    if dist.is_initialized():
+        rank, world = dist.get_rank(), dist.get_world_size()
+    return rank, world, local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", world))
+
+
+class ReportedError(ValueError):
+    """A user error already printed once (by the lowest failing rank); an entry point exits 2 without printing
+    again."""
+
+
+def _agree(error, device):
+    """One all-reduce so that every rank learns which ranks failed: all raise, none waits in a collective. The
+    lowest failing rank prints its message, then all pass a barrier, so it is printed once and before any rank
+    exits (torchrun stops the other workers at the first exit)."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    if world == 1 and error is not None:
+        raise error                   # one process (no group): main() prints it
+    flags = torch.zeros(world, device=device)
+    flags[rank] = float(error is not None)
+    failed = comm.all_reduce(flags).nonzero().flatten().tolist()
+    if not failed:
+        return
+    if rank == failed[0]:
+        print(f"pretrain: error: {error}", file=sys.stderr, flush=True)
+    comm.barrier()
+    raise ReportedError(str(error) if error is not None else f"rank {failed[0]} failed (its message is above)")
+
+
+def _prepare_data(cfg_data, files, rank, device):
+    """Rank 0 trains the tokenizer and tokenizes the corpus once (cached); every rank then loads the cache.
+    data.mqar: synthetic recall sequences instead (no files, no tokenizer: None)."""
+    if cfg_data.mqar:
+        dataset = MQARDataset(cfg_data.mqar, cfg_data.seq_len, cfg_data.vocab_size, cfg_data.seed)
+        return Path(dataset.key), None, dataset
+    path = cache_path(files, cfg_data.text_key, cfg_data.vocab_size, cfg_data.cache_dir)
+    error = None
+    if rank == 0:
+        try:
+            build_cache(files, cfg_data.text_key, cfg_data.vocab_size, path)
+        except ValueError as e:
+            error = e
+    _agree(error, device)
+    return path, load_tokenizer(path), PackedDataset(path, cfg_data.seq_len, cfg_data.seed)
+
+
+def _trainer_state(step, cfg, mesh, data_key):
+    return {"step": step, "samples_per_step": mesh.dp * cfg.data.batch_size, "dp": mesh.dp, "sp": mesh.sp,
+            "tp": mesh.tp, "world_size": mesh.world_size, "zero": cfg.parallel.zero, "data_key": data_key}
+
+
+def _check_compatible(saved, now, folder):
+    """The data order needs the same dp and corpus; ZeRO partitions need the same world and stage."""
+    keys = ["dp", "zero", "data_key"] + (["world_size"] if now["zero"] else [])
+    diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
+    hint = (" (a checkpoint resumes with the engine it was written by: DDP for --zero 0, DeepSpeed for 1-3; pass "
+            "the run's own --zero, or start a new run with a new --run-dir)") if "zero" in diff else ""
+    if diff:
+        raise ValueError(f"checkpoint {folder} does not fit this run: "
+                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()) + hint)
+
+
+def _others(root, folder):
+    """' (other complete checkpoints here: [...]; resume from one by writing {"dir": ...} into latest)' or ''."""
+    others = [p.name for p in ckpt._complete(root) if p != folder]
+    return (f" (other checkpoints here: {others}; to resume from one, write {{\"dir\": \"{others[-1]}\"}} into "
+            f"{Path(root) / 'latest'})") if others else ""
+
+
+def _resume(engine, root, rank, state_now, device):
+    """Load the newest checkpoint under root -> (the next step, the folder), (1, None) if there is none.
+
+    Rank 0 verifies the folder (manifest, checksums, every torch file weights-only) before any rank reads it; every
+    rank's reads are weights-only as well, and the ranks agree on success twice (after the check, after the reads),
+    so a bad file gives one clear error instead of a hang or code run by a crafted pickle."""
+    folder, error = None, None
+    try:
+        folder = ckpt.latest(root)
+        if folder is not None and rank == 0:
+            try:
+                ckpt.verify(folder, engine.safe_types)
+            except ValueError as e:
+                raise ValueError(f"{e}{_others(root, folder)}") from None
+            _check_compatible(ckpt.read_json(folder / "trainer.json"), state_now, folder)
+    except ValueError as e:
+        error = e
+    _agree(error, device)
+    if folder is None:
+        return 1, None
+    try:
+        engine.load(folder)
+        rng_file = folder / f"rng-rank{rank}.pt"
+        if rng_file.exists():
+            ckpt.set_rng_state(ckpt.load_tensors(rng_file), source=rng_file)
+        step = ckpt.read_json(folder / "trainer.json")["step"] + 1
+    except ValueError as e:
+        error, step = e, None
+    _agree(error, device)
+    return step, folder
+
+
+def _save(engine, root, step, state, run_dir, rank, keep, device):
+    def write(folder):
+        engine.save(folder, rank)
+        torch.save(ckpt.rng_state(), folder / f"rng-rank{rank}.pt")
+        if rank == 0:
+            ckpt.write_json(folder / "trainer.json", state)
+    def barrier(error=None):
+        _agree(error, device)
+    folder = ckpt.save(root, step, write, rank=rank, barrier=barrier, keep=keep)
+    engine.export(run_dir / "model.pt", rank)   # for launch/generate.py
+    return folder
+
+
+def _check_free_space(root, n_params, zero):
+    """ValueError unless root's file system has room for one checkpoint plus the model.pt export: fp32 weights
+    (4 bytes a parameter) and AdamW's two moments (8); ZeRO also writes its fp32 master weights (4); model.pt 4."""
+    need = int(n_params * (16 if zero else 12) * 1.05 + n_params * 4) + 2**20
+    free = shutil.disk_usage(root).free
+    if free < need:
+        raise ValueError(f"checkpoint.dir {root}: {free / 2**30:.2f} GiB free, one checkpoint needs about "
+                         f"{need / 2**30:.2f} GiB ({n_params} parameters and their AdamW moments): free space or "
+                         f"choose another --checkpoint.dir")
+
+
+def _writable(folder, key):
+    """mkdir -p folder and create + remove a file in it; ValueError naming the key otherwise."""
+    probe = Path(folder) / f".write-test-{os.uname().nodename}-{os.getpid()}"
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise ValueError(f"{key} {folder} is not writable ({e.strerror or e}): choose another --{key}") from None
+
+
+def _preflight(cfg, run_dir, root):
+    """Before any group work (every rank sees the same shared folders): a fresh run refuses a folder with
+    checkpoints; run and checkpoint folders writable. (Free space is checked once the model is built.)"""
+    if not cfg.checkpoint.resume:
+        ckpt.check_fresh(root)
+    _writable(run_dir, "run.dir")
+    _writable(root, "checkpoint.dir")
+
+
+def setup_mesh(sp, tp):
+    """The dp × sp × tp mesh of this job (on the default group if one exists, e.g. the test helper's)."""
+    if dist.is_initialized():  # e.g. the test helper made the default group
+        return build_mesh(dist.get_rank(), dist.get_world_size(), sp, tp)
+    return init_mesh(sp, tp)
+
+
+def _autocast(device, dtype):
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
+
+
+def _sample(run_dir, tokenizer, prompt, n_tokens):
+    """Rank 0, one process: reload model.pt and decode with the model's recurrent generation (top-k)."""
+    import models
+    from models.generation import generate
+    model = models.load_model(run_dir / "model.pt").eval()
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    out = generate(model, ids, n_tokens, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
+    return tokenizer.decode(out[0].tolist())
+
+
+@dataclass
+class Run:
+    """Everything a rank's training steps need: `build` fills the first block, `setup` the data and resume state."""
+    cfg: object                 # launch.config.TrainConfig
+    rank: int
+    device: torch.device
+    mesh: object
+    model: torch.nn.Module
+    engine: object              # launch.engine.DDPEngine or DeepSpeedEngine: forward, backward, step, save, load
+    n_params: int               # the full model, counted before TP splits it and ZeRO-3 partitions it
+    label: str = ""             # what is trained (model_label)
+    run_dir: Path = None
+    root: Path = None           # checkpoints
+    data_key: str = None        # the corpus/tokenizer cache entry (checked on resume)
+    tokenizer: object = None
+    dataset: object = None      # PackedDataset or MQARDataset: batch(index, dp_rank, dp, batch_size)
+    start: int = 1              # first step to run (1-based)
+    last_ckpt: Path = None
+
+
+def build(cfg, model, mesh, device):
+    """Apply cfg.parallel to a built (plain) model from outside (launch.engine.parallelize) and wrap it in its
+    engine (DDP or ZeRO, cfg.optim) -> Run without data: the caller passes the batches to train_step."""
+    from parallel.tensor import replica_group
+    n_params = sum(p.numel() for p in model.parameters())
+    parallelize(model, cfg.parallel, mesh)
+    engine = make_engine(model, cfg, mesh.world_size, device, data_group=replica_group(mesh))
+    return Run(cfg, mesh.rank, device, mesh, model, engine, n_params)
+
+
+def setup(cfg):
+    """Validate (ValueError before any group work), then mesh, data, model, parallelism, engine, resume state."""
+    rank, world, local_rank, _ = _process()
+    check_config(cfg, world)
+    files = corpus_files(cfg.data.corpus)
+    check_corpus(files, cfg.data.text_key)
+    device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    run_dir = Path(cfg.run.dir)
+    root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
+    _preflight(cfg, run_dir, root)
+    mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp)
+    data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
+    if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
+        (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
+
+    vocab_size = tokenizer.get_piece_size() if tokenizer is not None else cfg.data.vocab_size
+    model = build_model(cfg.model, vocab_size, cfg.run.seed, device)
+    error = None
+    try:
+        if rank == 0:                                        # before step 1: room for one checkpoint
+            _check_free_space(root, sum(p.numel() for p in model.parameters()), cfg.parallel.zero)
+    except ValueError as e:
+        error = e
+    _agree(error, device)
+    run = build(cfg, model, mesh, device)
+    run.label, run.run_dir, run.root = model_label(cfg.model, model.config), run_dir, root
+    run.data_key, run.tokenizer, run.dataset = data_path.name, tokenizer, dataset
+    if cfg.checkpoint.resume:
+        run.start, run.last_ckpt = _resume(run.engine, root, rank, _trainer_state(0, cfg, mesh, run.data_key),
+                                           device)
+    return run
+
+
+def _check_finite(step, loss_sum, grad_norm, run, reporter):
+    """Stop (NonFiniteStep on every rank) if the loss, the global gradient norm or any weight this rank's optimizer
+    updated is NaN/inf on ANY rank: one all-reduce of three flags, before any checkpoint of this step is written.
+    Every checkpoint is written after this check passed, so the newest one holds finite weights."""
+    flags = torch.stack([~torch.isfinite(loss_sum), torch.tensor(not math.isfinite(grad_norm), device=run.device),
+                         ~run.engine.weights_finite()]).float()
+    flags = comm.all_reduce(flags)
+    if not flags.any():
+        return
+    what = [name for name, n in zip(("loss", "gradient norm", "weights after the update"), flags.tolist()) if n]
+    last = run.last_ckpt or "none (no checkpoint was written yet)"
+    message = (f"non-finite {' and '.join(what)} at step {step} (loss sum {loss_sum.item()}, gradient norm "
+               f"{grad_norm}; on {int(flags.max())} of {run.mesh.world_size} ranks); stopped without saving step "
+               f"{step}. The last checkpoint with finite weights is {last}: continue from it with --resume (and "
+               f"e.g. a lower --optim.lr)")
+    if run.rank == 0:                     # printed before any rank exits: torchrun kills the rest at the first exit
+        reporter.write(f"pretrain: {message}")
+        sys.stdout.flush()
+    comm.barrier()
+    raise NonFiniteStep(message)
+
+
+def model_label(cfg_model, config):
+    """What the run trains: model.preset, or with model.init_from the preset the file's config equals (with the
+    run's model fields, then without) or else its family, and the file: "tnl-tiny (from m.pt)"."""
+    import models
+    if not cfg_model.init_from:
+        return cfg_model.preset
+    found = models.config_to_dict(config)
+
+    def same(name, overrides):
+        preset = models.get_config(name)
+        fields = {f.name for f in dataclasses.fields(preset)}
+        if not set(overrides) <= fields:
+            return False
+        candidate = dataclasses.replace(preset, **overrides, vocab_size=config.vocab_size)
+        return models.config_to_dict(candidate) == found
+    names = [cfg_model.preset] if same(cfg_model.preset, cfg_model.overrides) else [
+        n for n in sorted({**models.PRESETS, **models.BAM_PRESETS}) if same(n, {})]
+    what = names[0] if names else f"a {found['family']} model matching no preset"
+    return f"{what} (from {cfg_model.init_from})"
+
+
+def _summary(cfg, run, n_params, tokens_per_step, peak_note):
+    p, mesh = cfg.parallel, run.mesh
+    return (f"{run.label}: {n_params / 1e6:.2f}M parameters, vocab {run.model.config.vocab_size}; "
+            f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} x tp {mesh.tp} ({p.linear} + {p.softmax}, "
+            f"{p.layout}), "
+            f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "
+            f"MFU peak: {peak_note}" + (f"; resumed from {run.last_ckpt}" if run.last_ckpt else "")
+            + (f"; no checkpoint in {run.root}, starting fresh" if cfg.checkpoint.resume and not run.last_ckpt else ""))
+
+
+def train_step(run, batch, stop=False):
+    """One optimizer step on this rank's shard `batch` ({tokens, positions, segment_ids, labels, loss_mask} on
+    run.device, as launch.data.shard_batch cuts them; segment_ids / loss_mask may be None) -> {"loss": the job's
+    mean loss, "loss_sum": the job's loss sum (tensor), "grad_norm" (before clipping), "lr" (used by this step),
+    "stop": whether any rank passed stop=True (one vote, in the loss all-reduce), "seconds": {"forward" (incl. the
+    loss all-reduces), "backward" (incl. the engine's gradient averaging), "optimizer" (clip, AdamW, schedule)}}."""
+    engine, mesh, device = run.engine, run.mesh, run.device
+    start = time.perf_counter()
+    lr = engine.lr()
+    with _autocast(device, run.cfg.run.dtype):
+        loss_sum, count = engine.forward(**batch)
+    # tokens of this sequence group (no grad), then the whole job's sums for logging and the stop vote
+    group_count = comm.all_reduce(count.detach().to(torch.float32).reshape(1), mesh.group("sp"))
+    totals = comm.all_reduce(torch.stack([loss_sum.detach().float(), count.float(),
+                                          torch.tensor(float(stop), device=device)]))
+    loss = (totals[0] / totals[1]).item()
+    forward = time.perf_counter()
+    engine.backward(loss_sum * mesh.sp / group_count.clamp_min(1.0)[0])   # see engine.py: Σ over sp, mean over dp
+    backward = time.perf_counter()
+    grad_norm = engine.step()
+    seconds = {"forward": forward - start, "backward": backward - forward,
+               "optimizer": time.perf_counter() - backward}
+    return {"loss": loss, "loss_sum": totals[0], "grad_norm": grad_norm, "lr": lr, "stop": totals[2].item() > 0,
+            "seconds": seconds}
+
+
+def _local_batch(run, step):
+    """This rank's shard of the step's batch (1-based step) on its device."""
+    cfg, mesh = run.cfg, run.mesh
+    batch = run.dataset.batch(step - 1, mesh.rank_in("dp"), mesh.dp, cfg.data.batch_size)
+    batch = shard_batch(batch, cfg.parallel.layout, mesh.rank_in("sp"), mesh.sp)
+    return {k: v.to(run.device, non_blocking=True) for k, v in batch.items()}
+
+
+def _reporter(cfg, run):
+    """The run's Reporter, its summary line written; -> (reporter, tokens per step, peak FLOP/s)."""
+    mesh = run.mesh
+    peak, peak_note = peak_flops(cfg.run.peak_flops, run.device, mesh.world_size,
+                                 int(os.environ.get("LOCAL_WORLD_SIZE", mesh.world_size)))
+    tokens_per_step = mesh.dp * cfg.data.batch_size * cfg.data.seq_len
+    reporter = Reporter(run.run_dir, rank=run.rank, start_step=run.start, max_steps=cfg.optim.max_steps,
+                        progress=cfg.run.progress, wandb_project=cfg.run.wandb_project,
+                        wandb_mode=cfg.run.wandb_mode, config=dataclasses.asdict(cfg))
+    reporter.write(_summary(cfg, run, run.n_params, tokens_per_step, peak_note))
+    return reporter, tokens_per_step, peak
+
+
+def train(cfg, hook=None):
+    """Run the configured training on this rank -> {"losses", "grad_norms": {step: value}, "last_checkpoint",
+    "sample"}.
+
+    hook(step, model), if given, runs before each step's forward (tests use it to send SIGTERM or break weights).
+    Raises ValueError for bad input (before any collective that could hang), NonFiniteStep on a NaN/inf loss,
+    gradient norm or weight (no checkpoint of that step is written).
+    """
+    run = setup(cfg)
+    mesh, every = run.mesh, cfg.checkpoint.every
+    reporter, tokens_per_step, peak = _reporter(cfg, run)
+    stop, losses, grad_norms, preempted = StopSignal(), {}, {}, False
+    try:
+        for step in range(run.start, cfg.optim.max_steps + 1):
+            t0 = time.perf_counter()
+            batch = _local_batch(run, step)
+            if hook is not None:
+                hook(step, run.model)
+            out = train_step(run, batch, stop.requested)
+            dt = time.perf_counter() - t0
+            losses[step], grad_norms[step], preempted = out["loss"], out["grad_norm"], out["stop"]
+            reporter.log({"step": step, "loss": out["loss"], "lr": out["lr"], "tokens": step * tokens_per_step,
+                          "tokens_per_s": tokens_per_step / dt,
+                          "mfu": 6 * run.n_params * tokens_per_step / dt / peak, "grad_norm": out["grad_norm"]})
+            _check_finite(step, out["loss_sum"], out["grad_norm"], run, reporter)     # before anything is saved
+            if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
+                run.last_ckpt = _save(run.engine, run.root, step, _trainer_state(step, cfg, mesh, run.data_key),
+                                      run.run_dir, run.rank, cfg.checkpoint.keep, run.device)
+            if preempted:
+                reporter.write(f"SIGTERM: saved {run.last_ckpt} at step {step}; continue with --resume")
+                break
+    finally:
+        stop.restore()
+        reporter.close(title=f"{run.label}, dp {mesh.dp} x sp {mesh.sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
+    sample = None
+    if run.rank == 0 and cfg.run.sample_tokens and not preempted and (run.run_dir / "model.pt").exists():
+        sample = _sample(run.run_dir, run.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
+        reporter.write(f"--- sample ---\n{sample}\n--------------")
+    return {"losses": losses, "grad_norms": grad_norms, "sample": sample,
+            "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
+
+
+def mesh_table(world, sp, local_world, tp=1):
+    """Lines describing every rank's node and (dp, sp[, tp]) coordinates, and the groups, without any process
+    group. tp is the fastest axis (parallel/mesh.py); its column and groups appear only when tp > 1."""
+    dp = check_mesh_sizes(world, sp, tp)
+    ranks = torch.arange(world).view(dp, sp, tp)
+    with_tp = (lambda text: text) if tp > 1 else (lambda text: "")
+    lines = [f"world {world} = dp {dp} x sp {sp}{with_tp(f' x tp {tp}')}; {max(1, world // local_world)} node(s) "
+             f"x {local_world} rank(s)", "rank  node  local  dp  sp" + with_tp("  tp")]
+    lines += [f"{r:4d}  {r // local_world:4d}  {r % local_world:5d}  {r // (sp * tp):2d}  {r // tp % sp:2d}"
+              + with_tp(f"  {r % tp:2d}") for r in range(world)]
+    lines.append(f"sp groups: {ranks.movedim(1, -1).reshape(-1, sp).tolist()}")
+    lines.append(f"dp groups: {ranks.movedim(0, -1).reshape(-1, dp).tolist()}")
+    lines += [f"tp groups: {ranks.reshape(-1, tp).tolist()}"] if tp > 1 else []
+    if sp > local_world:
+        lines.append(f"note: sp={sp} spans nodes ({local_world} ranks per node): SP collectives cross the network")
+    if tp > local_world:
+        lines.append(f"note: tp={tp} spans nodes ({local_world} ranks per node): TP all-reduces cross the network")
+    return lines
+
+
+def dry_run(cfg):
+    """Check the environment, config, corpus and rank layout; print the mesh. ValueError on problems."""
+    rank, world, _, local_world = _process()
+    env = os.environ
+    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(v)]
+    if missing:
+        raise ValueError(f"world size {world} needs {' and '.join(missing)} in the environment "
+                         f"(torchrun sets them; launch/slurm/pretrain.sbatch exports them)")
+    if world % local_world:
+        raise ValueError(f"world size {world} is not a multiple of the ranks per node ({local_world})")
+    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
+        raise ValueError(f"{local_world} ranks per node but {torch.cuda.device_count()} GPUs visible")
+    check_config(cfg, world)
+    files = corpus_files(cfg.data.corpus)
+    check_corpus(files, cfg.data.text_key)
+    if rank == 0:
+        where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
+        print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
+              f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
+        print("\n".join(mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp)))
+        print("dry run OK")
+    return 0
