@@ -203,4 +203,4 @@ def _memory(s):
 
 ENGINE = EngineSpec("lasp2", "linear", lasp2, ("contiguous", "zigzag"),
                     "states: one all-gather of every segment's (B, H_kv, d_k, d_v) state forward, one backward",
-                    _memory)
+                    _memory, overlaps_exchange=True)

@@ -9,9 +9,13 @@
 gloo on CPU, NCCL on GPU (parallel.init_mesh). Every rank holds T/W tokens of one sequence (batch B).
   layer  forward+backward of one attention layer per engine: linear (lasp2, lasp1, ring_linear = the left-product
          ring baseline) and softmax (allgather, ring, ulysses). Engines are interleaved inside each repetition.
-  model  forward+backward of the whole model (loss included) per "linear+softmax" engine pair.
-  long   one full training step (forward, backward, gradient all-reduce, AdamW) with per-layer activation
-         checkpointing; one record per length, so a list of lengths gives the curve of peak memory per rank.
+  model  one training step of the whole model per "linear+softmax" engine pair, interleaved.
+  long   one training step with per-layer activation checkpointing; one record per length, so a list of lengths
+         gives the curve of peak memory per rank.
+         Both run the training core's step, launch.trainer.train_step (forward and loss, backward with the
+         engine's gradient averaging, clipping, AdamW, schedule) on random bytes, built by launch.trainer.build;
+         --dtype bfloat16 is autocast, as in training. Phases: forward (with the loss all-reduces), backward (with
+         the gradient all-reduce), optimizer (clip, AdamW, schedule).
   network  the layer of `layer` mode for the linear engines under the network MODEL of parallel/comm.py
          (LASP_SIM_NETWORK semantics, one spec per --networks entry, "off" = none): every (engine, network)
          case interleaved in each repetition. Also per case: `wait_s`, the seconds the slowest rank was blocked
@@ -37,6 +41,7 @@ import shlex
 import statistics
 import sys
 import time
+import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -44,7 +49,6 @@ import torch  # noqa: E402
 
 import lasp  # noqa: E402
 from launch.bench_report import markdown, render, write_outputs  # noqa: E402
-from launch.engine import checkpoint_blocks  # noqa: E402
 from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
 
 # engine facts come from each engine's declaration (lasp.ENGINES, parallel/engines.py): names, functions, layouts
@@ -178,8 +182,9 @@ def run_interleaved(cases, reps, warmup, device, group):
 def layer_step(engine, seq_len, args, group, device, dtype):
     """Inputs for one layer on this rank and a closure running forward + backward; None if the engine cannot run."""
     W, r = comm.group_size(group), comm.group_rank(group)
-    if engine.startswith("ulysses") and args.heads % W:
-        return None                                          # Ulysses needs W | H
+    spec = lasp.ENGINES[engine.removesuffix("_dense")]
+    if spec.splits_heads and args.heads % W:
+        return None                                          # an all-to-all over heads needs W | H
     layout = "contiguous" if engine in CONTIGUOUS_ONLY else args.layout
     pos = local_positions(seq_len, layout, r, W, device)
     g = torch.Generator(device=device).manual_seed(1234)
@@ -273,7 +278,7 @@ def bench_network(args, group, device, dtype):
             extra = dict(wait_s=statistics.median(wait), model_comm_s=statistics.median(model),
                          gather_wait_s=statistics.median(gather_wait), latency_s=net.latency_s,
                          gbps=None if net.bytes_per_s == float("inf") else net.bytes_per_s * 8 / 1e9)
-            if engine == "lasp2" and extra["model_comm_s"] > 0:
+            if lasp.ENGINES[engine].overlaps_exchange and extra["model_comm_s"] > 0:
                 extra["hidden"] = max(0.0, 1 - extra["gather_wait_s"] / extra["model_comm_s"])
             profile = {k: v for k, v in profiles[engine, spec].items() if not k.startswith("peak")}
             records.append(_record("network", engine, seq_len, group, times, shape, dict(profile, **extra)))
@@ -281,6 +286,8 @@ def bench_network(args, group, device, dtype):
 
 
 # ---------------------------------------------------------------------------------------------- model modes
+# Both time the training core's step (launch.trainer.train_step): forward and loss, backward with the engine's
+# gradient averaging (launch.engine.DDPEngine), clipping, AdamW and the schedule, on synthetic tokens.
 def model_config(args):
     """The preset with its `--model.<field> value` overrides applied (dataclass fields, typed by the preset)."""
     import models
@@ -294,102 +301,144 @@ def model_config(args):
     return dataclasses.replace(cfg, **updates)
 
 
+def pair_layout(pair, layout):
+    """`layout` if both engines of "linear+softmax" run it (their declarations say), else "contiguous"."""
+    return layout if all(layout in lasp.ENGINES[e].layouts for e in pair.split("+") if e in lasp.ENGINES) \
+        else "contiguous"
+
+
+def core_config(pair, layout, sp, checkpoint, dtype=torch.float32):
+    """The launch.config.TrainConfig of a bench run: the engine pair (a baseline engine is bound afterwards by
+    set_engines: training does not offer it), checkpointing per block, AdamW at a constant 1e-3, bf16 autocast
+    for dtype bfloat16 (as training runs it)."""
+    from launch.config import TrainConfig
+    linear, softmax = pair.split("+")
+    cfg = TrainConfig()
+    cfg.parallel.linear = "lasp2" if lasp.ENGINES[linear].baseline else linear
+    cfg.parallel.softmax, cfg.parallel.layout, cfg.parallel.sp = softmax, layout, sp
+    cfg.parallel.activation_checkpointing = checkpoint
+    cfg.optim.lr = cfg.optim.min_lr = 1e-3
+    cfg.optim.warmup_steps = 0
+    cfg.run.dtype = "bf16" if dtype == torch.bfloat16 else "fp32"
+    return cfg
+
+
 def set_engines(model, pair, layout, group):
     """Point the model's mixers at the engine pair "linear+softmax" (linear may be the ring_linear baseline)."""
     linear, softmax = pair.split("+")
     lasp.apply_sequence_parallel(model, linear=linear, softmax=softmax, layout=layout, group=group, baselines=True)
 
 
+def seeded_model(args, device, checkpointed=False):
+    """The preset's plain model, the same weights on every rank (seed 0); checkpointed: each block recomputed in
+    backward (bench_run leaves that to the core's parallelize instead)."""
+    import models
+    from launch.engine import checkpoint_blocks
+    torch.manual_seed(0)
+    model = models.build_model(model_config(args), device=device)
+    return checkpoint_blocks(model) if checkpointed else model
+
+
+def bench_run(args, pair, mesh, device, dtype=torch.float32):
+    """The training core's run (launch.trainer.build: parallelism, DDP engine, AdamW) of the seeded preset model
+    under the engine pair "linear+softmax" over the mesh's sp group."""
+    from launch import trainer
+    layout = pair_layout(pair, args.layout)
+    cfg = core_config(pair, layout, mesh.sp, args.checkpoint, dtype)
+    run = trainer.build(cfg, seeded_model(args, device), mesh, device)
+    set_engines(run.model, pair, layout, mesh.group("sp"))
+    return run
+
+
 def sequence_batch(seq_len, layout, args, group, device):
-    """(tokens, positions, labels) of this rank: one random byte sequence, next-token labels, global positions."""
+    """This rank's batch for the core's step: one random byte sequence per row, next-token labels, global
+    positions; no documents (segment_ids None) and every label counted (loss_mask None)."""
     W, r = comm.group_size(group), comm.group_rank(group)
     g = torch.Generator().manual_seed(4321)
     full = torch.randint(0, 256, (args.batch, seq_len + 1), generator=g)
     pos = local_positions(seq_len, layout, r, W)
-    return full[:, pos].to(device), pos.to(device), full[:, pos + 1].to(device)
+    return dict(tokens=full[:, pos].to(device), positions=pos.to(device), segment_ids=None,
+                labels=full[:, pos + 1].to(device), loss_mask=None)
 
 
-def train_step(model, batch, seq_len, group, optimizer=None, barrier=False):
-    """Forward, backward (mean loss over the global tokens) and, with an optimizer, the gradient all-reduce over
-    the sequence-parallel ranks (each holds part of the loss) and the update. -> seconds per phase."""
-    tokens, positions, labels = batch
+def core_step(run, batch, barrier=False):
+    """One step of the training core -> seconds per phase (forward, backward, optimizer), this rank's."""
+    from launch.trainer import train_step
     if barrier:
-        comm.barrier(group)
-    phases, start = {}, time.perf_counter()
-    loss_sum, _ = model.loss(model(tokens, positions), labels)
-    phases["forward"] = time.perf_counter() - start
-    (loss_sum / (seq_len * tokens.shape[0])).backward()
-    phases["backward"] = time.perf_counter() - start - phases["forward"]
-    if optimizer is not None:
-        grads = [p.grad for p in model.parameters()]
-        flat = comm.all_reduce(torch.cat([x.flatten() for x in grads]), group)
-        for x, summed in zip(grads, flat.split([x.numel() for x in grads])):
-            x.copy_(summed.view_as(x))
-        optimizer.step()
-        phases["optimizer"] = time.perf_counter() - start - phases["forward"] - phases["backward"]
-    model.zero_grad(set_to_none=True)
-    return phases
+        comm.barrier(run.mesh.group("sp"))
+    return train_step(run, batch)["seconds"]
 
 
-def seeded_model(args, device, checkpointed):
-    import models
-    torch.manual_seed(0)                                       # the same weights on every rank
-    model = models.build_model(model_config(args), device=device)
-    if checkpointed:
-        checkpoint_blocks(model)             # each block keeps its input, recomputes itself in backward
-    return model
+_RUNS = weakref.WeakKeyDictionary()   # model -> the core Run that train_step made for it
 
 
-def bench_models(args, group, device, dtype):
-    """Forward + backward of the whole model per engine pair, interleaved; no optimizer."""
-    model = seeded_model(args, device, args.checkpoint).to(dtype)
+def train_step(model, batch, seq_len=None, group=None, optimizer=None, barrier=False):
+    """The older form of core_step, for a model made by seeded_model whose engines set_engines set (kept for
+    tests/test_plan_memory.py): one step of the training core -> seconds per phase. The core's Run (DDP engine
+    and its AdamW at 1e-3) is made at the model's first step and kept; `optimizer` is not used (the engine owns
+    its own) and `seq_len` is not needed (the core counts the tokens)."""
+    from launch import trainer
+    from launch.engine import make_engine
+    if model not in _RUNS:
+        device = next(model.parameters()).device
+        mesh = trainer.setup_mesh(comm.group_size(group), 1)
+        cfg = core_config("lasp2+allgather", "contiguous", mesh.sp, False)        # engines: as set_engines set them
+        engine = make_engine(model, cfg, mesh.world_size, device)
+        _RUNS[model] = trainer.Run(cfg, mesh.rank, device, mesh, model, engine, sum(p.numel() for p in
+                                                                                    model.parameters()))
+    return core_step(_RUNS[model], batch, barrier)
+
+
+def bench_models(args, mesh, device, dtype):
+    """Training steps of the whole model per engine pair, interleaved: one core run, its mixers re-pointed at
+    each pair before its step."""
+    group = mesh.group("sp")
+    run = bench_run(args, args.engines[0], mesh, device, dtype)
 
     def make_cases(seq_len):
         cases = {}
         for pair in args.engines:
-            layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
+            layout = pair_layout(pair, args.layout)
             batch = sequence_batch(seq_len, layout, args, group, device)
 
             def step(pair=pair, layout=layout, batch=batch):
-                set_engines(model, pair, layout, group)
-                train_step(model, batch, seq_len, group)
+                set_engines(run.model, pair, layout, group)
+                core_step(run, batch)
             cases[pair] = step
         return cases
     shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
                  checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""))
-    return [_record("model", pair, seq_len, group, times, shape, profile)
+    return [_record("model", pair, seq_len, group, times, shape, dict(profile, step="launch.trainer.train_step"))
             for seq_len, results in measure_then_time(make_cases, args.seq_lens, args, device, group).items()
             for pair, (profile, times) in results.items()]
 
 
-def bench_long(args, group, device, emit):
+def bench_long(args, mesh, device, emit):
     """One full training step per length (ascending), checkpointed per layer; memory measured per step.
 
     A warm-up step on 512 tokens per rank comes first: it loads the code pages and allocates the (tiny) optimizer
     state, and `runtime_bytes` = the rank's memory after it (interpreter, torch, gloo, weights: what does not grow
     with the sequence). emit(records) is called after every length so a long sweep leaves results as it goes."""
-    model = seeded_model(args, device, args.checkpoint)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    pair = args.engines[0]
-    layout = "contiguous" if pair.split("+")[0] in CONTIGUOUS_ONLY else args.layout
-    set_engines(model, pair, layout, group)
+    group, pair = mesh.group("sp"), args.engines[0]
+    run = bench_run(args, pair, mesh, device)
+    layout = run.cfg.parallel.layout
     warm_len = 512 * comm.group_size(group)
-    train_step(model, sequence_batch(warm_len, layout, args, group, device), warm_len, group, optimizer)
+    core_step(run, sequence_batch(warm_len, layout, args, group, device))
     malloc_for_measurement()                                  # trims the heap
     runtime = int(across_ranks([PeakMemory(device).current()], group, device)[0])
     shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
-                 checkpoint=args.checkpoint, params=sum(p.numel() for p in model.parameters()), dtype="float32")
+                 checkpoint=args.checkpoint, params=run.n_params, dtype="float32")
     records = []
     for seq_len in sorted(args.seq_lens):                    # phase 1: memory (see measure_then_time)
         batch = sequence_batch(seq_len, layout, args, group, device)
-        seconds, profile = measure_train_step(model, optimizer, batch, seq_len, group, device)
+        seconds, profile = measure_step(run, batch)
         records.append(_record("long", pair, seq_len, group, [seconds], shape, dict(profile, runtime_bytes=runtime)))
         del batch
         emit(records)
     malloc_for_speed()
     for rec in records if args.reps else []:                  # phase 2: timed steps with glibc's defaults
         batch = sequence_batch(rec["seq_len"], layout, args, group, device)
-        timed = [train_step(model, batch, rec["seq_len"], group, optimizer, barrier=True) for _ in range(args.reps)]
+        timed = [core_step(run, batch, barrier=True) for _ in range(args.reps)]
         steps = across_ranks([sum(p.values()) for p in timed], group, device)
         phases = across_ranks([statistics.median(p[k] for p in timed) for k in timed[0]], group, device)
         rec.update(_record("long", pair, rec["seq_len"], group, steps, shape, {}),
@@ -398,20 +447,20 @@ def bench_long(args, group, device, emit):
     return records
 
 
-def measure_train_step(model, optimizer, batch, seq_len, group, device):
-    """One training step under the memory meter -> (seconds of the slowest rank, profile); its time includes
-    the page faults of the measurement mode."""
+def measure_step(run, batch):
+    """One core step under the memory meter -> (seconds of the slowest rank, profile); its time includes the page
+    faults of the measurement mode."""
+    group, device = run.mesh.group("sp"), run.device
     meter = PeakMemory(device)
     meter.reset()
     with count_collectives() as log:
-        comm.barrier(group)
-        phases = train_step(model, batch, seq_len, group, optimizer)
+        phases = core_step(run, batch, barrier=True)
     peak, peak_abs = meter.peak()
     calls, nbytes, peak, peak_abs, *phases_max = across_ranks(
         [log.count(), log.bytes(), peak, peak_abs, *phases.values()], group, device)
     return sum(phases_max), dict(calls=int(calls), bytes_per_rank=int(nbytes), peak_bytes=int(peak),
                                  peak_abs_bytes=int(peak_abs), phases_s=dict(zip(phases, phases_max)),
-                                 timed="measured step (page faults)",
+                                 timed="measured step (page faults)", step="launch.trainer.train_step",
                                  peak_scope="step" if meter.resettable else "process lifetime")
 
 
@@ -513,12 +562,12 @@ def main(argv=None):
             write_outputs(records, machine, args.out)
             print(markdown({"records": records}), flush=True)
     if args.mode == "long":
-        bench_long(args, group, device, emit)
+        bench_long(args, mesh, device, emit)
     elif args.mode == "network":
         emit(bench_network(args, group, device, dtype))
     else:
         emit(bench_layers(args, group, device, dtype) if args.mode == "layer" else
-             bench_models(args, group, device, dtype))
+             bench_models(args, mesh, device, dtype))
     comm.barrier(group)
 
 

@@ -49,6 +49,8 @@ class EngineSpec:
     exchange: str
     memory: Callable
     baseline: bool = False          # a benchmark baseline only (not offered to training)
+    splits_heads: bool = False      # exchanges heads for tokens (all-to-all): the sp ranks must divide H
+    overlaps_exchange: bool = False  # its all-gather runs behind local compute (bench: the share hidden)
 
     def __post_init__(self):
         assert self.kind in ("linear", "softmax"), self.kind

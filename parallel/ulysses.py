@@ -140,4 +140,5 @@ def _memory(s):
 
 
 ENGINE = EngineSpec("ulysses", "softmax", ulysses_attention, ("contiguous", "zigzag"),
-                    "q, k, v: one all-to-all sequence → heads; o back; the same two for the gradients", _memory)
+                    "q, k, v: one all-to-all sequence → heads; o back; the same two for the gradients", _memory,
+                    splits_heads=True)
