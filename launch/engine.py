@@ -159,6 +159,7 @@ class DDPEngine:
         self.buckets = fixed_buckets([p for p in params if not hasattr(p, "expert_group")])
         self.expert_buckets = fixed_buckets([p for p in params if hasattr(p, "expert_group")])
         self.world_size, self.expert_group = world_size, expert_data_group
+        assert not self.expert_buckets or expert_data_group is not None, "expert shards need their replica group"
 
     def backward(self, loss):
         loss.backward()
