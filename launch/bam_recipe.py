@@ -6,13 +6,15 @@
    split it into domains by play: comedies, tragedies, sonnets; the last 10% of every work is held out.
 2. Train a dense parallel-block seed (models.bam, N = E = 1) on all domains.
 3. Branch: continue one copy of the seed on each domain (the dense experts).
-4. Mix with launch/upcycle.py: BAM with KV experts, BAM with KV sharing, and the BTX-style baseline (attention
-   averaged, only FFN experts); top-1 FFN routing, fresh routers.
+4. Mix with models.bam.upcycle (what launch/upcycle.py runs): BAM with KV experts, BAM with KV sharing, and the
+   BTX-style baseline (attention averaged, only FFN experts); top-1 FFN routing, fresh routers.
 5. Train every mixture, and the dense seed as a data-matched baseline, for the same tokens on all domains.
 6. Print held-out perplexity per domain (exp of the mean next-token loss, router losses excluded).
 
-One process, no torch.distributed. Numbers at this size are noisy: they show the pipeline runs and roughly how
-the variants order, not the paper's effect sizes.
+Every stage trains through the training core (launch.trainer.build + train_step: the pretraining step, AdamW with
+weight decay on matrices, the one warm-up + cosine schedule launch.engine.lr_at, clipping at 1) on this script's
+batches. One process, no torch.distributed. Numbers at this size are noisy: they show the pipeline runs and
+roughly how the variants order, not the paper's effect sizes.
 """
 import argparse
 import dataclasses
@@ -30,10 +32,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402
+from launch import trainer  # noqa: E402
+from launch.config import TrainConfig  # noqa: E402
 from launch.data import DEFAULT_CORPUS, build_cache, cache_path  # noqa: E402
-from launch.upcycle import main as upcycle_main  # noqa: E402
+from models.bam import upcycle  # noqa: E402
 
-__all__ = ["DOMAINS", "load_domains", "train", "perplexity", "main"]
+__all__ = ["DOMAINS", "load_domains", "stage_config", "train", "perplexity", "main"]
 
 DOMAINS = {
     "comedies": ("The Tempest", "A Midsummer Night's Dream", "Twelfth Night", "Much Ado About Nothing",
@@ -41,7 +45,7 @@ DOMAINS = {
     "tragedies": ("Hamlet", "Macbeth", "King Lear", "Othello", "Romeo and Juliet", "Julius Caesar"),
     "sonnets": ("Sonnets",),
 }
-MIXTURES = {"BTX (attention averaged)": ["--btx"], "BAM, KV experts": [], "BAM, KV sharing": ["--kv-sharing"]}
+MIXTURES = {"BTX (attention averaged)": "average", "BAM, KV experts": "experts", "BAM, KV sharing": "kv-sharing"}
 
 
 def parse_args(argv=None):
@@ -90,22 +94,27 @@ def _batch(streams, batch_size, seq_len, generator):
     return rows[:, :-1], rows[:, 1:]
 
 
+def stage_config(steps, lr, batch_size):
+    """The launch.config.TrainConfig of one stage: 10 warm-up steps, cosine decay to lr/10 at `steps`, AdamW
+    (0.9, 0.95) with weight decay 0.1, clipping at 1 (training's defaults otherwise); fp32, no recomputation."""
+    cfg = TrainConfig()
+    cfg.optim.lr, cfg.optim.min_lr, cfg.optim.warmup_steps, cfg.optim.max_steps = lr, lr / 10, 10, max(steps, 1)
+    cfg.data.batch_size, cfg.run.dtype = batch_size, "fp32"
+    cfg.parallel.activation_checkpointing = False
+    return cfg
+
+
 def train(model, streams, steps, lr, args, seed):
-    """AdamW with 10 warm-up steps and cosine decay to lr/10; loss = CE + router losses. -> final train loss."""
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / 10, 0.55 + 0.45 * math.cos(
-        math.pi * min(s / max(steps, 1), 1.0))))
+    """`steps` steps of the training core on random windows of `streams`; loss = CE + router losses (the model's
+    loss). -> the last step's loss."""
+    run = trainer.build(stage_config(steps, lr, args.batch_size), model, trainer.setup_mesh(1, 1),
+                        torch.device("cpu"))
     g, positions, loss = torch.Generator().manual_seed(seed), torch.arange(args.seq_len), float("nan")
     model.train()
     for _ in range(steps):
         tokens, labels = _batch(streams, args.batch_size, args.seq_len, g)
-        loss_sum, count = model.loss(model(tokens, positions), labels)
-        (loss_sum / count).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        loss = (loss_sum / count).item()
+        batch = dict(tokens=tokens, positions=positions, segment_ids=None, labels=labels, loss_mask=None)
+        loss = trainer.train_step(run, batch)["loss"]
     return loss
 
 
@@ -151,12 +160,10 @@ def main(argv=None):
     for i, (domain, (train_ids, _)) in enumerate(data.items()):
         trained[f"expert: {domain}"] = _stage(f"expert {domain}", models.load_model(out / "seed.pt"), [train_ids],
                                               args.branch_steps, args, 10 + i, out / f"expert-{domain}.pt")
-    expert_files = [str(out / f"expert-{d}.pt") for d in data]
-    for i, (name, flags) in enumerate(MIXTURES.items()):
-        path = out / f"mix-{i}.pt"
-        if upcycle_main(["--seed", str(out / "seed.pt"), "--experts", *expert_files, "--out", str(path), *flags]):
-            raise SystemExit(2)
-        trained[name] = _stage(name, models.load_model(path), everything, args.mix_steps, args, 100, path)
+    expert_states = [trained[f"expert: {d}"].state_dict() for d in data]
+    for i, (name, attention) in enumerate(MIXTURES.items()):
+        mixture = upcycle(seed.config, expert_states, attention=attention, top_k=1, router_seed=0)
+        trained[name] = _stage(name, mixture, everything, args.mix_steps, args, 100, out / f"mix-{i}.pt")
     matched = len(data) * args.branch_steps + args.mix_steps
     trained["dense, data-matched"] = _stage("dense seed continued", models.load_model(out / "seed.pt"), everything,
                                             matched, args, 200, out / "dense-matched.pt")
