@@ -4,8 +4,9 @@
     python launch/upcycle.py ... --kv-sharing      # BAM with one k, v shared by the attention experts (averaged)
     python launch/upcycle.py ... --btx             # baseline: attention averaged, only the FFNs become experts
 
-Inputs are `models.save_model` files of the same dense parallel-block BAM config (the seed's; the experts are
-the seed continued on their own domains). FFN_i -> FFN expert i, attention_i -> attention expert i, embeddings,
+Inputs are `models.save_model` files of the same dense Linear-Llama3 config with parallel_block=True (the seed's,
+e.g. preset bam-seed-tiny; the experts are the seed continued on their own domains; files of the former "bam"
+family are read as such, models.serialization.upgrade_payload). FFN_i -> FFN expert i, attention_i -> attention expert i, embeddings,
 norms and other weights averaged, routers freshly drawn (models.bam.upcycle). Every check runs before anything is
 written, and the file is written atomically (temp file + os.replace). Exit codes: 0 done, 2 bad input.
 """
@@ -20,6 +21,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from models.bam import upcycle  # noqa: E402
+from models.serialization import upgrade_payload  # noqa: E402
 
 __all__ = ["parse_args", "read_checkpoint", "upcycle_files", "main"]
 
@@ -46,6 +48,7 @@ def read_checkpoint(path, what):
     if not isinstance(payload, dict) or not {"model_config", "model"} <= set(payload):
         raise ValueError(f"{what} {path} is not a model checkpoint: expected keys 'model_config' and 'model'")
     try:
+        payload = upgrade_payload(payload)
         return models.config_from_dict(payload["model_config"]), payload["model"]
     except (TypeError, ValueError) as e:
         raise ValueError(f"{what} {path}: {e}") from None
@@ -58,7 +61,7 @@ def _difference(found, expected):
 
 def upcycle_files(seed, experts, out, *, attention="experts", top_k=1, router_seed=0):
     """Check the files, upcycle, write `out` -> the MoE model. ValueError (nothing written) for a seed that is
-    not a dense parallel-block BAM model, experts of another config or other shapes, top_k > N."""
+    not a dense parallel-block Linear-Llama3 model, experts of another config or other shapes, top_k > N."""
     seed_cfg, _ = read_checkpoint(seed, "seed")
     expected, states = models.config_to_dict(seed_cfg), []
     for i, path in enumerate(experts):

@@ -1,4 +1,5 @@
-"""Model families (Linear-Llama3 pure/hybrid, TransNormerLLM), their presets, a builder and checkpoint files.
+"""Model families (Linear-Llama3 pure/hybrid, with BAM's experts and parallel blocks as config fields;
+TransNormerLLM), their presets, a builder and checkpoint files.
 
 A model never imports torch.distributed, parallel/ or lasp/: it mixes tokens through the `linear_attn` /
 `softmax_attn` functions of its mixers, which `lasp.apply_sequence_parallel` replaces from outside.
@@ -8,7 +9,6 @@ import dataclasses
 import torch
 
 from .bam import PRESETS as BAM_PRESETS
-from .bam import BAM, BAMConfig
 from .linear_llama import PRESETS as _LINEAR_LLAMA_PRESETS
 from .linear_llama import LinearLlama, LinearLlamaConfig
 from .serialization import config_from_dict, config_to_dict, load_model, save_model
@@ -17,14 +17,13 @@ from .tnl import TNLConfig, TransNormerLLM
 
 __all__ = ["FAMILIES", "PRESETS", "get_config", "build_model", "save_model", "load_model", "config_to_dict",
            "config_from_dict", "LinearLlama", "LinearLlamaConfig", "TransNormerLLM", "TNLConfig",
-           "BAM", "BAMConfig", "BAM_PRESETS"]
+           "BAM_PRESETS"]
 
 FAMILIES = {"linear-llama3": (LinearLlamaConfig, LinearLlama), "tnl": (TNLConfig, TransNormerLLM)}
 PRESETS = {**_LINEAR_LLAMA_PRESETS, **_TNL_PRESETS}
-# BAM mixtures (models/bam.py): the family is built and saved like the others; its seed presets live in
-# BAM_PRESETS, which get_config also reads, not in PRESETS (whose closed-form parameter-count test and launcher
-# presets cover the Linear-Llama3 / TNL shapes).
-FAMILIES["bam"] = (BAMConfig, BAM)
+# BAM (models/bam.py) is a Linear-Llama3 configuration; its presets (dense parallel-block seeds, bam-moe-tiny)
+# live in BAM_PRESETS, which get_config also reads, not in PRESETS (whose closed-form parameter-count test covers
+# the dense Linear-Llama3 / TNL shapes; tests/test_bam.py counts the mixtures').
 
 
 def get_config(name):

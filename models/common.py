@@ -8,6 +8,11 @@ H query heads, H_kv key/value heads, d head dim, V vocabulary. Activations are (
 Mixers mix tokens only through the function held in their attribute `linear_attn` (linear mixers) or
 `softmax_attn` (softmax mixers). The defaults below run on one process; `lasp.apply_sequence_parallel`
 replaces them with sequence-parallel engines. Nothing here knows about ranks.
+
+Attention experts (BAM's soft Mixture-of-Attention, models/bam.py): a mixer built with n_experts = N > 1 is ONE
+wide attention of N·H heads, head j·H + h for expert j, whose per-expert head groups are scaled by the soft gates
+g = softmax(x W_rᵀ) (B, T, N) before the concatenated output projection; so the engines run it unchanged.
+kv_sharing: one k, v for all experts (own q, gate, out). N = 1 is the plain mixer, parameter for parameter.
 """
 import math
 
@@ -21,7 +26,8 @@ from kernels import lightning_attn, repeat_kv, softmax_attn, state_dtype
 __all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "MIXER_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin",
            "apply_rotary", "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
            "local_softmax_attention", "dense_attention", "run_linear_attention", "LinearAttention",
-           "SoftmaxAttention", "chunked_cross_entropy", "normalize_positions", "init_linear_weights"]
+           "SoftmaxAttention", "soft_expert_gates", "chunked_cross_entropy", "normalize_positions",
+           "init_linear_weights"]
 
 FEATURE_MAPS = {"identity": lambda x: x, "elu+1": lambda x: F.elu(x) + 1.0, "silu": F.silu}
 LINEAR_DECAYS = ("none", "lightning", "retention")       # constant per-head decays (every linear mixer)
@@ -205,6 +211,24 @@ def run_linear_attention(attn_fn, q, k, v, log_decay, cache, log_gate=None):
     return o
 
 
+def soft_expert_gates(router, x, o):
+    """Scale expert j's slice of o (B, T, N, ...) by g_j = softmax(x W_rᵀ)_j (in at least float32); no router
+    (N = 1): o unchanged."""
+    if router is None:
+        return o
+    cdt = _compute_dtype(x)
+    with torch.autocast(x.device.type, enabled=False):
+        g = F.linear(x.to(cdt), router.weight.to(cdt)).softmax(-1).to(o.dtype)     # (B, T, N)
+    return o * g.view(*g.shape, *[1] * (o.dim() - 3))
+
+
+def _transpose_heads(x, rows):
+    """Heads (B, T, rows·cols, d) read as a (rows, cols) grid and transposed: head r·cols + c -> c·rows + r.
+    KV sharing orders the N·H query heads (expert j, head h) as h·N + j, so that grouped heads (H_kv < H) map query
+    (h, j) onto the shared k, v head of h; rows = N there, and rows = H (local heads) on the way back."""
+    return x.unflatten(2, (rows, -1)).transpose(2, 3).flatten(2, 3)
+
+
 def _cached_softmax_attention(q, k, v, positions, cache):
     """Decoding: append k, v (B, T, H_kv, d) and positions (B, T) to the cache; queries see keys at pos ≤ theirs."""
     for name, x in (("k", k), ("v", v), ("pos", positions)):
@@ -230,21 +254,35 @@ class LinearAttention(nn.Module):
     per-head norm and swish output gate are exactly this mixer's, so "gated" adds one projection and nothing
     else. g ≤ 0 by construction, so the mixer makes no value check on it (which would need a device sync).
     The state runs across document boundaries: segment_ids are ignored here. (B, T, D) -> (B, T, D).
+
+    n_experts = N > 1 (see the module docstring): q_proj, g_proj (N·D, D), k_proj, v_proj (N_kv·D, D) with
+    N_kv = 1 under kv_sharing else N, out_proj (D, N·D), norm.weight (N, 1, d) one per expert, router (N, D);
+
+        A = Σ_j g_j (RMSNorm_head,j(o_j) ⊙ silu(x W_g,j)) W_o,j,   every expert with the seed's per-head decay
+
+    A KV-sharing mixture runs its N·H query heads as groups of N on the H shared k, v heads (grouped heads in the
+    LASP engines), so its states and messages are the dense mixer's size. No "gated" experts (the config refuses).
     """
     linear_attn = staticmethod(local_linear_attention)
 
     def __init__(self, dim, n_heads, *, feature_map="silu", decay="none", layer_idx=0, n_layers=1, eps=1e-6,
-                 gate_logit_normalizer=16.0):
+                 gate_logit_normalizer=16.0, n_experts=1, kv_sharing=False):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
+        self.n_experts, self.n_kv = n_experts, 1 if kv_sharing else n_experts
         self.feature_map, self.decay = feature_map, decay
         self.layer_idx, self.n_layers = layer_idx, n_layers
-        self.q_proj, self.k_proj, self.v_proj, self.g_proj, self.out_proj = (
-            nn.Linear(dim, dim, bias=False) for _ in range(5))
+        self.q_proj = nn.Linear(dim, n_experts * dim, bias=False)
+        self.k_proj, self.v_proj = (nn.Linear(dim, self.n_kv * dim, bias=False) for _ in range(2))
+        self.g_proj = nn.Linear(dim, n_experts * dim, bias=False)
+        self.out_proj = nn.Linear(n_experts * dim, dim, bias=False)
         self.norm = RMSNorm(self.head_dim, eps)
+        if n_experts > 1:       # one head-norm weight per expert, broadcast over its heads: o (B, T, N, H, d)
+            self.norm.weight = nn.Parameter(torch.empty(n_experts, 1, self.head_dim))
         # column-parallel under tensor parallelism like q/k/v (one row per head), so a rank gates its own heads
         self.forget_proj = nn.Linear(dim, n_heads) if decay == "gated" else None
         self.gate_logit_normalizer = gate_logit_normalizer
+        self.router = nn.Linear(dim, n_experts, bias=False) if n_experts > 1 else None
 
     def log_decay(self, device=None):
         """(H,) log λ ≤ 0, or None without a constant decay. A constant of the architecture, not a parameter."""
@@ -260,44 +298,65 @@ class LinearAttention(nn.Module):
 
     def forward(self, x, positions=None, segment_ids=None, cache=None):
         B, T, _ = x.shape
-        phi = FEATURE_MAPS[self.feature_map]
+        N, phi = self.n_experts, FEATURE_MAPS[self.feature_map]
         # heads from the projection width, not n_heads: under tensor parallelism a rank holds H/tp of them
-        q = phi(self.q_proj(x).view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5
-        k = phi(self.k_proj(x).view(B, T, -1, self.head_dim))
+        q = phi(self.q_proj(x).view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5     # (B, T, N·H, d)
+        k = phi(self.k_proj(x).view(B, T, -1, self.head_dim))                               # (B, T, N_kv·H, d)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
-        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache, self.log_gate(x))
-        o = self.norm(o).flatten(2) * F.silu(self.g_proj(x))
-        return self.out_proj(o)
+        log_decay = self.log_decay(x.device)                     # (H,): the same per-head decay for every expert
+        if log_decay is not None and self.n_kv > 1:
+            log_decay = log_decay.repeat(self.n_kv)
+        if self.n_kv < N:                                        # shared k, v: query (j, h) -> head h·N + j
+            q = _transpose_heads(q, N)
+        o = run_linear_attention(self.linear_attn, q, k, v, log_decay, cache, self.log_gate(x))
+        if self.n_kv < N:
+            o = _transpose_heads(o, o.shape[2] // N)             # back to expert-major (j, h)
+        o = self.norm(o.unflatten(2, (N, -1))).flatten(3)        # (B, T, N, H·d), each expert's norm weight
+        o = o * F.silu(self.g_proj(x)).view(B, T, N, -1)
+        return self.out_proj(soft_expert_gates(self.router, x, o).flatten(2))
 
 
 class SoftmaxAttention(nn.Module):
     """GQA softmax-attention mixer with RoPE on global positions. (B, T, D), positions (B, T) -> (B, T, D).
 
     segment_ids (B, T) restrict attention to the same document.
+
+    n_experts = N > 1 (see the module docstring): q_proj (N·H·d, D); k_proj, v_proj (N_kv·H_kv·d, D), N_kv = 1
+    under kv_sharing else N; out_proj (D, N·H·d); router (N, D). KV experts keep heads expert-major (query j·H + h
+    reads kv head j·H_kv + h·H_kv/H); shared kv orders the queries h·N + j, so that GQA's groups of N·H/H_kv
+    queries read kv head h·H_kv/H.
     """
     softmax_attn = staticmethod(local_softmax_attention)
 
-    def __init__(self, dim, n_heads, n_kv_heads, rope_base):
+    def __init__(self, dim, n_heads, n_kv_heads, rope_base, n_experts=1, kv_sharing=False):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = n_heads, n_kv_heads, dim // n_heads
+        self.n_experts, self.n_kv = n_experts, 1 if kv_sharing else n_experts
         self.rope_base = rope_base
-        self.q_proj = nn.Linear(dim, n_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(dim, n_kv_heads * self.head_dim, bias=False)
-        self.out_proj = nn.Linear(n_heads * self.head_dim, dim, bias=False)
+        self.q_proj = nn.Linear(dim, n_experts * n_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(dim, self.n_kv * n_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(dim, self.n_kv * n_kv_heads * self.head_dim, bias=False)
+        self.out_proj = nn.Linear(n_experts * n_heads * self.head_dim, dim, bias=False)
+        self.router = nn.Linear(dim, n_experts, bias=False) if n_experts > 1 else None
 
     def forward(self, x, positions, segment_ids=None, cache=None):
         B, T, _ = x.shape
+        N = self.n_experts
         q = self.q_proj(x).view(B, T, -1, self.head_dim)                   # local heads (see LinearAttention)
         k = self.k_proj(x).view(B, T, -1, self.head_dim)
         v = self.v_proj(x).view(B, T, -1, self.head_dim)
         cos, sin = rotary_cos_sin(positions, self.head_dim, self.rope_base, q.dtype)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if self.n_kv < N:                                                  # shared k, v: query (j, h) -> h·N + j
+            q = _transpose_heads(q, N)
         if cache is None:
             o = self.softmax_attn(q, k, v, causal=True, scale=None, segment_ids=segment_ids)
         else:
             o = _cached_softmax_attention(q, k, v, positions, cache)
-        return self.out_proj(o.flatten(2))
+        if self.n_kv < N:
+            o = _transpose_heads(o, o.shape[2] // N)                       # back to expert-major (j, h)
+        o = o.unflatten(2, (N, -1)).flatten(3)                             # (B, T, N, H·d)
+        return self.out_proj(soft_expert_gates(self.router, x, o).flatten(2))
 
 
 # ---------------------------------------------------------------------------------------------- loss

@@ -7,6 +7,11 @@ embeddings, no biases. Variant (not in the paper): linear_decay="gated" gives ev
 forget gate per token and head, g = logsigmoid(x W_f + b_f)/τ (fla's simple GLA; common.LinearAttention), with
 the only bias of the model.
 
+BAM (models/bam.py) is a configuration of these blocks, not another family: parallel_block (u = RMSNorm(x);
+y = x + A(u) + F(u)), soft Mixture-of-Attention experts (n_attn_experts, kv_sharing; common.LinearAttention /
+SoftmaxAttention as one wide attention of N·H heads) and top-k routed SwiGLU experts (n_ffn_experts, top_k;
+models/moe.py) whose router losses `loss` adds. The defaults are Linear-Llama3, parameter for parameter.
+
 Shapes: tokens (B, T) local shard; positions (T,) or (B, T) GLOBAL positions (RoPE sees them, so both sequence
 layouts give the same model); segment_ids (B, T) document ids, used by softmax layers only (linear layers carry
 their state across document boundaries); hidden (B, T, D).
@@ -18,6 +23,7 @@ from torch import nn
 
 from .common import (FEATURE_MAPS, MIXER_DECAYS, LinearAttention, RMSNorm, SoftmaxAttention, SwiGLU,
                      chunked_cross_entropy, init_linear_weights, normalize_positions)
+from .moe import MoEFeedForward
 
 __all__ = ["LinearLlamaConfig", "PRESETS", "LinearLlamaBlock", "LinearLlama"]
 
@@ -38,6 +44,14 @@ class LinearLlamaConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     loss_chunk_tokens: int = 1024   # tokens per chunk of the chunked cross-entropy
+    parallel_block: bool = False    # BAM/GPT-J block: u = RMSNorm(x); y = x + mixer(u) + MLP(u) (False: Llama's)
+    n_attn_experts: int = 1         # N soft Mixture-of-Attention experts, one wide attention of N·H heads (1: dense)
+    kv_sharing: bool = False        # the attention experts share one k and v (own q, gate and output projection)
+    n_ffn_experts: int = 1          # E top-k routed SwiGLU experts (models/moe.py; 1: the dense SwiGLU)
+    top_k: int = 1                  # FFN experts per token (between 1 and n_ffn_experts)
+    normalize_top1: bool = False    # top-1 routing weight 1 (softmax over the top-k) instead of Switch's raw p
+    balance_loss_weight: float = 0.01   # weight of the Switch balancing loss that `loss` adds (FFN experts only)
+    z_loss_weight: float = 0.001    # weight of the router z-loss that `loss` adds (FFN experts only)
 
     def __post_init__(self):
         if not self.pattern or set(self.pattern) - {"L", "N"}:
@@ -56,6 +70,17 @@ class LinearLlamaConfig:
             raise ValueError(f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {self.feature_map!r}")
+        self._check_experts()
+
+    def _check_experts(self):
+        if self.n_attn_experts < 1 or self.n_ffn_experts < 1:
+            raise ValueError(f"n_attn_experts and n_ffn_experts must be >= 1, got {self.n_attn_experts}, "
+                             f"{self.n_ffn_experts}")
+        if not 1 <= self.top_k <= self.n_ffn_experts:
+            raise ValueError(f"top_k={self.top_k} must be between 1 and n_ffn_experts={self.n_ffn_experts}")
+        if self.n_attn_experts > 1 and self.linear_decay == "gated":
+            raise ValueError(f"linear_decay='gated' has no attention experts (n_attn_experts="
+                             f"{self.n_attn_experts}); use 'none', 'lightning' or 'retention'")
 
     def layer_types(self):
         """One letter per layer, e.g. 'LLLNLLLN'."""
@@ -87,24 +112,37 @@ PRESETS = {
 }
 
 
+def _mlp(cfg):
+    """The dense SwiGLU, or E > 1 routed SwiGLU experts (stacked weights, a router)."""
+    if cfg.n_ffn_experts == 1:
+        return SwiGLU(cfg.dim, cfg.ffn_dim)
+    return MoEFeedForward(cfg.dim, cfg.ffn_dim, cfg.n_ffn_experts, cfg.top_k, normalize_top1=cfg.normalize_top1,
+                          init_std=cfg.init_std, residual_std=cfg.init_std / (2 * cfg.n_layers) ** 0.5)
+
+
 class LinearLlamaBlock(nn.Module):
-    """x += mixer(RMSNorm(x)); x += SwiGLU(RMSNorm(x)). kind 'L' or 'N'. (B, T, D) -> (B, T, D)."""
+    """x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x)). kind 'L' or 'N'. parallel_block: u = RMSNorm(x) (attn_norm)
+    feeds both, x + mixer(u) + MLP(u), and there is no mlp_norm. (B, T, D) -> (B, T, D)."""
 
     def __init__(self, cfg, layer_idx, kind):
         super().__init__()
         self.kind = kind
         self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps)
+        experts = dict(n_experts=cfg.n_attn_experts, kv_sharing=cfg.kv_sharing)
         if kind == "L":
             self.mixer = LinearAttention(cfg.dim, cfg.n_heads, feature_map=cfg.feature_map, decay=cfg.linear_decay,
                                          layer_idx=layer_idx, n_layers=cfg.n_layers, eps=cfg.norm_eps,
-                                         gate_logit_normalizer=cfg.gate_logit_normalizer)
+                                         gate_logit_normalizer=cfg.gate_logit_normalizer, **experts)
         else:
-            self.mixer = SoftmaxAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base)
-        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
-        self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
+            self.mixer = SoftmaxAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, **experts)
+        self.mlp_norm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)
+        self.mlp = _mlp(cfg)
 
     def forward(self, x, positions, segment_ids=None, cache=None):
-        x = x + self.mixer(self.attn_norm(x), positions, segment_ids, cache)
+        u = self.attn_norm(x)
+        if self.mlp_norm is None:
+            return x + self.mixer(u, positions, segment_ids, cache) + self.mlp(u)
+        x = x + self.mixer(u, positions, segment_ids, cache)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -147,6 +185,22 @@ class LinearLlama(nn.Module):
         """(B, T, D) -> (B, T, V)."""
         return self.lm_head(hidden)
 
-    def loss(self, hidden, labels, loss_mask=None):
-        """-> (loss_sum, token_count) over local tokens; see common.chunked_cross_entropy."""
-        return self.cross_entropy(hidden, self.lm_head.weight, labels, loss_mask, self.config.loss_chunk_tokens)
+    def aux_loss(self):
+        """Σ over MoE layers of balance_loss_weight·balance + z_loss_weight·z from the last forward (this rank's
+        tokens, route counts as `count_reduce` summed them); a zero tensor without FFN experts."""
+        cfg, total = self.config, self.lm_head.weight.new_zeros(())
+        for layer in self.layers:
+            aux = getattr(layer.mlp, "aux", None)
+            if aux is not None:
+                total = total + cfg.balance_loss_weight * aux["balance"] + cfg.z_loss_weight * aux["z"]
+        return total
+
+    def loss(self, hidden, labels, loss_mask=None, with_aux=True):
+        """-> (loss_sum, token_count) over local tokens; see common.chunked_cross_entropy. With FFN experts (and
+        with_aux) the sum adds aux_loss()·count, so that a caller dividing the sums over ranks by the counts over
+        ranks adds the label-weighted mean of the ranks' router losses (exactly the global one when every rank holds
+        as many labelled tokens)."""
+        ce, count = self.cross_entropy(hidden, self.lm_head.weight, labels, loss_mask, self.config.loss_chunk_tokens)
+        if not with_aux or self.config.n_ffn_experts == 1:
+            return ce, count
+        return ce + self.aux_loss().to(ce.dtype) * count, count

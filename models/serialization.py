@@ -1,6 +1,8 @@
 """Model checkpoint files: {"model_config": {"family": ..., <config fields>}, "model": state_dict}.
 
 Written atomically (a temporary file in the same folder, then os.replace), so a crash never leaves a torn file.
+Files of the former "bam" family (BAM had its own config and block classes until it became a Linear-Llama3
+configuration) are read as the same model in the linear-llama3 family (`upgrade_payload`).
 """
 import dataclasses
 import os
@@ -8,7 +10,8 @@ import pickle
 
 import torch
 
-__all__ = ["config_to_dict", "config_from_dict", "save_model", "read_payload", "load_model_config", "load_model"]
+__all__ = ["config_to_dict", "config_from_dict", "save_model", "upgrade_payload", "read_payload", "load_model_config",
+           "load_model"]
 
 KEYS = ("model_config", "model")
 
@@ -41,6 +44,38 @@ def config_from_dict(fields):
     return config_cls(**fields)
 
 
+# former "bam" names -> Linear-Llama3's: block norm, mixer, FFN (the final `norm.` has no "layers." prefix)
+_BAM_RENAMES = ((".norm.", ".attn_norm."), (".attn.", ".mixer."), (".ffn_norm.", ".mlp_norm."), (".ffn.", ".mlp."))
+
+
+def _upgrade_bam_weight(name, w, fields):
+    """One tensor of a former "bam" state dict -> (Linear-Llama3 name, tensor)."""
+    if not name.startswith("layers."):
+        return name, w
+    for old, new in _BAM_RENAMES:
+        if old in name:
+            name = name.replace(old, new, 1)
+            break
+    if name.endswith(".mixer.norm_weight"):                      # (N, d) -> (d,) dense, (N, 1, d) per expert
+        name = name[:-len("norm_weight")] + "norm.weight"
+        w = w[0] if fields["n_attn_experts"] == 1 else w[:, None]
+    elif ".mlp." in name and name.rsplit(".", 1)[-1] in ("gate_proj", "up_proj", "down_proj") and \
+            fields["n_ffn_experts"] == 1:                        # a dense seed's (1, F, D) expert axis: a SwiGLU
+        name, w = f"{name}.weight", w[0]
+    return name, w
+
+
+def upgrade_payload(payload):
+    """A {"model_config", "model"} payload of the former "bam" family -> the same model as linear-llama3 (renamed
+    weights, dense seeds' FFN and head norm without their expert axis); any other payload unchanged."""
+    fields = payload["model_config"]
+    if not isinstance(fields, dict) or fields.get("family") != "bam":
+        return payload
+    fields = {**fields, "family": "linear-llama3"}
+    weights = dict(_upgrade_bam_weight(k, v, fields) for k, v in payload["model"].items())
+    return {**payload, "model_config": fields, "model": weights}
+
+
 def save_model(path, model, state_dict=None):
     """Write {"model_config", "model"} to `path` atomically. state_dict: the weights to write instead of
     model.state_dict() (a tensor-parallel model passes its full one, parallel.tensor.full_state_dict)."""
@@ -71,7 +106,7 @@ def read_payload(path, mmap=False):
         found = sorted(payload)[:6] if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a model checkpoint: expected keys 'model_config' and 'model', found "
                          f"{found} (a models.save_model file such as <run dir>/model.pt)")
-    return payload
+    return upgrade_payload(payload)
 
 
 def load_model_config(path):

@@ -14,6 +14,15 @@ of the attention output all-reduces Σ o² (B, T, 1) each way; Linear-Llama3's p
 local heads, so its gradient (d,) is all-reduced. The embedding and the output head are split over the vocabulary;
 the loss is a vocabulary-parallel cross-entropy run chunk by chunk (`vocab_parallel_chunk_loss`).
 
+BAM mixtures (a mixer with `n_experts` N > 1, models/common.py): the wide attention's N·H heads are split per
+expert head group, rank r holding heads [r·H/n, (r+1)·H/n) of every expert (q/k/v/gate rows and output columns
+split as N blocks, k/v as N_kv), so a rank's heads stay expert-major and KV sharing's GQA groups stay local. The
+soft-gate router is replicated; it sees only local heads, so its gradient is all-reduced like the head norms'.
+Routed FFN experts (a module with `expert_dispatch`, models/moe.py): every expert's SwiGLU is split like the dense
+MLP (gate_proj, up_proj (E, F, D) on F; down_proj (E, D, F) on F), f and g wrapped around `run_experts`, whose
+rows are the routed copies (S·k, D); the router and the routing run replicated outside them, identically on every
+rank, so its gradient (language-model and router losses) is already whole and is not reduced.
+
 From megatron-core (0.16): the vocabulary partition (`VocabUtility`), the cross-entropy arithmetic
 (`VocabParallelCrossEntropy`'s steps) and the tensor-parallel parameter attributes. Written by hand, each marked
 below: the communication. megatron's ColumnParallelLinear / RowParallelLinear / VocabParallelEmbedding /
@@ -41,6 +50,8 @@ __all__ = ["Shard", "TensorParallelPlan", "VocabParallelEmbedding", "TensorParal
            "full_optimizer_state", "load_full_optimizer_state", "clip_grad_norm_", "replica_group"]
 
 RESIDUAL_WRITERS = ("out_proj", "down_proj")   # a unit's row-parallel projection (names as in init_linear_weights)
+REPLICATED = ("router",)                       # Linear children of a unit that are not split (BAM's soft gates)
+EXPERT_SHARDS = {"gate_proj": 1, "up_proj": 1, "down_proj": 2}    # stacked FFN experts: the dim of F
 
 
 def _megatron():
@@ -237,23 +248,35 @@ class TensorParallelPlan:
 
 
 # ----------------------------------------------------------------------------------- finding the layers
-def _units(model):
-    """[(name, module, {column Linear: fused parts}, row Linear)] for every module with a residual writer child
-    (`out_proj` / `down_proj`): the token mixers and MLPs. Found by names, never by importing model classes.
+def _column_parts(module, name, features, width):
+    """Blocks of a column Linear split each on its own: an attention mixture's N expert blocks (N_kv for k, v), or
+    k fused blocks when its width is k times the writer's input (TNL's q|k|v|u: 4), else 1."""
+    experts = getattr(module, "n_experts", 1)
+    if experts > 1:
+        return module.n_kv if name in ("k_proj", "v_proj") else experts
+    return max(1, features // width) if features % width == 0 else 1
 
-    Every other Linear child reads the unit's input and is column-parallel; a column whose width is k times the
-    writer's input is k fused blocks (TNL's q|k|v|u: 4), split block by block.
-    """
+
+def _units(model):
+    """[(name, module, {column Linear: parts}, row Linear, row parts)] for every module with a residual writer
+    child (`out_proj` / `down_proj` Linear): the token mixers and dense MLPs. Found by names and attributes, never
+    by importing model classes. Every other Linear child but a router reads the unit's input and is
+    column-parallel, split block by block (`_column_parts`); an attention mixture's writer in N column blocks."""
     units = []
     for name, module in model.named_modules():
         row = next((n for n in RESIDUAL_WRITERS if isinstance(getattr(module, n, None), nn.Linear)), None)
         if row is None:
             continue
         width = getattr(module, row).in_features
-        columns = {n: (c.out_features // width if c.out_features % width == 0 else 1)
-                   for n, c in module.named_children() if isinstance(c, nn.Linear) and n != row}
-        units.append((name, module, {n: max(1, k) for n, k in columns.items()}, row))
+        columns = {n: _column_parts(module, n, c.out_features, width) for n, c in module.named_children()
+                   if isinstance(c, nn.Linear) and n != row and n not in REPLICATED}
+        units.append((name, module, columns, row, getattr(module, "n_experts", 1)))
     return units
+
+
+def _expert_layers(model):
+    """[(name, module)] of the routed FFN layers (stacked expert weights, `expert_dispatch`; models/moe.py)."""
+    return [(n, m) for n, m in model.named_modules() if hasattr(m, "expert_dispatch")]
 
 
 def check_tensor_parallel(model, tp):
@@ -262,7 +285,12 @@ def check_tensor_parallel(model, tp):
     -> the vocabulary size padded up to a multiple of tp (0 for a model without an `embed` table)."""
     if tp < 1:
         raise ValueError(f"tensor parallelism: tp must be >= 1, got {tp}")
-    for name, module, columns, row in _units(model):
+    for name, module in _expert_layers(model):
+        channels = module.gate_proj.shape[1]
+        if channels % tp:
+            raise ValueError(f"tensor parallelism: {name} experts have {channels} channels (ffn_dim), not "
+                             f"divisible by tp={tp}")
+    for name, module, columns, row, _ in _units(model):
         for attr in ("n_heads", "n_kv_heads"):
             heads = getattr(module, attr, None)
             if heads is not None and heads % tp:
@@ -288,7 +316,7 @@ def check_tensor_parallel(model, tp):
     return -(-embed.num_embeddings // tp) * tp
 
 
-def _split_unit(prefix, module, columns, row, plan):
+def _split_unit(prefix, module, columns, row, row_parts, plan):
     """Record the shards of one mixer / MLP and set its hooks (f on the input, g on the writer's output)."""
     n, group = plan.size, plan.group
     for col, parts in columns.items():
@@ -296,7 +324,7 @@ def _split_unit(prefix, module, columns, row, plan):
         if getattr(module, col).bias is not None:
             plan.shards[_join(prefix, f"{col}.bias")] = Shard(0, parts)
         getattr(module, col).out_features //= n
-    plan.shards[_join(prefix, f"{row}.weight")] = Shard(1)
+    plan.shards[_join(prefix, f"{row}.weight")] = Shard(1, row_parts)
     getattr(module, row).in_features //= n
     module.register_forward_pre_hook(functools.partial(_copy_input_hook, group))
     getattr(module, row).register_forward_hook(functools.partial(_reduce_output_hook, group))
@@ -314,10 +342,22 @@ def _split_unit(prefix, module, columns, row, plan):
         full_name = _join(prefix, name)
         if full_name in plan.shards or name.split(".")[0] in columns or name.split(".")[0] == row:
             continue
-        if heads and p.dim() and p.shape[0] == heads and not name.startswith("norm."):
+        if heads and p.dim() and p.shape[0] == heads and not name.startswith(("norm.", *REPLICATED)):
             plan.shards[full_name] = Shard(0)                              # a per-head table (TNL's LRPE θ)
         else:                                                              # replicated, sees only local heads
             p.register_hook(functools.partial(_reduce_grad_hook, group))
+
+
+def _tensor_parallel_experts(run_experts, group, rows, counts):
+    """run_experts on this rank's F/n channels of every expert: f on the routed rows (n, D), g on the output."""
+    return _ReduceFromTensorParallel.apply(run_experts(_CopyToTensorParallel.apply(rows, group), counts), group)
+
+
+def _split_experts(prefix, module, plan):
+    """Each stacked expert's SwiGLU split on its F channels; the router and the routing stay replicated."""
+    for name, dim in EXPERT_SHARDS.items():
+        plan.shards[_join(prefix, name)] = Shard(dim)
+    module.run_experts = functools.partial(_tensor_parallel_experts, module.run_experts, plan.group)
 
 
 def _split_vocabulary(model, plan):
@@ -345,8 +385,10 @@ def apply_tensor_parallel(model, mesh_or_group=None):
     group). ValueError naming the sizes (see check_tensor_parallel) before anything changes or communicates; a
     vocabulary that is not a multiple of tp is padded (with a warning) and the padding never affects the loss.
     After it, `model.logits()` returns this rank's vocabulary columns; the loss is that of the full vocabulary.
-    Assumes (as in models/) that a unit reads its input only through its column projections, writes the residual
-    stream only through its writer, and that its other parameters act on local heads (their gradients are summed).
+    Assumes (as in models/) that a unit reads its input only through its column projections (and a replicated
+    router whose gates scale local heads), writes the residual stream only through its writer, and that its other
+    parameters act on local heads (their gradients are summed); and that routed experts see tokens only through
+    `run_experts` (models/moe.py).
     """
     if getattr(model, "tensor_parallel", None) is not None:
         raise ValueError("apply_tensor_parallel: the model is already tensor-parallel")
@@ -360,8 +402,10 @@ def apply_tensor_parallel(model, mesh_or_group=None):
         warnings.warn(f"tensor parallelism: vocab_size {vocab} is not a multiple of tp={n}; the embedding and "
                       f"output head are padded to {padded} rows (masked out of the loss, dropped from checkpoints)")
     plan = TensorParallelPlan(group, n, rank, vocab, padded)
-    for prefix, module, columns, row in _units(model):
-        _split_unit(prefix, module, columns, row, plan)
+    for prefix, module, columns, row, row_parts in _units(model):
+        _split_unit(prefix, module, columns, row, row_parts, plan)
+    for prefix, module in _expert_layers(model):
+        _split_experts(prefix, module, plan)
     _split_vocabulary(model, plan)
     megatron = _megatron()
     for name, p in model.named_parameters():

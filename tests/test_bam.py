@@ -17,14 +17,15 @@ import torch.distributed as dist
 import models
 from lasp.apply import apply_sequence_parallel
 from launch.upcycle import main as upcycle_main
-from models.bam import BAMConfig, upcycle
+from models import LinearLlamaConfig
+from models.bam import upcycle
 from models.common import SwiGLU
 from models.moe import MoEFeedForward
 from parallel import apply_expert_parallel, apply_global_router_counts, comm, count_collectives, layout as layouts
 from tests.dist import rel_err, run_ranks
 
-SEED = BAMConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, pattern="LN",
-                 linear_decay="lightning", loss_chunk_tokens=40)
+SEED = LinearLlamaConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, pattern="LN",
+                         linear_decay="lightning", loss_chunk_tokens=40, parallel_block=True)
 
 
 def _model(cfg, seed=0, dtype=torch.float64):
@@ -50,7 +51,7 @@ def test_identical_copies_with_uniform_gates_reproduce_the_seed(attention, top_k
     tokens, _ = _tokens(2, 24)
     with torch.no_grad():
         dense, mixed = (m.logits(m(tokens, torch.arange(24))) for m in (seed, moe))
-    assert moe.layers[1].attn.n_experts == (1 if attention == "average" else 3) and moe.layers[0].ffn.n_experts == 3
+    assert moe.layers[1].mixer.n_experts == (1 if attention == "average" else 3) and moe.layers[0].mlp.n_experts == 3
     assert rel_err(mixed, dense) < 1e-12
 
 
@@ -63,7 +64,7 @@ def test_upcycled_layers_mix_the_matching_expert_layers(attention):
         expert = copy.deepcopy(seed)
         with torch.no_grad():
             for name, p in expert.named_parameters():
-                averaged = ".attn." in name and (attention == "average" or
+                averaged = ".mixer." in name and (attention == "average" or
                                                  (attention == "kv-sharing" and ("k_proj" in name or "v_proj" in name)))
                 if "norm" not in name and not averaged:
                     p.add_(0.05 * torch.randn_like(p))
@@ -76,17 +77,17 @@ def test_upcycled_layers_mix_the_matching_expert_layers(attention):
     u, positions = torch.randn(2, 12, SEED.dim, dtype=torch.float64), torch.arange(12).expand(2, -1)
     with torch.no_grad():
         for i, layer in enumerate(moe.layers):
-            attn = [e.layers[i].attn(u, positions) for e in experts]
+            attn = [e.layers[i].mixer(u, positions) for e in experts]
             if attention == "average":
                 want = attn[0]
             else:
-                g = (u @ layer.attn.router.weight.t()).softmax(-1)
+                g = (u @ layer.mixer.router.weight.t()).softmax(-1)
                 want = sum(g[..., j, None] * a for j, a in enumerate(attn))
                 assert (g.max(-1).values - g.min(-1).values).min() > 0.05
-            assert rel_err(layer.attn(u, positions), want) < 1e-12, f"layer {i} attention"
-            p = (u @ layer.ffn.router.weight.t()).softmax(-1)
-            want = sum(p[..., j, None] * e.layers[i].ffn(u) for j, e in enumerate(experts))
-            assert rel_err(layer.ffn(u), want) < 1e-12, f"layer {i} FFN"
+            assert rel_err(layer.mixer(u, positions), want) < 1e-12, f"layer {i} attention"
+            p = (u @ layer.mlp.router.weight.t()).softmax(-1)
+            want = sum(p[..., j, None] * e.layers[i].mlp(u) for j, e in enumerate(experts))
+            assert rel_err(layer.mlp(u), want) < 1e-12, f"layer {i} FFN"
 
 
 def test_upcycle_command_writes_one_loadable_file(tmp_path, capsys):
@@ -102,7 +103,7 @@ def test_upcycle_command_writes_one_loadable_file(tmp_path, capsys):
     assert (moe.config.n_attn_experts, moe.config.kv_sharing, moe.config.n_ffn_experts, moe.config.top_k) == \
         (3, True, 3, 2)
     expert1 = models.load_model(paths[1]).state_dict()
-    assert torch.equal(moe.state_dict()["layers.0.ffn.up_proj"][1], expert1["layers.0.ffn.up_proj"][0])
+    assert torch.equal(moe.state_dict()["layers.0.mlp.up_proj"][1], expert1["layers.0.mlp.up_proj.weight"])
 
 
 def _bad_inputs(tmp_path):
@@ -115,18 +116,22 @@ def _bad_inputs(tmp_path):
     models.save_model(tmp_path / "sequential.pt", _model(dataclasses.replace(SEED, parallel_block=False)))
     models.save_model(tmp_path / "llama.pt", models.build_model(models.LinearLlamaConfig(
         vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48)))
+    models.save_model(tmp_path / "tnl.pt", models.build_model(models.TNLConfig(
+        vocab_size=101, dim=32, n_layers=2, n_heads=4, glu_dim=48)))
     payload = torch.load(good[1], weights_only=True)
-    payload["model"]["layers.0.ffn.up_proj"] = torch.zeros(1, 40, 32)                 # same config, other shape
+    payload["model"]["layers.0.mlp.up_proj.weight"] = torch.zeros(40, 32)             # same config, other shape
     torch.save(payload, tmp_path / "other_shape.pt")
     g0, g1, seq, llama = str(good[0]), str(good[1]), str(tmp_path / "sequential.pt"), str(tmp_path / "llama.pt")
+    tnl = str(tmp_path / "tnl.pt")
     return {
         "other config": (["--seed", g0, "--experts", g0, str(tmp_path / "other_config.pt")],
                          r"expert 1 .* another config .*linear_decay='none' \(seed: 'lightning'\)"),
         "other shape": (["--seed", g0, "--experts", g0, str(tmp_path / "other_shape.pt")],
-                        r"expert 1: weights do not fit.*layers\.0\.ffn\.up_proj"),
+                        r"expert 1: weights do not fit.*layers\.0\.mlp\.up_proj"),
         "sequential seed": (["--seed", seq, "--experts", seq, seq], "sequential blocks \\(parallel_block=False\\)"),
         "llama seed": (["--seed", llama, "--experts", llama, llama],
                        "LinearLlamaConfig model with sequential blocks"),
+        "tnl seed": (["--seed", tnl, "--experts", tnl, tnl], "TNLConfig model; BAM upcycles Linear-Llama3 seeds"),
         "top-k > N": (["--seed", g0, "--experts", g0, g1, "--top-k", "3"], "top_k=3 .* n_ffn_experts=2"),
         "one expert": (["--seed", g0, "--experts", g0], "at least 2 expert checkpoints"),
         "missing file": (["--seed", g0, "--experts", g0, str(tmp_path / "nope.pt")], "expert 1 .*nope.pt"),
@@ -144,7 +149,7 @@ def test_bad_upcycling_input_fails_before_writing(tmp_path, capsys):
 
 def test_config_rejects_top_k_above_the_experts():
     with pytest.raises(ValueError, match="top_k=2 must be between 1 and n_ffn_experts=1"):
-        BAMConfig(top_k=2)
+        LinearLlamaConfig(top_k=2)
 
 
 # ------------------------------------------------------------------------------------------------ DeepSpeed
@@ -208,7 +213,7 @@ def _loss_and_grads(model, tokens, labels, positions):
 
 
 def _counts(model):
-    return [layer.ffn.route_counts.tolist() for layer in model.layers]
+    return [layer.mlp.route_counts.tolist() for layer in model.layers]
 
 
 EP_CFG = dataclasses.replace(SEED, n_attn_experts=2, n_ffn_experts=4, top_k=2)
@@ -219,13 +224,13 @@ def _ep_model():
     model = _model(EP_CFG, dtype=torch.float32)
     with torch.no_grad():
         for layer in model.layers:
-            layer.ffn.router.weight.mul_(30)                    # well-separated routing decisions in fp32
+            layer.mlp.router.weight.mul_(30)                    # well-separated routing decisions in fp32
     return model
 
 
 def _ep_rank(model, tokens, labels):
     rank, W = dist.get_rank(), dist.get_world_size()
-    sharded = {n for n, _ in model.named_parameters() if ".ffn." in n and "router" not in n}
+    sharded = {n for n, _ in model.named_parameters() if ".mlp." in n and "router" not in n}
     apply_global_router_counts(model)
     apply_expert_parallel(model)
     mine = slice(rank * EP_B, (rank + 1) * EP_B)
@@ -314,7 +319,7 @@ def _gather_bytes(variants):
         for layer in model.layers:
             u = torch.randn(1, 8, cfg.dim, dtype=torch.float64)
             with count_collectives() as log:
-                layer.attn(u, layouts.local_positions(16, "contiguous", rank, W).expand(1, -1))
+                layer.mixer(u, layouts.local_positions(16, "contiguous", rank, W).expand(1, -1))
             out[name][layer.kind] = log.bytes("all_gather")
     return out
 
@@ -352,8 +357,41 @@ def test_meta_parameter_counts(name):
         assert sum(p.numel() for p in model.parameters()) == _closed_form_params(cfg), cfg
 
 
-def test_tensor_parallelism_refuses_bam_models():
-    """parallel.tensor would split the expert-major head groups and the routers as if they were heads: refused."""
-    from parallel import apply_tensor_parallel
-    with pytest.raises(ValueError, match="BAM has no `cross_entropy` hook"):
-        apply_tensor_parallel(models.build_model("bam-seed-tiny"))
+def test_bam_presets_are_linear_llama_configurations():
+    """bam-moe-tiny (and the seeds) build from the Linear-Llama3 family: same classes, the dense mixers and SwiGLU
+    where N = E = 1, parallel blocks, mixtures of 2 attention experts and 4 top-2 FFN experts in the MoE."""
+    from models.common import LinearAttention, SoftmaxAttention
+    for name in models.BAM_PRESETS:
+        cfg = models.get_config(name)
+        model = models.build_model(cfg, device="meta")
+        assert type(cfg) is LinearLlamaConfig and type(model) is models.LinearLlama and cfg.parallel_block
+        assert models.config_to_dict(model)["family"] == "linear-llama3"
+        for layer in model.layers:
+            assert layer.mlp_norm is None
+            assert isinstance(layer.mixer, LinearAttention if layer.kind == "L" else SoftmaxAttention)
+            assert layer.mixer.n_experts == cfg.n_attn_experts
+            assert isinstance(layer.mlp, SwiGLU if cfg.n_ffn_experts == 1 else MoEFeedForward)
+    moe = models.build_model("bam-moe-tiny")
+    assert [l.kind for l in moe.layers] == list("LLLN") and moe.layers[0].mlp.top_k == 2
+    assert moe.layers[0].mlp.gate_proj.shape == (4, 192, 64) and moe.layers[3].mixer.q_proj.weight.shape == (128, 64)
+    tokens, labels = torch.randint(0, 512, (2, 16)), torch.randint(0, 512, (2, 16))
+    loss_sum, count = moe.loss(moe(tokens, torch.arange(16)), labels)
+    ce, _ = moe.loss(moe(tokens, torch.arange(16)), labels, with_aux=False)
+    assert torch.isfinite(loss_sum) and loss_sum > ce                 # the router losses are added
+
+
+@pytest.mark.parametrize("name", ["seed", "moe", "moe-kv-sharing"])
+def test_former_bam_family_files_load_as_linear_llama(name):
+    """Files written by the former "bam" family (its own classes; tests/data/README.md) load as Linear-Llama3
+    models with the same config fields, and give the logits that code computed (float64)."""
+    from models.serialization import read_payload
+    data = os.path.join(os.path.dirname(__file__), "data")
+    path = os.path.join(data, f"bam-family-{name}.pt")
+    loaded = models.load_model(path)                                 # float32: load_model's default
+    assert type(loaded.config) is LinearLlamaConfig and loaded.config.parallel_block
+    model = models.build_model(loaded.config).double()
+    model.load_state_dict(read_payload(path)["model"])              # the file's float64 weights, renamed
+    expected = torch.load(os.path.join(data, "bam-family-logits.pt"), weights_only=True)[name]
+    with torch.no_grad():
+        logits = model.logits(model(expected["tokens"], torch.arange(expected["tokens"].shape[1])))
+    assert rel_err(logits, expected["logits"]) < 1e-12

@@ -358,14 +358,13 @@ def test_tnl_padding_row_follows_the_release():
 
 
 def test_gated_presets_reach_the_launcher():
-    """--model linear-llama3-tiny-gated, or linear_decay through --model.overrides, passes the launcher's checks."""
+    """--model linear-llama3-tiny-gated, or --model.linear_decay gated, passes the launcher's checks."""
     from launch.config import check_config, parse_args
     for argv in (["--model", "linear-llama3-tiny-gated"], ["--model", "linear-llama3-tiny-gated-hybrid"],
-                 ["--model.overrides", '{"linear_decay": "gated"}']):
+                 ["--model.linear_decay", "gated"]):
         cfg, _ = parse_args(argv)
         check_config(cfg, world_size=cfg.parallel.sp)
-        model_cfg = dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides)
-        model = models.build_model(model_cfg, device="meta")
+        model = models.build_model(cfg.model.arch, device="meta")
         assert all(l.mixer.forget_proj is not None for l in model.layers if l.kind == "L")
 
 
@@ -482,7 +481,7 @@ def test_unknown_names_raise():
     with pytest.raises(ValueError, match="gate_logit_normalizer must be > 0, got 0"):
         LinearLlamaConfig(linear_decay="gated", gate_logit_normalizer=0)
     with pytest.raises(ValueError, match="linear_decay"):                # BAM has no gated experts (silently ungated)
-        models.BAMConfig(linear_decay="gated")
+        LinearLlamaConfig(linear_decay="gated", n_attn_experts=2)
     with pytest.raises(ValueError, match="pad_token_id=101 must be -1 .* vocab_size=101"):
         TNLConfig(vocab_size=101, pad_token_id=101)
 

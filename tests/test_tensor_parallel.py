@@ -6,6 +6,7 @@ Everything distributed runs in ONE call of run_ranks on 8 gloo ranks, which buil
 4×1×2, 2×2×2, 4×2×1) and returns small numpy results; the parent compares them with the plain float32 model on
 one process (1e-5 relative, gradients gathered from the shards).
 """
+import copy
 import warnings
 
 import pytest
@@ -23,7 +24,7 @@ from launch.trainer import mesh_table, train
 from lasp.apply import apply_sequence_parallel
 from models import LinearLlamaConfig, TNLConfig
 from models.common import SwiGLU
-from parallel import comm, count_collectives, layout as layouts, mesh as meshes, tensor
+from parallel import apply_global_router_counts, comm, count_collectives, layout as layouts, mesh as meshes, tensor
 from tests.dist import rel_err, run_ranks
 
 W, B, T, V = 8, 4, 32, 101             # V = 101 is padded to 102 at tp = 2
@@ -342,9 +343,147 @@ def test_launcher_checks_tp_before_any_collective():
         check_config(cfg, 6)
     with pytest.raises(ValueError, match=r"parallel.tp=8 does not fit .*n_heads=4 is not divisible by tp=8"):
         check_config(parse_args(["--config", "tiny", "--tp", "8"])[0], 8)
-    with pytest.raises(ValueError, match=r"parallel.zero=2 needs parallel.tp=1"):
-        check_config(parse_args(["--config", "tiny", "--tp", "2", "--zero", "2"])[0], 2)
+    check_config(parse_args(["--config", "tiny", "--tp", "2", "--zero", "2"])[0], 2)   # ZeRO x TP: test_compose.py
     table = "\n".join(mesh_table(8, 2, 4, tp=2))
     assert "world 8 = dp 2 x sp 2 x tp 2" in table and "tp groups: [[0, 1], [2, 3], [4, 5], [6, 7]]" in table
     assert "sp groups: [[0, 2], [1, 3], [4, 6], [5, 7]]" in table
     assert "dp groups: [[0, 4], [1, 5], [2, 6], [3, 7]]" in table
+
+
+# --------------------------------------------------------------------------------------------- BAM mixtures
+# One run_ranks call on 4 ranks: meshes tp = 2 (x dp 2), tp = 4 and sp 2 x tp 2. Mixture heads split per expert
+# head group, FFN experts on their channels, routers replicated; every replica runs the whole batch.
+BAM_CFGS = {
+    "kv-experts": LinearLlamaConfig(vocab_size=V, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=96,
+                                    pattern="LN", linear_decay="lightning", loss_chunk_tokens=40, parallel_block=True,
+                                    n_attn_experts=2, n_ffn_experts=4, top_k=2),
+    "kv-sharing": LinearLlamaConfig(vocab_size=V, dim=64, n_layers=2, n_heads=8, n_kv_heads=4, ffn_dim=96,
+                                    pattern="NL", linear_decay="retention", loss_chunk_tokens=40, parallel_block=True,
+                                    n_attn_experts=3, kv_sharing=True, n_ffn_experts=3, top_k=1),
+}
+BAM_MESHES = {"tp2": (1, 2), "tp4": (1, 4), "sp2-tp2": (2, 2)}      # name: (sp, tp) on 4 ranks
+
+
+def _bam_model(name, dtype=torch.float32):
+    torch.manual_seed(0)
+    model = models.build_model(BAM_CFGS[name]).to(dtype)
+    with torch.no_grad():
+        for layer in model.layers:
+            layer.mlp.router.weight.mul_(30)      # well-separated top-k decisions: fp32 round-off flips none
+    return model
+
+
+def _bam_batch():
+    """All labels valid, no loss mask: the router losses of sp shards then add up to the global ones exactly."""
+    g = torch.Generator().manual_seed(7)
+    return torch.randint(0, V, (2, T), generator=g), torch.randint(0, V, (2, T), generator=g)
+
+
+def _bam_step(model, tokens, labels, positions):
+    loss_sum, count = model.loss(model(tokens, positions), labels)
+    return loss_sum, count
+
+
+def _bam_equivalence(name, mesh):
+    """(loss, count) of the step and the full gradients, summed over sp, gathered over tp."""
+    model = _bam_model(name)
+    sp_rank = mesh.rank_in("sp")
+    if mesh.sp > 1:
+        apply_sequence_parallel(model, group=mesh.group("sp"))
+        apply_global_router_counts(model, mesh.group("sp"))
+    tensor.apply_tensor_parallel(model, mesh)
+    tokens, labels = (layouts.shard(x, "contiguous", sp_rank, mesh.sp) for x in _bam_batch())
+    with count_collectives() as log:
+        loss_sum, count = _bam_step(model, tokens, labels, layouts.local_positions(T, "contiguous", sp_rank, mesh.sp))
+        loss_sum.backward()
+    totals = comm.all_reduce(torch.stack([loss_sum.detach(), count.float()]), mesh.group("sp"))
+    grads = {n: comm.all_reduce(p.grad.clone(), mesh.group("sp")) for n, p in model.named_parameters()}
+    grads = {n: model.tensor_parallel.unshard(n, g) for n, g in grads.items()}
+    return totals.tolist(), _numpy(grads), log.summary()
+
+
+def _bam_train(name, mesh, steps):
+    """float64 AdamW steps (see _train_and_save) at this mesh's tp -> (losses, full state and moments after 1)."""
+    model = tensor.apply_tensor_parallel(_bam_model(name, torch.float64), mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    return _bam_steps(model, optimizer, steps, first=0, save=True)
+
+
+def _bam_steps(model, optimizer, steps, first, save=False):
+    tokens, labels = _bam_batch()
+    losses, saved = [], None
+    for step in range(first, steps):
+        loss_sum, count = _bam_step(model, tokens, labels, torch.arange(T))
+        (loss_sum / count).backward()
+        losses.append((loss_sum / count).item())
+        tensor.clip_grad_norm_(model, CLIP)
+        optimizer.step()
+        optimizer.zero_grad()
+        if save and step == 0:      # copies: unsplit tensors of both are the live ones, which train on
+            saved = copy.deepcopy((tensor.full_state_dict(model), tensor.full_optimizer_state(model, optimizer)))
+    return losses, saved
+
+
+def _bam_resume(name, mesh, saved, steps):
+    """The tp = 2 run's full state after step 1 loaded at this mesh's tp -> the losses of steps 2.."""
+    model = tensor.apply_tensor_parallel(_bam_model(name, torch.float64), mesh)
+    tensor.load_full_state_dict(model, saved[0])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    tensor.load_full_optimizer_state(model, optimizer, saved[1])
+    return _bam_steps(model, optimizer, steps, first=1)[0]
+
+
+def _bam_rank_main():
+    rank = dist.get_rank()
+    built = {k: meshes.build_mesh(rank, 4, sp=sp, tp=tp) for k, (sp, tp) in BAM_MESHES.items()}
+    out = {}
+    for name in BAM_CFGS:
+        for mesh_name, mesh in built.items():
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")                   # V = 101 padded
+                out[name, mesh_name] = _bam_equivalence(name, mesh)
+        losses, saved = _bam_train(name, built["tp2"], 3)
+        resumed = _bam_resume(name, built["tp4"], saved, 3)
+        out[name, "train"] = losses, resumed, (_numpy(saved[0]) if rank == 0 else None)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bam_ranks():
+    return run_ranks(4, _bam_rank_main)
+
+
+def _bam_reference(name):
+    model = _bam_model(name)
+    loss_sum, count = _bam_step(model, *_bam_batch(), torch.arange(T))
+    loss_sum.backward()
+    return loss_sum.item() / count.item(), {n: p.grad for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("mesh", BAM_MESHES)
+@pytest.mark.parametrize("name", BAM_CFGS)
+def test_bam_tensor_parallel_matches_one_process(name, mesh, bam_ranks):
+    """Loss (router losses included) and every gradient, gathered to full shapes, equal one process (fp32)."""
+    ref_loss, ref_grads = _bam_reference(name)
+    for rank in range(4):
+        (loss_sum, count), grads, comms = bam_ranks[rank][name, mesh]
+        assert abs(loss_sum / count - ref_loss) <= TOL * ref_loss, (rank, loss_sum / count, ref_loss)
+        assert grads.keys() == ref_grads.keys()
+        for pname, ref in ref_grads.items():
+            assert ref.norm() > 0, f"{pname} got no gradient"
+            assert grads[pname].shape == tuple(ref.shape), pname
+            err = rel_err(torch.from_numpy(grads[pname]), ref)
+            assert err < TOL, f"rank {rank} {pname}: rel err {err:.2e}"
+    assert comms["all_reduce"][0] > 0
+
+
+def test_bam_checkpoint_holds_full_weights_and_resumes_at_another_tp(bam_ranks):
+    """After one step at tp = 2 the full state dict is the plain model's (shapes, loadable at tp = 1); loaded with
+    the full AdamW moments at tp = 4 the next steps' losses equal the uninterrupted tp = 2 run's (float64)."""
+    for name, cfg in BAM_CFGS.items():
+        losses, resumed, state = bam_ranks[0][name, "train"]
+        plain = models.build_model(cfg)
+        assert {k: tuple(v.shape) for k, v in plain.state_dict().items()} == {k: v.shape for k, v in state.items()}
+        plain.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
+        assert len(resumed) == 2 and all(abs(a - b) <= 1e-10 * b for a, b in zip(resumed, losses[1:])), \
+            (name, resumed, losses)
