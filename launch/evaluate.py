@@ -7,10 +7,10 @@ MODEL.pt is a models.save_model file (<run dir>/model.pt). The corpus (--data, d
 tokenized with the given tokenizer (default: <model folder>/tokenizer.model, which pretrain writes there) into the
 launch/data.py cache, and the held-out split (launch.data.split_bounds: the last 5% of the stream, which training
 never reads) is packed into --seq-len sequences and scored in order: mean cross-entropy over the masked labels,
-perplexity = exp(loss), next-token accuracy. Under torchrun the ranks form dp × sp (parallel.mesh): each sequence
-is split over the sp ranks of a group by --layout and the same sequence-parallel engines as training; dp groups
-take every dp-th batch; sums are all-reduced in float64, so every world prints the same numbers (to float32
-rounding). Exit codes: 0 done, 2 bad input (not a model file, tokenizer vocabulary != model vocabulary, a split
+perplexity = exp(loss), next-token accuracy. Under torchrun the ranks form dp × sp (the training core's mesh,
+launch.trainer.setup_mesh): each sequence is split over the sp ranks of a group by --layout and the engines are set
+as in training (launch.engine.parallelize); dp groups take every dp-th batch; sums are all-reduced in float64, so
+every world prints the same numbers (to float32 rounding). Exit codes: 0 done, 2 bad input (not a model file, tokenizer vocabulary != model vocabulary, a split
 shorter than one sequence), printed once without a traceback.
 """
 import argparse
@@ -116,8 +116,10 @@ def _batches(dataset, n_sequences, batch_size, dp_rank, dp):
 
 def evaluate(args):
     """Check the inputs (ValueError before any collective), then score the held-out split -> result dict."""
-    from lasp.apply import apply_sequence_parallel
-    from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh
+    from launch.config import ParallelConfig
+    from launch.engine import parallelize
+    from launch.trainer import setup_mesh
+    from parallel.mesh import check_mesh_sizes, dist_env
     from parallel.layout import local_positions
     tokenizer_file = args.tokenizer or str(Path(args.model).resolve().parent / "tokenizer.model")
     model = _load_checked(args.model, tokenizer_file)
@@ -126,9 +128,9 @@ def evaluate(args):
     local_positions(args.seq_len, args.layout, 0, args.sp)           # seq_len fits the layout
     dataset = heldout_dataset(args.data, args.text_key, tokenizer_file, args.seq_len, args.cache_dir)
     n = min(dataset.n_sequences, args.max_sequences or dataset.n_sequences)
-    mesh = build_mesh(dist.get_rank(), world, args.sp) if dist.is_initialized() else init_mesh(args.sp)
-    apply_sequence_parallel(model, linear=args.linear, softmax=args.softmax, layout=args.layout,
-                            group=mesh.group("sp"))
+    mesh = setup_mesh(args.sp, 1)                                     # the training core's mesh and engines
+    parallelize(model, ParallelConfig(sp=args.sp, layout=args.layout, linear=args.linear, softmax=args.softmax,
+                                      activation_checkpointing=False), mesh)
     dp_rank, sp_rank = mesh.rank_in("dp"), mesh.rank_in("sp")
     result = evaluate_batches(model, _batches(dataset, n, args.batch_size, dp_rank, mesh.dp), args.layout,
                               sp_rank, args.sp)
