@@ -333,10 +333,10 @@ def seeded_model(args, device, checkpointed=False):
     """The preset's plain model, the same weights on every rank (seed 0); checkpointed: each block recomputed in
     backward (bench_run leaves that to the core's parallelize instead)."""
     import models
-    from launch.engine import checkpoint_blocks
+    from parallel.checkpointing import apply_activation_checkpointing
     torch.manual_seed(0)
     model = models.build_model(model_config(args), device=device)
-    return checkpoint_blocks(model) if checkpointed else model
+    return apply_activation_checkpointing(model) if checkpointed else model
 
 
 def bench_run(args, pair, mesh, device, dtype=torch.float32):
