@@ -33,7 +33,6 @@ rewritten from all records (launch/bench_report.py).
 """
 import argparse
 import ctypes
-import dataclasses
 import functools
 import os
 import platform
@@ -49,6 +48,7 @@ import torch  # noqa: E402
 
 import lasp  # noqa: E402
 from launch.bench_report import markdown, render, write_outputs  # noqa: E402
+from launch.config import model_changes, parse_model_args  # noqa: E402
 from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
 
 # engine facts come from each engine's declaration (lasp.ENGINES, parallel/engines.py): names, functions, layouts
@@ -288,19 +288,6 @@ def bench_network(args, group, device, dtype):
 # ---------------------------------------------------------------------------------------------- model modes
 # Both time the training core's step (launch.trainer.train_step): forward and loss, backward with the engine's
 # gradient averaging (launch.engine.DDPEngine), clipping, AdamW and the schedule, on synthetic tokens.
-def model_config(args):
-    """The preset with its `--model.<field> value` overrides applied (dataclass fields, typed by the preset)."""
-    import models
-    cfg = models.get_config(args.preset)
-    fields = {f.name: type(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    updates = {}
-    for key, value in args.model_overrides:
-        if key not in fields:
-            raise ValueError(f"--model.{key}: {type(cfg).__name__} has no field {key!r}; fields: {sorted(fields)}")
-        updates[key] = fields[key](value)
-    return dataclasses.replace(cfg, **updates)
-
-
 def pair_layout(pair, layout):
     """`layout` if both engines of "linear+softmax" run it (their declarations say), else "contiguous"."""
     return layout if all(layout in lasp.ENGINES[e].layouts for e in pair.split("+") if e in lasp.ENGINES) \
@@ -335,7 +322,7 @@ def seeded_model(args, device, checkpointed=False):
     import models
     from parallel.checkpointing import apply_activation_checkpointing
     torch.manual_seed(0)
-    model = models.build_model(model_config(args), device=device)
+    model = models.build_model(args.model.arch, device=device)      # launch.config.parse_model_args typed it
     return apply_activation_checkpointing(model) if checkpointed else model
 
 
@@ -406,7 +393,7 @@ def bench_models(args, mesh, device, dtype):
                 core_step(run, batch)
             cases[pair] = step
         return cases
-    shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
+    shape = dict(batch=args.batch, preset=args.preset, overrides=model_changes(args.model),
                  checkpoint=args.checkpoint, dtype=str(dtype).replace("torch.", ""))
     return [_record("model", pair, seq_len, group, times, shape, dict(profile, step="launch.trainer.train_step"))
             for seq_len, results in measure_then_time(make_cases, args.seq_lens, args, device, group).items()
@@ -426,7 +413,7 @@ def bench_long(args, mesh, device, emit):
     core_step(run, sequence_batch(warm_len, layout, args, group, device))
     malloc_for_measurement()                                  # trims the heap
     runtime = int(across_ranks([PeakMemory(device).current()], group, device)[0])
-    shape = dict(batch=args.batch, preset=args.preset, overrides=dict(args.model_overrides),
+    shape = dict(batch=args.batch, preset=args.preset, overrides=model_changes(args.model),
                  checkpoint=args.checkpoint, params=run.n_params, dtype="float32")
     records = []
     for seq_len in sorted(args.seq_lens):                    # phase 1: memory (see measure_then_time)
@@ -487,7 +474,6 @@ def parse_args(argv=None):
     p.add_argument("--kv-heads", type=int, help="softmax layer engines (default: --heads)")
     p.add_argument("--head-dim", type=int, default=32)
     p.add_argument("--dtype", choices=("float32", "bfloat16"), help="layer/model (default float32 CPU, bf16 GPU)")
-    p.add_argument("--preset", default="linear-llama3-tiny")
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, help="per-layer activation "
                    "checkpointing (default: on in long mode, off otherwise)")
     p.add_argument("--reps", type=int, help="timed repetitions (default 5; long: 1 timed step after the step "
@@ -496,8 +482,7 @@ def parse_args(argv=None):
     p.add_argument("--out", help="output prefix (default docs/bench/<mode>); .json, .md and .png are written")
     p.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json "
                    "(no torchrun, nothing measured)")
-    args, rest = p.parse_known_args(argv)
-    args.model_overrides = parse_model_overrides(p, rest)
+    args = parse_model_args(p, argv, default="linear-llama3-tiny")       # --preset and its --model.<field> flags
     args.seq_lens = [int(x) for x in args.seq_lens.split(",")]
     args.engines = (args.engines or DEFAULT_ENGINES[args.mode]).split(",")
     args.kv_heads = args.kv_heads or args.heads
@@ -509,13 +494,6 @@ def parse_args(argv=None):
     args.out = args.out or os.path.join("docs", "bench", args.mode)
     _validate(p, args)
     return args
-
-
-def parse_model_overrides(parser, rest):
-    """`--model.<field> value` pairs (checked against the config dataclass later); anything else is an error."""
-    if len(rest) % 2 or any(not k.startswith("--model.") for k in rest[::2]):
-        parser.error(f"unrecognized arguments: {' '.join(rest)} (model fields go as --model.<field> <value>)")
-    return [(k[len("--model."):], v) for k, v in zip(rest[::2], rest[1::2])]
 
 
 def _validate(parser, args):

@@ -4,6 +4,12 @@ Precedence: dataclass defaults < the TOML file (`--config`, default launch/confi
 line. Every field of every section gets a generated flag `--section.key`; a few common ones have a short alias
 (`--model`, `--sp`, `--zero`, `--max-steps`, `--run-dir`, `--resume`). Unknown TOML keys, bad types and values
 that cannot work raise ValueError naming the key (main() maps it to exit code 2).
+
+The model's own fields are those of the preset's config dataclass (models.get_config): `n_layers = 8` under
+[model] in TOML, `--model.n_layers 8` on the command line, typed by the dataclass and checked by its
+__post_init__; cfg.model.arch holds the result. The preset is read first (TOML model.preset, then --model /
+--model.preset), so the parser has one flag per field of that family with its help (add_model_flags: every entry
+point, bench, plan_memory and mqar included, gets its model flags from it).
 """
 import argparse
 import dataclasses
@@ -12,6 +18,7 @@ import json
 import math
 import os
 import re
+import sys
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -19,7 +26,8 @@ from pathlib import Path
 
 __all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
            "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
-           "merge", "check_config", "OPTIM_BOUNDS"]
+           "merge", "check_config", "OPTIM_BOUNDS", "preset_config", "add_model_flags", "model_flags",
+           "preset_from_argv", "model_arch", "model_changes", "parse_model_args"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
@@ -27,15 +35,22 @@ DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
 
 @dataclass
 class ModelConfig:
-    preset: str = "linear-llama3-tiny"  # a name in models.PRESETS or models.BAM_PRESETS
-    overrides: dict = field(default_factory=dict)  # preset config fields: TOML {n_layers = 2}, CLI '{"n_layers": 2}'
+    preset: str = "linear-llama3-tiny"  # a models.get_config name; its family's fields are the --model.<field> flags
     init_from: str = ""  # a model file (models.save_model, launch/upcycle.py) whose config and weights start the run
+    # The preset's config dataclass with the TOML [model] fields and --model.<field> flags applied (merge sets it;
+    # no flag of its own). Its vocab_size stays the preset's: launch.engine.model_config puts data.vocab_size in.
+    arch: typing.Any = field(default=None, metadata={"flags": "add_model_flags"})
+
+    def __post_init__(self):
+        if self.arch is None:
+            self.arch = preset_config(self.preset)
 
 
 @dataclass
 class ParallelConfig:
     sp: int = 1                       # sequence-parallel ranks per sequence; data-parallel size = world / (sp·tp)
     tp: int = 1                       # tensor-parallel ranks: heads, MLP channels, vocabulary (parallel/tensor.py)
+    ep: int = 1                       # expert-parallel ranks (within dp·sp): routed FFN experts (parallel/experts.py)
     layout: str = "contiguous"        # "contiguous" | "zigzag" (parallel/layout.py)
     linear: str = "lasp2"             # linear-attention engine (lasp.LINEAR_ENGINES)
     softmax: str = "allgather"        # softmax-attention engine (lasp.SOFTMAX_ENGINES)
@@ -104,6 +119,7 @@ SHORTCUTS = {
     "--model": ("model.preset", dict(metavar="PRESET", help="model preset (models.PRESETS)")),
     "--sp": ("parallel.sp", dict(type=int, metavar="N", help="sequence-parallel size; dp = world / (sp·tp)")),
     "--tp": ("parallel.tp", dict(type=int, metavar="N", help="tensor-parallel size; dp = world / (sp·tp)")),
+    "--ep": ("parallel.ep", dict(type=int, metavar="N", help="expert-parallel size, dividing dp·sp (MoE models)")),
     "--zero": ("parallel.zero", dict(type=int, metavar="N", help="DeepSpeed ZeRO stage 1-3 (0: DDP)")),
     "--max-steps": ("optim.max_steps", dict(type=int, metavar="N")),
     "--run-dir": ("run.dir", dict(metavar="DIR")),
@@ -128,7 +144,7 @@ def _parse_json_table(text):
     try:
         value = json.loads(text)
     except json.JSONDecodeError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"n_layers\": 2}}': {e}") from None
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"kv_pairs\": 16}}': {e}") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
@@ -146,13 +162,120 @@ def _flag_kwargs(kind):
 
 
 def _field_help(cls):
-    """{field: its trailing comment in the dataclass source}: the comments above are the flags' help text."""
-    lines = inspect.getsource(cls).splitlines()
-    return {m[1]: m[2] for m in (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in lines) if m}
+    """{field: its trailing comment in the dataclass source (a subclass's over its bases')}: the flags' help."""
+    helps = {}
+    for base in reversed([c for c in cls.__mro__ if dataclasses.is_dataclass(c)]):
+        lines = inspect.getsource(base).splitlines()
+        helps.update({m[1]: m[2] for m in (re.match(r"\s+(\w+):[^#]*#\s*(.*)", line) for line in lines) if m})
+    return helps
 
 
-def build_parser():
-    """The command line: --config, --dry-run, the shortcuts and one --section.key per dataclass field."""
+# ---------------------------------------------------------------------------------------------- model fields
+OVERRIDES_GONE = ("there is no overrides table any more: write the model's fields directly, e.g. --model.n_layers 8 "
+                  "on the command line or n_layers = 8 under [model] in TOML")
+
+
+def preset_config(preset):
+    """A fresh copy of the preset's config dataclass; ValueError naming model.preset if unknown."""
+    import models
+    try:
+        return models.get_config(preset)
+    except ValueError as e:
+        raise ValueError(f"model.preset: {e}") from None
+
+
+def _model_field_types(cls):
+    """{field: type} of a family's config dataclass (string annotations resolved)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: typing.get_origin(hints[f.name]) or hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def add_model_flags(parser, preset, skip=(), base=None):
+    """One typed `--model.<field>` flag per field of the preset's config dataclass (help: the field's comment and
+    its value in `base`, default the preset), except `skip`. A given flag lands in dest "model.<field>"; read them
+    with model_flags. Every entry point calls this, so a field added to a family's dataclass is a flag everywhere.
+    ValueError for an unknown preset."""
+    base = preset_config(preset) if base is None else base
+    helps = _field_help(type(base))
+    group = parser.add_argument_group(f"model fields ({type(base).__name__}, preset {preset}; pick another family's "
+                                      f"fields with the preset)")
+    for name, kind in _model_field_types(type(base)).items():
+        if name in skip:
+            continue
+        text = " ".join(filter(None, [helps.get(name), f"(default: {getattr(base, name)!r})"])).replace("%", "%%")
+        group.add_argument(f"--model.{name}", dest=f"model.{name}", default=argparse.SUPPRESS, help=text,
+                           **_flag_kwargs(kind))
+    return group
+
+
+def model_flags(args):
+    """{field: value} of the --model.<field> flags given on the command line (argparse namespace or dict)."""
+    args = args if isinstance(args, dict) else vars(args)
+    plain = {f.name for f in dataclasses.fields(ModelConfig)}
+    return {k.partition(".")[2]: v for k, v in args.items() if k.startswith("model.") and k[6:] not in plain}
+
+
+def preset_from_argv(argv, flags, default):
+    """The preset named by `flags` in argv (the first stage: it picks which --model.<field> flags exist).
+    ValueError for the old --model.overrides flag."""
+    if any(a.partition("=")[0] == "--model.overrides" for a in (sys.argv[1:] if argv is None else argv)):
+        raise ValueError(f"--model.overrides: {OVERRIDES_GONE}")
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument(*flags, dest="preset", default=default)
+    return pre.parse_known_args(argv)[0].preset
+
+
+def model_arch(preset, changes, source="the command line", base=None):
+    """The preset's config dataclass (or `base`, one of its family) with `changes` {field: value} applied, each
+    checked against its field type. ValueError naming the key: an unknown preset or field, `overrides` (gone:
+    fields are written directly), a wrong type, or a value the dataclass's own __post_init__ refuses."""
+    base = preset_config(preset) if base is None else base
+    kinds = _model_field_types(type(base))
+    if "overrides" in changes:
+        raise ValueError(f"model.overrides in {source}: {OVERRIDES_GONE}")
+    unknown = sorted(set(changes) - set(kinds))
+    if unknown:
+        raise ValueError(f"unknown model fields {unknown} for preset {preset!r} ({source}): "
+                         f"{type(base).__name__} has {sorted(kinds)}")
+    typed = {name: _coerce(f"model.{name}", kinds[name], value) for name, value in changes.items()}
+    try:
+        return dataclasses.replace(base, **typed)
+    except (TypeError, ValueError) as e:
+        values = ", ".join(f"model.{k}={v!r}" for k, v in typed.items())
+        raise ValueError(f"{values} ({source}) do not fit preset {preset!r}: {e}") from None
+
+
+def model_changes(cfg_model):
+    """{field: value} of cfg_model.arch that differ from its preset's (for labels and JSON records)."""
+    base = preset_config(cfg_model.preset)
+    return {f.name: getattr(cfg_model.arch, f.name) for f in dataclasses.fields(base)
+            if getattr(cfg_model.arch, f.name) != getattr(base, f.name)}
+
+
+def parse_model_args(parser, argv=None, default="linear-llama3-tiny", skip=()):
+    """parser.parse_args(argv) plus `--preset PRESET` and its family's --model.<field> flags (two stages: the preset
+    first). -> args with args.model = ModelConfig(preset, arch=typed config); parser.error (exit 2) for an unknown
+    preset or field or a value the config refuses."""
+    parser.add_argument("--preset", default=default, metavar="PRESET",
+                        help=f"model preset (models.get_config; default {default}); its fields are the --model.* flags")
+    try:
+        preset = preset_from_argv(argv, ("--preset",), default)
+        add_model_flags(parser, preset, skip)
+        args = parser.parse_args(argv)
+        args.model = ModelConfig(preset=preset, arch=model_arch(preset, model_flags(args)))
+    except ValueError as e:
+        parser.error(str(e))
+    return args
+
+
+def _plain_fields(cls):
+    """{name: field} of a section's own keys (ModelConfig.arch's are the model fields, see add_model_flags)."""
+    return {f.name: f for f in dataclasses.fields(cls) if "flags" not in f.metadata}
+
+
+def build_parser(preset=ModelConfig.preset):
+    """The command line: --config, --dry-run, the shortcuts, one --section.key per dataclass field and one typed
+    --model.<field> per field of the preset's family (data.vocab_size sets the model's vocabulary)."""
     p = argparse.ArgumentParser(prog="launch/pretrain.py", allow_abbrev=False, argument_default=argparse.SUPPRESS,
                                 description="Pretrain a linear-attention / hybrid LLM (see docs/launch.md).")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML file (default: launch/configs/default.toml)")
@@ -162,10 +285,11 @@ def build_parser():
         p.add_argument(flag, dest=dest, **kwargs)
     for section, cls in _sections().items():
         group, helps = p.add_argument_group(section), _field_help(cls)
-        for f in dataclasses.fields(cls):
+        for f in _plain_fields(cls).values():
             kind = typing.get_origin(f.type) or f.type
             group.add_argument(f"--{section}.{f.name}", dest=f"{section}.{f.name}", help=helps.get(f.name),
                                **_flag_kwargs(kind))
+    add_model_flags(p, preset, skip=("vocab_size",))
     return p
 
 
@@ -183,22 +307,37 @@ def _coerce(key, kind, value):
 
 
 def merge(cfg, updates, source):
-    """Apply {"section.key": value} or {section: {key: value}} to cfg in place; ValueError on unknown keys."""
+    """Apply {"section.key": value} or {section: {key: value}} to cfg in place; ValueError on unknown keys.
+
+    A model key other than preset / init_from is a field of the preset's config dataclass: cfg.model.arch is
+    rebuilt from the (new) preset with the fields changed so far, then these, typed by the dataclass."""
     flat = {}
     for key, value in updates.items():
         if isinstance(value, dict) and key in _sections():
             flat.update({f"{key}.{k}": v for k, v in value.items()})
         else:
             flat[key] = value
+    earlier, model_fields, preset_before = model_changes(cfg.model), {}, cfg.model.preset
     for key, value in flat.items():
         section, _, name = key.partition(".")
         if section not in _sections():
             raise ValueError(f"unknown config section {section!r} in {source}; expected one of {list(_sections())}")
-        fields = {f.name: f for f in dataclasses.fields(_sections()[section])}
+        fields = _plain_fields(_sections()[section])
+        if section == "model" and name not in fields:
+            model_fields[name] = value
+            continue
         if name not in fields:
             raise ValueError(f"unknown config key {key!r} in {source}; {section} has {sorted(fields)}")
         kind = typing.get_origin(fields[name].type) or fields[name].type
         setattr(getattr(cfg, section), name, _coerce(key, kind, value))
+    if "vocab_size" in model_fields:
+        raise ValueError(f"model.vocab_size in {source}: the vocabulary comes from data.vocab_size (the "
+                         f"tokenizer's); set that instead")
+    if cfg.model.preset == preset_before and model_fields:
+        cfg.model.arch = model_arch(cfg.model.preset, model_fields, source, base=cfg.model.arch)
+    elif cfg.model.preset != preset_before:              # a new preset: the fields set so far carry over
+        note = f", on top of the fields {sorted(earlier)} set before for preset {preset_before!r}" if earlier else ""
+        cfg.model.arch = model_arch(cfg.model.preset, {**earlier, **model_fields}, source + note)
     return cfg
 
 
@@ -224,10 +363,14 @@ def _resolve_config_path(name):
 
 def parse_args(argv=None):
     """-> (TrainConfig, dry_run). argparse exits with code 2 for unknown flags; ValueError for bad config."""
-    args = vars(build_parser().parse_args(argv))
+    config_path = preset_from_argv(argv, ("--config",), str(DEFAULT_CONFIG))
+    toml = load_toml(_resolve_config_path(config_path))
+    section = toml.get("model") if isinstance(toml.get("model"), dict) else {}
+    preset = preset_from_argv(argv, ("--model", "--model.preset"), section.get("preset", ModelConfig.preset))
+    args = vars(build_parser(preset).parse_args(argv))
     config_path, dry_run = args.pop("config"), args.pop("dry_run")
     cfg = TrainConfig()
-    merge(cfg, load_toml(_resolve_config_path(config_path)), config_path)
+    merge(cfg, toml, config_path)
     merge(cfg, args, "the command line")
     return cfg, dry_run
 
@@ -241,7 +384,7 @@ def _check_positive(cfg):
     for key, minimum in (("optim.max_steps", 1), ("optim.warmup_steps", 0), ("data.vocab_size", 16),
                          ("data.seq_len", 2), ("data.batch_size", 1), ("checkpoint.every", 0),
                          ("checkpoint.keep", 1), ("run.sample_tokens", 0), ("parallel.sp", 1),
-                         ("parallel.tp", 1)):
+                         ("parallel.tp", 1), ("parallel.ep", 1)):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < minimum:
             raise ValueError(f"{key} must be >= {minimum}, got {getattr(getattr(cfg, section), name)}")
@@ -270,15 +413,26 @@ def _check_tensor_parallel(cfg):
     import models
     from parallel.tensor import check_tensor_parallel
     tp = cfg.parallel.tp
-    if cfg.parallel.zero:
-        raise ValueError(f"parallel.zero={cfg.parallel.zero} needs parallel.tp=1 (got {tp}): tensor parallelism "
-                         f"runs with DDP over the ranks holding the same shard")
-    model_cfg = dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides,
-                                    vocab_size=cfg.data.vocab_size)
+    model_cfg = dataclasses.replace(cfg.model.arch, vocab_size=cfg.data.vocab_size)
     try:
         check_tensor_parallel(models.build_model(model_cfg, device="meta"), tp)
     except ValueError as e:
         raise ValueError(f"parallel.tp={tp} does not fit model.preset {cfg.model.preset!r}: {e}") from None
+
+
+def _check_expert_parallel(cfg):
+    """parallel.ep against the model's routed experts (on the meta device) and the engine (DDP only)."""
+    import models
+    from parallel.experts import check_expert_parallel
+    ep = cfg.parallel.ep
+    if cfg.parallel.zero:
+        raise ValueError(f"parallel.zero={cfg.parallel.zero} needs parallel.ep=1 (got {ep}): expert parallelism "
+                         f"runs with DDP (--zero 0), which reduces the expert shards over their own group")
+    try:
+        check_expert_parallel(models.build_model(dataclasses.replace(cfg.model.arch, vocab_size=cfg.data.vocab_size),
+                                                 device="meta"), ep)
+    except ValueError as e:
+        raise ValueError(f"parallel.ep={ep} does not fit model.preset {cfg.model.preset!r}: {e}") from None
 
 
 def _check_init_from(path, vocab_size):
@@ -307,7 +461,6 @@ def _check_mqar(cfg):
 
 def check_config(cfg, world_size):
     """Everything that can be checked before any process-group work: ValueError naming the key."""
-    import models
     from lasp.apply import resolve_engines
     from parallel.layout import local_positions
     from parallel.mesh import check_mesh_sizes
@@ -316,20 +469,10 @@ def check_config(cfg, world_size):
     _check_optim(cfg.optim)
     if cfg.model.init_from:
         _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
-    presets = sorted({**models.PRESETS, **models.BAM_PRESETS})
-    if cfg.model.preset not in presets:
-        raise ValueError(f"model.preset: unknown preset {cfg.model.preset!r}; expected one of {presets}")
-    model_fields = {f.name for f in dataclasses.fields(models.get_config(cfg.model.preset))}
-    if "vocab_size" in cfg.model.overrides:
-        raise ValueError("model.overrides: vocab_size comes from data.vocab_size (the tokenizer's); remove it")
-    unknown = sorted(set(cfg.model.overrides) - model_fields)
-    if unknown:
-        raise ValueError(f"model.overrides: unknown fields {unknown} for preset {cfg.model.preset!r}; "
-                         f"it has {sorted(model_fields)}")
-    try:
-        dataclasses.replace(models.get_config(cfg.model.preset), **cfg.model.overrides)
-    except (TypeError, ValueError) as e:
-        raise ValueError(f"model.overrides {cfg.model.overrides} do not fit preset {cfg.model.preset!r}: {e}") from None
+    family = type(preset_config(cfg.model.preset))       # merge typed and checked the fields of cfg.model.arch
+    if type(cfg.model.arch) is not family:
+        raise ValueError(f"model.arch is a {type(cfg.model.arch).__name__}, preset {cfg.model.preset!r} is a "
+                         f"{family.__name__}: set the preset through merge / the command line")
     _check_choice("parallel.zero", cfg.parallel.zero, (0, 1, 2, 3))
     _check_choice("run.dtype", cfg.run.dtype, ("auto", "fp32", "bf16"))
     _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
@@ -337,13 +480,15 @@ def check_config(cfg, world_size):
         _check_mqar(cfg)
     try:
         resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
-        check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp)
+        check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
         local_positions(cfg.data.seq_len, cfg.parallel.layout, 0, cfg.parallel.sp)
     except ValueError as e:
         raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, parallel.tp={cfg.parallel.tp}, "
-                         f"world size {world_size}, data.seq_len={cfg.data.seq_len}, "
+                         f"parallel.ep={cfg.parallel.ep}, world size {world_size}, data.seq_len={cfg.data.seq_len}, "
                          f"parallel.layout={cfg.parallel.layout!r})") from None
     if cfg.parallel.tp > 1:
         _check_tensor_parallel(cfg)
+    if cfg.parallel.ep > 1:
+        _check_expert_parallel(cfg)
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ValueError(f"run.dir {cfg.run.dir!r} exists and is not a folder")

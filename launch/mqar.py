@@ -6,11 +6,11 @@
 For every pattern (SWEEP: pure linear, a hybrid with one softmax layer, all softmax, gated linear) and every number
 of pairs K, one run of the real training loop, launch.pretrain.train, on data.mqar = {"kv_pairs": K} (the task is
 launch.data.MQARDataset: K key-value pairs, then the K keys queried again; the loss counts only the query
-positions), at a fixed width. Then the exported model.pt is scored on fresh sequences (another generator seed) by
-launch.evaluate.evaluate_batches: accuracy = the fraction of query positions whose argmax is the value.
---json writes {"records": [{"pattern", "mixer", "kv_pairs", "seq_len", "dim", "accuracy", "steps", "seconds",
-...}]}; --plot draws accuracy against kv_pairs, one line per pattern. Each run is one process on CPU (or the GPU
-torch finds); the runs' folders go under --run-root.
+positions), at a fixed width (MODEL; the --model.<field> flags change it). Then the exported model.pt is scored
+on fresh sequences (another generator seed) by launch.evaluate.evaluate_batches: accuracy = the fraction of query
+positions whose argmax is the value. --json writes {"records": [{"pattern", "mixer", "kv_pairs", "seq_len", "dim",
+"accuracy", "steps", "seconds", ...}]}; --plot draws accuracy against kv_pairs, one line per pattern. Each run is
+one process on CPU (or the GPU torch finds); the runs' folders go under --run-root.
 """
 import argparse
 import json
@@ -29,6 +29,10 @@ SWEEP = {
     "gated": ("L", "gated", "gated linear attention (data-dependent forget gate)"),
     "gated-hybrid": ("LN", "gated", "gated linear attention, then one softmax layer"),
 }
+# The swept model before the --model.<field> flags (pattern and linear_decay then come from SWEEP)
+PRESET = "linear-llama3-tiny"
+MODEL = {"dim": 64, "n_layers": 2, "n_heads": 1, "n_kv_heads": 1, "ffn_dim": 128, "pattern": "L",
+         "loss_chunk_tokens": 4096}
 
 
 def parse_args(argv=None):
@@ -40,9 +44,6 @@ def parse_args(argv=None):
                    "[this, kv_pairs] (0 = always kv_pairs); evaluation always uses kv_pairs")
     p.add_argument("--seq-len", type=int, default=32)
     p.add_argument("--vocab-size", type=int, default=32)
-    p.add_argument("--dim", type=int, default=64)
-    p.add_argument("--layers", type=int, default=2)
-    p.add_argument("--heads", type=int, default=1)
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
@@ -54,7 +55,14 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--quick", action="store_true", help="smoke run: every pattern, 2 pair counts, a few steps")
+    from launch.config import ModelConfig, add_model_flags, model_arch, model_flags
+    base = model_arch(PRESET, MODEL, "launch.mqar.MODEL")
+    add_model_flags(p, PRESET, skip=("vocab_size", "pattern", "linear_decay"), base=base)    # as every entry point
     args = p.parse_args(argv)
+    try:
+        args.model = ModelConfig(PRESET, arch=model_arch(PRESET, model_flags(args), base=base))   # typed, checked
+    except ValueError as e:
+        p.error(str(e))
     if args.quick:
         args.kv_pairs, args.steps, args.eval_sequences, args.warmup = args.kv_pairs[:2], 3, 16, 1
         args.batch_size, args.seq_len = 4, 32
@@ -63,14 +71,12 @@ def parse_args(argv=None):
 
 def mqar_config(args, name, kv_pairs, run_dir):
     """The launch.config.TrainConfig of one run (validated by pretrain's check_config when it starts)."""
+    import dataclasses
     from launch.config import TrainConfig, merge
     pattern, decay, _ = SWEEP[name]
     cfg = TrainConfig()
     merge(cfg, {
-        "model": {"preset": "linear-llama3-tiny",
-                  "overrides": {"dim": args.dim, "n_layers": args.layers, "n_heads": args.heads,
-                                "n_kv_heads": args.heads, "ffn_dim": 2 * args.dim, "pattern": pattern,
-                                "linear_decay": decay, "loss_chunk_tokens": 4096}},
+        "model": {"preset": PRESET},
         "parallel": {"activation_checkpointing": False},
         "optim": {"lr": args.lr, "min_lr": args.lr / 10, "warmup_steps": args.warmup, "max_steps": args.steps,
                   "weight_decay": args.weight_decay},
@@ -79,6 +85,7 @@ def mqar_config(args, name, kv_pairs, run_dir):
         "checkpoint": {"every": 0, "keep": 1},
         "run": {"dir": str(run_dir), "seed": args.seed, "progress": False, "sample_tokens": 0, "dtype": "fp32"},
     }, "launch/mqar.py")
+    cfg.model.arch = dataclasses.replace(args.model.arch, pattern=pattern, linear_decay=decay)
     return cfg
 
 
@@ -97,8 +104,8 @@ def run_one(args, name, kv_pairs, run_dir):
     batches = (test.rows(range(i, min(i + 64, args.eval_sequences))) for i in range(0, args.eval_sequences, 64))
     scores = evaluate_batches(model, batches)
     pattern = model.config.layer_types()
-    return {"pattern": pattern, "mixer": SWEEP[name][2], "name": name, "kv_pairs": kv_pairs,
-            "seq_len": args.seq_len, "dim": args.dim, "n_layers": args.layers, "vocab_size": args.vocab_size,
+    return {"pattern": pattern, "mixer": SWEEP[name][2], "name": name, "kv_pairs": kv_pairs, "seq_len": args.seq_len,
+            "dim": args.model.arch.dim, "n_layers": args.model.arch.n_layers, "vocab_size": args.vocab_size,
             "accuracy": scores["accuracy"], "loss": scores["loss"], "train_loss": losses[max(losses)],
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "min_kv_pairs": args.min_kv_pairs,
             "seed": args.seed, "eval_queries": scores["tokens"], "seconds": round(seconds, 1)}

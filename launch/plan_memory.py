@@ -27,7 +27,6 @@ Not included: the runtime (CUDA context ≈ 0.5-1 GiB per GPU; on CPU the interp
 per rank, measured), allocator fragmentation, and temporaries inside the optimizer step.
 """
 import argparse
-import dataclasses
 import inspect
 import json
 import os
@@ -40,6 +39,7 @@ import torch  # noqa: E402
 
 import models  # noqa: E402
 from lasp.apply import ENGINES  # noqa: E402
+from launch.config import model_changes, parse_model_args  # noqa: E402
 from parallel.engines import CallShape  # noqa: E402
 
 MiB = 2 ** 20
@@ -150,10 +150,10 @@ def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dt
 
 # ---------------------------------------------------------------------------------------------- command line
 def parse_args(argv=None):
-    from launch.bench import parse_model_overrides
+    """The options, --preset and one typed --model.<field> per field of its family (launch.config generates them,
+    as for every entry point); exit 2 on a bad one."""
     p = argparse.ArgumentParser(description=__doc__, epilog=engine_help(),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="linear-llama3-1b-hybrid", help=f"one of {sorted(models.PRESETS)}")
     p.add_argument("--seq-len", type=int, required=True, help="global tokens per sequence")
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
@@ -168,25 +168,23 @@ def parse_args(argv=None):
     p.add_argument("--softmax", choices=SOFTMAX_ENGINES, default="allgather")
     p.add_argument("--layout", choices=("contiguous", "zigzag"), default="contiguous")
     p.add_argument("--json", action="store_true", help="print the estimate as JSON")
-    args, rest = p.parse_known_args(argv)
-    args.model_overrides = parse_model_overrides(p, rest)
-    return args
+    return parse_model_args(p, argv, default="linear-llama3-1b-hybrid")
 
 
 def main(argv=None):
-    from launch.bench import model_config
     args = parse_args(argv)
     gpu = args.device == "gpu"
+    changes = model_changes(args.model)
     try:
-        est = plan(model_config(args), args.seq_len, args.sp, args.dp, args.tp, args.zero, args.checkpoint,
+        est = plan(args.model.arch, args.seq_len, args.sp, args.dp, args.tp, args.zero, args.checkpoint,
                    args.batch, "bf16" if gpu else "fp32", args.linear, args.softmax, "triton" if gpu else "torch",
                    args.layout)
     except ValueError as e:
         raise SystemExit(f"plan_memory: {e}")
     if args.json:
-        print(json.dumps(dict(est, preset=args.preset, overrides=dict(args.model_overrides), seq_len=args.seq_len)))
+        print(json.dumps(dict(est, preset=args.preset, overrides=changes, seq_len=args.seq_len)))
         return
-    print(f"{args.preset} {dict(args.model_overrides) or ''}: {est['params'] / 1e6:,.1f}M parameters, "
+    print(f"{args.preset} {changes or ''}: {est['params'] / 1e6:,.1f}M parameters, "
           f"T = {args.seq_len:,} tokens, sp={args.sp} dp={args.dp} tp={args.tp}, "
           f"{'ZeRO-%d' % args.zero if args.zero else 'DDP'}, checkpointing {'on' if args.checkpoint else 'off'}, "
           f"{est['tokens_per_rank']:,} tokens per rank, {args.linear} + {args.softmax}")

@@ -30,7 +30,7 @@ import torch
 import torch.distributed as dist
 
 from launch import checkpoint as ckpt
-from launch.config import check_config
+from launch.config import check_config, model_changes
 from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
                          MQARDataset, shard_batch)
 from launch.engine import build_model, make_engine, parallelize
@@ -330,7 +330,7 @@ def model_label(cfg_model, config):
             return False
         candidate = dataclasses.replace(preset, **overrides, vocab_size=config.vocab_size)
         return models.config_to_dict(candidate) == found
-    names = [cfg_model.preset] if same(cfg_model.preset, cfg_model.overrides) else [
+    names = [cfg_model.preset] if same(cfg_model.preset, model_changes(cfg_model)) else [
         n for n in sorted({**models.PRESETS, **models.BAM_PRESETS}) if same(n, {})]
     what = names[0] if names else f"a {found['family']} model matching no preset"
     return f"{what} (from {cfg_model.init_from})"

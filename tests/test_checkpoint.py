@@ -324,8 +324,7 @@ def test_init_from_a_non_model_file_or_another_family(tmp_path, cache_dir, capsy
     assert trainer.model_label(cfg.model, tnl.config) == "tnl-tiny (from m.pt)"
     cfg.model.init_from = ""
     assert trainer.model_label(cfg.model, tnl.config) == "linear-llama3-tiny"
-    own = models.build_model(dataclasses.replace(models.get_config("linear-llama3-tiny"), **cfg.model.overrides,
-                                                 vocab_size=512), device="cpu")
+    own = models.build_model(dataclasses.replace(cfg.model.arch, vocab_size=512), device="cpu")
     models.save_model(tmp_path / "own.pt", own)
     cfg.model.init_from = str(tmp_path / "own.pt")
     assert trainer.model_label(cfg.model, load_model_config(tmp_path / "own.pt")).startswith("linear-llama3-tiny (")

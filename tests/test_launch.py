@@ -1,6 +1,7 @@
 """The pretraining launcher: config and command line, data packing and sharding, checkpoints, and training on
 gloo ranks (SP = 4 equals SP = 1, ZeRO-2 equals DDP, kill + resume equals an uninterrupted run, NaN stops the run
 with the last good checkpoint intact), bad input exits with code 2, the Slurm dry run, one torchrun smoke run."""
+import dataclasses
 import json
 import os
 import re
@@ -14,7 +15,8 @@ import pytest
 import torch
 
 from launch import checkpoint as ckpt
-from launch.config import TrainConfig, build_parser, merge, parse_args
+import models
+from launch.config import TrainConfig, _field_help, build_parser, merge, model_changes, parse_args
 from launch.data import PackedDataset, build_cache, load_tokenizer, shard_batch
 from launch.engine import lr_at
 from launch.pretrain import main
@@ -25,10 +27,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The command line is a reviewed interface: a new flag must be added here on purpose.
 FROZEN_OPTIONS = {
-    "-h", "--help", "--config", "--dry-run", "--model", "--sp", "--tp", "--zero", "--max-steps", "--run-dir",
-    "--resume", "--model.preset", "--model.overrides", "--model.init_from",
+    "-h", "--help", "--config", "--dry-run", "--model", "--sp", "--tp", "--ep", "--zero", "--max-steps", "--run-dir",
+    "--resume", "--model.preset", "--model.init_from",
     "--parallel.sp", "--parallel.tp", "--parallel.layout", "--parallel.linear", "--parallel.softmax", "--parallel.zero",
-    "--parallel.activation_checkpointing",
+    "--parallel.activation_checkpointing", "--parallel.ep",
     "--optim.lr", "--optim.min_lr", "--optim.warmup_steps", "--optim.max_steps", "--optim.weight_decay",
     "--optim.beta1", "--optim.beta2", "--optim.eps", "--optim.grad_clip",
     "--data.corpus", "--data.text_key", "--data.vocab_size", "--data.seq_len", "--data.batch_size", "--data.seed",
@@ -69,19 +71,61 @@ def _rel(a, b):
 
 
 # ---------------------------------------------------------------------------------------------- config
-def test_command_line_options_are_frozen():
-    options = {s for a in build_parser()._actions for s in a.option_strings}
-    assert options == FROZEN_OPTIONS, f"added {options - FROZEN_OPTIONS}, removed {FROZEN_OPTIONS - options}"
+def _model_flag_help(parser):
+    """{--model.<field>: help} of the flags add_model_flags generated (not --model.preset / --model.init_from)."""
+    return {a.option_strings[0]: a.help for a in parser._actions if a.option_strings and
+            a.option_strings[0].startswith("--model.") and a.option_strings[0] not in FROZEN_OPTIONS}
+
+
+@pytest.mark.parametrize("preset", ["linear-llama3-tiny", "tnl-tiny", "bam-moe-tiny"])
+def test_command_line_options_are_frozen(preset):
+    """The hand-made options are frozen; the model's are exactly the fields of the preset family's dataclass (less
+    vocab_size, which data.vocab_size sets), each with help."""
+    options = {s for a in build_parser(preset)._actions for s in a.option_strings}
+    generated = _model_flag_help(build_parser(preset))
+    assert options - set(generated) == FROZEN_OPTIONS, f"added {options - set(generated) - FROZEN_OPTIONS}, " \
+                                                       f"removed {FROZEN_OPTIONS - options}"
+    fields = {f"--model.{f.name}" for f in dataclasses.fields(models.get_config(preset))} - {"--model.vocab_size"}
+    assert set(generated) == fields and all(generated.values())
+
+
+@dataclasses.dataclass
+class _WiderConfig(models.LinearLlamaConfig):
+    new_knob: int = 3  # a field the parser has never seen
+
+
+def test_a_new_model_field_is_a_flag_everywhere_without_parser_edits(monkeypatch):
+    """A field added to a family's dataclass is a typed, documented flag of pretrain, bench, plan_memory and mqar."""
+    from launch import bench, mqar, plan_memory
+    get_config = models.get_config
+    monkeypatch.setattr(models, "get_config", lambda name: _WiderConfig() if name == "wider" else get_config(name))
+    helps = _model_flag_help(build_parser("wider"))
+    assert helps["--model.new_knob"] == "a field the parser has never seen (default: 3)"
+    inherited = _field_help(models.LinearLlamaConfig)["pattern"]               # the base's comments stay the help
+    assert inherited and helps["--model.pattern"].startswith(inherited)
+    cfg, _ = parse_args(["--model", "wider", "--model.new_knob", "5", "--model.n_layers", "4"])
+    assert (cfg.model.arch.new_knob, type(cfg.model.arch)) == (5, _WiderConfig)
+    assert model_changes(cfg.model) == {"new_knob": 5, "n_layers": 4}
+    with pytest.raises(SystemExit):                                       # typed: "five" is not an int
+        parse_args(["--model", "wider", "--model.new_knob", "five"])
+    monkeypatch.setattr(mqar, "PRESET", "wider")
+    for args in (bench.parse_args(["--preset", "wider", "--model.new_knob", "5"]),
+                 plan_memory.parse_args(["--preset", "wider", "--seq-len", "64", "--model.new_knob", "5"]),
+                 mqar.parse_args(["--model.new_knob", "5"])):
+        assert (type(args.model.arch), args.model.arch.new_knob, args.model.preset) == (_WiderConfig, 5, "wider")
 
 
 def test_config_precedence_and_types(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('[optim]\nlr = 1\nmax_steps = 7\n[model]\noverrides = { n_layers = 8 }\n')
+    toml.write_text('[optim]\nlr = 1\nmax_steps = 7\n[model]\nn_layers = 8\nn_kv_heads = 2\n')
     cfg, dry = parse_args(["--config", str(toml), "--max-steps", "9", "--parallel.activation_checkpointing",
                            "false", "--data.corpus", "a.txt", "b.jsonl"])
     assert (cfg.optim.lr, cfg.optim.max_steps, dry) == (1.0, 9, False)     # int -> float; CLI over TOML
-    assert cfg.model.overrides == {"n_layers": 8} and cfg.data.corpus == ["a.txt", "b.jsonl"]
+    assert model_changes(cfg.model) == {"n_layers": 8, "n_kv_heads": 2} and cfg.data.corpus == ["a.txt", "b.jsonl"]
     assert cfg.parallel.activation_checkpointing is False and cfg.parallel.sp == TrainConfig().parallel.sp
+    cfg, _ = parse_args(["--config", str(toml), "--model.n_layers", "12", "--model", "linear-llama3-tiny-gated"])
+    assert model_changes(cfg.model) == {"n_layers": 12, "n_kv_heads": 2}                  # TOML fields carried over
+    assert cfg.model.arch.linear_decay == "gated" and cfg.model.arch.n_layers == 12       # to the CLI's preset
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
         merge(TrainConfig(), {"optim": {"lrr": 1}}, "x.toml")
     with pytest.raises(ValueError, match="'optim.max_steps' must be int"):
@@ -276,9 +320,13 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, cache_dir):
     (["--sp", "3"], {"RANK": "0", "WORLD_SIZE": "4"}, "not divisible by sp=3"),
     (["--sp", "4", "--data.seq_len", "100", "--parallel.layout", "zigzag"], {"RANK": "0", "WORLD_SIZE": "4"},
      "does not split into 8 equal chunks"),
-    (["--model", "no-such-model"], {}, "unknown preset 'no-such-model'"),
+    (["--model", "no-such-model"], {}, "model.preset: unknown model preset 'no-such-model'"),
     (["--config", "BADKEY"], {}, "unknown config key 'optim.lrr' in .*bad.toml"),
-    (["--model.overrides", '{"n_layerz": 2}'], {}, "unknown fields \\['n_layerz'\\]"),
+    (["--model.overrides", '{"n_layers": 2}'], {}, "write the model's fields directly, e.g. --model.n_layers 8"),
+    (["--config", "OVERRIDES"], {}, "model.overrides in .*overrides.toml: there is no overrides table"),
+    (["--config", "FIELDZ"], {}, "unknown model fields \\['n_layerz'\\] .*LinearLlamaConfig has \\[.*'n_layers'"),
+    (["--model.n_heads", "3"], {}, "model.n_heads=3 .*do not fit preset 'linear-llama3-tiny': n_heads=3 must divide"),
+    (["--model", "tnl-tiny"], {}, "unknown model fields \\['ffn_dim', 'n_kv_heads'\\] for preset 'tnl-tiny'"),
     (["--optim.lr", "inf"], {}, "optim.lr must be a finite number in \\[0, 1\\], got inf"),
     (["--optim.lr", "1e9"], {}, "optim.lr must be a finite number in \\[0, 1\\], got 1000000000.0"),
     (["--optim.min_lr", "nan"], {}, "optim.min_lr must be a finite number .*got nan"),
@@ -289,7 +337,10 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, cache_dir):
 def test_bad_input_exits_2_before_any_group(tmp_path, monkeypatch, capsys, argv, env, message):
     (tmp_path / "empty.txt").write_text("  \n\n")
     (tmp_path / "bad.toml").write_text("[optim]\nlrr = 1\n")
-    argv = [{"EMPTY": str(tmp_path / "empty.txt"), "BADKEY": str(tmp_path / "bad.toml")}.get(a, a) for a in argv]
+    (tmp_path / "overrides.toml").write_text("[model]\noverrides = { n_layers = 2 }\n")
+    (tmp_path / "fieldz.toml").write_text("[model]\nn_layerz = 2\n")
+    files = {"EMPTY": "empty.txt", "BADKEY": "bad.toml", "OVERRIDES": "overrides.toml", "FIELDZ": "fieldz.toml"}
+    argv = [str(tmp_path / files[a]) if a in files else a for a in argv]
     for k, v in env.items():                          # a world of 4 with no rendezvous: any group work would hang
         monkeypatch.setenv(k, v)
     assert main(["--config", "tiny", "--run-dir", str(tmp_path / "run"), *argv]) == 2

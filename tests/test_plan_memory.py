@@ -4,6 +4,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import types
@@ -12,12 +13,12 @@ import pytest
 import torch.distributed as dist
 
 
-OVERRIDES = dict(dim=64, n_heads=2, n_kv_heads=1, ffn_dim=128)  # a tiny Linear-Llama3, as in docs/benchmarks.md
+TINY = dict(dim=64, n_heads=2, n_kv_heads=1, ffn_dim=128)  # a tiny Linear-Llama3, as in docs/benchmarks.md
 
 
 def _config(pattern):
     import models
-    return dataclasses.replace(models.get_config("linear-llama3-tiny"), pattern=pattern, **OVERRIDES)
+    return dataclasses.replace(models.get_config("linear-llama3-tiny"), pattern=pattern, **TINY)
 
 
 def test_static_terms_follow_zero_stage_and_tp():
@@ -56,12 +57,31 @@ def test_bad_input_names_the_argument():
         plan(_config("LLLN"), 4096, sp=4, softmax="ulysses")
 
 
+def test_command_line_model_fields(capsys):
+    """--model.<field> flags typed by the preset's dataclass (launch.config's generator), the JSON names what
+    differs from the preset; an unknown field or a value the dataclass refuses exits 2 naming it."""
+    from launch.plan_memory import main, plan
+    flags = [f"--model.{k}={v}" for k, v in TINY.items()]
+    main(["--preset", "linear-llama3-tiny", "--seq-len", "4096", "--sp", "2", "--device", "cpu", "--json",
+          "--model.pattern", "LN", *flags])
+    est = json.loads(capsys.readouterr().out)
+    assert est["overrides"] == dict(TINY, pattern="LN") and est["preset"] == "linear-llama3-tiny"
+    assert est["total"] == plan(_config("LN"), 4096, sp=2, dtype="fp32", kernel="torch")["total"]
+    for bad, word in (("--model.n_layerz=2", "unrecognized arguments: --model.n_layerz"),
+                      ("--model.n_heads=3", "model.n_heads=3 .*must divide dim"),
+                      ("--model.dim=x", "--model.dim: invalid int value: 'x'")):
+        with pytest.raises(SystemExit) as e:
+            main(["--preset", "linear-llama3-tiny", "--seq-len", "4096", bad])
+        assert e.value.code == 2 and re.search(word, capsys.readouterr().err), bad
+
+
 def _measured_step_peak(seq_len, pattern):
     """One checkpointed training step of bench's long mode on this rank -> its peak above the memory before it."""
     import torch
     from launch import bench
+    from launch.config import ModelConfig
     args = types.SimpleNamespace(preset="linear-llama3-tiny", batch=1, checkpoint=True,
-                                 model_overrides=[("pattern", pattern)] + [(k, str(v)) for k, v in OVERRIDES.items()])
+                                 model=ModelConfig("linear-llama3-tiny", arch=_config(pattern)))
     bench.malloc_for_measurement()
     model = bench.seeded_model(args, torch.device("cpu"), True)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -13,19 +13,20 @@ OUT=${OUT:-docs/quality/hybrid_ratio.json}
 declare -A PATTERN=([0]=L [1/8]=LLLLLLLN [1/4]=LLLN [1/2]=LN [1]=N)
 COMMON=(--config tiny --max-steps "$STEPS" --data.seq_len 128 --data.batch_size 8 --checkpoint.every 0
         --optim.warmup_steps 30 --run.sample_tokens 0)
-overrides() { echo "{\"dim\": 64, \"n_heads\": 4, \"n_kv_heads\": 2, \"ffn_dim\": 128, \"n_layers\": 8, \"loss_chunk_tokens\": 512, \"pattern\": \"$1\"}"; }
+MODEL=(--model.dim 64 --model.n_heads 4 --model.n_kv_heads 2 --model.ffn_dim 128 --model.n_layers 8
+       --model.loss_chunk_tokens 512)
 for ratio in 0 1/8 1/4 1/2 1; do
   for seed in $SEEDS; do
     dir="$ROOT/r${ratio/\//_}-s$seed"
     rm -rf "$dir"
-    python launch/pretrain.py "${COMMON[@]}" --model.overrides "$(overrides "${PATTERN[$ratio]}")" \
+    python launch/pretrain.py "${COMMON[@]}" "${MODEL[@]}" --model.pattern "${PATTERN[$ratio]}" \
       --run.seed "$seed" --data.seed "$seed" --run-dir "$dir"
     python -m launch.evaluate "$dir/model.pt" --seq-len 128 --json "$dir/eval.json"
   done
 done
 # LASP-2 at SP = 4 against SP = 1 for the 1/4 hybrid (same seed 0: the losses should agree to float32 rounding)
 dir="$ROOT/r1_4-s0-sp4"; rm -rf "$dir"
-torchrun --nproc-per-node 4 launch/pretrain.py "${COMMON[@]}" --model.overrides "$(overrides LLLN)" --sp 4 \
+torchrun --nproc-per-node 4 launch/pretrain.py "${COMMON[@]}" "${MODEL[@]}" --model.pattern LLLN --sp 4 \
   --run.seed 0 --data.seed 0 --run-dir "$dir"
 torchrun --nproc-per-node 4 -m launch.evaluate "$dir/model.pt" --seq-len 128 --sp 4 --json "$dir/eval.json"
 python - "$ROOT" "$OUT" <<'PY'
