@@ -544,3 +544,23 @@ def test_single_process_softmax_layers_allocate_no_t_by_t_tensor():
         loss_sum, _ = model.loss(model(tokens, torch.arange(Tn)), tokens)
         loss_sum.backward()
     assert probe.largest < Tn * Tn // 4, probe.largest
+
+
+@pytest.mark.parametrize("name", ["hybrid", "gated"])
+def test_linear_llama_is_unchanged_by_the_bam_fields(name):
+    """Linear-Llama3 built from seed 0 under the BAM fields' defaults: the same state-dict names, initial weights
+    and float64 logits and loss as the code before BAM became a configuration (tests/data, commit 0d666d7)."""
+    import os
+    expected = torch.load(os.path.join(os.path.dirname(__file__), "data", "linear-llama-logits.pt"),
+                          weights_only=True)[name]
+    cfg = LinearLlamaConfig(vocab_size=64, dim=32, n_layers=4 if name == "hybrid" else 2, n_heads=4, n_kv_heads=2,
+                            ffn_dim=48, pattern="LLLN" if name == "hybrid" else "LN",
+                            linear_decay="lightning" if name == "hybrid" else "gated", loss_chunk_tokens=16)
+    torch.manual_seed(0)
+    model = models.build_model(cfg).double()
+    tokens = expected["tokens"]
+    with torch.no_grad():
+        hidden = model(tokens, torch.arange(tokens.shape[1]))
+        loss = model.loss(hidden, tokens.roll(-1, 1))[0]
+    assert sorted(model.state_dict()) == expected["state_keys"]
+    assert torch.equal(model.logits(hidden), expected["logits"]) and torch.equal(loss, expected["loss"])

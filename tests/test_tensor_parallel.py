@@ -7,6 +7,7 @@ Everything distributed runs in ONE call of run_ranks on 8 gloo ranks, which buil
 one process (1e-5 relative, gradients gathered from the shards).
 """
 import copy
+import dataclasses
 import warnings
 
 import pytest
@@ -487,3 +488,13 @@ def test_bam_checkpoint_holds_full_weights_and_resumes_at_another_tp(bam_ranks):
         plain.load_state_dict({k: torch.from_numpy(v) for k, v in state.items()})
         assert len(resumed) == 2 and all(abs(a - b) <= 1e-10 * b for a, b in zip(resumed, losses[1:])), \
             (name, resumed, losses)
+
+
+def test_bam_bad_sizes_raise():
+    """FFN experts' channels and the mixture's heads are checked like the dense ones, before any change."""
+    cfg = BAM_CFGS["kv-experts"]
+    with pytest.raises(ValueError, match=r"layers.0.mlp experts have 90 channels \(ffn_dim\), not divisible by tp=4"):
+        tensor.check_tensor_parallel(models.build_model(dataclasses.replace(cfg, ffn_dim=90), "meta"), 4)
+    with pytest.raises(ValueError, match=r"layers.1.mixer.n_kv_heads=4 is not divisible by tp=8"):
+        tensor.check_tensor_parallel(models.build_model(cfg, "meta"), 8)
+    assert tensor.check_tensor_parallel(models.build_model(cfg, "meta"), 4) == 104
