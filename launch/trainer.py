@@ -38,8 +38,8 @@ from launch.report import Reporter, peak_flops
 from parallel import comm
 from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh
 
-__all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "train_step", "train",
-           "model_label", "mesh_table", "dry_run"]
+__all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "local_batch", "train_step",
+           "train", "model_label", "mesh_table", "dry_run"]
 
 
 class NonFiniteStep(RuntimeError):
@@ -372,7 +372,7 @@ def train_step(run, batch, stop=False):
             "seconds": seconds}
 
 
-def _local_batch(run, step):
+def local_batch(run, step):
     """This rank's shard of the step's batch (1-based step) on its device."""
     cfg, mesh = run.cfg, run.mesh
     batch = run.dataset.batch(step - 1, mesh.rank_in("dp"), mesh.dp, cfg.data.batch_size)
@@ -408,7 +408,7 @@ def train(cfg, hook=None):
     try:
         for step in range(run.start, cfg.optim.max_steps + 1):
             t0 = time.perf_counter()
-            batch = _local_batch(run, step)
+            batch = local_batch(run, step)
             if hook is not None:
                 hook(step, run.model)
             out = train_step(run, batch, stop.requested)

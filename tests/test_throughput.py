@@ -28,7 +28,7 @@ def _layer(engine, T):
     q, k, v, do = (shard(torch.randn(B, T, H, d, generator=g) * 0.5, "contiguous", dist.get_rank(), W)
                    for d in (D_K, D_K, D_V, D_V))
     q, k, v = (x.requires_grad_() for x in (q, k, v))
-    fn = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "ring_linear": lasp.ring_linear_attention}[engine]
+    fn = lasp.ENGINES[engine].fn                         # the engine's declaration (parallel/engines.py)
     log_decay = -torch.logspace(-4, -1, H)
     with count_collectives() as fwd:
         o = fn(q, k, v, log_decay=log_decay)
