@@ -395,3 +395,11 @@ def test_former_bam_family_files_load_as_linear_llama(name):
     with torch.no_grad():
         logits = model.logits(model(expected["tokens"], torch.arange(expected["tokens"].shape[1])))
     assert rel_err(logits, expected["logits"]) < 1e-12
+
+
+def test_upcycle_command_reads_former_bam_family_seeds(tmp_path):
+    seed = os.path.join(os.path.dirname(__file__), "data", "bam-family-seed.pt")
+    out = tmp_path / "moe.pt"
+    assert upcycle_main(["--seed", seed, "--experts", seed, seed, "--out", str(out), "--top-k", "2"]) == 0
+    moe = models.load_model(out)
+    assert type(moe.config) is LinearLlamaConfig and (moe.config.n_attn_experts, moe.config.n_ffn_experts) == (2, 2)
