@@ -246,8 +246,12 @@ def model_arch(preset, changes, source="the command line", base=None):
 
 
 def model_changes(cfg_model):
-    """{field: value} of cfg_model.arch that differ from its preset's (for labels and JSON records)."""
+    """{field: value} of cfg_model.arch that differ from its preset's (for labels and JSON records). ValueError if
+    the arch is of another family than the preset (set cfg.model.preset through merge, which rebuilds it)."""
     base = preset_config(cfg_model.preset)
+    if type(cfg_model.arch) is not type(base):
+        raise ValueError(f"model.arch is a {type(cfg_model.arch).__name__}, preset {cfg_model.preset!r} is a "
+                         f"{type(base).__name__}: set the preset through merge or the command line")
     return {f.name: getattr(cfg_model.arch, f.name) for f in dataclasses.fields(base)
             if getattr(cfg_model.arch, f.name) != getattr(base, f.name)}
 
@@ -469,10 +473,7 @@ def check_config(cfg, world_size):
     _check_optim(cfg.optim)
     if cfg.model.init_from:
         _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
-    family = type(preset_config(cfg.model.preset))       # merge typed and checked the fields of cfg.model.arch
-    if type(cfg.model.arch) is not family:
-        raise ValueError(f"model.arch is a {type(cfg.model.arch).__name__}, preset {cfg.model.preset!r} is a "
-                         f"{family.__name__}: set the preset through merge / the command line")
+    model_changes(cfg.model)             # the preset exists and arch is its family's (merge typed and checked it)
     _check_choice("parallel.zero", cfg.parallel.zero, (0, 1, 2, 3))
     _check_choice("run.dtype", cfg.run.dtype, ("auto", "fp32", "bf16"))
     _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))

@@ -16,7 +16,7 @@ import torch
 
 from launch import checkpoint as ckpt
 import models
-from launch.config import TrainConfig, _field_help, build_parser, merge, model_changes, parse_args
+from launch.config import TrainConfig, _field_help, build_parser, check_config, merge, model_changes, parse_args
 from launch.data import PackedDataset, build_cache, load_tokenizer, shard_batch
 from launch.engine import lr_at
 from launch.pretrain import main
@@ -117,15 +117,19 @@ def test_a_new_model_field_is_a_flag_everywhere_without_parser_edits(monkeypatch
 
 def test_config_precedence_and_types(tmp_path):
     toml = tmp_path / "c.toml"
-    toml.write_text('[optim]\nlr = 1\nmax_steps = 7\n[model]\nn_layers = 8\nn_kv_heads = 2\n')
+    toml.write_text('[optim]\nlr = 1\nmax_steps = 7\n[model]\nn_layers = 8\nn_kv_heads = 2\nrope_base = 10000\n')
     cfg, dry = parse_args(["--config", str(toml), "--max-steps", "9", "--parallel.activation_checkpointing",
                            "false", "--data.corpus", "a.txt", "b.jsonl"])
     assert (cfg.optim.lr, cfg.optim.max_steps, dry) == (1.0, 9, False)     # int -> float; CLI over TOML
-    assert model_changes(cfg.model) == {"n_layers": 8, "n_kv_heads": 2} and cfg.data.corpus == ["a.txt", "b.jsonl"]
+    assert model_changes(cfg.model) == {"n_layers": 8, "n_kv_heads": 2, "rope_base": 10000.0}
+    assert type(cfg.model.arch.rope_base) is float and cfg.data.corpus == ["a.txt", "b.jsonl"]
     assert cfg.parallel.activation_checkpointing is False and cfg.parallel.sp == TrainConfig().parallel.sp
     cfg, _ = parse_args(["--config", str(toml), "--model.n_layers", "12", "--model", "linear-llama3-tiny-gated"])
-    assert model_changes(cfg.model) == {"n_layers": 12, "n_kv_heads": 2}                  # TOML fields carried over
-    assert cfg.model.arch.linear_decay == "gated" and cfg.model.arch.n_layers == 12       # to the CLI's preset
+    assert model_changes(cfg.model) == {"n_layers": 12, "n_kv_heads": 2, "rope_base": 10000.0}  # TOML fields
+    assert cfg.model.arch.linear_decay == "gated" and cfg.model.arch.n_layers == 12       # carried to the CLI's preset
+    cfg.model.preset = "tnl-tiny"                                                         # not through merge
+    with pytest.raises(ValueError, match="model.arch is a LinearLlamaConfig, preset 'tnl-tiny' is a TNLConfig"):
+        check_config(cfg, world_size=1)
     with pytest.raises(ValueError, match="unknown config key 'optim.lrr'"):
         merge(TrainConfig(), {"optim": {"lrr": 1}}, "x.toml")
     with pytest.raises(ValueError, match="'optim.max_steps' must be int"):
