@@ -15,12 +15,15 @@ with state P, b the cumulative gate inside the chunk (b_i = Σ_{t≤i} a_t, b_e 
 
 Only differences of inclusive cumulative sums with a non-positive result are exponentiated (never e^{+A}), so
 strong gates underflow to 0 and nothing overflows. `linear_attn_recurrent` is the token-by-token definition,
-used only as a test oracle.
+used only as a test oracle. The `deferred_*` / `intra_output` / `add_*` functions are the same forward and
+backward split in three parts each, for a caller (LASP-2) whose entering state P and exit gradient G arrive
+while the kernel runs.
 """
 import torch
 
 __all__ = ["check_linear_attn_inputs", "state_dtype", "repeat_kv", "linear_attn_chunked",
-           "linear_attn_recurrent", "chunked_forward", "chunked_backward", "gate_grad"]
+           "linear_attn_recurrent", "chunked_forward", "chunked_backward", "gate_grad", "deferred_states",
+           "intra_output", "add_entry_output", "deferred_state_grads", "deferred_local_grads", "add_exit_grads"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -180,7 +183,7 @@ def _block_forward(q, k, v, b, state):
 
 def _block_backward(q, k, v, do, b, state, dstate_out, gated):
     """Gradients of one block given the state entering it and dstate_out, the gradient of the state leaving it
-    -> (dq, dk, dv (B, H, n, c, D), gradient of the state entering it, gate terms). R_j = dL/d(state leaving
+    -> (dq, dk, dv (B, H, n, c, D), gate terms, gradient of the state entering it). R_j = dL/d(state leaving
     chunk j). Gate terms (gated only, else None): (q_t·dq_t, k_t·dk_t) (B, H, n, c) without the diagonal
     (q_t·k_t)(do_t·v_t), which appears in both and does not depend on the gates (fp32 cancellation otherwise)."""
     B, H, n, c, _ = q.shape
@@ -193,6 +196,14 @@ def _block_backward(q, k, v, do, b, state, dstate_out, gated):
     W, e = _scan_weights(totals, n, q.dtype, q.device)
     R = torch.matmul(W.transpose(-1, -2), dP).view(-1, *state.shape[-2:])         # (B·H·n, d_k, d_v)
     dstate_in = (e[..., None] * dP).sum(2).view_as(state)
+    return (*_block_grads(q, k, v, do, mask, do_dec, P, (v_end, k_end, R), gated), dstate_in)
+
+
+def _block_grads(q, k, v, do, mask, do_dec, P, exits, gated):
+    """dq, dk, dv (B, H, n, c, D) of one block given P (B·H·n, d_k, d_v), the states entering its chunks, and exits
+    = (Λ_k V, Λ_k K, R) with R the gradients of the states leaving them, or None: dk, dv without R's terms.
+    Gate terms as in _block_backward (k·dk without R's terms when exits is None), else None."""
+    B, H, n, c, _ = q.shape
     q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
     dov = torch.bmm(do3, v3.transpose(1, 2))
     dov.view(B, H, n, c, c).mul_(mask)                             # [(dO Vᵀ) ⊙ D]_ij
@@ -200,7 +211,9 @@ def _block_backward(q, k, v, do, b, state, dstate_out, gated):
         diag = dov.diagonal(dim1=1, dim2=2).clone()
         dov.diagonal(dim1=1, dim2=2).zero_()
     dq = torch.bmm(dov, k3).baddbmm_(_flat(do_dec), P.transpose(1, 2))
-    dk = torch.bmm(dov.transpose(1, 2), q3).baddbmm_(_flat(v_end), R.transpose(1, 2))
+    dk = torch.bmm(dov.transpose(1, 2), q3)
+    if exits is not None:
+        dk.baddbmm_(_flat(exits[0]), exits[2].transpose(1, 2))
     del dov
     terms = None
     if gated:
@@ -209,9 +222,11 @@ def _block_backward(q, k, v, do, b, state, dstate_out, gated):
         dk.addcmul_(diag[..., None], q3)
     qk = torch.bmm(q3, k3.transpose(1, 2))
     qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
-    dv = torch.bmm(qk.transpose(1, 2), do3).baddbmm_(_flat(k_end), R)
+    dv = torch.bmm(qk.transpose(1, 2), do3)
+    if exits is not None:
+        dv.baddbmm_(_flat(exits[1]), exits[2])
     shape = (B, H, n, c, -1)
-    return dq.view(shape), dk.view(shape), dv.view(shape), dstate_in, terms
+    return dq.view(shape), dk.view(shape), dv.view(shape), terms
 
 
 @torch.no_grad()
@@ -266,7 +281,7 @@ def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_sta
         start, n, c = blocks[index]
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
         b = _cum_gates(log_gate, ld, start, n, c)
-        dqb, dkb, dvb, grad, block_terms = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad,
+        dqb, dkb, dvb, block_terms, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad,
                                                            log_gate is not None)
         stop = start + n * c
         dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
@@ -305,6 +320,207 @@ def gate_grad(token_terms, final_term, dtype):
     if final_term is not None:
         grad += final_term.double()[:, None, :]
     return grad.to(dtype)
+
+
+# ----------------------------------------------------- the entering state arrives during the call (LASP-2 overlap)
+# LASP-2 gathers each segment's state M while its kernel runs, and only then knows P, the state entering the
+# segment (and in the backward G, the gradient of the state leaving it). The kernel is linear in both: every
+# chunk's entering state is P_j = P⁰_j + e^{Γ_{j−1}} P (P⁰ from a zero state, Γ the inclusive cumulative log
+# decay from the sequence start, Γ_{j−1} up to the chunk's start) and every chunk's exit gradient is
+# R_j = R⁰_j + e^{Γ_{T−1} − Γ_j} G. So each pass is split in three: (1) what the collective needs (M = the state
+# leaving from zero, or dM = the gradient of the state entering from dO alone), (2) what needs neither P nor G
+# (run while the collective flies), (3) the products with P_j or R_j once P or G is there. The products of
+# chunked_forward / chunked_backward entering from P and leaving with G, none twice; the per-block results wait
+# between the parts in the chunk layout (B·H·n, ·, ·), as the kernel's products leave them.
+def _offsets(ld, log_gate, T, chunk_len):
+    """(Γ before, Γ through) each of the N chunks, (1 or B, H, N) float64; None without decay and gate."""
+    if ld is None and log_gate is None:
+        return None
+    device = (ld if log_gate is None else log_gate).device
+    ends = torch.arange(1, -(-T // chunk_len) + 1, device=device).mul_(chunk_len).clamp_(max=T)   # one past
+    if log_gate is None:
+        through = (ends.double()[None, :] * ld.double()[:, None])[None]
+    else:
+        a = log_gate.double() if ld is None else log_gate.double() + ld.double()
+        through = a.cumsum(1)[:, ends - 1].transpose(1, 2)
+    return torch.nn.functional.pad(through[..., :-1], (1, 0)), through
+
+
+def _chunk_weights(offsets, j, n, dtype):
+    """e^{offsets} of chunks j..j+n−1 as (·, H, n, 1, 1) in dtype, or None."""
+    return None if offsets is None else offsets[..., j:j + n].exp().to(dtype)[..., None, None]
+
+
+def _chunks_scaled(x, start, n, c, dtype, powers):
+    """_chunks(x) · powers (·, H, n, c, 1) in one pass (the unscaled copy is not needed)."""
+    if powers is None:
+        return _chunks(x, start, n, c, dtype)
+    B, _, H, D = x.shape
+    view = x[:, start:start + n * c].reshape(B, n, c, H, D).permute(0, 3, 1, 2, 4)
+    return torch.mul(view, powers, out=x.new_empty(B, H, n, c, D, dtype=dtype))
+
+
+def _heads(x, start, n, c):
+    """Tokens [start, start + n·c) of x (B, T, H, D) as B·H strided views (n, c, D), in the order of the chunk
+    layout's (B·H·n) rows: matrices with a row stride of H·D, which the batched products take without a copy."""
+    view = x[:, start:start + n * c].unflatten(1, (n, c))
+    return [view[b, :, :, h] for b in range(x.shape[0]) for h in range(x.shape[2])]
+
+
+def _groups(x, count):
+    """(count·n, ·, ·) chunk-layout rows -> count views (n, ·, ·), one per (batch row, head)."""
+    return x.view(count, -1, *x.shape[-2:]).unbind(0)
+
+
+def _prepare(x, log_decay):
+    return state_dtype(x.dtype), None if log_decay is None else log_decay.to(device=x.device,
+                                                                            dtype=state_dtype(x.dtype))
+
+
+@torch.no_grad()
+def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
+    """Forward part 1 -> (M (B, H, d_k, d_v), [P⁰ (B, H, n, d_k, d_v) per block]): the state leaving and the
+    states entering the chunks, from a zero state."""
+    B, T, H, d_k = k.shape
+    sdt, ld = _prepare(k, log_decay)
+    state = k.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt)
+    entries, v = [], v.to(sdt)
+    for start, n, c in _blocks(T, chunk_len, block_chunks):
+        k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)
+        k_end = _groups(_flat(_chunks_scaled(k, start, n, c, sdt, k_pow)), B * H)
+        chunk_states = k.new_empty(B * H, n, d_k, v.shape[-1], dtype=sdt)
+        for a, vb, out in zip(k_end, _heads(v, start, n, c), chunk_states):
+            torch.bmm(a.transpose(1, 2), vb, out=out)
+        chunk_states = chunk_states.view(B, H, n, -1)
+        W, e = _scan_weights(totals, n, sdt, k.device)           # rows 0..n−1: the entries, row n: the exit
+        entries.append(torch.matmul(W[..., :n, :], chunk_states).add_(e[..., :n, None] * state[:, :, None]))
+        state = torch.matmul(W[..., n:, :], chunk_states)[:, :, 0].add_(e[..., n, None] * state)
+    return state.view(B, H, d_k, -1), [P.view(B, H, -1, d_k, v.shape[-1]) for P in entries]
+
+
+@torch.no_grad()
+def intra_output(q, k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
+    """Forward part 2 -> [(Q Kᵀ) ⊙ D] V (B, T, H, d_v) in the state dtype: each chunk's output from its own
+    tokens."""
+    B, T, H, _ = q.shape
+    sdt, ld = _prepare(q, log_decay)
+    o = q.new_empty(B, T, H, v.shape[-1], dtype=sdt)
+    for start, n, c in _blocks(T, chunk_len, block_chunks):
+        qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
+        mask = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)[0]
+        scores = torch.bmm(_flat(qb), _flat(kb).transpose(1, 2))
+        scores.view(B, H, n, c, c).mul_(mask)
+        o[:, start:start + n * c] = _unchunk(torch.bmm(scores, _flat(vb)).view(B, H, n, c, -1))
+    return o
+
+
+@torch.no_grad()
+def add_entry_output(o, q, entries, state, log_decay, log_gate, chunk_len=64, block_chunks=16):
+    """Forward part 3, given the entering state (B, H, d_k, d_v): P_j = P⁰_j + e^{Γ_{j−1}} P (entries, in place),
+    o += (Λ_q Q) P_j (in place) -> (o (B, T, H, d_v) in q's dtype, the states entering the blocks as chunked_forward's
+    checkpoints (n_blocks, B, H, d_k, d_v) or None)."""
+    B, T, H, d_k = q.shape
+    sdt, ld = _prepare(q, log_decay)
+    offsets = _offsets(ld, log_gate, T, chunk_len)
+    for (start, n, c), P in zip(_blocks(T, chunk_len, block_chunks), entries):
+        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
+        P.add_(state[:, :, None] if weights is None else weights * state[:, :, None])
+        b = _cum_gates(log_gate, ld, start, n, c)
+        q_dec = _chunks_scaled(q, start, n, c, sdt, None if b is None else b.to(sdt).exp()[..., None])
+        for out, a, entry in zip(_heads(o, start, n, c), _groups(_flat(q_dec), B * H), _groups(_flat(P), B * H)):
+            out.baddbmm_(a, entry)                     # in place on o's strided rows of one head
+    return o.to(q.dtype), (torch.stack([P[:, :, 0] for P in entries]) if entries else None)
+
+
+@torch.no_grad()
+def deferred_state_grads(q, do, log_decay, log_gate, chunk_len=64, block_chunks=16):
+    """Backward part 1 -> (dM (B, H, d_k, d_v), [dP (B, H, n, d_k·d_v) per block]): dP_j = (Λ_q Q_j)ᵀ dO_j and
+    dM = Σ_j e^{Γ_{j−1}} dP_j, the gradient of the state entering the sequence from dO alone."""
+    B, T, H, d_k = q.shape
+    sdt, ld = _prepare(q, log_decay)
+    offsets = _offsets(ld, log_gate, T, chunk_len)
+    dstate, dP, q_state = q.new_zeros(B, H, d_k * do.shape[-1], dtype=sdt), [], q.to(sdt)
+    for start, n, c in _blocks(T, chunk_len, block_chunks):
+        b = _cum_gates(log_gate, ld, start, n, c)
+        do_dec = _chunks_scaled(do, start, n, c, sdt, None if b is None else b.to(sdt).exp()[..., None])
+        dP.append(q.new_empty(B * H, n, d_k, do.shape[-1], dtype=sdt))
+        for out, a, do_head in zip(dP[-1], _heads(q_state, start, n, c), _groups(_flat(do_dec), B * H)):
+            torch.bmm(a.transpose(1, 2), do_head, out=out)
+        dP[-1] = dP[-1].view(B, H, n, -1)
+        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
+        dstate += (dP[-1] if weights is None else dP[-1] * weights[..., 0]).sum(2)
+    return dstate.view(B, H, d_k, -1), dP
+
+
+@torch.no_grad()
+def deferred_local_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, chunk_len=64, block_chunks=16):
+    """Backward part 2, from the states entering the blocks (add_entry_output's checkpoints) -> (dq, dk, dv
+    (B, T, H, ·) in the state dtype, dk and dv without the exit gradients' terms, gate terms or None);
+    dP becomes R⁰ in place, the gradients of the states leaving the chunks from dO alone."""
+    B, T, H, d_k = q.shape
+    sdt, ld = _prepare(q, log_decay)
+    grad = q.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt)           # gradient of the state leaving the block
+    dq, dk, dv = (torch.empty_like(x, dtype=sdt) for x in (q, k, v))
+    terms = None if log_gate is None else q.new_empty(2, B, T, H, dtype=sdt)
+    blocks = _blocks(T, chunk_len, block_chunks)
+    for index in reversed(range(len(blocks))):
+        start, n, c = blocks[index]
+        qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
+        mask, q_pow, k_pow, totals = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)
+        P = _entry_states(_scaled(kb, k_pow), vb, totals, checkpoints[index])[:, :, :n].reshape(-1, d_k, v.shape[-1])
+        W, e = _scan_weights(totals, n, sdt, q.device)
+        dPx = torch.cat([dP[index], grad[:, :, None]], dim=2)
+        grad = (e[..., None] * dPx).sum(2)
+        dP[index] = torch.matmul(W.transpose(-1, -2), dPx)                             # R⁰
+        dqb, dkb, dvb, block_terms = _block_grads(qb, kb, vb, dob, mask, _scaled(dob, q_pow), P, None,
+                                                  terms is not None)
+        stop = start + n * c
+        dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
+        if terms is not None:
+            for i, x in enumerate(block_terms):
+                terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
+    return dq, dk, dv, terms
+
+
+@torch.no_grad()
+def add_exit_grads(q, k, v, log_decay, log_gate, checkpoints, R, dfinal_state, local, chunk_len=64,
+                   block_chunks=16):
+    """Backward part 3, given G, the gradient of the state leaving (B, H, d_k, d_v): R_j = R⁰_j + e^{Γ_{T−1} − Γ_j}
+    G, dk += Λ_k V Rᵀ, dv += Λ_k K R -> (dq, dk, dv, d log_gate or None) as chunked_backward gives them."""
+    dq, dk, dv, terms = local
+    B, T, H, d_k = k.shape
+    sdt, ld = _prepare(k, log_decay)
+    offsets = _offsets(ld, log_gate, T, chunk_len)
+    to_end = None if offsets is None else offsets[1][..., -1:] - offsets[1]            # Γ_{T−1} − Γ_j ≤ 0
+    G = dfinal_state.to(sdt).flatten(-2)[:, :, None]
+    for index, (start, n, c) in enumerate(_blocks(T, chunk_len, block_chunks)):
+        stop = start + n * c
+        weights = _chunk_weights(to_end, start // chunk_len, n, sdt)
+        Rb = R[index].add_(G if weights is None else weights[..., 0] * G).view(-1, d_k, v.shape[-1])
+        k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
+        v_end, k_end = (_flat(_chunks_scaled(x, start, n, c, sdt, k_pow)) for x in (v, k))
+        if terms is not None:                          # k·dk via R too, kept apart from the diagonal term
+            dk_exit = torch.bmm(v_end, Rb.transpose(1, 2)).view(B, H, n, c, -1)
+            dk[:, start:stop] += _unchunk(dk_exit)
+            kb = _chunks(k, start, n, c, sdt)
+            terms[1, :, start:stop] += (kb * dk_exit).sum(-1).permute(0, 2, 3, 1).flatten(1, 2)
+        Rs = _groups(Rb, B * H)
+        for out_k, out_v, a_v, a_k, r in zip(_heads(dk, start, n, c), _heads(dv, start, n, c),
+                                             _groups(v_end, B * H), _groups(k_end, B * H), Rs):
+            if terms is None:
+                out_k.baddbmm_(a_v, r.transpose(1, 2))
+            out_v.baddbmm_(a_k, r)
+        R[index] = None
+    dgate = None
+    if terms is not None:
+        final_term = None
+        if T:
+            last = _blocks(T, chunk_len, block_chunks)[-1][0], checkpoints[-1]
+            final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks)
+        token_terms = terms[0] - terms[1]
+        token_terms[:, T - 1:] = terms[0, :, T - 1:]
+        dgate = gate_grad(token_terms, final_term, log_gate.dtype)
+    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate
 
 
 class _ChunkedLinearAttn(torch.autograd.Function):

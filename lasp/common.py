@@ -22,12 +22,14 @@ import torch
 
 from kernels import (check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv,
                      state_dtype)
-from kernels.linear_attn import chunked_backward, chunked_forward   # the torch kernel with its block states
+from kernels.linear_attn import (add_entry_output, add_exit_grads, chunked_backward, chunked_forward,
+                                 deferred_local_grads, deferred_state_grads, deferred_states, intra_output)
 from parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
            "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",
-           "intra_forward", "intra_backward", "local_forward", "local_backward", "constant_decay"]
+           "intra_forward", "intra_backward", "local_forward", "local_backward", "deferred_forward",
+           "deferred_backward", "constant_decay"]
 
 
 def check_log_gate(log_gate, q, k, causal):
@@ -205,19 +207,60 @@ def local_backward(q, k, v, log_decay, do, backend, log_gate=None, initial_state
     """The kernel's gradients of one segment entering with initial_state (None = 0), given the gradient of the state
     leaving it (None = 0) -> (dq, dk, dv, d log_gate or None); dk, dv, d log_gate summed over each query group.
     block_states: from `local_forward` with the same initial_state (torch backend), or None (recomputed)."""
-    groups, n_kv = q.shape[2] // k.shape[2], k.shape[2]
+    groups = q.shape[2] // k.shape[2]
     k_rep, v_rep, ld = repeat_kv(q, k, v, log_decay)
-    if dfinal_state is not None and groups > 1:    # one state per K/V head: its gradient enters one copy only
-        dfinal_state = torch.stack([dfinal_state, *[torch.zeros_like(dfinal_state)] * (groups - 1)], 2).flatten(1, 2)
+    dfinal_state = _one_copy(dfinal_state, groups)
     state, gate = _per_query_head(initial_state, groups, 1), _per_query_head(log_gate, groups, 2)
     if backend == "torch":
         dq, dk, dv, _, dg = chunked_backward(q, k_rep, v_rep, ld, gate, state, do, dfinal_state, block_states)
     else:
         dq, dk, dv, _, dg = lightning_attn_bwd(q, k_rep, v_rep, ld, state, do, dfinal_state, backend, gate)
-    if groups > 1:
-        dk, dv = (x.unflatten(2, (n_kv, groups)).sum(3) for x in (dk, dv))
-        dg = None if dg is None else dg.unflatten(2, (n_kv, groups)).sum(3)
-    return dq, dk, dv, dg
+    return (dq, *_per_kv_head((dk, dv, dg), k.shape[2], groups))
+
+
+def _one_copy(dstate, groups):
+    """The gradient of a state per K/V head, in the first of its query heads' copies (the state is one)."""
+    if dstate is None or groups == 1:
+        return dstate
+    return torch.stack([dstate, *[torch.zeros_like(dstate)] * (groups - 1)], 2).flatten(1, 2)
+
+
+def _per_kv_head(grads, n_kv, groups):
+    """Gradients per query head (S, c, H, ·) or (S, c, H) summed over each K/V head's group."""
+    if groups == 1:
+        return grads
+    return tuple(None if g is None else g.unflatten(2, (n_kv, groups)).sum(3) for g in grads)
+
+
+def deferred_forward(q, k, v, log_decay, log_gate, exchange):
+    """The torch kernel's forward for segments whose entering state P is exchanged during it (LASP-2 overlap):
+    exchange(M per K/V head) starts the exchange and returns a finisher giving P per K/V head, which is called
+    after the intra-chunk products -> (o, P, block states for `local_backward` / `deferred_backward`). The
+    kernel's own state pass gives M and its inter products take P (kernels/linear_attn.py deferred_states)."""
+    groups = q.shape[2] // k.shape[2]
+    k, v, ld = repeat_kv(q, k, v, log_decay)
+    gate = _per_query_head(log_gate, groups, 2)
+    final, entries = deferred_states(k, v, ld, gate)
+    finish = exchange(final[:, ::groups])
+    intra = intra_output(q, k, v, ld, gate)
+    prefix = finish()
+    o, block_states = add_entry_output(intra, q, entries, _per_query_head(prefix, groups, 1), ld, gate)
+    return o, prefix, block_states
+
+
+def deferred_backward(q, k, v, log_decay, do, log_gate, block_states, exchange):
+    """The torch kernel's backward entering from the forward's P and leaving with G, exchanged during it:
+    exchange(dM per K/V head) returns a finisher giving G per K/V head, called after the products that need
+    neither -> (dq, dk, dv, d log_gate or None), dk, dv, d log_gate summed over each query group."""
+    groups = q.shape[2] // k.shape[2]
+    k_rep, v_rep, ld = repeat_kv(q, k, v, log_decay)
+    gate = _per_query_head(log_gate, groups, 2)
+    dstate, dP = deferred_state_grads(q, do, ld, gate)
+    finish = exchange(dstate if groups == 1 else dstate.unflatten(1, (k.shape[2], groups)).sum(2))
+    grads = deferred_local_grads(q, k_rep, v_rep, do, ld, gate, block_states, dP)
+    suffix = _one_copy(finish(), groups)
+    dq, dk, dv, dg = add_exit_grads(q, k_rep, v_rep, ld, gate, block_states, dP, suffix, grads)
+    return (dq, *_per_kv_head((dk, dv, dg), k.shape[2], groups))
 
 
 def intra_backward(q, k, v, log_decay, do, backend):

@@ -15,8 +15,15 @@ add), A_t its inclusive cumsum inside the segment, A_e = A_{c−1} the segment's
             G_g = Σ_{j>g} e^{Γ_{j−1} − Γ_g} dM_j            with the local kernel's backward
             dq_t += e^{A_t} dO_t P_gᵀ, dk_t += e^{A_e − A_t} v_t G_gᵀ, dv_t += e^{A_e − A_t} k_t G_g
             dg_s += Σ_{u≥s} q_u·dq_u^{via P} + Σ_{u<s} k_u·dk_u^{via G} + e^{A_e} <P_g, G_g>   (lasp/common.py)
+  overlap=True, torch kernel (the default on CPU): the kernel's own passes, split around each gather
+            (kernels/linear_attn.py, "the entering state arrives during the call"): M_g is the state its state
+            pass leaves from zero, then the intra-chunk products run while the gather flies, then P_g enters its
+            inter-chunk products (chunk j's entering state P⁰_j + e^{A before j} P_g); backward: dM_g from its dP
+            pass, the products that need no G while the gather flies, then G_g joins the exit gradients R_j of
+            its dk, dv products. The products of the kernel entering from P_g and leaving with G_g, no others.
+            Other backends (Triton): the kernel from a zero state meanwhile, the cross terms above added after.
   overlap=False: the kernel runs from P_g (forward) and from P_g to G_g (backward) after the gathers instead,
-            which is all of the above with no product of its own beyond M_g and dM_g.
+            which is all of the above with no product of its own beyond M_g and dM_g, and nothing hidden.
   non-causal (λ = 1, no gate): o = Q Σ_j M_j;  dq = dO (Σ_j M_j)ᵀ,  dk = V (Σ_j dM_j)ᵀ,  dv = K Σ_j dM_j.
 
 Only differences of inclusive cumsums that are ≤ 0 are exponentiated (float64 sums), so nothing overflows.
@@ -30,8 +37,9 @@ from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
 from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, from_segments,
-                     local_backward, local_forward, local_state, segment_log_totals, state_grad, to_segments)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
+                     deferred_forward, from_segments, local_backward, local_forward, local_state,
+                     segment_log_totals, state_grad, to_segments)
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
@@ -116,17 +124,25 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=N
     c, sdt = qs.shape[1], state_dtype(q.dtype)
     header = torch.tensor([q.shape[1], n], dtype=sdt, device=q.device)
     totals = None if gs is None else segment_log_totals(log_decay, gs, c)
-    finish = _gather_states(local_state(ks, vs, log_decay, gs), n, layout, group, header, totals)
     if not causal:
+        finish = _gather_states(local_state(ks, vs, None), n, layout, group, header)
         total = finish()[0].sum(0).repeat_interleave(n, dim=0)               # Σ_j M_j for every segment row
         o = add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None)
         return from_segments(o, n), total, None
-    if overlap:
-        o_intra, block_states = local_forward(qs, ks, vs, log_decay, backend, gs)   # while the gather flies
-    prefix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=False)
-    if overlap:
-        return from_segments(add_prefix_output(o_intra, qs, prefix, log_decay, gs), n), prefix, block_states
-    o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix)
+
+    def exchange(states):           # starts the gather; its finisher folds every local segment's prefix P
+        finish = _gather_states(states, n, layout, group, header, totals)
+        return lambda: _prefix_fold(*finish(), log_decay, c, layout, group, suffix=False)
+    if overlap and backend == "torch":      # M from the kernel's state pass, P into its inter products
+        o, prefix, block_states = deferred_forward(qs, ks, vs, log_decay, gs, exchange)
+    elif overlap:                           # the kernel from a zero state while the gather flies, P's term after
+        finish = exchange(local_state(ks, vs, log_decay, gs))
+        o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs)
+        prefix = finish()
+        o = add_prefix_output(o, qs, prefix, log_decay, gs)
+    else:
+        prefix = exchange(local_state(ks, vs, log_decay, gs))()
+        o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix)
     return from_segments(o, n), prefix, block_states
 
 
@@ -137,18 +153,25 @@ def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backen
     qs, ks, vs, dos, gs = (_segments(x, n) for x in (q, k, v, do, log_gate))
     c = qs.shape[1]
     totals = None if gs is None else segment_log_totals(log_decay, gs, c)
-    finish = _gather_states(state_grad(qs, dos, log_decay, k.shape[2], gs), n, layout, group, totals=totals)
     if not causal:
-        suffix = finish()[0].sum(0).repeat_interleave(n, dim=0)
+        suffix = _gather_states(state_grad(qs, dos, None, k.shape[2]), n, layout, group)()[0].sum(0)
+        suffix = suffix.repeat_interleave(n, dim=0)
         zeros = (torch.zeros_like(x) for x in (qs, ks, vs))
         return (*(from_segments(g, n) for g in add_state_grads(*zeros, qs, ks, vs, dos, prefix, suffix, None)), None)
-    if not overlap:         # the kernel enters from P and leaves with gradient G: its gradients are the answer
-        suffix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
-        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, suffix, block_states)
+
+    def exchange(dstates):          # starts the gather; its finisher folds every local segment's suffix G
+        finish = _gather_states(dstates, n, layout, group, totals=totals)
+        return lambda: _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
+    if overlap and backend == "torch":      # dM from the kernel's dP, G into its exit products
+        grads = deferred_backward(qs, ks, vs, log_decay, dos, gs, block_states, exchange)
         return tuple(None if g is None else from_segments(g, n) for g in grads)
-    # the kernel from a zero state (its block states kept by the forward) while the gather flies, then the terms of P, G
-    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs, block_states=block_states)
-    suffix = _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
+    finish = exchange(state_grad(qs, dos, log_decay, k.shape[2], gs))
+    if not overlap:         # the kernel enters from P and leaves with gradient G: its gradients are the answer
+        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, finish(), block_states)
+        return tuple(None if g is None else from_segments(g, n) for g in grads)
+    # other backends: the kernel from a zero state while the gather flies, then the terms of P and G
+    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs)
+    suffix = finish()
     grads = add_state_grads(dq, dk, dv, qs, ks, vs, dos, prefix, suffix, log_decay, gs)
     if gs is not None:
         grads = (*grads[:3], (dg.double() + grads[3]).to(log_gate.dtype))
@@ -180,9 +203,10 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
     per state (constant, no gradient), None = no decay; log_gate: (B, T_local, H_kv) of g ≤ 0 (differentiable,
     adds to log_decay), None = no gate; causal=False needs neither.
     group=None: the mesh's sequence-parallel group, else the default group, else a single process.
-    overlap=True runs the local kernel while each gather is in flight and adds the cross terms after (4 more
-    d_k×d_v products per token over fwd+bwd than overlap=False, which runs the kernel from the gathered prefix:
-    fewest flops, the gather exposed; best where a collective costs little next to the local compute).
+    overlap=True runs the local kernel's products that need neither P nor G while each gather is in flight and
+    the rest after (torch kernel: the same products as overlap=False; other backends: 4 more d_k×d_v products
+    per token over fwd+bwd, the cross terms added after a zero-state kernel); overlap=False runs the kernel from
+    the gathered prefix (the gather exposed).
     Raises ValueError (before any collective) on mismatched shapes/dtypes, bad log_decay or log_gate (shape,
     dtype, device, positive or non-finite entries), a local length the layout cannot split; and on every rank if
     ranks hold different lengths.

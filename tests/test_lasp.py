@@ -113,6 +113,42 @@ def test_lasp2_payload_independent_of_length():
         assert gf1 == gf2 == gb1 + (W - 1) * 2 * 4, sizes
 
 
+def _long_segments(W, layout):
+    """Segments of 1,100 and 2,200 tokens: several blocks of 16 chunks of 64, a block of one or two chunks and a
+    partial chunk, where the kernel's scans carry states across blocks. Reference: the single-device torch kernel
+    (checked against the float64 oracle in tests/test_kernels.py) on the whole sequence; the dense oracle would
+    need (T, T) matrices on every rank."""
+    from kernels import lightning_attn
+    from lasp import lasp2
+    from parallel import shard
+    r, T, out = dist.get_rank(), 4400, []
+    g = torch.Generator().manual_seed(3)
+    shapes = ((6, 4), (3, 4), (3, 5), (6, 5))          # 6 query heads on 3 K/V heads, d_k = 4, d_v = 5
+    q, k, v, do = (torch.randn(1, T, h, d, generator=g, dtype=torch.float64) for h, d in shapes)
+    for gated in (False, True):
+        inputs = [q, k, v] + ([-torch.rand(1, T, 3, generator=g, dtype=torch.float64)] if gated else [])
+        full = [x.clone().requires_grad_() for x in inputs]
+        per_query_head = [x.repeat_interleave(2, dim=2) for x in full[1:]]
+        ref = lightning_attn(*full[:1], *per_query_head[:2], log_decay=DECAY.repeat_interleave(2),
+                             log_gate=per_query_head[2] if gated else None, backend="torch")[0]
+        ref_grads = torch.autograd.grad(ref, full, do)
+        for overlap in (True, False):
+            local = [shard(x, layout, r, W).requires_grad_() for x in inputs]
+            o = lasp2(*local[:3], log_decay=DECAY, log_gate=local[3] if gated else None, layout=layout,
+                      overlap=overlap)
+            grads = torch.autograd.grad(o, local, shard(do, layout, r, W))
+            errors = [rel_err(a, shard(b, layout, r, W)) for a, b in zip((o, *grads), (ref, *ref_grads))]
+            out.append(((gated, overlap), errors))
+    return out
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "zigzag"])
+def test_lasp2_segments_spanning_blocks(layout):
+    for rank, results in enumerate(run_ranks(2, _long_segments, 2, layout)):
+        for config, errors in results:
+            assert max(errors) < 1e-10, f"rank {rank} {layout} (gated, overlap) = {config}: {errors}"
+
+
 def _lasp1_ring_counts(W):
     runs = [_case("lasp1", W, "contiguous", causal, None, torch.float64)[1:] for causal in (True, False)]
     return runs + [_case("lasp1", W, "contiguous", True, None, torch.float32, gated=True)[1:]]
