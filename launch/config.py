@@ -173,6 +173,7 @@ def _field_help(cls):
 # ---------------------------------------------------------------------------------------------- model fields
 OVERRIDES_GONE = ("there is no overrides table any more: write the model's fields directly, e.g. --model.n_layers 8 "
                   "on the command line or n_layers = 8 under [model] in TOML")
+VOCAB_FROM_DATA = "the vocabulary comes from data.vocab_size (the tokenizer's); set that instead"
 
 
 def preset_config(preset):
@@ -215,11 +216,13 @@ def model_flags(args):
     return {k.partition(".")[2]: v for k, v in args.items() if k.startswith("model.") and k[6:] not in plain}
 
 
-def preset_from_argv(argv, flags, default):
+def preset_from_argv(argv, flags, default, refused=("--model.overrides",)):
     """The preset named by `flags` in argv (the first stage: it picks which --model.<field> flags exist).
-    ValueError for the old --model.overrides flag."""
-    if any(a.partition("=")[0] == "--model.overrides" for a in (sys.argv[1:] if argv is None else argv)):
-        raise ValueError(f"--model.overrides: {OVERRIDES_GONE}")
+    ValueError for a `refused` flag, saying what to write instead."""
+    words = {"--model.overrides": OVERRIDES_GONE, "--model.vocab_size": VOCAB_FROM_DATA}
+    for flag in (arg.partition("=")[0] for arg in (sys.argv[1:] if argv is None else argv)):
+        if flag in refused:
+            raise ValueError(f"{flag}: {words[flag]}")
     pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     pre.add_argument(*flags, dest="preset", default=default)
     return pre.parse_known_args(argv)[0].preset
@@ -335,8 +338,7 @@ def merge(cfg, updates, source):
         kind = typing.get_origin(fields[name].type) or fields[name].type
         setattr(getattr(cfg, section), name, _coerce(key, kind, value))
     if "vocab_size" in model_fields:
-        raise ValueError(f"model.vocab_size in {source}: the vocabulary comes from data.vocab_size (the "
-                         f"tokenizer's); set that instead")
+        raise ValueError(f"model.vocab_size in {source}: {VOCAB_FROM_DATA}")
     if cfg.model.preset == preset_before and model_fields:
         cfg.model.arch = model_arch(cfg.model.preset, model_fields, source, base=cfg.model.arch)
     elif cfg.model.preset != preset_before:              # a new preset: the fields set so far carry over
@@ -370,7 +372,8 @@ def parse_args(argv=None):
     config_path = preset_from_argv(argv, ("--config",), str(DEFAULT_CONFIG))
     toml = load_toml(_resolve_config_path(config_path))
     section = toml.get("model") if isinstance(toml.get("model"), dict) else {}
-    preset = preset_from_argv(argv, ("--model", "--model.preset"), section.get("preset", ModelConfig.preset))
+    preset = preset_from_argv(argv, ("--model", "--model.preset"), section.get("preset", ModelConfig.preset),
+                              refused=("--model.overrides", "--model.vocab_size"))
     args = vars(build_parser(preset).parse_args(argv))
     config_path, dry_run = args.pop("config"), args.pop("dry_run")
     cfg = TrainConfig()

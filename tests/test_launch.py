@@ -134,6 +134,10 @@ def test_config_precedence_and_types(tmp_path):
         merge(TrainConfig(), {"optim": {"lrr": 1}}, "x.toml")
     with pytest.raises(ValueError, match="'optim.max_steps' must be int"):
         merge(TrainConfig(), {"optim.max_steps": 1.5}, "x.toml")
+    with pytest.raises(ValueError, match="model.vocab_size in x.toml: the vocabulary comes from data.vocab_size"):
+        merge(TrainConfig(), {"model": {"vocab_size": 64}}, "x.toml")
+    with pytest.raises(ValueError, match="'model.n_layers' must be int, got 2.5"):
+        merge(TrainConfig(), {"model": {"n_layers": 2.5}}, "x.toml")
 
 
 def test_lr_warmup_then_cosine():
@@ -328,6 +332,7 @@ def test_nan_loss_stops_with_last_good_checkpoint(tmp_path, cache_dir):
     (["--config", "BADKEY"], {}, "unknown config key 'optim.lrr' in .*bad.toml"),
     (["--model.overrides", '{"n_layers": 2}'], {}, "write the model's fields directly, e.g. --model.n_layers 8"),
     (["--config", "OVERRIDES"], {}, "model.overrides in .*overrides.toml: there is no overrides table"),
+    (["--model.vocab_size", "64"], {}, "--model.vocab_size: the vocabulary comes from data.vocab_size"),
     (["--config", "FIELDZ"], {}, "unknown model fields \\['n_layerz'\\] .*LinearLlamaConfig has \\[.*'n_layers'"),
     (["--model.n_heads", "3"], {}, "model.n_heads=3 .*do not fit preset 'linear-llama3-tiny': n_heads=3 must divide"),
     (["--model", "tnl-tiny"], {}, "unknown model fields \\['ffn_dim', 'n_kv_heads'\\] for preset 'tnl-tiny'"),
