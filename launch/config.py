@@ -269,6 +269,8 @@ def parse_model_args(parser, argv=None, default="linear-llama3-tiny", skip=()):
         preset = preset_from_argv(argv, ("--preset",), default)
         add_model_flags(parser, preset, skip)
         args = parser.parse_args(argv)
+        if args.preset != preset:                          # an abbreviation argparse took that the first stage did not
+            raise ValueError(f"write --preset {args.preset} in full (it chooses the --model.* flags)")
         args.model = ModelConfig(preset=preset, arch=model_arch(preset, model_flags(args)))
     except ValueError as e:
         parser.error(str(e))

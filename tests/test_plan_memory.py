@@ -69,7 +69,8 @@ def test_command_line_model_fields(capsys):
     assert est["total"] == plan(_config("LN"), 4096, sp=2, dtype="fp32", kernel="torch")["total"]
     for bad, word in (("--model.n_layerz=2", "unrecognized arguments: --model.n_layerz"),
                       ("--model.n_heads=3", "model.n_heads=3 .*must divide dim"),
-                      ("--model.dim=x", "--model.dim: invalid int value: 'x'")):
+                      ("--model.dim=x", "--model.dim: invalid int value: 'x'"),
+                      ("--pres=tnl-tiny", "write --preset tnl-tiny in full")):      # the first stage saw no preset
         with pytest.raises(SystemExit) as e:
             main(["--preset", "linear-llama3-tiny", "--seq-len", "4096", bad])
         assert e.value.code == 2 and re.search(word, capsys.readouterr().err), bad
