@@ -208,11 +208,11 @@ def _preflight(cfg, run_dir, root):
     _writable(root, "checkpoint.dir")
 
 
-def setup_mesh(sp, tp):
-    """The dp × sp × tp mesh of this job (on the default group if one exists, e.g. the test helper's)."""
+def setup_mesh(sp, tp, ep=1):
+    """The dp × sp × tp mesh (+ ep groups) of this job (on the default group if one exists, e.g. the test helper's)."""
     if dist.is_initialized():  # e.g. the test helper made the default group
-        return build_mesh(dist.get_rank(), dist.get_world_size(), sp, tp)
-    return init_mesh(sp, tp)
+        return build_mesh(dist.get_rank(), dist.get_world_size(), sp, tp, ep)
+    return init_mesh(sp, tp, ep)
 
 
 def _autocast(device, dtype):
@@ -256,7 +256,8 @@ def build(cfg, model, mesh, device):
     from parallel.tensor import replica_group
     n_params = sum(p.numel() for p in model.parameters())
     parallelize(model, cfg.parallel, mesh)
-    engine = make_engine(model, cfg, mesh.world_size, device, data_group=replica_group(mesh))
+    engine = make_engine(model, cfg, mesh.world_size, device, data_group=replica_group(mesh),
+                         expert_data_group=mesh.group("edp"))
     return Run(cfg, mesh.rank, device, mesh, model, engine, n_params)
 
 
@@ -270,7 +271,7 @@ def setup(cfg):
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     _preflight(cfg, run_dir, root)
-    mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp)
+    mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
     data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
     if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
         (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
