@@ -30,19 +30,19 @@ __all__ = ["LinearLlamaConfig", "PRESETS", "LinearLlamaBlock", "LinearLlama"]
 
 @dataclass
 class LinearLlamaConfig:
-    vocab_size: int = 128256
-    dim: int = 2048
-    n_layers: int = 16
-    n_heads: int = 32
+    vocab_size: int = 128256        # tokens (set by the tokenizer: data.vocab_size in the launcher)
+    dim: int = 2048                 # model width D
+    n_layers: int = 16              # blocks
+    n_heads: int = 32               # attention heads (head dim = dim / n_heads, even)
     n_kv_heads: int = 8             # softmax (N) layers only; linear layers use n_heads for k and v
-    ffn_dim: int = 8192
+    ffn_dim: int = 8192             # SwiGLU hidden width
     pattern: str = "L"              # repeated over the layers: L = linear, N = normal softmax attention
     linear_decay: str = "none"      # "none" (basic linear attention) | "lightning" | "retention" | "gated"
     gate_logit_normalizer: float = 16.0  # "gated": g = logsigmoid(x W_f + b)/τ with this τ (fla's simple GLA)
     feature_map: str = "silu"       # "identity" | "elu+1" | "silu"
-    rope_base: float = 500000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    rope_base: float = 500000.0     # rotary base θ of the softmax layers
+    norm_eps: float = 1e-5          # RMSNorm epsilon
+    init_std: float = 0.02          # normal init std (out/down projections: std / sqrt(2·n_layers))
     loss_chunk_tokens: int = 1024   # tokens per chunk of the chunked cross-entropy
     parallel_block: bool = False    # BAM/GPT-J block: u = RMSNorm(x); y = x + mixer(u) + MLP(u) (False: Llama's)
     n_attn_experts: int = 1         # N soft Mixture-of-Attention experts, one wide attention of N·H heads (1: dense)

@@ -26,15 +26,15 @@ __all__ = ["TNLConfig", "PRESETS", "LRPE", "NormLinearAttention", "TNLBlock", "T
 
 @dataclass
 class TNLConfig:
-    vocab_size: int = 64000
-    dim: int = 1024
-    n_layers: int = 24
-    n_heads: int = 8
-    glu_dim: int = 2816
+    vocab_size: int = 64000         # tokens (set by the tokenizer: data.vocab_size in the launcher)
+    dim: int = 1024                 # model width D
+    n_layers: int = 24              # blocks
+    n_heads: int = 8                # lightning-attention heads (per-head decay)
+    glu_dim: int = 2816             # SGLU hidden width
     scale_embedding: bool = True    # x = embed(ids)·√D, else ·1 (released default: scaled)
     pad_token_id: int = 0           # the release's padding_idx: row zero at init, no gradient from the lookup; -1 none
-    norm_eps: float = 1e-6
-    init_std: float = 0.02
+    norm_eps: float = 1e-6          # RMSNorm (no weight) and mixer norm epsilon
+    init_std: float = 0.02          # normal init std of every weight, as released
     loss_chunk_tokens: int = 1024   # tokens per chunk of the chunked cross-entropy
 
     def __post_init__(self):
