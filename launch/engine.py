@@ -30,7 +30,7 @@ from launch import checkpoint as ckpt
 from parallel import comm, experts, tensor
 from parallel.checkpointing import apply_activation_checkpointing
 
-__all__ = ["model_config", "build_model", "checkpoint_blocks", "parallelize", "lr_at", "build_optimizer",
+__all__ = ["model_config", "build_model", "parallelize", "lr_at", "build_optimizer",
            "LossModel", "fixed_buckets", "average_gradients", "DDPEngine", "DeepSpeedEngine", "make_engine"]
 
 
@@ -52,9 +52,6 @@ def build_model(cfg_model, vocab_size, seed, device=None):
                          f"tokenizer {vocab_size}: train with data.vocab_size = {model.config.vocab_size} on the "
                          f"same corpus")
     return model
-
-
-checkpoint_blocks = apply_activation_checkpointing   # the old name, still used by launch/bench.py
 
 
 def parallelize(model, cfg_parallel, mesh):
