@@ -40,7 +40,6 @@ import shlex
 import statistics
 import sys
 import time
-import weakref
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -354,26 +353,6 @@ def core_step(run, batch, barrier=False):
     if barrier:
         comm.barrier(run.mesh.group("sp"))
     return train_step(run, batch)["seconds"]
-
-
-_RUNS = weakref.WeakKeyDictionary()   # model -> the core Run that train_step made for it
-
-
-def train_step(model, batch, seq_len=None, group=None, optimizer=None, barrier=False):
-    """The older form of core_step, for a model made by seeded_model whose engines set_engines set (kept for
-    tests/test_plan_memory.py): one step of the training core -> seconds per phase. The core's Run (DDP engine
-    and its AdamW at 1e-3) is made at the model's first step and kept; `optimizer` is not used (the engine owns
-    its own) and `seq_len` is not needed (the core counts the tokens)."""
-    from launch import trainer
-    from launch.engine import make_engine
-    if model not in _RUNS:
-        device = next(model.parameters()).device
-        mesh = trainer.setup_mesh(comm.group_size(group), 1)
-        cfg = core_config("lasp2+allgather", "contiguous", mesh.sp, False)        # engines: as set_engines set them
-        engine = make_engine(model, cfg, mesh.world_size, device)
-        _RUNS[model] = trainer.Run(cfg, mesh.rank, device, mesh, model, engine, sum(p.numel() for p in
-                                                                                    model.parameters()))
-    return core_step(_RUNS[model], batch, barrier)
 
 
 def bench_models(args, mesh, device, dtype):

@@ -79,20 +79,19 @@ def test_command_line_model_fields(capsys):
 def _measured_step_peak(seq_len, pattern):
     """One checkpointed training step of bench's long mode on this rank -> its peak above the memory before it."""
     import torch
-    from launch import bench
+    from launch import bench, trainer
     from launch.config import ModelConfig
-    args = types.SimpleNamespace(preset="linear-llama3-tiny", batch=1, checkpoint=True,
+    args = types.SimpleNamespace(preset="linear-llama3-tiny", batch=1, checkpoint=True, layout="contiguous",
                                  model=ModelConfig("linear-llama3-tiny", arch=_config(pattern)))
     bench.malloc_for_measurement()
-    model = bench.seeded_model(args, torch.device("cpu"), True)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    bench.set_engines(model, "lasp2+allgather", "contiguous", None)
     W = dist.get_world_size()
-    bench.train_step(model, bench.sequence_batch(512 * W, "contiguous", args, None, "cpu"), 512 * W, None, optimizer)
-    batch = bench.sequence_batch(seq_len, "contiguous", args, None, "cpu")
+    mesh = trainer.setup_mesh(W, 1)
+    run = bench.bench_run(args, "lasp2+allgather", mesh, torch.device("cpu"))     # the training core's step
+    bench.core_step(run, bench.sequence_batch(512 * W, "contiguous", args, mesh.group("sp"), "cpu"))
+    batch = bench.sequence_batch(seq_len, "contiguous", args, mesh.group("sp"), "cpu")
     meter = bench.PeakMemory(torch.device("cpu"))
     meter.reset()
-    bench.train_step(model, batch, seq_len, None, optimizer)
+    bench.core_step(run, batch)
     return meter.peak()[0], meter.resettable
 
 
