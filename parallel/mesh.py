@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.distributed as dist
 
-__all__ = ["Mesh", "dist_env", "init_mesh", "build_mesh", "current_mesh", "sp_group"]
+__all__ = ["Mesh", "dist_env", "init_mesh", "build_mesh", "mesh_groups", "current_mesh", "sp_group"]
 
 
 @dataclass
@@ -71,15 +71,17 @@ def check_mesh_sizes(world_size, sp=1, tp=1, ep=1):
     return world_size // (sp * tp)
 
 
-def _axis_lines(ranks, ep):
-    """{axis name: lists of member ranks}. ep: blocks of ep consecutive ranks of the flattened dp·sp axis that
-    share a tp index (expert parallelism spans ranks holding different tokens of the same weight shard). edp
-    (expert data parallel): the dp·sp/ep ranks of one tp index holding the same experts, one per ep group."""
+def mesh_groups(world_size, sp=1, tp=1, ep=1):
+    """{axis name: lists of member ranks} of the (dp, sp, tp) layout, tp fastest; no process group needed (ValueError
+    as check_mesh_sizes). ep: blocks of ep consecutive ranks of the flattened dp·sp axis that share a tp index
+    (expert parallelism spans ranks holding different tokens of the same weight shard). edp (expert data
+    parallel): the dp·sp/ep ranks of one tp index holding the same experts, one per ep group."""
+    ranks = torch.arange(world_size).view(check_mesh_sizes(world_size, sp, tp, ep), sp, tp)
     lines = {name: ranks.movedim(axis, -1).reshape(-1, ranks.shape[axis]).tolist()
              for name, axis in (("dp", 0), ("sp", 1), ("tp", 2))}
     tokens_by_tp = ranks.flatten(0, 1).T                                     # (tp, dp·sp)
     lines["ep"] = tokens_by_tp.reshape(-1, ep).tolist()
-    lines["edp"] = tokens_by_tp.reshape(ranks.shape[2], -1, ep).transpose(1, 2).flatten(0, 1).tolist()
+    lines["edp"] = tokens_by_tp.reshape(tp, -1, ep).transpose(1, 2).flatten(0, 1).tolist()
     return lines
 
 
@@ -88,9 +90,8 @@ def build_mesh(rank, world_size, sp=1, tp=1, ep=1):
     same order)."""
     global _MESH
     dp = check_mesh_sizes(world_size, sp, tp, ep)
-    ranks = torch.arange(world_size).view(dp, sp, tp)
     groups = {}
-    for name, lines in _axis_lines(ranks, ep).items():
+    for name, lines in mesh_groups(world_size, sp, tp, ep).items():
         for members in lines:  # new_group must be called by all ranks for every group
             g = dist.new_group(members) if dist.is_initialized() else None
             if rank in members:

@@ -20,6 +20,7 @@ import models
 from launch.config import check_config, parse_args
 from launch.trainer import train
 from parallel import count_collectives
+from parallel.mesh import mesh_groups
 from tests.dist import rel_err, run_ranks
 
 TOL = 1e-5
@@ -85,7 +86,8 @@ def test_ep2_equals_one_process_and_resumes_at_ep1(tmp_path, cache_dir, one):
     """dp 2 x sp 2, experts over the ep groups [0, 1], [2, 3] (the sp groups here), reduced over [0, 2], [1, 3]."""
     ranks = run_ranks(4, _train, _cfg(tmp_path / "ep2", cache_dir, "--sp", "2", "--ep", "2"))
     _check_equal(ranks, one, tmp_path / "ep2")
-    assert all(r[2] > 0 for r in ranks) and one[0][2] == 0             # the experts' all-to-all ran (only there)
+    # per MoE layer (2) and step (4): rows there and back in forward, again in the recomputation, and in backward
+    assert all(r[2] == 4 * 2 * 6 for r in ranks) and one[0][2] == 0
     _resume_from_step_2(tmp_path / "ep2", tmp_path / "ep1")
     rest = run_ranks(2, _train, _cfg(tmp_path / "ep1", cache_dir, "--resume"))   # dp 2, all experts on each
     assert _rel(rest[0][0], one[0][0][2:]) < TOL and _rel(rest[0][1], one[0][1][2:]) < TOL
@@ -126,6 +128,15 @@ def test_other_compositions_equal_one_process(tmp_path, cache_dir, one, args):
     ranks = run_ranks(4, _train, _cfg(tmp_path / "run", cache_dir, *args))
     _check_equal(ranks, one, tmp_path / "run")
     assert all(r[2] > 0 for r in ranks) == ("--ep" in args)
+
+
+def test_expert_groups_of_the_mesh():
+    """ep: blocks of consecutive dp·sp ranks of one tp index; edp: the ranks holding the same experts."""
+    lines = mesh_groups(4, sp=2, ep=2)                                        # dp 2 x sp 2, ep 2
+    assert lines["ep"] == [[0, 1], [2, 3]] and lines["edp"] == [[0, 2], [1, 3]]
+    lines = mesh_groups(8, sp=2, tp=2, ep=2)                                  # dp 2 x sp 2 x tp 2, ep 2
+    assert lines["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]] and lines["edp"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
+    assert mesh_groups(4, ep=4)["edp"] == [[0], [1], [2], [3]]
 
 
 @pytest.mark.parametrize("world, args, message", [
