@@ -151,8 +151,9 @@ def _map_expert_moments(model, optimizer, state, fn):
     """fn(param, tensor) on every per-element optimizer state tensor (AdamW's moments) of an expert shard."""
     experts = {id(p) for p in expert_parameters(model).values()}
     order = [p for g in optimizer.param_groups for p in g["params"]]
-    moments = {i: {k: (fn(order[i], v) if id(order[i]) in experts and torch.is_tensor(v) and v.dim() == order[i].dim()
-                       else v) for k, v in per_param.items()}
+    def moment(p, v):
+        return id(p) in experts and torch.is_tensor(v) and v.dim() == p.dim()
+    moments = {i: {k: (fn(order[i], v) if moment(order[i], v) else v) for k, v in per_param.items()}
                for i, per_param in state["state"].items()}
     return {**state, "state": moments}
 
@@ -183,9 +184,9 @@ def clip_grad_norm_(model, max_norm):
     for name, p in grads:
         split = plan is not None and name in plan.shards
         squares[2 * hasattr(p, "expert_group") + split] += torch.linalg.vector_norm(p.grad, dtype=dtype) ** 2
-    group = next((p.expert_group for _, p in grads if hasattr(p, "expert_group")), None)
-    if group is not None:
-        squares[2:] = comm.all_reduce(squares[2:].clone(), group)
+    sharded = [p for _, p in grads if hasattr(p, "expert_group")]
+    if sharded:                                          # (its group may be None: the default group)
+        squares[2:] = comm.all_reduce(squares[2:].clone(), sharded[0].expert_group)
     if plan is not None:
         squares[1::2] = comm.all_reduce(squares[1::2].clone(), plan.group)
     norm = squares.sum().sqrt()
