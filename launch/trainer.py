@@ -36,7 +36,7 @@ from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, c
 from launch.engine import build_model, make_engine, parallelize
 from launch.report import Reporter, peak_flops
 from parallel import comm
-from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh
+from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh, mesh_groups
 
 __all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "local_batch", "train_step",
            "train", "model_label", "mesh_table", "dry_run"]
@@ -341,7 +341,7 @@ def _summary(cfg, run, n_params, tokens_per_step, peak_note):
     p, mesh = cfg.parallel, run.mesh
     return (f"{run.label}: {n_params / 1e6:.2f}M parameters, vocab {run.model.config.vocab_size}; "
             f"world {mesh.world_size} = dp {mesh.dp} x sp {mesh.sp} x tp {mesh.tp} ({p.linear} + {p.softmax}, "
-            f"{p.layout}), "
+            f"{p.layout}){f', experts over ep {p.ep}' if p.ep > 1 else ''}, "
             f"{'ZeRO-%d' % p.zero if p.zero else 'DDP'} on {run.device.type}; {tokens_per_step} tokens/step; "
             f"MFU peak: {peak_note}" + (f"; resumed from {run.last_ckpt}" if run.last_ckpt else "")
             + (f"; no checkpoint in {run.root}, starting fresh" if cfg.checkpoint.resume and not run.last_ckpt else ""))
@@ -436,10 +436,11 @@ def train(cfg, hook=None):
             "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
 
 
-def mesh_table(world, sp, local_world, tp=1):
+def mesh_table(world, sp, local_world, tp=1, ep=1):
     """Lines describing every rank's node and (dp, sp[, tp]) coordinates, and the groups, without any process
-    group. tp is the fastest axis (parallel/mesh.py); its column and groups appear only when tp > 1."""
-    dp = check_mesh_sizes(world, sp, tp)
+    group. tp is the fastest axis (parallel/mesh.py); its column and groups appear only when tp > 1, the expert
+    groups (ep, and edp: the ranks holding the same experts) only when ep > 1."""
+    dp = check_mesh_sizes(world, sp, tp, ep)
     ranks = torch.arange(world).view(dp, sp, tp)
     with_tp = (lambda text: text) if tp > 1 else (lambda text: "")
     lines = [f"world {world} = dp {dp} x sp {sp}{with_tp(f' x tp {tp}')}; {max(1, world // local_world)} node(s) "
@@ -449,6 +450,9 @@ def mesh_table(world, sp, local_world, tp=1):
     lines.append(f"sp groups: {ranks.movedim(1, -1).reshape(-1, sp).tolist()}")
     lines.append(f"dp groups: {ranks.movedim(0, -1).reshape(-1, dp).tolist()}")
     lines += [f"tp groups: {ranks.reshape(-1, tp).tolist()}"] if tp > 1 else []
+    if ep > 1:
+        groups = mesh_groups(world, sp, tp, ep)
+        lines += [f"ep groups: {groups['ep']}", f"edp groups (same experts): {groups['edp']}"]
     if sp > local_world:
         lines.append(f"note: sp={sp} spans nodes ({local_world} ranks per node): SP collectives cross the network")
     if tp > local_world:
@@ -475,6 +479,6 @@ def dry_run(cfg):
         where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
         print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
-        print("\n".join(mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp)))
+        print("\n".join(mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp, cfg.parallel.ep)))
         print("dry run OK")
     return 0
