@@ -19,6 +19,8 @@ used only as a test oracle. The `deferred_*` / `intra_output` / `add_*` function
 backward split in three parts each, for a caller (LASP-2) whose entering state P and exit gradient G arrive
 while the kernel runs.
 """
+import bisect
+
 import torch
 
 __all__ = ["check_linear_attn_inputs", "state_dtype", "repeat_kv", "linear_attn_chunked",
@@ -377,24 +379,54 @@ def _prepare(x, log_decay):
                                                                             dtype=state_dtype(x.dtype))
 
 
+def _rows(x):
+    """A span's per-chunk tensor (B, H, n, ·, ·) as B·H contiguous views (n, ·, ·)."""
+    return x.flatten(0, 1).unbind(0)
+
+
+def _spans(x, v, chunk_len, block_chunks):
+    """Spans of whole blocks (as _blocks) and a locator chunk index -> (span, offset in it). A span holds about
+    2^19 floats of one (B, H, ·, d) tensor (2 MiB fp32): with few heads or small d a block of 16 chunks is too
+    little work per call, while larger spans leave the caches. Per-chunk tensors live per span, each a heap-sized
+    allocation reused from call to call (one (B, H, N, ·, ·) tensor of 32 MiB or more would be a fresh mmap,
+    its pages faulting in at every call)."""
+    B, T, H, _ = x.shape
+    per_chunk = B * H * max(x.shape[-1], v.shape[-1]) * chunk_len
+    span_chunks = block_chunks * min(16, max(1, 2 ** 19 // (per_chunk * block_chunks)))
+    spans = _blocks(T, chunk_len, span_chunks)
+    firsts = [start // chunk_len for start, _, _ in spans]
+    return spans, lambda j: (bisect.bisect_right(firsts, j) - 1, j - firsts[bisect.bisect_right(firsts, j) - 1])
+
+
+def _entry_powers(log_gate, ld, start, n, c, dtype):
+    """Λ_q = e^{b_i} (·, H, n, c, 1) of chunks [start, start + n·c), or None (no decay, no gate)."""
+    b = _cum_gates(log_gate, ld, start, n, c)
+    return None if b is None else b.to(dtype).exp()[..., None]
+
+
 @torch.no_grad()
 def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
-    """Forward part 1 -> (M (B, H, d_k, d_v), [P⁰ (B, H, n, d_k, d_v) per block]): the state leaving and the
-    states entering the chunks, from a zero state."""
+    """Forward part 1 -> (M (B, H, d_k, d_v), [P⁰ (B, H, n, d_k, d_v) per span]): the state leaving and the states
+    entering the chunks, from a zero state."""
     B, T, H, d_k = k.shape
     sdt, ld = _prepare(k, log_decay)
-    state = k.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt)
-    entries, v = [], v.to(sdt)
-    for start, n, c in _blocks(T, chunk_len, block_chunks):
+    state, v = k.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt), v.to(sdt)
+    spans = _spans(k, v, chunk_len, block_chunks)[0]
+    entries = [k.new_empty(B, H, n, d_k * v.shape[-1], dtype=sdt) for _, n, _ in spans]
+    for (start, n, c), P in zip(spans, entries):
         k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)
         k_end = _groups(_flat(_chunks_scaled(k, start, n, c, sdt, k_pow)), B * H)
         chunk_states = k.new_empty(B * H, n, d_k, v.shape[-1], dtype=sdt)
         for a, vb, out in zip(k_end, _heads(v, start, n, c), chunk_states):
             torch.bmm(a.transpose(1, 2), vb, out=out)
         chunk_states = chunk_states.view(B, H, n, -1)
-        W, e = _scan_weights(totals, n, sdt, k.device)           # rows 0..n−1: the entries, row n: the exit
-        entries.append(torch.matmul(W[..., :n, :], chunk_states).add_(e[..., :n, None] * state[:, :, None]))
-        state = torch.matmul(W[..., n:, :], chunk_states)[:, :, 0].add_(e[..., n, None] * state)
+        for j in range(0, n, block_chunks):                      # the scan, block by block
+            m = min(block_chunks, n - j)
+            block_totals = None if totals is None or totals.shape[-1] == 1 else totals[..., j:j + m]
+            W, e = _scan_weights(totals if block_totals is None else block_totals, m, sdt, k.device)
+            P[:, :, j:j + m] = torch.matmul(W[..., :m, :], chunk_states[:, :, j:j + m]).add_(e[..., :m, None] *
+                                                                                            state[:, :, None])
+            state = torch.matmul(W[..., m:, :], chunk_states[:, :, j:j + m])[:, :, 0].add_(e[..., m, None] * state)
     return state.view(B, H, d_k, -1), [P.view(B, H, -1, d_k, v.shape[-1]) for P in entries]
 
 
@@ -417,39 +449,40 @@ def intra_output(q, k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
 @torch.no_grad()
 def add_entry_output(o, q, entries, state, log_decay, log_gate, chunk_len=64, block_chunks=16):
     """Forward part 3, given the entering state (B, H, d_k, d_v): P_j = P⁰_j + e^{Γ_{j−1}} P (entries, in place),
-    o += (Λ_q Q) P_j (in place) -> (o (B, T, H, d_v) in q's dtype, the states entering the blocks as chunked_forward's
-    checkpoints (n_blocks, B, H, d_k, d_v) or None)."""
+    o += (Λ_q Q) P_j (in place) -> (o (B, T, H, d_v) in q's dtype, the states entering the blocks as
+    chunked_forward's checkpoints (n_blocks, B, H, d_k, d_v) or None). By spans (_spans): these products need no
+    block structure."""
     B, T, H, d_k = q.shape
     sdt, ld = _prepare(q, log_decay)
     offsets = _offsets(ld, log_gate, T, chunk_len)
-    for (start, n, c), P in zip(_blocks(T, chunk_len, block_chunks), entries):
+    state = state.to(sdt)[:, :, None]
+    spans, locate = _spans(q, state, chunk_len, block_chunks)
+    for (start, n, c), P in zip(spans, entries):
         weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
-        P.add_(state[:, :, None] if weights is None else weights * state[:, :, None])
-        b = _cum_gates(log_gate, ld, start, n, c)
-        q_dec = _chunks_scaled(q, start, n, c, sdt, None if b is None else b.to(sdt).exp()[..., None])
-        for out, a, entry in zip(_heads(o, start, n, c), _groups(_flat(q_dec), B * H), _groups(_flat(P), B * H)):
+        P.add_(state if weights is None else weights * state)
+        q_dec = _chunks_scaled(q, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
+        for out, a, entry in zip(_heads(o, start, n, c), _groups(_flat(q_dec), B * H), _rows(P)):
             out.baddbmm_(a, entry)                     # in place on o's strided rows of one head
-    return o.to(q.dtype), (torch.stack([P[:, :, 0] for P in entries]) if entries else None)
+    firsts = [locate(start // chunk_len) for start, _, _ in _blocks(T, chunk_len, block_chunks)]
+    return o.to(q.dtype), (torch.stack([entries[i][:, :, j] for i, j in firsts]) if firsts else None)
 
 
 @torch.no_grad()
 def deferred_state_grads(q, do, log_decay, log_gate, chunk_len=64, block_chunks=16):
-    """Backward part 1 -> (dM (B, H, d_k, d_v), [dP (B, H, n, d_k·d_v) per block]): dP_j = (Λ_q Q_j)ᵀ dO_j and
+    """Backward part 1 -> (dM (B, H, d_k, d_v), [dP (B, H, n, d_k, d_v) per span]): dP_j = (Λ_q Q_j)ᵀ dO_j and
     dM = Σ_j e^{Γ_{j−1}} dP_j, the gradient of the state entering the sequence from dO alone."""
     B, T, H, d_k = q.shape
     sdt, ld = _prepare(q, log_decay)
     offsets = _offsets(ld, log_gate, T, chunk_len)
-    dstate, dP, q_state = q.new_zeros(B, H, d_k * do.shape[-1], dtype=sdt), [], q.to(sdt)
-    for start, n, c in _blocks(T, chunk_len, block_chunks):
-        b = _cum_gates(log_gate, ld, start, n, c)
-        do_dec = _chunks_scaled(do, start, n, c, sdt, None if b is None else b.to(sdt).exp()[..., None])
-        dP.append(q.new_empty(B * H, n, d_k, do.shape[-1], dtype=sdt))
-        for out, a, do_head in zip(dP[-1], _heads(q_state, start, n, c), _groups(_flat(do_dec), B * H)):
+    dstate, dP, q_state = q.new_zeros(B, H, d_k, do.shape[-1], dtype=sdt), [], q.to(sdt)
+    for start, n, c in _spans(q, do, chunk_len, block_chunks)[0]:
+        do_dec = _chunks_scaled(do, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
+        dP.append(q.new_empty(B, H, n, d_k, do.shape[-1], dtype=sdt))
+        for out, a, do_head in zip(_rows(dP[-1]), _heads(q_state, start, n, c), _groups(_flat(do_dec), B * H)):
             torch.bmm(a.transpose(1, 2), do_head, out=out)
-        dP[-1] = dP[-1].view(B, H, n, -1)
         weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
-        dstate += (dP[-1] if weights is None else dP[-1] * weights[..., 0]).sum(2)
-    return dstate.view(B, H, d_k, -1), dP
+        dstate += (dP[-1] if weights is None else dP[-1] * weights).sum(2)
+    return dstate, dP
 
 
 @torch.no_grad()
@@ -462,19 +495,19 @@ def deferred_local_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, chun
     grad = q.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt)           # gradient of the state leaving the block
     dq, dk, dv = (torch.empty_like(x, dtype=sdt) for x in (q, k, v))
     terms = None if log_gate is None else q.new_empty(2, B, T, H, dtype=sdt)
-    blocks = _blocks(T, chunk_len, block_chunks)
+    blocks, locate = _blocks(T, chunk_len, block_chunks), _spans(q, v, chunk_len, block_chunks)[1]
     for index in reversed(range(len(blocks))):
         start, n, c = blocks[index]
+        (i, j), stop = locate(start // chunk_len), start + n * c
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
         mask, q_pow, k_pow, totals = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)
         P = _entry_states(_scaled(kb, k_pow), vb, totals, checkpoints[index])[:, :, :n].reshape(-1, d_k, v.shape[-1])
         W, e = _scan_weights(totals, n, sdt, q.device)
-        dPx = torch.cat([dP[index], grad[:, :, None]], dim=2)
+        dPx = torch.cat([dP[i][:, :, j:j + n].flatten(-2), grad[:, :, None]], dim=2)
         grad = (e[..., None] * dPx).sum(2)
-        dP[index] = torch.matmul(W.transpose(-1, -2), dPx)                             # R⁰
+        dP[i][:, :, j:j + n] = torch.matmul(W.transpose(-1, -2), dPx).view(B, H, n, d_k, -1)     # R⁰
         dqb, dkb, dvb, block_terms = _block_grads(qb, kb, vb, dob, mask, _scaled(dob, q_pow), P, None,
                                                   terms is not None)
-        stop = start + n * c
         dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
         if terms is not None:
             for i, x in enumerate(block_terms):
@@ -491,26 +524,24 @@ def add_exit_grads(q, k, v, log_decay, log_gate, checkpoints, R, dfinal_state, l
     B, T, H, d_k = k.shape
     sdt, ld = _prepare(k, log_decay)
     offsets = _offsets(ld, log_gate, T, chunk_len)
-    to_end = None if offsets is None else offsets[1][..., -1:] - offsets[1]            # Γ_{T−1} − Γ_j ≤ 0
-    G = dfinal_state.to(sdt).flatten(-2)[:, :, None]
-    for index, (start, n, c) in enumerate(_blocks(T, chunk_len, block_chunks)):
-        stop = start + n * c
-        weights = _chunk_weights(to_end, start // chunk_len, n, sdt)
-        Rb = R[index].add_(G if weights is None else weights[..., 0] * G).view(-1, d_k, v.shape[-1])
+    to_end = None if offsets is None else offsets[1][..., -1:] - offsets[1]              # Γ_{T−1} − Γ_j ≤ 0
+    G = dfinal_state.to(sdt)[:, :, None]
+    for (start, n, c), Rs in zip(_spans(k, v, chunk_len, block_chunks)[0], R):
+        stop, weights = start + n * c, _chunk_weights(to_end, start // chunk_len, n, sdt)
+        Rs.add_(G if weights is None else weights * G)
         k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
         v_end, k_end = (_flat(_chunks_scaled(x, start, n, c, sdt, k_pow)) for x in (v, k))
         if terms is not None:                          # k·dk via R too, kept apart from the diagonal term
-            dk_exit = torch.bmm(v_end, Rb.transpose(1, 2)).view(B, H, n, c, -1)
+            dk_exit = torch.bmm(v_end, Rs.view(-1, d_k, Rs.shape[-1]).transpose(1, 2))
+            dk_exit = dk_exit.view(B, H, n, c, -1)
             dk[:, start:stop] += _unchunk(dk_exit)
-            kb = _chunks(k, start, n, c, sdt)
-            terms[1, :, start:stop] += (kb * dk_exit).sum(-1).permute(0, 2, 3, 1).flatten(1, 2)
-        Rs = _groups(Rb, B * H)
-        for out_k, out_v, a_v, a_k, r in zip(_heads(dk, start, n, c), _heads(dv, start, n, c),
-                                             _groups(v_end, B * H), _groups(k_end, B * H), Rs):
+            terms[1, :, start:stop] += (_chunks(k, start, n, c, sdt) * dk_exit).sum(-1).permute(0, 2, 3, 1).flatten(1, 2)
+        heads = zip(_heads(dk, start, n, c), _heads(dv, start, n, c), _groups(v_end, B * H), _groups(k_end, B * H),
+                    _rows(Rs))
+        for out_k, out_v, a_v, a_k, r in heads:
             if terms is None:
                 out_k.baddbmm_(a_v, r.transpose(1, 2))
             out_v.baddbmm_(a_k, r)
-        R[index] = None
     dgate = None
     if terms is not None:
         final_term = None

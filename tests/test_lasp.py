@@ -114,14 +114,14 @@ def test_lasp2_payload_independent_of_length():
 
 
 def _long_segments(W, layout):
-    """Segments of 1,100 and 2,200 tokens: several blocks of 16 chunks of 64, a block of one or two chunks and a
-    partial chunk, where the kernel's scans carry states across blocks. Reference: the single-device torch kernel
+    """Segments of 2,100 and 4,200 tokens: several blocks of 16 chunks of 64 and spans of 64 chunks, a block of one
+    chunk and a partial chunk, where the kernel's scans carry states across blocks. Reference: the single-device torch kernel
     (checked against the float64 oracle in tests/test_kernels.py) on the whole sequence; the dense oracle would
     need (T, T) matrices on every rank."""
     from kernels import lightning_attn
     from lasp import lasp2
     from parallel import shard
-    r, T, out = dist.get_rank(), 4400, []
+    r, T, out = dist.get_rank(), 8400, []
     g = torch.Generator().manual_seed(3)
     shapes = ((6, 4), (3, 4), (3, 5), (6, 5))          # 6 query heads on 3 K/V heads, d_k = 4, d_v = 5
     q, k, v, do = (torch.randn(1, T, h, d, generator=g, dtype=torch.float64) for h, d in shapes)
