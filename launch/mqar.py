@@ -3,8 +3,9 @@
     python -m launch.mqar --json docs/quality/mqar.json --plot docs/quality/mqar.png      # the measurement
     python -m launch.mqar --quick                                                          # smoke run, every pattern
 
-For every pattern (SWEEP: pure linear, a hybrid with one softmax layer, all softmax, gated linear) and every number
-of pairs K, one run of the real training loop, launch.pretrain.train, on data.mqar = {"kv_pairs": K} (the task is
+For every pattern (SWEEP: pure linear, hybrids with one softmax layer last or first, all softmax, gated linear, a
+softmax-first gated hybrid) and every number of pairs K, one run of the real training loop, launch.trainer.train,
+on data.mqar = {"kv_pairs": K} (the task is
 launch.data.MQARDataset: K key-value pairs, then the K keys queried again; the loss counts only the query
 positions), at a fixed width (MODEL; the --model.<field> flags change it). Then the exported model.pt is scored
 on fresh sequences (another generator seed) by launch.evaluate.evaluate_batches: accuracy = the fraction of query
@@ -21,13 +22,16 @@ from pathlib import Path
 
 __all__ = ["SWEEP", "parse_args", "mqar_config", "run_one", "plot", "main"]
 
-# name -> (pattern over n_layers, linear_decay, what mixes tokens)
+# name -> (pattern over n_layers, linear_decay, what mixes tokens). The hybrids put their one softmax layer last
+# (LN) or first (NL): recall needs a previous-token step before the lookup (docs/quality.md), and only softmax with
+# RoPE has the positions to make it, so only the softmax-first hybrids learn MQAR here.
 SWEEP = {
     "linear": ("L", "none", "linear attention (no decay)"),
     "hybrid": ("LN", "none", "linear attention, then one softmax layer"),
+    "softmax-first": ("NL", "none", "one softmax layer, then linear attention"),
     "softmax": ("N", "none", "softmax attention"),
     "gated": ("L", "gated", "gated linear attention (data-dependent forget gate)"),
-    "gated-hybrid": ("LN", "gated", "gated linear attention, then one softmax layer"),
+    "gated-softmax-first": ("NL", "gated", "one softmax layer, then gated linear attention"),
 }
 # The swept model before the --model.<field> flags (pattern and linear_decay then come from SWEEP)
 PRESET = "linear-llama3-tiny"
@@ -70,7 +74,7 @@ def parse_args(argv=None):
 
 
 def mqar_config(args, name, kv_pairs, run_dir):
-    """The launch.config.TrainConfig of one run (validated by pretrain's check_config when it starts)."""
+    """The launch.config.TrainConfig of one run (validated by the trainer's check_config when it starts)."""
     import dataclasses
     from launch.config import TrainConfig, merge
     pattern, decay, _ = SWEEP[name]
@@ -90,7 +94,7 @@ def mqar_config(args, name, kv_pairs, run_dir):
 
 
 def run_one(args, name, kv_pairs, run_dir):
-    """Train one (pattern, K) through launch.pretrain.train, score model.pt on fresh sequences -> a record."""
+    """Train one (pattern, K) through launch.trainer.train, score model.pt on fresh sequences -> a record."""
     import models
     from launch.data import MQARDataset
     from launch.evaluate import evaluate_batches

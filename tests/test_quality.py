@@ -159,7 +159,7 @@ def test_mqar_quick_sweep_through_train(tmp_path):
                       "--plot", str(tmp_path / "m.png")]) == 0
     records = json.loads(out.read_text())["records"]
     assert [r["name"] for r in records] == list(mqar.SWEEP)
-    assert [r["pattern"] for r in records] == ["LL", "LN", "NN", "LL", "LN"]
+    assert [r["pattern"] for r in records] == ["LL", "LN", "NL", "NN", "LL", "NL"]
     for r in records:
         assert {"pattern", "mixer", "kv_pairs", "seq_len", "dim", "accuracy", "steps", "seconds"} <= set(r)
         assert r["kv_pairs"] == 4 and r["steps"] == 3 and 0 <= r["accuracy"] <= 1 and r["eval_queries"] == 16 * 4
