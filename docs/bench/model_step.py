@@ -1,0 +1,131 @@
+"""Tokens/s of a LASP-2 model training step against the sequence length (issue 13): lengths interleaved.
+
+    OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 docs/bench/model_step.py \
+        --seq-lens 16384,65536,262144,1048576 --reps 2 --malloc default --out docs/bench/model_step.json
+
+One full step per length and repetition: forward, backward (each block recomputed: activation checkpointing),
+gradient all-reduce (one flat bucket), AdamW; a pure linear Linear-Llama3 (`--pattern L --dim 32 --heads 2
+--kv-heads 1 --ffn 64`, 4 layers, vocabulary 256), LASP-2 contiguous on W gloo ranks, one sequence (B = 1),
+float32. Every length runs once untimed first, then `--reps` rounds each running every length in turn, so that
+the machine's load (shared cores) falls on all lengths alike. Reported per length: the median over rounds of the
+slowest rank's wall seconds and of the per-rank CPU seconds (time.process_time, max over ranks), as tokens/s.
+--malloc heap tells glibc to serve every allocation from the heap (M_MMAP_MAX = 0, no trimming), so that a freed
+tensor's pages are reused; default: glibc's own rule, by which an allocation of 32 MiB or more is a fresh mmap
+whose every page faults on first touch.
+"""
+import argparse
+import ctypes
+import dataclasses
+import json
+import os
+import statistics
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+import lasp  # noqa: E402
+import models  # noqa: E402
+from parallel import local_positions  # noqa: E402
+from parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
+
+
+def heap_only():
+    """glibc: no mmap for large blocks, never give the heap back: freed tensors' pages are reused."""
+    libc = ctypes.CDLL("libc.so.6")
+    assert libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
+
+
+def step(model, optimizer, batch, group):
+    """-> (wall s, CPU s) of one training step on this rank."""
+    t0, c0 = time.perf_counter(), time.process_time()
+    tokens, positions, labels = batch
+    loss_sum, count = model.loss(model(tokens, positions), labels)
+    total = torch.tensor([float(count)])
+    dist.all_reduce(total, group=group)
+    (loss_sum / total).backward()
+    grads = [p.grad for p in model.parameters()]
+    flat = torch.cat([g.flatten() for g in grads])
+    dist.all_reduce(flat, group=group)
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - t0, time.process_time() - c0
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--seq-lens", default="16384,65536,262144,1048576")
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--pattern", default="L")
+    p.add_argument("--dim", type=int, default=32)
+    p.add_argument("--heads", type=int, default=2)
+    p.add_argument("--kv-heads", type=int, default=1)
+    p.add_argument("--ffn", type=int, default=64)
+    p.add_argument("--malloc", choices=("default", "heap"), default="default")
+    p.add_argument("--out")
+    args = p.parse_args()
+    if args.malloc == "heap":
+        heap_only()
+    dist.init_process_group("gloo")
+    torch.set_num_threads(1)
+    group, W, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
+    cfg = dataclasses.replace(models.get_config("linear-llama3-tiny"), pattern=args.pattern, dim=args.dim,
+                              n_heads=args.heads, n_kv_heads=args.kv_heads, ffn_dim=args.ffn)
+    torch.manual_seed(0)
+    model = apply_activation_checkpointing(models.build_model(cfg))
+    lasp.apply_sequence_parallel(model, linear="lasp2", softmax="allgather", layout="contiguous", group=group)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    seq_lens = [int(x) for x in args.seq_lens.split(",")]
+
+    def batch(T):
+        g = torch.Generator().manual_seed(4321)
+        full = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=g)
+        pos = local_positions(T, "contiguous", r, W)
+        return full[:, pos], pos, full[:, pos + 1]
+    load_start = os.getloadavg()
+    times = {T: [] for T in seq_lens}
+    for rep in range(args.reps + 1):                          # round 0 warms every length up
+        for T in seq_lens:
+            data = batch(T)
+            dist.barrier()
+            wall, cpu = step(model, optimizer, data, group)
+            stats = torch.tensor([wall, cpu])
+            dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
+            if rep:
+                times[T].append(stats.tolist())
+            if r == 0:
+                print(f"round {rep} T={T}: wall {stats[0]:.2f} s, CPU {stats[1]:.2f} s (max rank), load "
+                      f"{os.getloadavg()[0]:.1f}", flush=True)
+    if r == 0:
+        rows = []
+        for T in seq_lens:
+            wall, cpu = (statistics.median(x[i] for x in times[T]) for i in (0, 1))
+            rows.append(dict(seq_len=T, tokens_per_rank=T // W, wall_s=wall, cpu_s=cpu, tokens_per_s_wall=T / wall,
+                             tokens_per_s_cpu=T / cpu, rounds=times[T]))
+        best = max(row["tokens_per_s_cpu"] for row in rows)
+        print(f"W={W} malloc={args.malloc} load {load_start} -> {os.getloadavg()}")
+        for row in rows:
+            print(f"  T={row['seq_len']:>9,}  wall {row['wall_s']:7.2f} s  {row['tokens_per_s_wall']:8,.0f} tok/s  |  "
+                  f"CPU {row['cpu_s']:7.2f} s  {row['tokens_per_s_cpu']:8,.0f} tok/s  ({row['tokens_per_s_cpu'] / best:.2f}"
+                  f" of the best)")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(dict(W=W, malloc=args.malloc, model=dataclasses.asdict(cfg), reps=args.reps,
+                               load_start=load_start, load_end=os.getloadavg(), rows=rows,
+                               time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                               command=" ".join(["OMP_NUM_THREADS=1 torchrun --nproc-per-node", str(W), *sys.argv])),
+                          f, indent=1)
+    dist.barrier()
+
+
+if __name__ == "__main__":
+    main()
