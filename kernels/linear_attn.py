@@ -331,9 +331,8 @@ def gate_grad(token_terms, final_term, dtype):
 # decay from the sequence start, Γ_{j−1} up to the chunk's start) and every chunk's exit gradient is
 # R_j = R⁰_j + e^{Γ_{T−1} − Γ_j} G. So each pass is split in three: (1) what the collective needs (M = the state
 # leaving from zero, or dM = the gradient of the state entering from dO alone), (2) what needs neither P nor G
-# (run while the collective flies), (3) the products with P_j or R_j once P or G is there. The products of
-# chunked_forward / chunked_backward entering from P and leaving with G, none twice; the per-block results wait
-# between the parts in the chunk layout (B·H·n, ·, ·), as the kernel's products leave them.
+# (run while the collective flies), (3) the products with P_j or R_j once P or G is there: the products of
+# chunked_forward / chunked_backward entering from P and leaving with G, none twice (states kept per span).
 def _offsets(ld, log_gate, T, chunk_len):
     """(Γ before, Γ through) each of the N chunks, (1 or B, H, N) float64; None without decay and gate."""
     if ld is None and log_gate is None:
@@ -375,13 +374,7 @@ def _groups(x, count):
 
 
 def _prepare(x, log_decay):
-    return state_dtype(x.dtype), None if log_decay is None else log_decay.to(device=x.device,
-                                                                            dtype=state_dtype(x.dtype))
-
-
-def _rows(x):
-    """A span's per-chunk tensor (B, H, n, ·, ·) as B·H contiguous views (n, ·, ·)."""
-    return x.flatten(0, 1).unbind(0)
+    return state_dtype(x.dtype), None if log_decay is None else log_decay.to(x.device, state_dtype(x.dtype))
 
 
 def _spans(x, v, chunk_len, block_chunks):
@@ -461,7 +454,7 @@ def add_entry_output(o, q, entries, state, log_decay, log_gate, chunk_len=64, bl
         weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
         P.add_(state if weights is None else weights * state)
         q_dec = _chunks_scaled(q, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
-        for out, a, entry in zip(_heads(o, start, n, c), _groups(_flat(q_dec), B * H), _rows(P)):
+        for out, a, entry in zip(_heads(o, start, n, c), _groups(_flat(q_dec), B * H), _groups(_flat(P), B * H)):
             out.baddbmm_(a, entry)                     # in place on o's strided rows of one head
     firsts = [locate(start // chunk_len) for start, _, _ in _blocks(T, chunk_len, block_chunks)]
     return o.to(q.dtype), (torch.stack([entries[i][:, :, j] for i, j in firsts]) if firsts else None)
@@ -478,7 +471,8 @@ def deferred_state_grads(q, do, log_decay, log_gate, chunk_len=64, block_chunks=
     for start, n, c in _spans(q, do, chunk_len, block_chunks)[0]:
         do_dec = _chunks_scaled(do, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
         dP.append(q.new_empty(B, H, n, d_k, do.shape[-1], dtype=sdt))
-        for out, a, do_head in zip(_rows(dP[-1]), _heads(q_state, start, n, c), _groups(_flat(do_dec), B * H)):
+        heads = zip(_groups(_flat(dP[-1]), B * H), _heads(q_state, start, n, c), _groups(_flat(do_dec), B * H))
+        for out, a, do_head in heads:
             torch.bmm(a.transpose(1, 2), do_head, out=out)
         weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
         dstate += (dP[-1] if weights is None else dP[-1] * weights).sum(2)
@@ -535,9 +529,10 @@ def add_exit_grads(q, k, v, log_decay, log_gate, checkpoints, R, dfinal_state, l
             dk_exit = torch.bmm(v_end, Rs.view(-1, d_k, Rs.shape[-1]).transpose(1, 2))
             dk_exit = dk_exit.view(B, H, n, c, -1)
             dk[:, start:stop] += _unchunk(dk_exit)
-            terms[1, :, start:stop] += (_chunks(k, start, n, c, sdt) * dk_exit).sum(-1).permute(0, 2, 3, 1).flatten(1, 2)
+            k_dk = (_chunks(k, start, n, c, sdt) * dk_exit).sum(-1)
+            terms[1, :, start:stop] += k_dk.permute(0, 2, 3, 1).flatten(1, 2)
         heads = zip(_heads(dk, start, n, c), _heads(dv, start, n, c), _groups(v_end, B * H), _groups(k_end, B * H),
-                    _rows(Rs))
+                    _groups(_flat(Rs), B * H))
         for out_k, out_v, a_v, a_k, r in heads:
             if terms is None:
                 out_k.baddbmm_(a_v, r.transpose(1, 2))

@@ -115,9 +115,9 @@ def test_lasp2_payload_independent_of_length():
 
 def _long_segments(W, layout):
     """Segments of 2,100 and 4,200 tokens: several blocks of 16 chunks of 64 and spans of 64 chunks, a block of one
-    chunk and a partial chunk, where the kernel's scans carry states across blocks. Reference: the single-device torch kernel
-    (checked against the float64 oracle in tests/test_kernels.py) on the whole sequence; the dense oracle would
-    need (T, T) matrices on every rank."""
+    chunk and a partial chunk, where the kernel's scans carry states across blocks. Reference: the single-device
+    torch kernel (checked against the float64 oracle in tests/test_kernels.py) on the whole sequence; the dense
+    oracle would need (T, T) matrices on every rank."""
     from kernels import lightning_attn
     from lasp import lasp2
     from parallel import shard

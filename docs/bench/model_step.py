@@ -115,8 +115,8 @@ def main():
         print(f"W={W} malloc={args.malloc} load {load_start} -> {os.getloadavg()}")
         for row in rows:
             print(f"  T={row['seq_len']:>9,}  wall {row['wall_s']:7.2f} s  {row['tokens_per_s_wall']:8,.0f} tok/s  |  "
-                  f"CPU {row['cpu_s']:7.2f} s  {row['tokens_per_s_cpu']:8,.0f} tok/s  ({row['tokens_per_s_cpu'] / best:.2f}"
-                  f" of the best)")
+                  f"CPU {row['cpu_s']:7.2f} s  {row['tokens_per_s_cpu']:8,.0f} tok/s  "
+                  f"({row['tokens_per_s_cpu'] / best:.2f} of the best)")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(W=W, malloc=args.malloc, model=dataclasses.asdict(cfg), reps=args.reps,
