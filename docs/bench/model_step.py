@@ -10,8 +10,8 @@ float32. Every length runs once untimed first, then `--reps` rounds each running
 the machine's load (shared cores) falls on all lengths alike. Reported per length: the median over rounds of the
 slowest rank's wall seconds and of the per-rank CPU seconds (time.process_time, max over ranks), as tokens/s.
 --malloc heap tells glibc to serve every allocation from the heap (M_MMAP_MAX = 0, no trimming), so that a freed
-tensor's pages are reused; default: glibc's own rule, by which an allocation of 32 MiB or more is a fresh mmap
-whose every page faults on first touch.
+tensor's pages are reused; default: glibc's own rule, a dynamic threshold that settles at 32 MiB at most, above
+which an allocation is a fresh mmap whose every page faults on first touch.
 """
 import argparse
 import ctypes
