@@ -29,7 +29,6 @@ import torch.distributed as dist  # noqa: E402
 
 from kernels import lightning_attn  # noqa: E402
 from lasp import lasp2  # noqa: E402
-from lasp import lasp2 as lasp2_module  # noqa: E402
 from lasp.common import (add_prefix_output, add_state_grads, local_backward, local_forward, local_state,  # noqa: E402
                          state_grad, to_segments, from_segments)
 
