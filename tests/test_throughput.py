@@ -148,12 +148,14 @@ def test_ring_baseline_moves_kv_blocks_growing_with_length(measured):
 def test_lasp2_not_slower_than_lasp1(measured):
     """Same compute, one gather instead of a serial ring. Here 4 ranks share 2 cores, so the gather's overlap
     cannot pay off: on an idle 2-core machine LASP-2 / LASP-1 measured 1.13-1.72 (median of repetitions, 26
-    measurements). The bound sits above that spread, so it only catches gross regressions (a serialised LASP-2,
-    a hang-like wait); a doubled intra-chunk compute measured 1.47-1.69 and would NOT be caught. The exact
-    collective tests above are what pins LASP-2's behaviour; this ratio is a coarse guard."""
+    measurements), 1.15-2.10 on 2026-12-01 (12 measurements, old and new LASP-2 schedules alike), and 3.20 once in a
+    full-suite run with other jobs on the cores (load 5). The bound sits above that spread, so it only catches gross
+    regressions (a serialised LASP-2, a hang-like wait); a doubled intra-chunk compute measured 1.47-1.69 and would
+    NOT be caught. The exact collective tests above and the serial-round count below are what pin LASP-2's
+    behaviour; this ratio is a coarse guard."""
     for T in SIZES:
         ratio = _median_of_slowest(measured, T, "lasp2") / _median_of_slowest(measured, T, "lasp1")
-        assert ratio <= 2.5, f"T={T}: LASP-2 / LASP-1 time = {ratio:.2f}"
+        assert ratio <= 4.0, f"T={T}: LASP-2 / LASP-1 time = {ratio:.2f}"
 
 
 def test_lasp2_beats_the_left_product_ring(measured):
