@@ -76,18 +76,23 @@ def machine_info(device):
 
 
 _LIBC = ctypes.CDLL("libc.so.6") if sys.platform.startswith("linux") else None
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD, M_MMAP_MAX = -1, -3, -4
+GLIBC_MMAP_MAX = 65536                     # glibc's default number of mmap'd blocks
 
 
 def malloc_for_speed():
-    """glibc's settled defaults: < 32 MiB from the heap (freed memory is reused, no page faults), larger by mmap."""
+    """Every block from the heap, which is never trimmed: a freed tensor's pages are reused. glibc's own rule serves
+    blocks above its (at most 32 MiB) threshold by a fresh mmap whose every page faults on first touch; at 262K
+    tokens per rank every activation is that large, and a 1M-token step then cost 1.9× its CPU time (issue 13,
+    docs/benchmarks.md)."""
     if _LIBC is not None:
-        assert _LIBC.mallopt(M_MMAP_THRESHOLD, 32 * MiB) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, 64 * MiB) == 1
+        assert _LIBC.mallopt(M_MMAP_MAX, 0) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
 
 
 def malloc_for_measurement():
     """≥ 1 MiB by mmap and the heap trimmed: a freed tensor leaves the resident set, so RSS ≈ live bytes."""
     if _LIBC is not None:
+        assert _LIBC.mallopt(M_MMAP_MAX, GLIBC_MMAP_MAX) == 1
         assert _LIBC.mallopt(M_MMAP_THRESHOLD, MiB) == 1 and _LIBC.mallopt(M_TRIM_THRESHOLD, MiB) == 1
         _LIBC.malloc_trim(0)
 
@@ -402,7 +407,7 @@ def bench_long(args, mesh, device, emit):
         del batch
         emit(records)
     malloc_for_speed()
-    for rec in records if args.reps else []:                  # phase 2: timed steps with glibc's defaults
+    for rec in records if args.reps else []:                  # phase 2: timed steps, every block from the heap
         batch = sequence_batch(rec["seq_len"], layout, args, group, device)
         timed = [core_step(run, batch, barrier=True) for _ in range(args.reps)]
         steps = across_ranks([sum(p.values()) for p in timed], group, device)

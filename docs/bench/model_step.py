@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 docs/bench/model_step.py \
         --seq-lens 16384,65536,262144,1048576 --reps 2 --malloc default --out docs/bench/model_step.json
 
-One full step per length and repetition: forward, backward (each block recomputed: activation checkpointing),
-gradient all-reduce (one flat bucket), AdamW; a pure linear Linear-Llama3 (`--pattern L --dim 32 --heads 2
---kv-heads 1 --ffn 64`, 4 layers, vocabulary 256), LASP-2 contiguous on W gloo ranks, one sequence (B = 1),
+One full step of the training core per length and repetition (launch.trainer.train_step through bench's
+bench_run: forward, backward with each block recomputed, the DDP engine's gradient all-reduce, clipping, AdamW);
+a pure linear Linear-Llama3 (`--pattern L --dim 32 --heads 2 --kv-heads 1 --ffn 64`, 4 layers, vocabulary 256), LASP-2 contiguous on W gloo ranks, one sequence (B = 1),
 float32. Every length runs once untimed first, then `--reps` rounds each running every length in turn, so that
 the machine's load (shared cores) falls on all lengths alike. Reported per length: the median over rounds of the
 slowest rank's wall seconds and of the per-rank CPU seconds (time.process_time, max over ranks), as tokens/s.
@@ -14,50 +14,28 @@ tensor's pages are reused; default: glibc's own rule, a dynamic threshold that s
 which an allocation is a fresh mmap whose every page faults on first touch.
 """
 import argparse
-import ctypes
 import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import lasp  # noqa: E402
 import models  # noqa: E402
-from parallel import local_positions  # noqa: E402
-from parallel.checkpointing import apply_activation_checkpointing  # noqa: E402
+from launch import bench, trainer  # noqa: E402
+from launch.config import ModelConfig  # noqa: E402
 
-M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4
-
-
-def heap_only():
-    """glibc: no mmap for large blocks, never give the heap back: freed tensors' pages are reused."""
-    libc = ctypes.CDLL("libc.so.6")
-    assert libc.mallopt(M_MMAP_MAX, 0) == 1 and libc.mallopt(M_TRIM_THRESHOLD, 2 ** 31 - 1) == 1
-
-
-def step(model, optimizer, batch, group):
-    """-> (wall s, CPU s) of one training step on this rank."""
+def step(run, batch):
+    """-> (wall s, CPU s) of one step of the training core on this rank (launch.trainer.train_step: forward, loss,
+    backward, the DDP engine's gradient all-reduce, clipping, AdamW)."""
     t0, c0 = time.perf_counter(), time.process_time()
-    tokens, positions, labels = batch
-    loss_sum, count = model.loss(model(tokens, positions), labels)
-    total = torch.tensor([float(count)])
-    dist.all_reduce(total, group=group)
-    (loss_sum / total).backward()
-    grads = [p.grad for p in model.parameters()]
-    flat = torch.cat([g.flatten() for g in grads])
-    dist.all_reduce(flat, group=group)
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset:offset + g.numel()].view_as(g))
-        offset += g.numel()
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
+    trainer.train_step(run, batch)
     return time.perf_counter() - t0, time.process_time() - c0
 
 
@@ -74,30 +52,26 @@ def main():
     p.add_argument("--out")
     args = p.parse_args()
     if args.malloc == "heap":
-        heap_only()
+        bench.malloc_for_speed()                              # what bench's timed phases use
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     group, W, r = dist.group.WORLD, dist.get_world_size(), dist.get_rank()
     cfg = dataclasses.replace(models.get_config("linear-llama3-tiny"), pattern=args.pattern, dim=args.dim,
                               n_heads=args.heads, n_kv_heads=args.kv_heads, ffn_dim=args.ffn)
-    torch.manual_seed(0)
-    model = apply_activation_checkpointing(models.build_model(cfg))
-    lasp.apply_sequence_parallel(model, linear="lasp2", softmax="allgather", layout="contiguous", group=group)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    bench_args = types.SimpleNamespace(preset="linear-llama3-tiny", batch=1, checkpoint=True, layout="contiguous",
+                                       model=ModelConfig("linear-llama3-tiny", arch=cfg))
+    run = bench.bench_run(bench_args, "lasp2+allgather", trainer.setup_mesh(W, 1), torch.device("cpu"))
     seq_lens = [int(x) for x in args.seq_lens.split(",")]
 
     def batch(T):
-        g = torch.Generator().manual_seed(4321)
-        full = torch.randint(0, cfg.vocab_size, (1, T + 1), generator=g)
-        pos = local_positions(T, "contiguous", r, W)
-        return full[:, pos], pos, full[:, pos + 1]
+        return bench.sequence_batch(T, "contiguous", bench_args, group, "cpu")
     load_start = os.getloadavg()
     times = {T: [] for T in seq_lens}
     for rep in range(args.reps + 1):                          # round 0 warms every length up
         for T in seq_lens:
             data = batch(T)
             dist.barrier()
-            wall, cpu = step(model, optimizer, data, group)
+            wall, cpu = step(run, data)
             stats = torch.tensor([wall, cpu])
             dist.all_reduce(stats, op=dist.ReduceOp.MAX, group=group)
             if rep:
