@@ -121,6 +121,7 @@ def test_zero2_tp2_equals_one_process_and_resumes(tmp_path, cache_dir, one):
     ("--ep", "4", "--data.batch_size", "1"),       # dp 4: every expert on one rank, its replica group of one
     ("--ep", "2", "--tp", "2"),                    # experts over dp within each tp index, and split over tp
     ("--zero", "3", "--tp", "2"),                  # ZeRO-3 partitions the tp shards over their replicas
+    ("--zero", "1", "--tp", "2"),                  # ZeRO-1: optimizer states of the tp shards partitioned
 ])
 def test_other_compositions_equal_one_process(tmp_path, cache_dir, one, args):
     if "--zero" in args:
