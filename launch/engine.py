@@ -167,10 +167,8 @@ class DDPEngine:
 
     def step(self):
         """Clip, step optimizer and schedule -> the global grad norm before clipping."""
-        if self.expert_buckets:                                          # full model: experts gathered over ep
-            norm = experts.clip_grad_norm_(self.model, self.grad_clip)
-        elif getattr(self.model, "tensor_parallel", None) is not None:   # the norm of the full, unsplit model
-            norm = tensor.clip_grad_norm_(self.model, self.grad_clip)
+        if self.expert_buckets or getattr(self.model, "tensor_parallel", None) is not None:
+            norm = tensor.clip_grad_norm_(self.model, self.grad_clip)    # the full model's: ep and tp shards
         else:
             params = [p for p in self.model.parameters() if p.grad is not None]
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip if self.grad_clip > 0 else float("inf"))

@@ -20,7 +20,8 @@ Data parallelism around it (the launcher, launch/engine.py): the ranks holding t
 group, the mesh's "edp" group, R = dp·sp/W of them) sum their expert gradients and divide by dp·sp, the divisor
 of the replicated weights' average: each already holds the sum over its expert group, so Σ_edp / (dp·sp) =
 (1/(dp·sp)) Σ_all ranks, what the replicated weights get. Checkpoints gather the shards (`full_state_dict`,
-`full_optimizer_state`): a run resumes at another expert-parallel size. `clip_grad_norm_`: the full model's norm.
+`full_optimizer_state`): a run resumes at another expert-parallel size. `parallel.tensor.clip_grad_norm_` takes
+the full model's norm over expert shards too.
 
 Router counts: the Switch balancing loss's f_i must count the routes of the whole step, i.e. of every rank that
 holds tokens of it (sequence- and data-parallel ranks alike); `apply_global_router_counts` sums them.
@@ -34,7 +35,7 @@ from . import comm
 
 __all__ = ["expert_parallel_dispatch", "check_expert_parallel", "apply_expert_parallel", "expert_parameters",
            "full_state_dict", "load_full_state_dict", "full_optimizer_state", "load_full_optimizer_state",
-           "clip_grad_norm_", "apply_global_router_counts"]
+           "apply_global_router_counts"]
 
 EXPERT_WEIGHTS = ("gate_proj", "up_proj", "down_proj")   # stacked (E, ...) on dim 0
 
@@ -166,35 +167,6 @@ def full_optimizer_state(model, optimizer, state):
 def load_full_optimizer_state(model, optimizer, state):
     """Inverse of full_optimizer_state: this rank's slices of the expert moments (no collective)."""
     return _map_expert_moments(model, optimizer, state, _slice)
-
-
-def clip_grad_norm_(model, max_norm):
-    """torch.nn.utils.clip_grad_norm_ with the norm of the FULL model's gradient under expert (and tensor)
-    parallelism: squares of expert shards summed over their expert group, of tensor-parallel shards over the tp
-    group, replicated ones counted once. -> the norm before clipping. max_norm <= 0: measure only.
-
-    Bins [replicated, tp shard, expert, expert and tp shard]: one all-reduce of bins 2-3 over the expert group,
-    then (under TP) one of bins 1 and 3 over the tp group."""
-    plan = getattr(model, "tensor_parallel", None)
-    grads = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    if not grads:
-        return 0.0
-    dtype = functools.reduce(torch.promote_types, [p.grad.dtype for _, p in grads], torch.float32)
-    squares = torch.zeros(4, dtype=dtype, device=grads[0][1].grad.device)
-    for name, p in grads:
-        split = plan is not None and name in plan.shards
-        squares[2 * hasattr(p, "expert_group") + split] += torch.linalg.vector_norm(p.grad, dtype=dtype) ** 2
-    sharded = [p for _, p in grads if hasattr(p, "expert_group")]
-    if sharded:                                          # (its group may be None: the default group)
-        squares[2:] = comm.all_reduce(squares[2:].clone(), sharded[0].expert_group)
-    if plan is not None:
-        squares[1::2] = comm.all_reduce(squares[1::2].clone(), plan.group)
-    norm = squares.sum().sqrt()
-    if max_norm > 0:
-        scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for _, p in grads:
-            p.grad.mul_(scale.to(p.grad.dtype))
-    return float(norm)
 
 
 def _sum_counts(counts, group):

@@ -458,24 +458,32 @@ def load_full_optimizer_state(model, optimizer, state):
 
 
 def clip_grad_norm_(model, max_norm):
-    """torch.nn.utils.clip_grad_norm_ with the norm of the FULL model's gradient: the squares of split parameters
-    are summed over the tp group (one all-reduce), replicated ones counted once. -> the norm before clipping.
-    max_norm <= 0: measure only."""
+    """torch.nn.utils.clip_grad_norm_ with the norm of the FULL model's gradient: the squares of tensor-parallel
+    shards summed over the tp group, of expert shards (`p.expert_group`, parallel/experts.py) over their expert
+    group, replicated ones counted once. -> the norm before clipping. max_norm <= 0: measure only.
+
+    Bins [replicated, tp shard, expert, expert and tp shard]: one all-reduce of bins 2-3 over the expert group (if
+    any expert shard), then one of the tp bins over the tp group (if TP)."""
     plan = getattr(model, "tensor_parallel", None)
-    grads = [(n, p.grad) for n, p in model.named_parameters() if p.grad is not None]
+    grads = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
     if not grads:
         return 0.0
-    dtype = functools.reduce(torch.promote_types, [g.dtype for _, g in grads], torch.float32)
-    squares = torch.zeros(2, dtype=dtype, device=grads[0][1].device)          # [replicated, split]
-    for name, g in grads:
-        squares[int(plan is not None and name in plan.shards)] += torch.linalg.vector_norm(g, dtype=dtype) ** 2
+    dtype = functools.reduce(torch.promote_types, [p.grad.dtype for _, p in grads], torch.float32)
+    squares = torch.zeros(4, dtype=dtype, device=grads[0][1].grad.device)
+    for name, p in grads:
+        split = plan is not None and name in plan.shards
+        squares[2 * hasattr(p, "expert_group") + split] += torch.linalg.vector_norm(p.grad, dtype=dtype) ** 2
+    sharded = [p for _, p in grads if hasattr(p, "expert_group")]
+    if sharded:                                          # (its group may be None: the default group)
+        squares[2:] = comm.all_reduce(squares[2:].clone(), sharded[0].expert_group)
     if plan is not None:
-        squares[1:] = comm.all_reduce(squares[1:].clone(), plan.group)
+        tp_bins = slice(1, None, 2) if sharded else slice(1, 2)
+        squares[tp_bins] = comm.all_reduce(squares[tp_bins].clone(), plan.group)
     norm = squares.sum().sqrt()
     if max_norm > 0:
         scale = (max_norm / (norm + 1e-6)).clamp(max=1.0)
-        for _, g in grads:
-            g.mul_(scale.to(g.dtype))
+        for _, p in grads:
+            p.grad.mul_(scale.to(p.grad.dtype))
     return float(norm)
 
 
