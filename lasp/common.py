@@ -28,7 +28,7 @@ from parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
            "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",
-           "intra_forward", "intra_backward", "local_forward", "local_backward", "deferred_forward",
+           "intra_forward", "local_forward", "local_backward", "deferred_forward",
            "deferred_backward", "constant_decay"]
 
 
@@ -261,8 +261,3 @@ def deferred_backward(q, k, v, log_decay, do, log_gate, block_states, exchange):
     suffix = _one_copy(finish(), groups)
     dq, dk, dv, dg = add_exit_grads(q, k_rep, v_rep, ld, gate, block_states, dP, suffix, grads)
     return (dq, *_per_kv_head((dk, dv, dg), k.shape[2], groups))
-
-
-def intra_backward(q, k, v, log_decay, do, backend):
-    """(dq, dk, dv) of the intra term; dk, dv summed over each K/V head's query group."""
-    return local_backward(q, k, v, log_decay, do, backend)[:3]
