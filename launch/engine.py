@@ -188,9 +188,13 @@ class DDPEngine:
         sums = [p.detach().sum(dtype=torch.float32) for g in optimizer.param_groups for p in g["params"]]
         return torch.isfinite(torch.stack(sums).sum()) if sums else torch.tensor(True)
 
+    def full_state_dict(self):
+        """The full (unsplit) weights: gathered over tp and ep (every rank must call it)."""
+        return experts.full_state_dict(self.model, tensor.full_state_dict(self.model))
+
     def save(self, folder, rank):
         # full (unsplit) weights and moments: gathered over tp and ep by every rank, written once
-        model_state = experts.full_state_dict(self.model, tensor.full_state_dict(self.model))
+        model_state = self.full_state_dict()
         optim_state = experts.full_optimizer_state(self.model, self.optimizer,
                                                    tensor.full_optimizer_state(self.model, self.optimizer))
         if rank == 0:  # replicated state: one copy
@@ -207,7 +211,7 @@ class DDPEngine:
 
     def export(self, path, rank):
         """models.save_model(path) of the full model, on rank 0 (every rank calls it: tp and ep ranks gather)."""
-        state = experts.full_state_dict(self.model, tensor.full_state_dict(self.model))
+        state = self.full_state_dict()
         if rank == 0:
             models.save_model(path, self.model, state_dict=state)
 
