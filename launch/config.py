@@ -417,29 +417,32 @@ def _check_optim(optim):
             raise ValueError(f"optim.{name} must be a finite number in [{lo:g}, {hi:g}], got {value}")
 
 
+def _meta_model(cfg):
+    """The run's model on the meta device (shapes only), for the parallelism checks."""
+    import models
+    from launch.engine import model_config
+    return models.build_model(model_config(cfg.model, cfg.data.vocab_size), device="meta")
+
+
 def _check_tensor_parallel(cfg):
     """parallel.tp against the model's heads, KV heads and MLP width (on the meta device) and the engine."""
-    import models
     from parallel.tensor import check_tensor_parallel
     tp = cfg.parallel.tp
-    model_cfg = dataclasses.replace(cfg.model.arch, vocab_size=cfg.data.vocab_size)
     try:
-        check_tensor_parallel(models.build_model(model_cfg, device="meta"), tp)
+        check_tensor_parallel(_meta_model(cfg), tp)
     except ValueError as e:
         raise ValueError(f"parallel.tp={tp} does not fit model.preset {cfg.model.preset!r}: {e}") from None
 
 
 def _check_expert_parallel(cfg):
     """parallel.ep against the model's routed experts (on the meta device) and the engine (DDP only)."""
-    import models
     from parallel.experts import check_expert_parallel
     ep = cfg.parallel.ep
     if cfg.parallel.zero:
         raise ValueError(f"parallel.zero={cfg.parallel.zero} needs parallel.ep=1 (got {ep}): expert parallelism "
                          f"runs with DDP (--zero 0), which reduces the expert shards over their own group")
     try:
-        check_expert_parallel(models.build_model(dataclasses.replace(cfg.model.arch, vocab_size=cfg.data.vocab_size),
-                                                 device="meta"), ep)
+        check_expert_parallel(_meta_model(cfg), ep)
     except ValueError as e:
         raise ValueError(f"parallel.ep={ep} does not fit model.preset {cfg.model.preset!r}: {e}") from None
 
