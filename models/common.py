@@ -386,11 +386,11 @@ def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1
         valid = valid & loss_mask.bool()
     h, y, valid = hidden.flatten(0, -2), labels.flatten(), valid.flatten()
     total = h.new_zeros((), dtype=_compute_dtype(h))
-    for start in range(0, h.shape[0], chunk_tokens):
-        part = (h[start:start + chunk_tokens], weight, y[start:start + chunk_tokens],
-                valid[start:start + chunk_tokens].to(total.dtype))
+    # split, not h[start:stop]: a slice's backward writes its gradient into a zero tensor of all of h's size, so
+    # T / chunk_tokens slices cost O(T² / chunk_tokens) (5.6 s at 262,144 tokens, D = 32); split's backward is one cat
+    for part in zip(h.split(chunk_tokens), y.split(chunk_tokens), valid.to(total.dtype).split(chunk_tokens)):
         if torch.is_grad_enabled():
-            total = total + checkpoint(chunk_loss, *part, use_reentrant=False)
+            total = total + checkpoint(chunk_loss, part[0], weight, *part[1:], use_reentrant=False)
         else:
-            total = total + chunk_loss(*part)
+            total = total + chunk_loss(part[0], weight, *part[1:])
     return total, valid.sum()

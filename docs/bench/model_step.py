@@ -7,7 +7,9 @@ One full step of the training core per length and repetition (launch.trainer.tra
 bench_run: forward, backward with each block recomputed, the DDP engine's gradient all-reduce, clipping, AdamW);
 a pure linear Linear-Llama3 (`--pattern L --dim 32 --heads 2 --kv-heads 1 --ffn 64`, 4 layers, vocabulary 256), LASP-2 contiguous on W gloo ranks, one sequence (B = 1),
 float32. Every length runs once untimed first, then `--reps` rounds each running every length in turn, so that
-the machine's load (shared cores) falls on all lengths alike. Reported per length: the median over rounds of the
+the machine's load (shared cores) falls on all lengths alike; in a round each length's timed step follows an
+untimed one of the same length (the first small step after a 1M-token one costs up to 2.4× a steady one: the
+allocator and caches still hold the big step's state, a cost training at one length never pays). Reported per length: the median over rounds of the
 slowest rank's wall seconds and of the per-rank CPU seconds (time.process_time, max over ranks), as tokens/s.
 --malloc heap tells glibc to serve every allocation from the heap (M_MMAP_MAX = 0, no trimming), so that a freed
 tensor's pages are reused; default: glibc's own rule, a dynamic threshold that settles at 32 MiB at most, above
@@ -70,6 +72,8 @@ def main():
     for rep in range(args.reps + 1):                          # round 0 warms every length up
         for T in seq_lens:
             data = batch(T)
+            if rep:                                           # the timed step follows one of the same length
+                step(run, data)
             dist.barrier()
             wall, cpu = step(run, data)
             stats = torch.tensor([wall, cpu])
