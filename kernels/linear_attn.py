@@ -454,8 +454,8 @@ def add_entry_output(o, q, entries, state, log_decay, log_gate, chunk_len=64, bl
         weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
         P.add_(state if weights is None else weights * state)
         q_dec = _chunks_scaled(q, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
-        for out, a, entry in zip(_heads(o, start, n, c), _groups(_flat(q_dec), B * H), _groups(_flat(P), B * H)):
-            out.baddbmm_(a, entry)                     # in place on o's strided rows of one head
+        # one product for the span, then one add into o's strided rows (a baddbmm_ on them runs per chunk)
+        o[:, start:start + n * c] += _unchunk(torch.bmm(_flat(q_dec), _flat(P)).view(B, H, n, c, -1))
     firsts = [locate(start // chunk_len) for start, _, _ in _blocks(T, chunk_len, block_chunks)]
     return o.to(q.dtype), (torch.stack([entries[i][:, :, j] for i, j in firsts]) if firsts else None)
 
@@ -525,18 +525,12 @@ def add_exit_grads(q, k, v, log_decay, log_gate, checkpoints, R, dfinal_state, l
         Rs.add_(G if weights is None else weights * G)
         k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
         v_end, k_end = (_flat(_chunks_scaled(x, start, n, c, sdt, k_pow)) for x in (v, k))
+        dk_exit = torch.bmm(v_end, Rs.view(-1, d_k, Rs.shape[-1]).transpose(1, 2)).view(B, H, n, c, -1)
+        dk[:, start:stop] += _unchunk(dk_exit)         # one product per span, one add into the strided rows
+        dv[:, start:stop] += _unchunk(torch.bmm(k_end, Rs.view(-1, d_k, Rs.shape[-1])).view(B, H, n, c, -1))
         if terms is not None:                          # k·dk via R too, kept apart from the diagonal term
-            dk_exit = torch.bmm(v_end, Rs.view(-1, d_k, Rs.shape[-1]).transpose(1, 2))
-            dk_exit = dk_exit.view(B, H, n, c, -1)
-            dk[:, start:stop] += _unchunk(dk_exit)
             k_dk = (_chunks(k, start, n, c, sdt) * dk_exit).sum(-1)
             terms[1, :, start:stop] += k_dk.permute(0, 2, 3, 1).flatten(1, 2)
-        heads = zip(_heads(dk, start, n, c), _heads(dv, start, n, c), _groups(v_end, B * H), _groups(k_end, B * H),
-                    _groups(_flat(Rs), B * H))
-        for out_k, out_v, a_v, a_k, r in heads:
-            if terms is None:
-                out_k.baddbmm_(a_v, r.transpose(1, 2))
-            out_v.baddbmm_(a_k, r)
     dgate = None
     if terms is not None:
         final_term = None
