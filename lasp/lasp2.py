@@ -35,6 +35,7 @@ import torch
 
 from kernels import resolve_backend, state_dtype
 from parallel import comm, layout as layouts, mesh
+from parallel.checkpointing import replayable
 from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
@@ -130,6 +131,7 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=N
         o = add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None)
         return from_segments(o, n), total, None
 
+    @replayable                     # a checkpointed layer's recomputation reuses P: no second gather
     def exchange(states):           # starts the gather; its finisher folds every local segment's prefix P
         finish = _gather_states(states, n, layout, group, header, totals)
         return lambda: _prefix_fold(*finish(), log_decay, c, layout, group, suffix=False)

@@ -4,20 +4,63 @@ recomputes itself in backward (torch.utils.checkpoint, non-reentrant), like the 
 Memory per block: its input (B, C, D) instead of every intermediate; cost: one more forward per block in backward.
 The instance's forward is wrapped (no module is replaced), so parameter names and state dicts do not change, and
 it composes with the sequence-, tensor- and expert-parallel wrappers applied before it: their collectives run
-again in the recomputation, in the same order on every rank.
+again in the recomputation, in the same order on every rank — except an exchange made `replayable`, whose result
+the forward keeps (in the checkpoint's own store, freed with it) and the recomputation reuses without
+communicating. LASP-2's state gather is one: a (B, H_kv, d_k, d_v) prefix per segment, so a checkpointed LASP-2
+layer keeps ONE all-gather forward (and one backward) instead of two forwards' worth.
 """
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["apply_activation_checkpointing"]
+__all__ = ["apply_activation_checkpointing", "replayable"]
+
+_STORE = [None]      # while a checkpointed block runs: ("record", its results list) or ("replay", an iterator)
+
+
+class _Mode:
+    """Re-enterable context (every recomputation replays from the first result) setting _STORE."""
+    def __init__(self, mode, results):
+        self.mode, self.results = mode, results
+
+    def __enter__(self):
+        self.outer = _STORE[0]
+        _STORE[0] = (self.mode, self.results if self.mode == "record" else iter(self.results))
+
+    def __exit__(self, *exc):
+        _STORE[0] = self.outer
+
+
+def replayable(start):
+    """start(*args) -> finish (starts a collective; finish() -> its result) wrapped so that inside a checkpointed
+    block the forward records each result and the recomputation gets them back in the same order, with no
+    collective; elsewhere it is `start` itself. Only for small results: they stay alive until the block's backward."""
+    def run(*args):
+        if _STORE[0] is None:
+            return start(*args)
+        mode, results = _STORE[0]
+        if mode == "replay":
+            value = next(results)
+            return lambda: value
+        finish = start(*args)
+
+        def record():
+            results.append(finish())
+            return results[-1]
+        return record
+    return run
+
+
+def _contexts():
+    results = []         # one store per checkpoint call: what its forward exchanged, in order
+    return _Mode("record", results), _Mode("replay", results)
 
 
 def _checkpointed(forward):
     def run(*args, **kwargs):
         if not torch.is_grad_enabled():          # eval / no_grad: nothing to recompute
             return forward(*args, **kwargs)
-        return checkpoint(forward, *args, use_reentrant=False, **kwargs)
+        return checkpoint(forward, *args, use_reentrant=False, context_fn=_contexts, **kwargs)
     return run
 
 

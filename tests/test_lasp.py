@@ -291,3 +291,49 @@ def test_ring_linear_baseline_is_bound_only_when_asked():
     apply_sequence_parallel(model, linear="ring_linear", baselines=True)
     bound = [m.linear_attn for m in model.modules() if hasattr(m, "linear_attn")]
     assert bound and all(f.func is ring_linear_attention and f.keywords == {"group": None} for f in bound)
+
+
+def _model_grads(W, T):
+    """A 3-layer pure linear Linear-Llama3 in float64 under LASP-2 (zigzag) on W ranks, T tokens, each of (gated,
+    checkpointed per block) in {False, True}² -> {(gated, checkpointed): (loss sum over ranks, full-sequence
+    gradient of the embedding, all_gathers issued by this rank)}."""
+    import dataclasses
+    import models
+    import parallel
+    from lasp import apply_sequence_parallel
+    from parallel import apply_activation_checkpointing, count_collectives
+    out = {}
+    for gated in (False, True):
+        for checkpointed in (False, True):
+            cfg = dataclasses.replace(models.get_config("linear-llama3-tiny"), pattern="L", n_layers=3, dim=32,
+                                      n_heads=2, n_kv_heads=1, ffn_dim=64,
+                                      linear_decay="gated" if gated else "lightning")
+            torch.manual_seed(0)
+            model = models.build_model(cfg).double()
+            tokens = torch.randint(0, cfg.vocab_size, (2, T + 1), generator=torch.Generator().manual_seed(1))
+            pos = parallel.layout.local_positions(T, "zigzag", dist.get_rank(), W)
+            if W > 1:
+                apply_sequence_parallel(model, linear="lasp2", layout="zigzag", group=dist.group.WORLD)
+            if checkpointed:
+                apply_activation_checkpointing(model)
+            with count_collectives() as log:
+                loss, _ = model.loss(model(tokens[:, pos], pos), tokens[:, pos + 1])
+                loss.backward()
+            loss, grad = loss.detach(), model.embed.weight.grad
+            dist.all_reduce(loss)
+            dist.all_reduce(grad)
+            out[gated, checkpointed] = loss.item(), grad.numpy(), log.count("all_gather")   # numpy: by value
+    return out
+
+
+@pytest.mark.parametrize("W", [2, 3])
+def test_checkpointed_lasp2_gathers_once_forward_and_once_backward(W):
+    """With every block recomputed, a LASP-2 layer reuses its forward's prefix P (parallel.checkpointing.replayable)
+    instead of gathering again: 2 all-gathers per layer per step, not 3; loss and gradients equal the uncheckpointed
+    run bit for bit and one float64 process to 1e-10 (gated and constant decay)."""
+    one, ranks = run_ranks(1, _model_grads, 1, 8 * W)[0], run_ranks(W, _model_grads, W, 8 * W)[0]
+    for gated in (False, True):
+        ref, plain, ckpt = one[gated, True], ranks[gated, False], ranks[gated, True]
+        assert plain[2] == 2 * 3 and ckpt[2] == 2 * 3, (gated, plain[2], ckpt[2])
+        assert ckpt[0] == plain[0] and (ckpt[1] == plain[1]).all()
+        assert abs(ckpt[0] / ref[0] - 1) < 1e-10 and rel_err(torch.from_numpy(ckpt[1]), torch.from_numpy(ref[1])) < 1e-10
