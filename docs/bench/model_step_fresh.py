@@ -34,9 +34,11 @@ def main():
         for rnd in range(args.rounds):
             for T in seq_lens:
                 out = os.path.join(tmp, f"{rnd}_{T}.json")
-                proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
-                                os.path.join(HERE, "model_step.py"), "--seq-lens", str(T), "--reps", "1",
-                                "--malloc", "heap", "--out", out, *model_args], capture_output=True, text=True)
+                proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                       f"--nproc-per-node={args.nproc}", os.path.join(HERE, "model_step.py"),
+                                       "--seq-lens", str(T), "--reps", "1",
+                                       "--malloc", "heap", "--out", out, *model_args],
+                                      capture_output=True, text=True)
                 if not os.path.exists(out):
                     sys.exit(f"model_step.py failed at T={T}:\n{proc.stderr[-3000:]}")
                 with open(out) as f:
@@ -57,7 +59,8 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(W=args.nproc, rounds=args.rounds, model_args=model_args, load_start=load_start,
-                           load_end=os.getloadavg(), rows=rows, time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
+                           load_end=os.getloadavg(), rows=rows,
+                           time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()),
                            command=" ".join(["OMP_NUM_THREADS=1 python", *sys.argv])), f, indent=1)
 
 
