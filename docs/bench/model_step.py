@@ -41,6 +41,22 @@ def step(run, batch):
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def summarize(times, W, title):
+    """{T: [[wall s, CPU s] per round]} -> rows (medians over rounds, tokens/s), printed under `title`."""
+    rows = []
+    for T, rounds in times.items():
+        wall, cpu = (statistics.median(x[i] for x in rounds) for i in (0, 1))
+        rows.append(dict(seq_len=T, tokens_per_rank=T // W, wall_s=wall, cpu_s=cpu, tokens_per_s_wall=T / wall,
+                         tokens_per_s_cpu=T / cpu, rounds=rounds))
+    best = max(row["tokens_per_s_cpu"] for row in rows)
+    print(title)
+    for row in rows:
+        print(f"  T={row['seq_len']:>9,}  wall {row['wall_s']:7.2f} s  {row['tokens_per_s_wall']:8,.0f} tok/s  |  "
+              f"CPU {row['cpu_s']:7.2f} s  {row['tokens_per_s_cpu']:8,.0f} tok/s  "
+              f"({row['tokens_per_s_cpu'] / best:.2f} of the best)")
+    return rows
+
+
 def main():
     p = argparse.ArgumentParser()
     p.add_argument("--seq-lens", default="16384,65536,262144,1048576")
@@ -84,17 +100,7 @@ def main():
                 print(f"round {rep} T={T}: wall {stats[0]:.2f} s, CPU {stats[1]:.2f} s (max rank), load "
                       f"{os.getloadavg()[0]:.1f}", flush=True)
     if r == 0:
-        rows = []
-        for T in seq_lens:
-            wall, cpu = (statistics.median(x[i] for x in times[T]) for i in (0, 1))
-            rows.append(dict(seq_len=T, tokens_per_rank=T // W, wall_s=wall, cpu_s=cpu, tokens_per_s_wall=T / wall,
-                             tokens_per_s_cpu=T / cpu, rounds=times[T]))
-        best = max(row["tokens_per_s_cpu"] for row in rows)
-        print(f"W={W} malloc={args.malloc} load {load_start} -> {os.getloadavg()}")
-        for row in rows:
-            print(f"  T={row['seq_len']:>9,}  wall {row['wall_s']:7.2f} s  {row['tokens_per_s_wall']:8,.0f} tok/s  |  "
-                  f"CPU {row['cpu_s']:7.2f} s  {row['tokens_per_s_cpu']:8,.0f} tok/s  "
-                  f"({row['tokens_per_s_cpu'] / best:.2f} of the best)")
+        rows = summarize(times, W, f"W={W} malloc={args.malloc} load {load_start} -> {os.getloadavg()}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(dict(W=W, malloc=args.malloc, model=dataclasses.asdict(cfg), reps=args.reps,

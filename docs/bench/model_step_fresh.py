@@ -12,13 +12,15 @@ per length: the median over rounds of the slowest rank's wall seconds and of the
 import argparse
 import json
 import os
-import statistics
 import subprocess
 import sys
 import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+from model_step import summarize  # noqa: E402
 
 
 def main():
@@ -45,17 +47,7 @@ def main():
                     row = json.load(f)["rows"][0]
                 times[T].append(row["rounds"][0])
                 print(f"round {rnd} T={T}: wall {row['wall_s']:.2f} s, CPU {row['cpu_s']:.2f} s", flush=True)
-    rows = []
-    for T in seq_lens:
-        wall, cpu = (statistics.median(x[i] for x in times[T]) for i in (0, 1))
-        rows.append(dict(seq_len=T, tokens_per_rank=T // args.nproc, wall_s=wall, cpu_s=cpu,
-                         tokens_per_s_wall=T / wall, tokens_per_s_cpu=T / cpu, rounds=times[T]))
-    best = max(row["tokens_per_s_cpu"] for row in rows)
-    print(f"W={args.nproc} fresh job per length, load {load_start} -> {os.getloadavg()}")
-    for row in rows:
-        print(f"  T={row['seq_len']:>9,}  wall {row['wall_s']:7.2f} s  {row['tokens_per_s_wall']:8,.0f} tok/s  |  "
-              f"CPU {row['cpu_s']:7.2f} s  {row['tokens_per_s_cpu']:8,.0f} tok/s  "
-              f"({row['tokens_per_s_cpu'] / best:.2f} of the best)")
+    rows = summarize(times, args.nproc, f"W={args.nproc} fresh job per length, load {load_start} -> {os.getloadavg()}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump(dict(W=args.nproc, rounds=args.rounds, model_args=model_args, load_start=load_start,
