@@ -525,9 +525,10 @@ def add_exit_grads(q, k, v, log_decay, log_gate, checkpoints, R, dfinal_state, l
         Rs.add_(G if weights is None else weights * G)
         k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
         v_end, k_end = (_flat(_chunks_scaled(x, start, n, c, sdt, k_pow)) for x in (v, k))
-        dk_exit = torch.bmm(v_end, Rs.view(-1, d_k, Rs.shape[-1]).transpose(1, 2)).view(B, H, n, c, -1)
+        R3 = Rs.view(-1, d_k, Rs.shape[-1])            # (B·H·n, d_k, d_v)
+        dk_exit = torch.bmm(v_end, R3.transpose(1, 2)).view(B, H, n, c, -1)
         dk[:, start:stop] += _unchunk(dk_exit)         # one product per span, one add into the strided rows
-        dv[:, start:stop] += _unchunk(torch.bmm(k_end, Rs.view(-1, d_k, Rs.shape[-1])).view(B, H, n, c, -1))
+        dv[:, start:stop] += _unchunk(torch.bmm(k_end, R3).view(B, H, n, c, -1))
         if terms is not None:                          # k·dk via R too, kept apart from the diagonal term
             k_dk = (_chunks(k, start, n, c, sdt) * dk_exit).sum(-1)
             terms[1, :, start:stop] += k_dk.permute(0, 2, 3, 1).flatten(1, 2)
