@@ -15,9 +15,8 @@ with state P, b the cumulative gate inside the chunk (b_i = Σ_{t≤i} a_t, b_e 
 
 Only differences of inclusive cumulative sums with a non-positive result are exponentiated (never e^{+A}), so
 strong gates underflow to 0 and nothing overflows. `linear_attn_recurrent` is the token-by-token definition,
-used only as a test oracle. The `deferred_*` / `intra_output` / `add_*` functions are the same forward and
-backward split in three parts each, for a caller (LASP-2) whose entering state P and exit gradient G arrive
-while the kernel runs.
+used only as a test oracle. The `deferred_*` functions are the same forward and backward, each split in two
+parts, for a caller (LASP-2) whose entering state P and exit gradient G arrive while the kernel runs.
 """
 import bisect
 
@@ -25,7 +24,7 @@ import torch
 
 __all__ = ["check_linear_attn_inputs", "state_dtype", "repeat_kv", "linear_attn_chunked",
            "linear_attn_recurrent", "chunked_forward", "chunked_backward", "gate_grad", "deferred_states",
-           "intra_output", "add_entry_output", "deferred_state_grads", "deferred_local_grads", "add_exit_grads"]
+           "deferred_outputs", "deferred_state_grads", "deferred_grads"]
 
 
 def state_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -203,30 +202,44 @@ def _block_backward(q, k, v, do, b, state, dstate_out, gated):
 
 def _block_grads(q, k, v, do, mask, do_dec, P, exits, gated):
     """dq, dk, dv (B, H, n, c, D) of one block given P (B·H·n, d_k, d_v), the states entering its chunks, and exits
-    = (Λ_k V, Λ_k K, R) with R the gradients of the states leaving them, or None: dk, dv without R's terms.
-    Gate terms as in _block_backward (k·dk without R's terms when exits is None), else None."""
-    B, H, n, c, _ = q.shape
+    = (Λ_k V, Λ_k K, R) with R the gradients of the states leaving them. Gate terms as in _block_backward, else
+    None."""
+    return _exit_grads(q, k, _local_grads(q, k, v, do, mask, do_dec, P, gated), exits)
+
+
+def _local_grads(q, k, v, do, mask, do_dec, P, gated):
+    """The products of one block that need no exit gradient -> (dq (B·H·n, c, d_k), dk, dv without R's terms, the
+    diagonal (q_t·k_t)(do_t·v_t) (B·H·n, c) gated, else None); dq lacks the diagonal's term when gated."""
     q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
+    B, H, n, c, _ = q.shape
     dov = torch.bmm(do3, v3.transpose(1, 2))
     dov.view(B, H, n, c, c).mul_(mask)                             # [(dO Vᵀ) ⊙ D]_ij
+    diag = None
     if gated:
         diag = dov.diagonal(dim1=1, dim2=2).clone()
         dov.diagonal(dim1=1, dim2=2).zero_()
     dq = torch.bmm(dov, k3).baddbmm_(_flat(do_dec), P.transpose(1, 2))
     dk = torch.bmm(dov.transpose(1, 2), q3)
-    if exits is not None:
-        dk.baddbmm_(_flat(exits[0]), exits[2].transpose(1, 2))
     del dov
+    qk = torch.bmm(q3, k3.transpose(1, 2))
+    qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
+    return dq, dk, torch.bmm(qk.transpose(1, 2), do3), diag
+
+
+def _exit_grads(q, k, local, exits):
+    """_local_grads' products completed by exits = (Λ_k V, Λ_k K, R): dk += Λ_k V Rᵀ, dv += Λ_k K R, then the gate
+    terms (q_t·dq_t, k_t·dk_t) (B, H, n, c) before the diagonal joins dq, dk -> (dq, dk, dv (B, H, n, c, D), terms
+    or None)."""
+    dq, dk, dv, diag = local
+    B, H, n, c, _ = q.shape
+    dk.baddbmm_(_flat(exits[0]), exits[2].transpose(1, 2))
+    dv.baddbmm_(_flat(exits[1]), exits[2])
     terms = None
-    if gated:
+    if diag is not None:
+        q3, k3 = _flat(q), _flat(k)
         terms = tuple(x.view(B, H, n, c) for x in ((q3 * dq).sum(-1), (k3 * dk).sum(-1)))
         dq.addcmul_(diag[..., None], k3)
         dk.addcmul_(diag[..., None], q3)
-    qk = torch.bmm(q3, k3.transpose(1, 2))
-    qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
-    dv = torch.bmm(qk.transpose(1, 2), do3)
-    if exits is not None:
-        dv.baddbmm_(_flat(exits[1]), exits[2])
     shape = (B, H, n, c, -1)
     return dq.view(shape), dk.view(shape), dv.view(shape), terms
 
@@ -329,10 +342,12 @@ def gate_grad(token_terms, final_term, dtype):
 # segment (and in the backward G, the gradient of the state leaving it). The kernel is linear in both: every
 # chunk's entering state is P_j = P⁰_j + e^{Γ_{j−1}} P (P⁰ from a zero state, Γ the inclusive cumulative log
 # decay from the sequence start, Γ_{j−1} up to the chunk's start) and every chunk's exit gradient is
-# R_j = R⁰_j + e^{Γ_{T−1} − Γ_j} G. So each pass is split in three: (1) what the collective needs (M = the state
-# leaving from zero, or dM = the gradient of the state entering from dO alone), (2) what needs neither P nor G
-# (run while the collective flies), (3) the products with P_j or R_j once P or G is there: the products of
-# chunked_forward / chunked_backward entering from P and leaving with G, none twice (states kept per span).
+# R_j = R⁰_j + e^{Γ_{T−1} − Γ_j} G. So each pass is split: (1) what the collective needs (M = the state leaving
+# from zero, or dM = the gradient of the state entering from dO alone), then block by block the kernel's own
+# products: a block met while the collective still flies does only those that need neither P nor G and keeps
+# them, finishing once P or G is there; every later block runs whole, in cache. The products are chunked_forward's
+# / chunked_backward's entering from P and leaving with G, none twice, and each block's are the same operations
+# in the same order whenever P or G arrives, so the results do not depend on the collective's timing.
 def _offsets(ld, log_gate, T, chunk_len):
     """(Γ before, Γ through) each of the N chunks, (1 or B, H, N) float64; None without decay and gate."""
     if ld is None and log_gate is None:
@@ -399,14 +414,13 @@ def _entry_powers(log_gate, ld, start, n, c, dtype):
 
 @torch.no_grad()
 def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
-    """Forward part 1 -> (M (B, H, d_k, d_v), [P⁰ (B, H, n, d_k, d_v) per span]): the state leaving and the states
-    entering the chunks, from a zero state."""
+    """Forward part 1 -> (M (B, H, d_k, d_v), [P⁰ (B, H, n, d_k·d_v) per block of _blocks]): the state leaving and
+    the states entering the chunks, from a zero state."""
     B, T, H, d_k = k.shape
     sdt, ld = _prepare(k, log_decay)
     state, v = k.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt), v.to(sdt)
-    spans = _spans(k, v, chunk_len, block_chunks)[0]
-    entries = [k.new_empty(B, H, n, d_k * v.shape[-1], dtype=sdt) for _, n, _ in spans]
-    for (start, n, c), P in zip(spans, entries):
+    entries = []
+    for start, n, c in _spans(k, v, chunk_len, block_chunks)[0]:
         k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)
         k_end = _groups(_flat(_chunks_scaled(k, start, n, c, sdt, k_pow)), B * H)
         chunk_states = k.new_empty(B * H, n, d_k, v.shape[-1], dtype=sdt)
@@ -417,47 +431,59 @@ def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
             m = min(block_chunks, n - j)
             block_totals = None if totals is None or totals.shape[-1] == 1 else totals[..., j:j + m]
             W, e = _scan_weights(totals if block_totals is None else block_totals, m, sdt, k.device)
-            P[:, :, j:j + m] = torch.matmul(W[..., :m, :], chunk_states[:, :, j:j + m]).add_(e[..., :m, None] *
-                                                                                            state[:, :, None])
+            entries.append(torch.matmul(W[..., :m, :], chunk_states[:, :, j:j + m]).add_(e[..., :m, None] *
+                                                                                         state[:, :, None]))
             state = torch.matmul(W[..., m:, :], chunk_states[:, :, j:j + m])[:, :, 0].add_(e[..., m, None] * state)
-    return state.view(B, H, d_k, -1), [P.view(B, H, -1, d_k, v.shape[-1]) for P in entries]
+    return state.view(B, H, d_k, -1), entries
 
 
 @torch.no_grad()
-def intra_output(q, k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
-    """Forward part 2 -> [(Q Kᵀ) ⊙ D] V (B, T, H, d_v) in the state dtype: each chunk's output from its own
-    tokens."""
-    B, T, H, _ = q.shape
+def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=64, block_chunks=16):
+    """Forward part 2 -> (o (B, T, H, d_v), the states entering the blocks as chunked_forward's checkpoints
+    (n_blocks, B, H, d_k, d_v) or None): block by block o = [(Q Kᵀ) ⊙ D] V + (Λ_q Q) P_j. entering(wait) gives the
+    state P entering the sequence (B, H, d_k, d_v), or None while it is not there and wait is False; blocks met
+    before it keep their intra-chunk products. When it comes, P_j = P⁰_j + e^{Γ_{j−1}} P (entries, in place)."""
+    B, T, H, d_k = q.shape
     sdt, ld = _prepare(q, log_decay)
-    o = q.new_empty(B, T, H, v.shape[-1], dtype=sdt)
-    for start, n, c in _blocks(T, chunk_len, block_chunks):
+    offsets = _offsets(ld, log_gate, T, chunk_len)
+    o = v.new_empty(B, T, H, v.shape[-1])
+    blocks, waiting, state = _blocks(T, chunk_len, block_chunks), [], None
+
+    def finish(index, qb, scores):               # the block's inter products (Λ_q Q) P_j, then o's rows
+        start, n, c = blocks[index]
+        q_pow = _entry_powers(log_gate, ld, start, n, c, sdt)
+        qb = _chunks_scaled(q, start, n, c, sdt, q_pow) if qb is None else _scaled(qb, q_pow)
+        scores.baddbmm_(_flat(qb), entries[index].view(-1, d_k, v.shape[-1]))
+        o[:, start:start + n * c] = _unchunk(scores.view(B, H, n, c, -1))
+
+    for index, (start, n, c) in enumerate(blocks):
+        if state is None and (state := entering(False)) is not None:
+            _enter(entries, blocks, offsets, state, chunk_len, sdt)
+            for args in waiting:
+                finish(*args)
+            waiting = []
         qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
         mask = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)[0]
         scores = torch.bmm(_flat(qb), _flat(kb).transpose(1, 2))
         scores.view(B, H, n, c, c).mul_(mask)
-        o[:, start:start + n * c] = _unchunk(torch.bmm(scores, _flat(vb)).view(B, H, n, c, -1))
-    return o
+        intra = torch.bmm(scores, _flat(vb))
+        if state is None:
+            waiting.append((index, None, intra))     # q read again at the finish: less to keep
+        else:
+            finish(index, qb, intra)
+    if state is None:
+        _enter(entries, blocks, offsets, entering(True), chunk_len, sdt)
+        for args in waiting:
+            finish(*args)
+    return o, (torch.stack([P[:, :, 0].view(B, H, d_k, -1) for P in entries]) if entries else None)
 
 
-@torch.no_grad()
-def add_entry_output(o, q, entries, state, log_decay, log_gate, chunk_len=64, block_chunks=16):
-    """Forward part 3, given the entering state (B, H, d_k, d_v): P_j = P⁰_j + e^{Γ_{j−1}} P (entries, in place),
-    o += (Λ_q Q) P_j (in place) -> (o (B, T, H, d_v) in q's dtype, the states entering the blocks as
-    chunked_forward's checkpoints (n_blocks, B, H, d_k, d_v) or None). By spans (_spans): these products need no
-    block structure."""
-    B, T, H, d_k = q.shape
-    sdt, ld = _prepare(q, log_decay)
-    offsets = _offsets(ld, log_gate, T, chunk_len)
-    state = state.to(sdt)[:, :, None]
-    spans, locate = _spans(q, state, chunk_len, block_chunks)
-    for (start, n, c), P in zip(spans, entries):
-        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
-        P.add_(state if weights is None else weights * state)
-        q_dec = _chunks_scaled(q, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
-        # one product for the span, then one add into o's strided rows (a baddbmm_ on them runs per chunk)
-        o[:, start:start + n * c] += _unchunk(torch.bmm(_flat(q_dec), _flat(P)).view(B, H, n, c, -1))
-    firsts = [locate(start // chunk_len) for start, _, _ in _blocks(T, chunk_len, block_chunks)]
-    return o.to(q.dtype), (torch.stack([entries[i][:, :, j] for i, j in firsts]) if firsts else None)
+def _enter(entries, blocks, offsets, state, chunk_len, dtype):
+    """P_j = P⁰_j + e^{Γ_{j−1}} P for every chunk, in place (entries (B, H, n, d_k·d_v) per block)."""
+    state = state.to(dtype).flatten(-2)[:, :, None]
+    for (start, n, _), P in zip(blocks, entries):
+        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, dtype)
+        P.add_(state if weights is None else weights[..., 0] * state)
 
 
 @torch.no_grad()
@@ -480,68 +506,71 @@ def deferred_state_grads(q, do, log_decay, log_gate, chunk_len=64, block_chunks=
 
 
 @torch.no_grad()
-def deferred_local_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, chunk_len=64, block_chunks=16):
-    """Backward part 2, from the states entering the blocks (add_entry_output's checkpoints) -> (dq, dk, dv
-    (B, T, H, ·) in the state dtype, dk and dv without the exit gradients' terms, gate terms or None);
-    dP becomes R⁰ in place, the gradients of the states leaving the chunks from dO alone."""
+def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, chunk_len=64, block_chunks=16):
+    """Backward part 2, from the states entering the blocks (deferred_outputs' checkpoints) and part 1's dP ->
+    (dq, dk, dv, d log_gate or None) as chunked_backward gives them. Blocks from the last to the first: R⁰_j
+    from dP's reverse scan, R_j = R⁰_j + e^{Γ_{T−1} − Γ_j} G. leaving(wait) gives G, the gradient of the state
+    leaving the sequence (B, H, d_k, d_v), or None while it is not there and wait is False; blocks met before it
+    keep the products that need no R (_local_grads) and take R's once it comes."""
     B, T, H, d_k = q.shape
+    d_v = v.shape[-1]
     sdt, ld = _prepare(q, log_decay)
-    grad = q.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt)           # gradient of the state leaving the block
-    dq, dk, dv = (torch.empty_like(x, dtype=sdt) for x in (q, k, v))
-    terms = None if log_gate is None else q.new_empty(2, B, T, H, dtype=sdt)
+    offsets = _offsets(ld, log_gate, T, chunk_len)
+    to_end = None if offsets is None else offsets[1][..., -1:] - offsets[1]              # Γ_{T−1} − Γ_j ≤ 0
+    grad = q.new_zeros(B, H, d_k * d_v, dtype=sdt)         # gradient of the state leaving the block, from dO alone
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    terms = None if log_gate is None else q.new_empty(2, B, T, H, dtype=sdt)   # q_t·dq_t, k_t·dk_t
     blocks, locate = _blocks(T, chunk_len, block_chunks), _spans(q, v, chunk_len, block_chunks)[1]
-    for index in reversed(range(len(blocks))):
+    waiting, G = [], None
+
+    def finish(index, chunks, R0, local):        # R's products, then the block's rows of dq, dk, dv
         start, n, c = blocks[index]
-        (i, j), stop = locate(start // chunk_len), start + n * c
-        qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
-        mask, q_pow, k_pow, totals = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)
-        P = _entry_states(_scaled(kb, k_pow), vb, totals, checkpoints[index])[:, :, :n].reshape(-1, d_k, v.shape[-1])
-        W, e = _scan_weights(totals, n, sdt, q.device)
-        dPx = torch.cat([dP[i][:, :, j:j + n].flatten(-2), grad[:, :, None]], dim=2)
-        grad = (e[..., None] * dPx).sum(2)
-        dP[i][:, :, j:j + n] = torch.matmul(W.transpose(-1, -2), dPx).view(B, H, n, d_k, -1)     # R⁰
-        dqb, dkb, dvb, block_terms = _block_grads(qb, kb, vb, dob, mask, _scaled(dob, q_pow), P, None,
-                                                  terms is not None)
+        qb, kb, vb = chunks or (_chunks(x, start, n, c, sdt) for x in (q, k, v))
+        weights = _chunk_weights(to_end, start // chunk_len, n, sdt)
+        R = R0.add_(G if weights is None else weights[..., 0] * G).view(-1, d_k, d_v)
+        k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
+        dqb, dkb, dvb, block_terms = _exit_grads(qb, kb, local, (_scaled(vb, k_pow), _scaled(kb, k_pow), R))
+        stop = start + n * c
         dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
         if terms is not None:
             for i, x in enumerate(block_terms):
                 terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
-    return dq, dk, dv, terms
 
-
-@torch.no_grad()
-def add_exit_grads(q, k, v, log_decay, log_gate, checkpoints, R, dfinal_state, local, chunk_len=64,
-                   block_chunks=16):
-    """Backward part 3, given G, the gradient of the state leaving (B, H, d_k, d_v): R_j = R⁰_j + e^{Γ_{T−1} − Γ_j}
-    G, dk += Λ_k V Rᵀ, dv += Λ_k K R -> (dq, dk, dv, d log_gate or None) as chunked_backward gives them."""
-    dq, dk, dv, terms = local
-    B, T, H, d_k = k.shape
-    sdt, ld = _prepare(k, log_decay)
-    offsets = _offsets(ld, log_gate, T, chunk_len)
-    to_end = None if offsets is None else offsets[1][..., -1:] - offsets[1]              # Γ_{T−1} − Γ_j ≤ 0
-    G = dfinal_state.to(sdt)[:, :, None]
-    for (start, n, c), Rs in zip(_spans(k, v, chunk_len, block_chunks)[0], R):
-        stop, weights = start + n * c, _chunk_weights(to_end, start // chunk_len, n, sdt)
-        Rs.add_(G if weights is None else weights * G)
-        k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
-        v_end, k_end = (_flat(_chunks_scaled(x, start, n, c, sdt, k_pow)) for x in (v, k))
-        R3 = Rs.view(-1, d_k, Rs.shape[-1])            # (B·H·n, d_k, d_v)
-        dk_exit = torch.bmm(v_end, R3.transpose(1, 2)).view(B, H, n, c, -1)
-        dk[:, start:stop] += _unchunk(dk_exit)         # one product per span, one add into the strided rows
-        dv[:, start:stop] += _unchunk(torch.bmm(k_end, R3).view(B, H, n, c, -1))
-        if terms is not None:                          # k·dk via R too, kept apart from the diagonal term
-            k_dk = (_chunks(k, start, n, c, sdt) * dk_exit).sum(-1)
-            terms[1, :, start:stop] += k_dk.permute(0, 2, 3, 1).flatten(1, 2)
+    for index in reversed(range(len(blocks))):
+        if G is None and (G := leaving(False)) is not None:
+            G = G.to(sdt).flatten(-2)[:, :, None]
+            for args in waiting:
+                finish(*args)
+            waiting = []
+        start, n, c = blocks[index]
+        i, j = locate(start // chunk_len)
+        qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
+        mask, q_pow, k_pow, totals = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)
+        P = _entry_states(_scaled(kb, k_pow), vb, totals, checkpoints[index])[:, :, :n].reshape(-1, d_k, d_v)
+        W, e = _scan_weights(totals, n, sdt, q.device)
+        dPx = torch.cat([dP[i][:, :, j:j + n].flatten(-2), grad[:, :, None]], dim=2)
+        grad = (e[..., None] * dPx).sum(2)
+        R0 = torch.matmul(W.transpose(-1, -2), dPx)                                         # (B, H, n, d_k·d_v)
+        local = _local_grads(qb, kb, vb, dob, mask, _scaled(dob, q_pow), P, terms is not None)
+        if G is None:
+            waiting.append((index, None, R0, local))   # q, k, v read again at the finish: less to keep
+        else:
+            finish(index, (qb, kb, vb), R0, local)
+    if G is None:
+        G = leaving(True).to(sdt).flatten(-2)[:, :, None]
+        for args in waiting:
+            finish(*args)
     dgate = None
     if terms is not None:
         final_term = None
         if T:
-            last = _blocks(T, chunk_len, block_chunks)[-1][0], checkpoints[-1]
-            final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks)
+            last = blocks[-1][0], checkpoints[-1]
+            final_term = _before_last_term(k, v, ld, log_gate, last, G[:, :, 0].view(B, H, d_k, d_v), chunk_len,
+                                           block_chunks)
         token_terms = terms[0] - terms[1]
-        token_terms[:, T - 1:] = terms[0, :, T - 1:]
+        token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
         dgate = gate_grad(token_terms, final_term, log_gate.dtype)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype), dgate
+    return dq, dk, dv, dgate
 
 
 class _ChunkedLinearAttn(torch.autograd.Function):

@@ -22,8 +22,8 @@ import torch
 
 from kernels import (check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv,
                      state_dtype)
-from kernels.linear_attn import (add_entry_output, add_exit_grads, chunked_backward, chunked_forward,
-                                 deferred_local_grads, deferred_state_grads, deferred_states, intra_output)
+from kernels.linear_attn import (chunked_backward, chunked_forward, deferred_grads, deferred_outputs,
+                                 deferred_state_grads, deferred_states)
 from parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
@@ -234,30 +234,38 @@ def _per_kv_head(grads, n_kv, groups):
 
 def deferred_forward(q, k, v, log_decay, log_gate, exchange):
     """The torch kernel's forward for segments whose entering state P is exchanged during it (LASP-2 overlap):
-    exchange(M per K/V head) starts the exchange and returns a finisher giving P per K/V head, which is called
-    after the intra-chunk products -> (o, P, block states for `local_backward` / `deferred_backward`). The
-    kernel's own state pass gives M and its inter products take P (kernels/linear_attn.py deferred_states)."""
+    exchange(M per K/V head) starts the exchange and returns a finisher, finish(wait) -> P per K/V head, or None
+    while it has not arrived and wait is False; polled before each block of chunks -> (o, P, block states for
+    `local_backward` / `deferred_backward`). The kernel's own state pass gives M and its inter products take P
+    (kernels/linear_attn.py deferred_states, deferred_outputs)."""
     groups = q.shape[2] // k.shape[2]
     k, v, ld = repeat_kv(q, k, v, log_decay)
     gate = _per_query_head(log_gate, groups, 2)
     final, entries = deferred_states(k, v, ld, gate)
-    finish = exchange(final[:, ::groups])
-    intra = intra_output(q, k, v, ld, gate)
-    prefix = finish()
-    o, block_states = add_entry_output(intra, q, entries, _per_query_head(prefix, groups, 1), ld, gate)
-    return o, prefix, block_states
+    arrived = _polled(exchange(final[:, ::groups]), lambda P: _per_query_head(P, groups, 1))
+    o, block_states = deferred_outputs(q, k, v, ld, gate, entries, arrived)
+    return o, arrived.value, block_states
 
 
 def deferred_backward(q, k, v, log_decay, do, log_gate, block_states, exchange):
     """The torch kernel's backward entering from the forward's P and leaving with G, exchanged during it:
-    exchange(dM per K/V head) returns a finisher giving G per K/V head, called after the products that need
-    neither -> (dq, dk, dv, d log_gate or None), dk, dv, d log_gate summed over each query group."""
+    exchange(dM per K/V head) returns a finisher as in `deferred_forward` giving G per K/V head -> (dq, dk, dv,
+    d log_gate or None), dk, dv, d log_gate summed over each query group."""
     groups = q.shape[2] // k.shape[2]
     k_rep, v_rep, ld = repeat_kv(q, k, v, log_decay)
     gate = _per_query_head(log_gate, groups, 2)
     dstate, dP = deferred_state_grads(q, do, ld, gate)
     finish = exchange(dstate if groups == 1 else dstate.unflatten(1, (k.shape[2], groups)).sum(2))
-    grads = deferred_local_grads(q, k_rep, v_rep, do, ld, gate, block_states, dP)
-    suffix = _one_copy(finish(), groups)
-    dq, dk, dv, dg = add_exit_grads(q, k_rep, v_rep, ld, gate, block_states, dP, suffix, grads)
+    dq, dk, dv, dg = deferred_grads(q, k_rep, v_rep, do, ld, gate, block_states, dP,
+                                    _polled(finish, lambda G: _one_copy(G, groups)))
     return (dq, *_per_kv_head((dk, dv, dg), k.shape[2], groups))
+
+
+def _polled(finish, per_query_head):
+    """finish(wait) -> the exchanged state or None, as a callable giving it per query head; .value: as exchanged."""
+    def arrived(wait):
+        if arrived.value is None:
+            arrived.value = finish(wait)
+        return None if arrived.value is None else per_query_head(arrived.value)
+    arrived.value = None
+    return arrived

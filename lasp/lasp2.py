@@ -15,12 +15,14 @@ add), A_t its inclusive cumsum inside the segment, A_e = A_{c−1} the segment's
             G_g = Σ_{j>g} e^{Γ_{j−1} − Γ_g} dM_j            with the local kernel's backward
             dq_t += e^{A_t} dO_t P_gᵀ, dk_t += e^{A_e − A_t} v_t G_gᵀ, dv_t += e^{A_e − A_t} k_t G_g
             dg_s += Σ_{u≥s} q_u·dq_u^{via P} + Σ_{u<s} k_u·dk_u^{via G} + e^{A_e} <P_g, G_g>   (lasp/common.py)
-  overlap=True, torch kernel (the default on CPU): the kernel's own passes, split around each gather
-            (kernels/linear_attn.py, "the entering state arrives during the call"): M_g is the state its state
-            pass leaves from zero, then the intra-chunk products run while the gather flies, then P_g enters its
-            inter-chunk products (chunk j's entering state P⁰_j + e^{A before j} P_g); backward: dM_g from its dP
-            pass, the products that need no G while the gather flies, then G_g joins the exit gradients R_j of
-            its dk, dv products. The products of the kernel entering from P_g and leaving with G_g, no others.
+  overlap=True, torch kernel (the default on CPU): the kernel's own passes around each gather (kernels/
+            linear_attn.py, "the entering state arrives during the call"): M_g is the state its state pass
+            leaves from zero; then block by block, polling the gather: a block met while it flies does its
+            intra-chunk products and keeps them, later blocks run whole once P_g is there (chunk j's entering
+            state P⁰_j + e^{A before j} P_g); backward: dM_g from its dP pass, then the blocks from the last, a
+            block met while the gather flies doing the products that need no G, later ones whole once G_g joins
+            the exit gradients R_j. The products of the kernel entering from P_g and leaving with G_g, no others,
+            and bitwise the same results whenever the gather lands.
             Other backends (Triton): the kernel from a zero state meanwhile, the cross terms above added after.
   overlap=False: the kernel runs from P_g (forward) and from P_g to G_g (backward) after the gathers instead,
             which is all of the above with no product of its own beyond M_g and dM_g, and nothing hidden.
@@ -47,7 +49,8 @@ __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
 def _gather_states(states, n, layout, group, header=None, totals=None):
     """Start the ONE all-gather of (B·n, H, d_k, d_v) local states, their (B·n, H) log totals (gated only) and the
-    header. Returns a finisher giving (states (N, B, H, d_k, d_v), totals (N, B, H) or None) in global order."""
+    header. Returns a finisher giving (states (N, B, H, d_k, d_v), totals (N, B, H) or None) in global order, or
+    None with wait=False while the gather is in flight."""
     W = comm.group_size(group)
     per_rank = states.unflatten(0, (-1, n)).transpose(0, 1).contiguous()      # (n, B, H, d_k, d_v)
     parts = [per_rank.flatten()]
@@ -58,7 +61,9 @@ def _gather_states(states, n, layout, group, header=None, totals=None):
     out, work = comm.all_gather(torch.cat(parts) if len(parts) > 1 else parts[0], group, async_op=True)
     sizes = [x.numel() for x in parts]
 
-    def finish():
+    def finish(wait=True):          # wait=False: None while the gather is still in flight
+        if not (wait or work.is_completed()):
+            return None
         work.wait()
         pieces = out.view(W, -1).split(sizes, dim=1)
         if header is not None:
@@ -117,6 +122,14 @@ def _prefix_fold(gathered, gathered_totals, log_decay, c, layout, group, suffix)
     return _fold(gathered, weights, layouts.segments_per_rank(layout))
 
 
+def _folded(finish, log_decay, c, layout, group, suffix):
+    """The gather's finisher made to give every local segment's P (suffix: G); wait=False: None while in flight."""
+    def fold(wait=True):
+        gathered = finish(wait)
+        return None if gathered is None else _prefix_fold(*gathered, log_decay, c, layout, group, suffix)
+    return fold
+
+
 def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=None, overlap=True):
     """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v), the torch kernel's block states (overlap=False)
     or None) for the backward."""
@@ -133,8 +146,7 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=N
 
     @replayable                     # a checkpointed layer's recomputation reuses P: no second gather
     def exchange(states):           # starts the gather; its finisher folds every local segment's prefix P
-        finish = _gather_states(states, n, layout, group, header, totals)
-        return lambda: _prefix_fold(*finish(), log_decay, c, layout, group, suffix=False)
+        return _folded(_gather_states(states, n, layout, group, header, totals), log_decay, c, layout, group, False)
     if overlap and backend == "torch":      # M from the kernel's state pass, P into its inter products
         o, prefix, block_states = deferred_forward(qs, ks, vs, log_decay, gs, exchange)
     elif overlap:                           # the kernel from a zero state while the gather flies, P's term after
@@ -162,8 +174,7 @@ def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backen
         return (*(from_segments(g, n) for g in add_state_grads(*zeros, qs, ks, vs, dos, prefix, suffix, None)), None)
 
     def exchange(dstates):          # starts the gather; its finisher folds every local segment's suffix G
-        finish = _gather_states(dstates, n, layout, group, totals=totals)
-        return lambda: _prefix_fold(*finish(), log_decay, c, layout, group, suffix=True)
+        return _folded(_gather_states(dstates, n, layout, group, totals=totals), log_decay, c, layout, group, True)
     if overlap and backend == "torch":      # dM from the kernel's dP, G into its exit products
         grads = deferred_backward(qs, ks, vs, log_decay, dos, gs, block_states, exchange)
         return tuple(None if g is None else from_segments(g, n) for g in grads)

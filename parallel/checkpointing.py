@@ -32,21 +32,24 @@ class _Mode:
 
 
 def replayable(start):
-    """start(*args) -> finish (starts a collective; finish() -> its result) wrapped so that inside a checkpointed
-    block the forward records each result and the recomputation gets them back in the same order, with no
-    collective; elsewhere it is `start` itself. Only for small results: they stay alive until the block's backward."""
+    """start(*args) -> finish (starts a collective; finish(wait=True) -> its result, or None while in flight with
+    wait=False) wrapped so that inside a checkpointed block the forward records each result and the recomputation
+    gets them back in the same order, with no collective; elsewhere it is `start` itself. Only for small results:
+    they stay alive until the block's backward."""
     def run(*args):
         if _STORE[0] is None:
             return start(*args)
         mode, results = _STORE[0]
         if mode == "replay":
             value = next(results)
-            return lambda: value
-        finish = start(*args)
+            return lambda wait=True: value
+        finish, index = start(*args), len(results)
+        results.append(None)                        # its place in the order, filled when the result comes
 
-        def record():
-            results.append(finish())
-            return results[-1]
+        def record(wait=True):
+            if results[index] is None:
+                results[index] = finish(wait)
+            return results[index]
         return record
     return run
 

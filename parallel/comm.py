@@ -193,6 +193,9 @@ class _Done:
     def wait(self):
         return None
 
+    def is_completed(self):
+        return True
+
 
 def _sleep_until(deadline):
     while (left := deadline - time.perf_counter()) > 0:
@@ -210,6 +213,10 @@ class _Timed:
         self.work.wait()
         _sleep_until(self.deadline)
         _waited(self.record, start)
+
+    def is_completed(self):
+        """Whether wait() would return at once (the work done and, under the model, its finish time passed)."""
+        return self.work.is_completed() and time.perf_counter() >= self.deadline
 
 
 def _waited(record, start):

@@ -71,9 +71,11 @@ def _delays():
         out["all_to_all"] = _elapsed(lambda: comm.all_to_all(x))
 
         def overlapped():                                    # async: compute between issue and wait hides it
-            _, work = comm.all_gather(x, async_op=True)
+            issued, (_, work) = time.perf_counter(), comm.all_gather(x, async_op=True)
+            out["polled"] = (work.is_completed(), time.perf_counter() - issued)    # LASP-2 polls before a block
             time.sleep(2 * ALPHA)
             work.wait()
+            out["completed"] = work.is_completed()
         out["overlapped"] = _elapsed(overlapped)
 
         def chain():                                         # W−1 dependent hops: rank r holds it after r hops
@@ -103,6 +105,8 @@ def test_delays_are_applied_lower_bounds_only():
         assert t["reduce_scatter"] >= 0.99 * (W - 1) * ALPHA and t["all_to_all"] >= 0.99 * (W - 1) * ALPHA, (r, t)
         assert t["all_reduce"] >= 0.99 * 2 * (W - 1) * ALPHA, (r, t)
         assert t["overlapped"] >= 2 * ALPHA, (r, t)      # the sleep, and the gather finished behind it
+        done, after = t["polled"]                        # is_completed() keeps to the model's finish time too
+        assert t["completed"] and (not done or after >= (W - 1) * ALPHA), (r, t)
         assert t["chain"] >= 0.8 * r * ALPHA, (r, t)       # hops add up (0.8: the barrier's exit skew)
         assert t["ring_shift"] >= 0.8 * ALPHA, (r, t)
         if r == 1:

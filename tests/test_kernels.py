@@ -124,6 +124,46 @@ def test_torch_gated_matches_quadratic_oracle(T, gate):
     _assert_close((o, final, *grads), want, 1e-10, ("o", "final", "dq", "dk", "dv", "dstate", "dlog_gate"))
 
 
+def _arriving(value, polls):
+    """A finisher as LASP-2's: finish(wait) -> value, or None before poll number `polls` (None: only when waited)."""
+    seen = []
+
+    def finish(wait):
+        seen.append(wait)
+        return value if wait or (polls is not None and len(seen) > polls) else None
+    return finish
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("gated", [False, True])
+@pytest.mark.parametrize("T", [1, 77, 200])
+def test_deferred_kernel_matches_oracle_whenever_the_state_arrives(T, gated, dtype):
+    """LASP-2's split kernel (kernels/linear_attn.py deferred_*; chunks of 16 in blocks of 2): P entering and G
+    leaving arrive at the first poll, after two blocks, or only when waited for -> bitwise the same o, dq, dk, dv,
+    d log_gate, and these are the kernel's entering from P and leaving with G (float64 oracle: 1e-10, fp32: 2e-5);
+    M is the state leaving from zero, dM the gradient of the state entering from dO alone."""
+    from kernels.linear_attn import deferred_grads, deferred_outputs, deferred_state_grads, deferred_states
+    q, k, v, log_gate, log_decay, P, do, G = _gated_inputs(T, "strong", dtype)
+    gate = log_gate if gated else None
+    oracle_gate = log_gate if gated else torch.zeros_like(log_gate)
+    want = _gated_oracle(q, k, v, oracle_gate, log_decay, P, do, G)
+    M = _gated_oracle(q, k, v, oracle_gate, log_decay, None, do, G)[1]
+    dM = _gated_oracle(q, k, v, oracle_gate, log_decay, P, do, torch.zeros_like(G))[5]
+    runs = []
+    for polls in (0, 2, None):
+        final, entries = deferred_states(k, v, log_decay, gate, 16, 2)
+        o, checkpoints = deferred_outputs(q, k, v, log_decay, gate, entries, _arriving(P, polls), 16, 2)
+        dstate, dP = deferred_state_grads(q, do, log_decay, gate, 16, 2)
+        grads = deferred_grads(q, k, v, do, log_decay, gate, checkpoints, dP, _arriving(G, polls), 16, 2)
+        runs.append((o, *grads[:3]) + ((grads[3],) if gated else ()))
+    for polls, run in zip((2, None), runs[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run)), f"arriving after poll {polls} differs"
+    tol = 1e-10 if dtype == torch.float64 else FP32_TOL
+    names = ("o", "dq", "dk", "dv") + (("dlog_gate",) if gated else ())
+    _assert_close(runs[0], [want[i] for i in (0, 2, 3, 4, 6)][:len(names)], tol, names)
+    _assert_close((final, dstate), (M, dM), tol, ("M", "dM"))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # 2. Triton kernels under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1), block 16
 

@@ -13,7 +13,11 @@ Cases, each forward + backward (torch.autograd.grad) on this rank's contiguous s
                   products per token); kept here only for this comparison
   gathers         LASP-2's two all-gathers alone, same sizes (plus a copy of q): the communication's own CPU cost
 Per-rank CPU seconds (time.process_time: the ranks share few cores, so wall time mostly measures waiting for one),
-median over repetitions; every case runs once per repetition, in turn. Also the wall seconds of the slowest rank.
+median over repetitions; every case runs once per repetition, in turn. "/ kernel": the ratio of the medians;
+"paired": the median over repetitions of each repetition's ratio to the kernel run just before it (the host's
+slow phases fall on both). Also the wall seconds of the slowest rank. --malloc heap (the default since the
+deferred kernel's rewrite; before it, glibc's own rule): every block from the never-trimmed heap, as
+model_step.py --malloc heap; with glibc's rule a quarter of the kernel's CPU time was page faults (system time).
 """
 import argparse
 import json
@@ -28,6 +32,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from kernels import lightning_attn  # noqa: E402
+from launch.bench import malloc_for_speed  # noqa: E402
 from lasp import lasp2  # noqa: E402
 from lasp.common import (add_prefix_output, add_state_grads, local_backward, local_forward, local_state,  # noqa: E402
                          state_grad, to_segments, from_segments)
@@ -82,8 +87,11 @@ def main():
     p.add_argument("--heads", type=int, default=8)
     p.add_argument("--head-dim", type=int, default=64)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--malloc", choices=("default", "heap"), default="heap")
     p.add_argument("--out")
     args = p.parse_args()
+    if args.malloc == "heap":
+        malloc_for_speed()                                 # as bench's timed phases and model_step.py --malloc heap
     dist.init_process_group("gloo")
     torch.set_num_threads(1)
     W, r = dist.get_world_size(), dist.get_rank()
@@ -113,22 +121,24 @@ def main():
                 cpu[name].append(c1 - c0)
                 wall[name].append(t1 - t0)
     med = {name: statistics.median(x) for name, x in cpu.items()}
+    paired = {n: statistics.median(a / b for a, b in zip(cpu[n], cpu["kernel"])) for n in cases}
     local = dict(cpu_s=med, wall_s={n: statistics.median(x) for n, x in wall.items()},
-                 ratio={n: med[n] / med["kernel"] for n in cases})
+                 ratio={n: med[n] / med["kernel"] for n in cases}, paired_ratio=paired, cpu_s_all=cpu)
     everyone = [None] * W
     dist.all_gather_object(everyone, local)
     if r == 0:
         result = dict(W=W, seq_len=args.seq_len, tokens_per_rank=T, heads=args.heads, head_dim=args.head_dim,
-                      reps=args.reps, load_start=load_start, load_end=os.getloadavg(),
+                      reps=args.reps, malloc=args.malloc, load_start=load_start, load_end=os.getloadavg(),
                       time_utc=time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime()), ranks=everyone,
                       command=" ".join(["OMP_NUM_THREADS=1 torchrun --nproc-per-node", str(W), *sys.argv]))
-        print(f"W={W} T={args.seq_len} ({T}/rank) H={args.heads} d={args.head_dim}, load {load_start} -> "
-              f"{result['load_end']}")
+        print(f"W={W} T={args.seq_len} ({T}/rank) H={args.heads} d={args.head_dim} malloc={args.malloc}, load "
+              f"{load_start} -> {result['load_end']}")
         for name in cases:
-            ratios = [x["ratio"][name] for x in everyone]
+            ratios, pairs = ([x[key][name] for x in everyone] for key in ("ratio", "paired_ratio"))
             secs = [x["cpu_s"][name] for x in everyone]
             print(f"  {name:15s} CPU s/rank {min(secs):.3f}-{max(secs):.3f}  / kernel {min(ratios):.3f}-"
-                  f"{max(ratios):.3f}  wall (max rank) {max(x['wall_s'][name] for x in everyone):.3f}")
+                  f"{max(ratios):.3f} (paired {min(pairs):.3f}-{max(pairs):.3f})  wall (max rank) "
+                  f"{max(x['wall_s'][name] for x in everyone):.3f}")
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=1)
