@@ -358,10 +358,13 @@ def train_step(run, batch, stop=False):
     lr = engine.lr()
     with _autocast(device, run.cfg.run.dtype):
         loss_sum, count = engine.forward(**batch)
-    # tokens of this sequence group (no grad), then the whole job's sums for logging and the stop vote
-    group_count = comm.all_reduce(count.detach().to(torch.float32).reshape(1), mesh.group("sp"))
+    # tokens of this sequence group (no grad), then the whole job's sums for logging and the stop vote; when the
+    # sequence group is the whole job (dp = tp = 1) its count is among the totals: one all-reduce fewer
+    whole = mesh.sp == mesh.world_size
+    group_count = None if whole else comm.all_reduce(count.detach().to(torch.float32).reshape(1), mesh.group("sp"))
     totals = comm.all_reduce(torch.stack([loss_sum.detach().float(), count.float(),
                                           torch.tensor(float(stop), device=device)]))
+    group_count = totals[1:2] if whole else group_count
     loss = (totals[0] / totals[1]).item()
     forward = time.perf_counter()
     engine.backward(loss_sum * mesh.sp / group_count.clamp_min(1.0)[0])   # see engine.py: Σ over sp, mean over dp

@@ -91,3 +91,26 @@ def test_bench_step_on_4_ranks_equals_one_process(pair):
     for rank in run_ranks(4, _bench_steps, pair, 256):
         for (loss, norm), (loss_1, norm_1) in zip(rank, one):
             assert loss == pytest.approx(loss_1, rel=2e-5) and norm == pytest.approx(norm_1, rel=2e-5)
+
+
+def _loss_reductions(sp):
+    """The small all-reduces (the loss sums, the token counts, the stop vote) of one bench step on this rank."""
+    from launch import bench
+    from launch.trainer import setup_mesh, train_step
+    from parallel import count_collectives
+    args = bench.parse_args(["--mode", "long", "--engines", "lasp2+allgather", "--model.n_layers", "1",
+                             "--model.pattern", "L"])
+    mesh = setup_mesh(sp, 1)
+    run = bench.bench_run(args, "lasp2+allgather", mesh, torch.device("cpu"))
+    batch = bench.sequence_batch(64 * sp, run.cfg.parallel.layout, args, mesh.group("sp"), "cpu")
+    with count_collectives() as log:
+        train_step(run, batch)
+    return [r.bytes for r in log.records if r.op == "all_reduce" and r.bytes <= 64]
+
+
+def test_loss_sums_take_one_all_reduce_when_the_sequence_group_is_the_job():
+    """sp = W (dp = 1): the group's token count comes with the job's totals, one small all-reduce; dp = 2: the
+    sequence group's count needs its own, two. Fails if the merged path stops being taken, or if dp > 1 lost the
+    group count (the loss would then be scaled by the job's tokens instead of the group's)."""
+    assert [len(x) for x in run_ranks(2, _loss_reductions, 2)] == [1, 1]
+    assert [len(x) for x in run_ranks(2, _loss_reductions, 1)] == [2, 2]
