@@ -449,9 +449,8 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
     o = v.new_empty(B, T, H, v.shape[-1])
     blocks, waiting, state = _blocks(T, chunk_len, block_chunks), [], None
 
-    def finish(index, qb, scores):               # the block's inter products (Λ_q Q) P_j, then o's rows
+    def finish(index, qb, scores, q_pow):        # the block's inter products (Λ_q Q) P_j, then o's rows
         start, n, c = blocks[index]
-        q_pow = _entry_powers(log_gate, ld, start, n, c, sdt)
         qb = _chunks_scaled(q, start, n, c, sdt, q_pow) if qb is None else _scaled(qb, q_pow)
         scores.baddbmm_(_flat(qb), entries[index].view(-1, d_k, v.shape[-1]))
         o[:, start:start + n * c] = _unchunk(scores.view(B, H, n, c, -1))
@@ -463,14 +462,14 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
                 finish(*args)
             waiting = []
         qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
-        mask = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)[0]
+        mask, q_pow = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)[:2]
         scores = torch.bmm(_flat(qb), _flat(kb).transpose(1, 2))
         scores.view(B, H, n, c, c).mul_(mask)
         intra = torch.bmm(scores, _flat(vb))
         if state is None:
-            waiting.append((index, None, intra))     # q read again at the finish: less to keep
+            waiting.append((index, None, intra, q_pow))     # q read again at the finish: less to keep
         else:
-            finish(index, qb, intra)
+            finish(index, qb, intra, q_pow)
     if state is None:
         _enter(entries, blocks, offsets, entering(True), chunk_len, sdt)
         for args in waiting:
@@ -523,12 +522,11 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
     blocks, locate = _blocks(T, chunk_len, block_chunks), _spans(q, v, chunk_len, block_chunks)[1]
     waiting, G = [], None
 
-    def finish(index, chunks, R0, local):        # R's products, then the block's rows of dq, dk, dv
+    def finish(index, chunks, k_pow, R0, local):     # R's products, then the block's rows of dq, dk, dv
         start, n, c = blocks[index]
         qb, kb, vb = chunks or (_chunks(x, start, n, c, sdt) for x in (q, k, v))
         weights = _chunk_weights(to_end, start // chunk_len, n, sdt)
         R = R0.add_(G if weights is None else weights[..., 0] * G).view(-1, d_k, d_v)
-        k_pow = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)[0]
         dqb, dkb, dvb, block_terms = _exit_grads(qb, kb, local, (_scaled(vb, k_pow), _scaled(kb, k_pow), R))
         stop = start + n * c
         dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
@@ -553,9 +551,9 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
         R0 = torch.matmul(W.transpose(-1, -2), dPx)                                         # (B, H, n, d_k·d_v)
         local = _local_grads(qb, kb, vb, dob, mask, _scaled(dob, q_pow), P, terms is not None)
         if G is None:
-            waiting.append((index, None, R0, local))   # q, k, v read again at the finish: less to keep
+            waiting.append((index, None, k_pow, R0, local))   # q, k, v read again at the finish: less to keep
         else:
-            finish(index, (qb, kb, vb), R0, local)
+            finish(index, (qb, kb, vb), k_pow, R0, local)
     if G is None:
         G = leaving(True).to(sdt).flatten(-2)[:, :, None]
         for args in waiting:
