@@ -66,7 +66,7 @@ class _Before(torch.autograd.Function):
 
 class _Gathers(torch.autograd.Function):
     """LASP-2's two all-gathers alone (one (B, H, d_k, d_v) state + header forward, one state backward): their
-    CPU cost on this machine, where a rank that waits for a descheduled peer still burns CPU in gloo."""
+    CPU cost on this machine (1.2–2 ms each, waiting or not: docs/bench/gloo_wait_cpu.py)."""
     @staticmethod
     def forward(ctx, q, group):
         B, _, H, d = q.shape
