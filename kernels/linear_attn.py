@@ -296,23 +296,35 @@ def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_sta
         start, n, c = blocks[index]
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
         b = _cum_gates(log_gate, ld, start, n, c)
-        dqb, dkb, dvb, block_terms, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad,
-                                                           log_gate is not None)
-        stop = start + n * c
-        dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
-        if terms is not None:
-            for i, x in enumerate(block_terms):
-                terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
-    dgate = None
-    if terms is not None:
-        final_term = None
-        if dfinal_state is not None and T:
-            last = blocks[-1][0], checkpoints[-1]
-            final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks)
-        token_terms = terms[0] - terms[1]
-        token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
-        dgate = gate_grad(token_terms, final_term, log_gate.dtype)
+        *block, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad, log_gate is not None)
+        _store((dq, dk, dv), terms, start, block)
+    dgate = _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, dfinal_state, chunk_len, block_chunks)
     return dq, dk, dv, (None if initial_state is None else grad), dgate
+
+
+def _store(grads, terms, start, block):
+    """One block's (dq, dk, dv (B, H, n, c, D), gate terms (B, H, n, c) or None) into grads = (dq, dk, dv)
+    (B, T, H, ·) and terms (2, B, T, H) or None, from token `start`."""
+    stop = start + block[0].shape[2] * block[0].shape[3]
+    for out, x in zip(grads, block[:3]):
+        out[:, start:stop] = _unchunk(x)
+    if terms is not None:
+        for i, x in enumerate(block[3]):
+            terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
+
+
+def _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, dfinal_state, chunk_len, block_chunks):
+    """d log_gate from a backward's per-token terms (q_t·dq_t, k_t·dk_t) and dS_final (None: no final term), or
+    None without a gate."""
+    if terms is None:
+        return None
+    T, final_term = k.shape[1], None
+    if dfinal_state is not None and T:
+        last = _blocks(T, chunk_len, block_chunks)[-1][0], checkpoints[-1]
+        final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks)
+    token_terms = terms[0] - terms[1]
+    token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
+    return gate_grad(token_terms, final_term, log_gate.dtype)
 
 
 def _before_last_term(k, v, ld, log_gate, last_block, dfinal_state, chunk_len, block_chunks):
@@ -455,12 +467,15 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
         scores.baddbmm_(_flat(qb), entries[index].view(-1, d_k, v.shape[-1]))
         o[:, start:start + n * c] = _unchunk(scores.view(B, H, n, c, -1))
 
+    def arrive(P):                               # every P_j, then the blocks that waited for it
+        _enter(entries, blocks, offsets, P, chunk_len, sdt)
+        for args in waiting:
+            finish(*args)
+        waiting.clear()
+
     for index, (start, n, c) in enumerate(blocks):
         if state is None and (state := entering(False)) is not None:
-            _enter(entries, blocks, offsets, state, chunk_len, sdt)
-            for args in waiting:
-                finish(*args)
-            waiting = []
+            arrive(state)
         qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
         mask, q_pow = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)[:2]
         scores = torch.bmm(_flat(qb), _flat(kb).transpose(1, 2))
@@ -471,9 +486,7 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
         else:
             finish(index, qb, intra, q_pow)
     if state is None:
-        _enter(entries, blocks, offsets, entering(True), chunk_len, sdt)
-        for args in waiting:
-            finish(*args)
+        arrive(entering(True))
     return o, (torch.stack([P[:, :, 0].view(B, H, d_k, -1) for P in entries]) if entries else None)
 
 
@@ -527,19 +540,18 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
         qb, kb, vb = chunks or (_chunks(x, start, n, c, sdt) for x in (q, k, v))
         weights = _chunk_weights(to_end, start // chunk_len, n, sdt)
         R = R0.add_(G if weights is None else weights[..., 0] * G).view(-1, d_k, d_v)
-        dqb, dkb, dvb, block_terms = _exit_grads(qb, kb, local, (_scaled(vb, k_pow), _scaled(kb, k_pow), R))
-        stop = start + n * c
-        dq[:, start:stop], dk[:, start:stop], dv[:, start:stop] = _unchunk(dqb), _unchunk(dkb), _unchunk(dvb)
-        if terms is not None:
-            for i, x in enumerate(block_terms):
-                terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
+        _store((dq, dk, dv), terms, start, _exit_grads(qb, kb, local, (_scaled(vb, k_pow), _scaled(kb, k_pow), R)))
+
+    def arrive(value):                           # G is there: the blocks that waited for it
+        nonlocal G
+        G = value.to(sdt).flatten(-2)[:, :, None]
+        for args in waiting:
+            finish(*args)
+        waiting.clear()
 
     for index in reversed(range(len(blocks))):
-        if G is None and (G := leaving(False)) is not None:
-            G = G.to(sdt).flatten(-2)[:, :, None]
-            for args in waiting:
-                finish(*args)
-            waiting = []
+        if G is None and (value := leaving(False)) is not None:
+            arrive(value)
         start, n, c = blocks[index]
         i, j = locate(start // chunk_len)
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
@@ -555,19 +567,9 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
         else:
             finish(index, (qb, kb, vb), k_pow, R0, local)
     if G is None:
-        G = leaving(True).to(sdt).flatten(-2)[:, :, None]
-        for args in waiting:
-            finish(*args)
-    dgate = None
-    if terms is not None:
-        final_term = None
-        if T:
-            last = blocks[-1][0], checkpoints[-1]
-            final_term = _before_last_term(k, v, ld, log_gate, last, G[:, :, 0].view(B, H, d_k, d_v), chunk_len,
-                                           block_chunks)
-        token_terms = terms[0] - terms[1]
-        token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
-        dgate = gate_grad(token_terms, final_term, log_gate.dtype)
+        arrive(leaving(True))
+    dgate = _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, G[:, :, 0].view(B, H, d_k, d_v), chunk_len,
+                             block_chunks)
     return dq, dk, dv, dgate
 
 
