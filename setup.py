@@ -10,8 +10,13 @@ setup(
     version="0.1.0",
     description="Exact sequence-parallel training of linear-attention and hybrid LLMs (LASP-2, LASP-2H)",
     python_requires=">=3.11",
-    packages=["lasp", "parallel", "models", "kernels", "launch"],
-    package_data={"launch": ["configs/*.toml", "slurm/*.sbatch", "corpus/*.jsonl.gz"]},
+    # One import root, `lasp`: the top-level folders the users asked for are its subpackages (lasp.kernels is
+    # kernels/, ...), so nothing we install is named `kernels` or `models` beside Hugging Face's `kernels` package
+    # (a transformers >= 5 dependency) or anyone else's. docs/launch.md ("One import root") says why.
+    packages=["lasp", "lasp.kernels", "lasp.parallel", "lasp.models", "lasp.launch"],
+    package_dir={"lasp": "lasp", "lasp.kernels": "kernels", "lasp.parallel": "parallel", "lasp.models": "models",
+                 "lasp.launch": "launch"},
+    package_data={"lasp.launch": ["configs/*.toml", "slurm/*.sbatch", "corpus/*.jsonl.gz"]},
     install_requires=[
         "torch>=2.4",
         "triton>=3.0",
@@ -23,5 +28,5 @@ setup(
         "tqdm",
         "matplotlib",
     ],
-    extras_require={"dev": ["pytest>=8", "pytest-timeout"]},
+    extras_require={"dev": ["pytest>=8", "pytest-timeout", "transformers>=5"]},
 )

@@ -1,4 +1,4 @@
-"""Forward+backward timing of causal linear attention against softmax flash attention: `python -m kernels.bench`.
+"""Forward+backward timing of causal linear attention against softmax flash attention: `python -m lasp.kernels.bench`.
 
 Providers, each timed on q, k, v (B, T, H, D) with do (B, T, H, D) and log_decay (H,) = -ALiBi slopes:
   triton  lightning_attn(backend="triton")                       (kernels/lightning_triton.py)
@@ -32,7 +32,7 @@ GPU_LENGTHS = (2048, 4096, 8192, 16384, 32768, 65536, 131072)
 
 
 def _parse(argv):
-    p = argparse.ArgumentParser(prog="python -m kernels.bench", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lasp.kernels.bench", description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="tiny CPU run (T=256, H=2, D=16, fp32, torch + sdpa)")
     p.add_argument("--out", default=None, help="write the results as JSON to this path")
     p.add_argument("--lengths", type=int, nargs="+", default=None, help="sequence lengths T (default 2K..128K)")
@@ -323,7 +323,7 @@ def step_peak_mib(kind, T, gated, heads=8, head_dim=32):
 def _peak_in_subprocess(kind, T, gated):
     import subprocess
     import sys
-    done = subprocess.run([sys.executable, "-m", "kernels.bench", "--peak", f"{kind},{T},{int(gated)}"],
+    done = subprocess.run([sys.executable, "-m", "lasp.kernels.bench", "--peak", f"{kind},{T},{int(gated)}"],
                           capture_output=True, text=True, check=True)
     return float(done.stdout.split()[-1])
 

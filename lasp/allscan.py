@@ -43,9 +43,9 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import resolve_backend, state_dtype
-from parallel import comm, layout as layouts, mesh
-from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
+from lasp.kernels import resolve_backend, state_dtype
+from lasp.parallel import comm, layout as layouts, mesh
+from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
                      constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,

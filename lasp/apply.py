@@ -8,10 +8,10 @@ those attribute names, never by importing model classes.
 """
 import functools
 
-from parallel import comm, layout as layouts, mesh
-from parallel.allgather_attn import ENGINE as _ALLGATHER
-from parallel.ring_attn import ENGINE as _RING
-from parallel.ulysses import ENGINE as _ULYSSES
+from lasp.parallel import comm, layout as layouts, mesh
+from lasp.parallel.allgather_attn import ENGINE as _ALLGATHER
+from lasp.parallel.ring_attn import ENGINE as _RING
+from lasp.parallel.ulysses import ENGINE as _ULYSSES
 
 from .allscan import ENGINE as _ALLSCAN
 from .lasp1 import ENGINE as _LASP1

@@ -20,11 +20,11 @@ kernel's fresh outputs: no permuted copies of the (c, H, D) tensors, no grouped 
 """
 import torch
 
-from kernels import (check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv,
+from lasp.kernels import (check_linear_attn_inputs, lightning_attn_bwd, lightning_attn_fwd, repeat_kv,
                      state_dtype)
-from kernels.linear_attn import (chunked_backward, chunked_forward, deferred_grads, deferred_outputs,
+from lasp.kernels.linear_attn import (chunked_backward, chunked_forward, deferred_grads, deferred_outputs,
                                  deferred_state_grads, deferred_states)
-from parallel import layout as layouts
+from lasp.parallel import layout as layouts
 
 __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
            "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",

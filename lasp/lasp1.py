@@ -17,9 +17,9 @@ all-gather removes.
 """
 import torch
 
-from kernels import resolve_backend
-from parallel import comm, mesh
-from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
+from lasp.kernels import resolve_backend
+from lasp.parallel import comm, mesh
+from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, local_backward,
                      local_forward, local_state, segment_log_totals, state_grad)

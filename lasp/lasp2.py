@@ -35,10 +35,10 @@ pass: (W−1)·n·B·H_kv·d_k·d_v·4, with gates (W−1)·n·B·H_kv·(d_k·d_
 """
 import torch
 
-from kernels import resolve_backend, state_dtype
-from parallel import comm, layout as layouts, mesh
-from parallel.checkpointing import replayable
-from parallel.engines import EngineSpec, linear_kernel_work, linear_saved
+from lasp.kernels import resolve_backend, state_dtype
+from lasp.parallel import comm, layout as layouts, mesh
+from lasp.parallel.checkpointing import replayable
+from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
                      deferred_forward, from_segments, local_backward, local_forward, local_state,

@@ -20,9 +20,9 @@ compute. Bytes received per rank and pass: (W−1)·B·C·H·(d_k+d_v)·itemsize
 """
 import torch
 
-from kernels import state_dtype
-from parallel import comm, layout as layouts, mesh
-from parallel.engines import EngineSpec, linear_saved
+from lasp.kernels import state_dtype
+from lasp.parallel import comm, layout as layouts, mesh
+from lasp.parallel.engines import EngineSpec, linear_saved
 
 from .common import check_engine_inputs, constant_decay
 

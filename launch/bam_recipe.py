@@ -21,21 +21,18 @@ import dataclasses
 import gzip
 import json
 import math
-import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import torch
 
-import models  # noqa: E402
-from launch import trainer  # noqa: E402
-from launch.config import TrainConfig  # noqa: E402
-from launch.data import DEFAULT_CORPUS, build_cache, cache_path  # noqa: E402
-from models.bam import upcycle  # noqa: E402
+from lasp import models
+from lasp.launch import trainer
+from lasp.launch.config import TrainConfig
+from lasp.launch.data import DEFAULT_CORPUS, build_cache, cache_path
+from lasp.models.bam import upcycle
 
 __all__ = ["DOMAINS", "load_domains", "stage_config", "train", "perplexity", "main"]
 

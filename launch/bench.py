@@ -41,14 +41,13 @@ import statistics
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import lasp  # noqa: E402
-from launch.bench_report import markdown, render, write_outputs  # noqa: E402
-from launch.config import model_changes, parse_model_args  # noqa: E402
-from parallel import comm, count_collectives, init_mesh, local_positions  # noqa: E402
+import lasp
+from lasp.launch.bench_report import markdown, render, write_outputs
+from lasp.launch.config import model_changes, parse_model_args
+from lasp.parallel import comm, count_collectives, init_mesh, local_positions
 
 # engine facts come from each engine's declaration (lasp.ENGINES, parallel/engines.py): names, functions, layouts
 LINEAR = {name: spec.fn for name, spec in lasp.ENGINES.items() if spec.kind == "linear"}     # + ring_linear baseline
@@ -302,7 +301,7 @@ def core_config(pair, layout, sp, checkpoint, dtype=torch.float32):
     """The launch.config.TrainConfig of a bench run: the engine pair (a baseline engine is bound afterwards by
     set_engines: training does not offer it), checkpointing per block, AdamW at a constant 1e-3, bf16 autocast
     for dtype bfloat16 (as training runs it)."""
-    from launch.config import TrainConfig
+    from lasp.launch.config import TrainConfig
     linear, softmax = pair.split("+")
     cfg = TrainConfig()
     cfg.parallel.linear = "lasp2" if lasp.ENGINES[linear].baseline else linear
@@ -323,8 +322,8 @@ def set_engines(model, pair, layout, group):
 def seeded_model(args, device, checkpointed=False):
     """The preset's plain model, the same weights on every rank (seed 0); checkpointed: each block recomputed in
     backward (bench_run leaves that to the core's parallelize instead)."""
-    import models
-    from parallel.checkpointing import apply_activation_checkpointing
+    from lasp import models
+    from lasp.parallel.checkpointing import apply_activation_checkpointing
     torch.manual_seed(0)
     model = models.build_model(args.model.arch, device=device)      # launch.config.parse_model_args typed it
     return apply_activation_checkpointing(model) if checkpointed else model
@@ -333,7 +332,7 @@ def seeded_model(args, device, checkpointed=False):
 def bench_run(args, pair, mesh, device, dtype=torch.float32):
     """The training core's run (launch.trainer.build: parallelism, DDP engine, AdamW) of the seeded preset model
     under the engine pair "linear+softmax" over the mesh's sp group."""
-    from launch import trainer
+    from lasp.launch import trainer
     layout = pair_layout(pair, args.layout)
     cfg = core_config(pair, layout, mesh.sp, args.checkpoint, dtype)
     run = trainer.build(cfg, seeded_model(args, device), mesh, device)
@@ -354,7 +353,7 @@ def sequence_batch(seq_len, layout, args, group, device):
 
 def core_step(run, batch, barrier=False):
     """One step of the training core -> seconds per phase (forward, backward, optimizer), this rank's."""
-    from launch.trainer import train_step
+    from lasp.launch.trainer import train_step
     if barrier:
         comm.barrier(run.mesh.group("sp"))
     return train_step(run, batch)["seconds"]

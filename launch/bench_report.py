@@ -9,11 +9,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from lasp import ENGINES  # noqa: E402
+from lasp import ENGINES
 
 MiB = 2 ** 20
 

@@ -178,7 +178,7 @@ VOCAB_FROM_DATA = "the vocabulary comes from data.vocab_size (the tokenizer's); 
 
 def preset_config(preset):
     """A fresh copy of the preset's config dataclass; ValueError naming model.preset if unknown."""
-    import models
+    from lasp import models
     try:
         return models.get_config(preset)
     except ValueError as e:
@@ -419,14 +419,14 @@ def _check_optim(optim):
 
 def _meta_model(cfg):
     """The run's model on the meta device (shapes only), for the parallelism checks."""
-    import models
-    from launch.engine import model_config
+    from lasp import models
+    from lasp.launch.engine import model_config
     return models.build_model(model_config(cfg.model, cfg.data.vocab_size), device="meta")
 
 
 def _check_tensor_parallel(cfg):
     """parallel.tp against the model's heads, KV heads and MLP width (on the meta device) and the engine."""
-    from parallel.tensor import check_tensor_parallel
+    from lasp.parallel.tensor import check_tensor_parallel
     tp = cfg.parallel.tp
     try:
         check_tensor_parallel(_meta_model(cfg), tp)
@@ -436,7 +436,7 @@ def _check_tensor_parallel(cfg):
 
 def _check_expert_parallel(cfg):
     """parallel.ep against the model's routed experts (on the meta device) and the engine (DDP only)."""
-    from parallel.experts import check_expert_parallel
+    from lasp.parallel.experts import check_expert_parallel
     ep = cfg.parallel.ep
     if cfg.parallel.zero:
         raise ValueError(f"parallel.zero={cfg.parallel.zero} needs parallel.ep=1 (got {ep}): expert parallelism "
@@ -449,7 +449,7 @@ def _check_expert_parallel(cfg):
 
 def _check_init_from(path, vocab_size):
     """A models.save_model file (its config read without its weights) with the tokenizer's vocabulary."""
-    from models.serialization import load_model_config
+    from lasp.models.serialization import load_model_config
     if not Path(path).is_file():
         raise ValueError(f"model.init_from: no such file {path!r} (a models.save_model file)")
     try:
@@ -464,7 +464,7 @@ def _check_init_from(path, vocab_size):
 
 def _check_mqar(cfg):
     """data.mqar: the task fits data.seq_len and data.vocab_size; no tokenizer, so no text sample."""
-    from launch.data import check_mqar
+    from lasp.launch.data import check_mqar
     check_mqar(cfg.data.mqar, cfg.data.seq_len, cfg.data.vocab_size)
     if cfg.run.sample_tokens:
         raise ValueError(f"data.mqar trains on synthetic tokens without a tokenizer: set run.sample_tokens = 0 "
@@ -474,8 +474,8 @@ def _check_mqar(cfg):
 def check_config(cfg, world_size):
     """Everything that can be checked before any process-group work: ValueError naming the key."""
     from lasp.apply import resolve_engines
-    from parallel.layout import local_positions
-    from parallel.mesh import check_mesh_sizes
+    from lasp.parallel.layout import local_positions
+    from lasp.parallel.mesh import check_mesh_sizes
 
     _check_positive(cfg)
     _check_optim(cfg.optim)

@@ -286,7 +286,7 @@ class MQARDataset:
 
 def shard_batch(batch, layout, rank, world):
     """This sequence-parallel rank's shard: every (B, T) tensor cut by the same layout, plus global positions."""
-    from parallel.layout import local_positions, shard
+    from lasp.parallel.layout import local_positions, shard
     local = {k: shard(v, layout, rank, world, dim=1) for k, v in batch.items()}
     local["positions"] = local_positions(batch["tokens"].shape[1], layout, rank, world)
     return local

@@ -8,16 +8,14 @@ collectives each pass used.
 """
 import argparse
 import os
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from kernels import linear_attn_chunked  # noqa: E402
-from lasp import lasp2  # noqa: E402
-from parallel import count_collectives, init_mesh, shard  # noqa: E402
+from lasp.kernels import linear_attn_chunked
+from lasp import lasp2
+from lasp.parallel import count_collectives, init_mesh, shard
 
 
 def _rel(a, b):

@@ -25,10 +25,10 @@ import re
 import torch
 from torch import nn
 
-import models
-from launch import checkpoint as ckpt
-from parallel import comm, experts, tensor
-from parallel.checkpointing import apply_activation_checkpointing
+from lasp import models
+from lasp.launch import checkpoint as ckpt
+from lasp.parallel import comm, experts, tensor
+from lasp.parallel.checkpointing import apply_activation_checkpointing
 
 __all__ = ["model_config", "build_model", "parallelize", "lr_at", "build_optimizer",
            "LossModel", "fixed_buckets", "average_gradients", "DDPEngine", "DeepSpeedEngine", "make_engine"]
@@ -59,7 +59,7 @@ def parallelize(model, cfg_parallel, mesh):
     of its mixers, global router counts (MoE balancing loss over every rank's routes; no-op without MoE), expert
     parallelism over the mesh's ep groups, tensor parallelism over its tp groups, activation checkpointing."""
     from lasp.apply import apply_sequence_parallel
-    from parallel.tensor import apply_tensor_parallel
+    from lasp.parallel.tensor import apply_tensor_parallel
     apply_sequence_parallel(model, linear=cfg_parallel.linear, softmax=cfg_parallel.softmax,
                             layout=cfg_parallel.layout, group=mesh.group("sp"))
     experts.apply_global_router_counts(model)

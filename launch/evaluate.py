@@ -1,7 +1,7 @@
-"""Held-out perplexity of a saved model: `python -m launch.evaluate MODEL.pt [--tokenizer T] [--data ...] [--json F]`.
+"""Held-out perplexity of a saved model: `python -m lasp.launch.evaluate MODEL.pt [--tokenizer T] [--data ...] [--json F]`.
 
-    python -m launch.evaluate runs/x/model.pt                            # tokenizer.model beside it, Shakespeare
-    torchrun --nproc-per-node 2 -m launch.evaluate runs/x/model.pt --sp 2 --json runs/x/eval.json
+    python -m lasp.launch.evaluate runs/x/model.pt                            # tokenizer.model beside it, Shakespeare
+    torchrun --nproc-per-node 2 -m lasp.launch.evaluate runs/x/model.pt --sp 2 --json runs/x/eval.json
 
 MODEL.pt is a models.save_model file (<run dir>/model.pt). The corpus (--data, default the embedded one) is
 tokenized with the given tokenizer (default: <model folder>/tokenizer.model, which pretrain writes there) into the
@@ -37,8 +37,8 @@ def score_batch(model, batch):
 def evaluate_batches(model, batches, layout="contiguous", sp_rank=0, sp=1, device="cpu"):
     """Sum score_batch over `batches` (full (B, T) batches, sharded here for this sp rank), then over all ranks
     -> {"loss", "perplexity", "accuracy", "tokens"}. Every rank must pass the same number of batches per sp group."""
-    from launch.data import shard_batch
-    from parallel import comm
+    from lasp.launch.data import shard_batch
+    from lasp.parallel import comm
     total = torch.zeros(3, dtype=torch.float64, device=device)
     model.eval()
     for batch in batches:
@@ -67,7 +67,7 @@ def sentencepiece_size(tokenizer_file):
 def _load_checked(model_file, tokenizer_file):
     """The model on CPU; ValueError naming files and numbers when it or the tokenizer does not fit."""
     import zipfile
-    import models
+    from lasp import models
     if not Path(model_file).is_file() or not zipfile.is_zipfile(model_file):
         raise ValueError(f"evaluate: {model_file} is not a model file (a models.save_model archive such as "
                          f"<run dir>/model.pt)")
@@ -82,7 +82,7 @@ def _load_checked(model_file, tokenizer_file):
 
 def heldout_dataset(corpus, text_key, tokenizer_file, seq_len, cache_dir):
     """The held-out split of `corpus` tokenized with `tokenizer_file` -> launch.data.PackedDataset."""
-    from launch.data import PackedDataset, build_cache, cache_path, check_corpus, corpus_files
+    from lasp.launch.data import PackedDataset, build_cache, cache_path, check_corpus, corpus_files
     files = corpus_files(corpus)
     check_corpus(files, text_key)
     path = cache_path(files, text_key, 0, cache_dir, tokenizer_file=tokenizer_file)
@@ -91,7 +91,7 @@ def heldout_dataset(corpus, text_key, tokenizer_file, seq_len, cache_dir):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m launch.evaluate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lasp.launch.evaluate", description=__doc__.splitlines()[0])
     p.add_argument("model", help="a models.save_model file, e.g. <run dir>/model.pt")
     p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokenizer.model beside MODEL)")
     p.add_argument("--data", nargs="*", default=[], metavar="PATH", help="corpus files/folders (default: embedded)")
@@ -116,11 +116,11 @@ def _batches(dataset, n_sequences, batch_size, dp_rank, dp):
 
 def evaluate(args):
     """Check the inputs (ValueError before any collective), then score the held-out split -> result dict."""
-    from launch.config import ParallelConfig
-    from launch.engine import parallelize
-    from launch.trainer import setup_mesh
-    from parallel.mesh import check_mesh_sizes, dist_env
-    from parallel.layout import local_positions
+    from lasp.launch.config import ParallelConfig
+    from lasp.launch.engine import parallelize
+    from lasp.launch.trainer import setup_mesh
+    from lasp.parallel.mesh import check_mesh_sizes, dist_env
+    from lasp.parallel.layout import local_positions
     tokenizer_file = args.tokenizer or str(Path(args.model).resolve().parent / "tokenizer.model")
     model = _load_checked(args.model, tokenizer_file)
     world = dist.get_world_size() if dist.is_initialized() else dist_env()[1]
@@ -154,7 +154,7 @@ def _table(r):
 
 def main(argv=None):
     """Command-line entry: 0 done, 2 bad input (ValueError: printed by local rank 0, no traceback)."""
-    from parallel.mesh import dist_env
+    from lasp.parallel.mesh import dist_env
     args = parse_args(argv)
     rank, _, local_rank = dist_env()
     if dist.is_initialized():                       # e.g. the test helper made the group

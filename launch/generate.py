@@ -1,4 +1,4 @@
-"""Sample from a model checkpoint: `python -m launch.generate CHECKPOINT --prompt "..." [--tokenizer spm.model]`.
+"""Sample from a model checkpoint: `python -m lasp.launch.generate CHECKPOINT --prompt "..." [--tokenizer spm.model]`.
 
 CHECKPOINT is a `model.pt` written by `models.save_model` ({"model_config", "model"}) or a checkpoint folder
 holding one. With --tokenizer (a sentencepiece .model) the prompt is text and the output is decoded text;
@@ -10,8 +10,8 @@ import os
 
 import torch
 
-import models
-from models.generation import generate
+from lasp import models
+from lasp.models.generation import generate
 
 __all__ = ["parse_args", "main"]
 

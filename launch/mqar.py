@@ -1,7 +1,7 @@
 """MQAR sweep (Zoology's multi-query associative recall): recall accuracy of model patterns against key-value pairs.
 
-    python -m launch.mqar --json docs/quality/mqar.json --plot docs/quality/mqar.png      # the measurement
-    python -m launch.mqar --quick                                                          # smoke run, every pattern
+    python -m lasp.launch.mqar --json docs/quality/mqar.json --plot docs/quality/mqar.png      # the measurement
+    python -m lasp.launch.mqar --quick                                                          # smoke run, every pattern
 
 For every pattern (SWEEP: pure linear, hybrids with one softmax layer last or first, all softmax, gated linear, a
 softmax-first gated hybrid) and every number of pairs K, one run of the real training loop, launch.trainer.train,
@@ -41,7 +41,7 @@ MODEL = {"dim": 64, "n_layers": 2, "n_heads": 1, "n_kv_heads": 1, "ffn_dim": 128
 
 def parse_args(argv=None):
     # defaults: the committed sweep (docs/quality.md: the settings that left the bag-of-values plateau on 2 CPUs)
-    p = argparse.ArgumentParser(prog="python -m launch.mqar", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog="python -m lasp.launch.mqar", description=__doc__.splitlines()[0])
     p.add_argument("--patterns", nargs="*", default=list(SWEEP), choices=list(SWEEP))
     p.add_argument("--kv-pairs", nargs="*", type=int, default=[2, 4, 8])
     p.add_argument("--min-kv-pairs", type=int, default=0, help="curriculum: a training sequence draws K from "
@@ -59,7 +59,7 @@ def parse_args(argv=None):
     p.add_argument("--json", default=None, metavar="FILE")
     p.add_argument("--plot", default=None, metavar="PNG")
     p.add_argument("--quick", action="store_true", help="smoke run: every pattern, 2 pair counts, a few steps")
-    from launch.config import ModelConfig, add_model_flags, model_arch, model_flags
+    from lasp.launch.config import ModelConfig, add_model_flags, model_arch, model_flags
     base = model_arch(PRESET, MODEL, "launch.mqar.MODEL")
     add_model_flags(p, PRESET, skip=("vocab_size", "pattern", "linear_decay"), base=base)    # as every entry point
     args = p.parse_args(argv)
@@ -76,7 +76,7 @@ def parse_args(argv=None):
 def mqar_config(args, name, kv_pairs, run_dir):
     """The launch.config.TrainConfig of one run (validated by the trainer's check_config when it starts)."""
     import dataclasses
-    from launch.config import TrainConfig, merge
+    from lasp.launch.config import TrainConfig, merge
     pattern, decay, _ = SWEEP[name]
     cfg = TrainConfig()
     merge(cfg, {
@@ -95,10 +95,10 @@ def mqar_config(args, name, kv_pairs, run_dir):
 
 def run_one(args, name, kv_pairs, run_dir):
     """Train one (pattern, K) through launch.trainer.train, score model.pt on fresh sequences -> a record."""
-    import models
-    from launch.data import MQARDataset
-    from launch.evaluate import evaluate_batches
-    from launch.trainer import train
+    from lasp import models
+    from lasp.launch.data import MQARDataset
+    from lasp.launch.evaluate import evaluate_batches
+    from lasp.launch.trainer import train
     cfg = mqar_config(args, name, kv_pairs, run_dir)
     start = time.perf_counter()
     losses = train(cfg)["losses"]
@@ -152,7 +152,7 @@ def main(argv=None):
         print(f"mqar: error: {e}", file=sys.stderr, flush=True)
         return 2
     if args.json:
-        Path(args.json).write_text(json.dumps({"command": " ".join(["python -m launch.mqar", *(argv or sys.argv[1:])]),
+        Path(args.json).write_text(json.dumps({"command": " ".join(["python -m lasp.launch.mqar", *(argv or sys.argv[1:])]),
                                                "records": records}, indent=1) + "\n")
     if args.plot:
         plot(records, args.plot)

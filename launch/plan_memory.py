@@ -8,13 +8,10 @@ declared memory terms are listed at the end of --help.
 """
 import argparse
 import json
-import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.config import model_changes, parse_model_args  # noqa: E402
-from parallel.memory import LINEAR_ENGINES, MiB, SOFTMAX_ENGINES, engine_help, plan  # noqa: E402
+from lasp.launch.config import model_changes, parse_model_args
+from lasp.parallel.memory import LINEAR_ENGINES, MiB, SOFTMAX_ENGINES, engine_help, plan
 
 
 # ---------------------------------------------------------------------------------------------- command line

@@ -16,14 +16,12 @@ Each step: forward on the local shard, the loss sum normalised by the token coun
 gradient norm or weight; `--resume` continues bit for bit (docs/launch.md says under which conditions). Exit codes:
 0 done, 2 bad input (printed once, no traceback), 3 non-finite step. See docs/launch.md.
 """
-import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from launch.config import parse_args  # noqa: E402
-from launch.trainer import NonFiniteStep, ReportedError, dry_run, train  # noqa: E402
-from parallel.mesh import dist_env  # noqa: E402
+from lasp.launch.config import parse_args
+from lasp.launch.trainer import NonFiniteStep, ReportedError, dry_run, train
+from lasp.parallel.mesh import dist_env
 
 __all__ = ["main"]
 

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from launch import checkpoint as ckpt
-from launch.config import check_config, model_changes
-from launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
+from lasp.launch import checkpoint as ckpt
+from lasp.launch.config import check_config, model_changes
+from lasp.launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
                          MQARDataset, shard_batch)
-from launch.engine import build_model, make_engine, parallelize
-from launch.report import Reporter, peak_flops
-from parallel import comm
-from parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh, mesh_groups
+from lasp.launch.engine import build_model, make_engine, parallelize
+from lasp.launch.report import Reporter, peak_flops
+from lasp.parallel import comm
+from lasp.parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh, mesh_groups
 
 __all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "local_batch", "train_step",
            "train", "model_label", "mesh_table", "dry_run"]
@@ -222,8 +222,8 @@ def _autocast(device, dtype):
 
 def _sample(run_dir, tokenizer, prompt, n_tokens):
     """Rank 0, one process: reload model.pt and decode with the model's recurrent generation (top-k)."""
-    import models
-    from models.generation import generate
+    from lasp import models
+    from lasp.models.generation import generate
     model = models.load_model(run_dir / "model.pt").eval()
     ids = torch.tensor([tokenizer.encode(prompt)])
     out = generate(model, ids, n_tokens, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
@@ -253,7 +253,7 @@ class Run:
 def build(cfg, model, mesh, device):
     """Apply cfg.parallel to a built (plain) model from outside (launch.engine.parallelize) and wrap it in its
     engine (DDP or ZeRO, cfg.optim) -> Run without data: the caller passes the batches to train_step."""
-    from parallel.tensor import replica_group
+    from lasp.parallel.tensor import replica_group
     n_params = sum(p.numel() for p in model.parameters())
     parallelize(model, cfg.parallel, mesh)
     engine = make_engine(model, cfg, mesh.world_size, device, data_group=replica_group(mesh),
@@ -319,7 +319,7 @@ def _check_finite(step, loss_sum, grad_norm, run, reporter):
 def model_label(cfg_model, config):
     """What the run trains: model.preset, or with model.init_from the preset the file's config equals (with the
     run's model fields, then without) or else its family, and the file: "tnl-tiny (from m.pt)"."""
-    import models
+    from lasp import models
     if not cfg_model.init_from:
         return cfg_model.preset
     found = models.config_to_dict(config)

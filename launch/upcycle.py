@@ -11,17 +11,15 @@ norms and other weights averaged, routers freshly drawn (models.bam.upcycle). Ev
 written, and the file is written atomically (temp file + os.replace). Exit codes: 0 done, 2 bad input.
 """
 import argparse
-import os
 import sys
 from pathlib import Path
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-import models  # noqa: E402
-from models.bam import upcycle  # noqa: E402
-from models.serialization import upgrade_payload  # noqa: E402
+from lasp import models
+from lasp.models.bam import upcycle
+from lasp.models.serialization import upgrade_payload
 
 __all__ = ["parse_args", "read_checkpoint", "upcycle_files", "main"]
 

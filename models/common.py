@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from kernels import lightning_attn, repeat_kv, softmax_attn, state_dtype
+from lasp.kernels import lightning_attn, repeat_kv, softmax_attn, state_dtype
 
 __all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "MIXER_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin",
            "apply_rotary", "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",

@@ -11,7 +11,7 @@ backward of every call gets the FINAL out and lse, so the calls' gradient terms 
 """
 import torch
 
-from kernels.softmax_attn import (compute_dtype, merge_partial, output_delta, resolve_softmax_backend,
+from lasp.kernels.softmax_attn import (compute_dtype, merge_partial, output_delta, resolve_softmax_backend,
                                   softmax_attn_bwd, softmax_attn_fwd)
 
 from . import layout as layouts

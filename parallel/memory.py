@@ -31,9 +31,9 @@ import textwrap
 
 import torch
 
-import models
+from lasp import models
 from lasp.apply import ENGINES
-from parallel.engines import CallShape
+from lasp.parallel.engines import CallShape
 
 __all__ = ["MiB", "LINEAR_ENGINES", "SOFTMAX_ENGINES", "probe_blocks", "engine_terms", "engine_help", "plan"]
 

@@ -28,7 +28,7 @@ def _case(W, layout, causal, log_decay, dtype, q_heads, blocks, gated=False, T=N
     """One engine call on this rank's shard -> (errors o, dq, dk, dv (, d log_gate) vs the oracle shard, fwd and
     bwd comm logs)."""
     from lasp import allscan, lasp2
-    from parallel import count_collectives, shard
+    from lasp.parallel import count_collectives, shard
     r, T = dist.get_rank(), T or 8 * W
     q, k, v, do, gate = _inputs(T, q_heads)
     full = [x.clone().requires_grad_() for x in ((q, k, v, gate) if gated else (q, k, v))]
@@ -144,7 +144,7 @@ def test_bad_input_single_process():
 
 def test_choose_blocks_rule():
     from lasp.allscan import choose_blocks
-    from parallel.comm import NetworkModel
+    from lasp.parallel.comm import NetworkModel
     slow = NetworkModel(latency_s=10e-6, bytes_per_s=1e8)                 # bandwidth-bound: split finely
     assert choose_blocks(2 ** 20, 7, 128, slow) == 8
     assert choose_blocks(2 ** 20, 7, 3, slow) == 3                         # never more blocks than columns
@@ -156,9 +156,9 @@ def test_choose_blocks_rule():
 
 def _model_loss_and_grads(W, layouts_):
     """Loss and every parameter gradient (summed over ranks) of a tiny 2-layer Linear-Llama, per layout."""
-    import models
+    from lasp import models
     from lasp import apply_sequence_parallel
-    from parallel import comm, layout as layouts
+    from lasp.parallel import comm, layout as layouts
     out = []
     for layout in layouts_:
         torch.manual_seed(0)

@@ -14,14 +14,14 @@ import pytest
 import torch
 import torch.distributed as dist
 
-import models
+from lasp import models
 from lasp.apply import apply_sequence_parallel
-from launch.upcycle import main as upcycle_main
-from models import LinearLlamaConfig
-from models.bam import upcycle
-from models.common import SwiGLU
-from models.moe import MoEFeedForward
-from parallel import apply_expert_parallel, apply_global_router_counts, comm, count_collectives, layout as layouts
+from lasp.launch.upcycle import main as upcycle_main
+from lasp.models import LinearLlamaConfig
+from lasp.models.bam import upcycle
+from lasp.models.common import SwiGLU
+from lasp.models.moe import MoEFeedForward
+from lasp.parallel import apply_expert_parallel, apply_global_router_counts, comm, count_collectives, layout as layouts
 from tests.dist import rel_err, run_ranks
 
 SEED = LinearLlamaConfig(vocab_size=101, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=48, pattern="LN",
@@ -360,7 +360,7 @@ def test_meta_parameter_counts(name):
 def test_bam_presets_are_linear_llama_configurations():
     """bam-moe-tiny (and the seeds) build from the Linear-Llama3 family: same classes, the dense mixers and SwiGLU
     where N = E = 1, parallel blocks, mixtures of 2 attention experts and 4 top-2 FFN experts in the MoE."""
-    from models.common import LinearAttention, SoftmaxAttention
+    from lasp.models.common import LinearAttention, SoftmaxAttention
     for name in models.BAM_PRESETS:
         cfg = models.get_config(name)
         model = models.build_model(cfg, device="meta")
@@ -384,7 +384,7 @@ def test_bam_presets_are_linear_llama_configurations():
 def test_former_bam_family_files_load_as_linear_llama(name):
     """Files written by the former "bam" family (its own classes; tests/data/README.md) load as Linear-Llama3
     models with the same config fields, and give the logits that code computed (float64)."""
-    from models.serialization import read_payload
+    from lasp.models.serialization import read_payload
     data = os.path.join(os.path.dirname(__file__), "data")
     path = os.path.join(data, f"bam-family-{name}.pt")
     loaded = models.load_model(path)                                 # float32: load_model's default

@@ -15,9 +15,9 @@ import torch
 import matplotlib.pyplot  # noqa: F401
 import torch._dynamo  # noqa: F401
 
-from launch import checkpoint as ckpt
-from launch import pretrain, trainer
-from launch.engine import _import_deepspeed
+from lasp.launch import checkpoint as ckpt
+from lasp.launch import pretrain, trainer
+from lasp.launch.engine import _import_deepspeed
 from tests.dist import run_ranks
 from tests.test_launch import tiny
 
@@ -151,7 +151,7 @@ def test_nonfinite_gradient_stops_before_the_checkpoint(tmp_path, cache_dir, zer
 
 
 def _safe_types(zero):
-    from launch.engine import _deepspeed_safe_types
+    from lasp.launch.engine import _deepspeed_safe_types
     return _deepspeed_safe_types() if zero != "0" else ()
 
 
@@ -205,7 +205,7 @@ def test_pruning_keeps_latest_and_never_touches_higher_steps(tmp_path):
 def test_metrics_are_moved_aside_never_truncated(tmp_path, capsys):
     """A resume from step 4 moves rows 5.. (and a line torn by kill -9) to metrics.replaced.jsonl with a note.
     Fails with the old Reporter (tried: rows 5-8 vanished; the torn line crashed json.loads)."""
-    from launch.report import REPLACED, Reporter, read_metrics
+    from lasp.launch.report import REPLACED, Reporter, read_metrics
     rows = [f'{{"step": {s}, "loss": {s}.5}}\n' for s in range(1, 9)]
     (tmp_path / "metrics.jsonl").write_text("".join(rows) + '{"step": 9, "lo')
     reporter = Reporter(tmp_path, rank=0, start_step=5, max_steps=10, progress=False)
@@ -312,9 +312,9 @@ def test_unwritable_or_full_folders_are_found_before_step_1(tmp_path, cache_dir,
 def test_init_from_a_non_model_file_or_another_family(tmp_path, cache_dir, capsys):
     """init_from optim.pt: a clear error (was KeyError: models/serialization.py tested a proper subset of the keys);
     init_from a tnl-tiny file: the run is labelled tnl-tiny (was linear-llama3-tiny)."""
-    import models
-    from launch.config import parse_args
-    from models.serialization import load_model_config
+    from lasp import models
+    from lasp.launch.config import parse_args
+    from lasp.models.serialization import load_model_config
     torch.save({"optimizer": {}, "scheduler": {}}, tmp_path / "optim.pt")
     assert pretrain.main(_main_argv(tmp_path / "run", cache_dir, "--model.init_from", str(tmp_path / "optim.pt"))) == 2
     assert "optim.pt is not a model checkpoint: expected keys 'model_config' and 'model', found ['optimizer'" in \
@@ -349,7 +349,7 @@ def test_an_error_after_the_group_is_printed_once(tmp_path, cache_dir, capfd):
 
 
 def _average_on_rank():
-    from launch.engine import average_gradients, fixed_buckets
+    from lasp.launch.engine import average_gradients, fixed_buckets
     rank = torch.distributed.get_rank()
     params = [torch.nn.Parameter(torch.zeros(n, dtype=torch.float64)) for n in (5, 3, 7)]
     for i, p in enumerate(params):

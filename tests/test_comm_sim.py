@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel import comm
+from lasp.parallel import comm
 from tests.dist import run_ranks
 
 ALPHA = 0.02                        # 20 ms per message: long against the gloo overhead, short for the suite
@@ -119,7 +119,7 @@ def test_delays_are_applied_lower_bounds_only():
 def _engines_under_model(W):
     """Every linear engine gives bitwise the same output and gradients with the model on (the courier path)."""
     import lasp
-    from parallel import shard
+    from lasp.parallel import shard
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (shard(torch.randn(1, 8 * W, 2, 4, generator=g), "contiguous", dist.get_rank(), W) for _ in range(4))
     q, k, v = (x.requires_grad_() for x in (q, k, v))

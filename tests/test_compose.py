@@ -16,11 +16,11 @@ import numpy as np
 import pytest
 import torch
 
-import models
-from launch.config import check_config, parse_args
-from launch.trainer import train
-from parallel import count_collectives
-from parallel.mesh import mesh_groups
+from lasp import models
+from lasp.launch.config import check_config, parse_args
+from lasp.launch.trainer import train
+from lasp.parallel import count_collectives
+from lasp.parallel.mesh import mesh_groups
 from tests.dist import rel_err, run_ranks
 
 TOL = 1e-5
@@ -138,7 +138,7 @@ def test_expert_groups_of_the_mesh():
     lines = mesh_groups(8, sp=2, tp=2, ep=2)                                  # dp 2 x sp 2 x tp 2, ep 2
     assert lines["ep"] == [[0, 2], [4, 6], [1, 3], [5, 7]] and lines["edp"] == [[0, 4], [2, 6], [1, 5], [3, 7]]
     assert mesh_groups(4, ep=4)["edp"] == [[0], [1], [2], [3]]
-    from launch.trainer import mesh_table                                     # --dry-run prints the same groups
+    from lasp.launch.trainer import mesh_table                                     # --dry-run prints the same groups
     table = mesh_table(8, 2, 8, tp=2, ep=2)
     assert f"ep groups: {lines['ep']}" in table and f"edp groups (same experts): {lines['edp']}" in table
     assert not any(line.startswith("ep groups") for line in mesh_table(8, 2, 8, tp=2))

@@ -8,7 +8,7 @@ Odd lengths (T = 63, 130) leave a masked tail block; log λ = -30 makes λ^16 un
 import pytest
 import torch
 
-from kernels import lightning_attn, lightning_attn_bwd, lightning_attn_fwd, linear_attn_chunked, linear_attn_recurrent
+from lasp.kernels import lightning_attn, lightning_attn_bwd, lightning_attn_fwd, linear_attn_chunked, linear_attn_recurrent
 from tests.dist import rel_err, run_ranks
 from tests.oracles import gated_linear_attention, linear_attention_dense
 
@@ -142,7 +142,7 @@ def test_deferred_kernel_matches_oracle_whenever_the_state_arrives(T, gated, dty
     leaving arrive at the first poll, after two blocks, or only when waited for -> bitwise the same o, dq, dk, dv,
     d log_gate, and these are the kernel's entering from P and leaving with G (float64 oracle: 1e-10, fp32: 2e-5);
     M is the state leaving from zero, dM the gradient of the state entering from dO alone."""
-    from kernels.linear_attn import deferred_grads, deferred_outputs, deferred_state_grads, deferred_states
+    from lasp.kernels.linear_attn import deferred_grads, deferred_outputs, deferred_state_grads, deferred_states
     q, k, v, log_gate, log_decay, P, do, G = _gated_inputs(T, "strong", dtype)
     gate = log_gate if gated else None
     oracle_gate = log_gate if gated else torch.zeros_like(log_gate)
@@ -202,7 +202,7 @@ def test_triton_fp32_matches_recurrence(T, d_k, d_v, decay, with_state):
 def test_triton_split_dv_blocks_and_final_state_grad_only():
     """d_v = 48 in three blocks of 16: dq and dk are sums of per-block partials. Gradient from the final state
     alone (do = 0) checks the suffix recurrence R ← λ^c R + (Λ_q Q)ᵀ dO starting from dS_final."""
-    from kernels.lightning_triton import triton_bwd, triton_fwd
+    from lasp.kernels.lightning_triton import triton_bwd, triton_fwd
     q, k, v, log_decay, state, do, dfinal = _inputs(1, 37, 2, 16, 48, "mixed", True, torch.float32)
     ld = log_decay.float()
     o, final = triton_fwd(q, k, v, ld, state, block_len=16, block_v=16)
@@ -214,7 +214,7 @@ def test_triton_split_dv_blocks_and_final_state_grad_only():
 
 def test_triton_empty_sequence():
     """T = 0: no block runs; the final state is the initial one and its gradient passes straight through."""
-    from kernels.lightning_triton import triton_bwd, triton_fwd
+    from lasp.kernels.lightning_triton import triton_bwd, triton_fwd
     q, k, v, log_decay, state, do, dfinal = _inputs(1, 0, 2, 16, 8, "mixed", True, torch.float32)
     o, final = triton_fwd(q, k, v, log_decay.float(), state)
     dq, dk, dv, dstate, _ = triton_bwd(q, k, v, log_decay.float(), state, do, dfinal)
@@ -290,9 +290,9 @@ def _lasp2_triton_rank(q, k, v, log_decay, do, want):
     the Triton calls made). Floats only: tensors returned through the queue die with the forked rank."""
     import torch.distributed as dist
 
-    import kernels.lightning_triton as lt
+    import lasp.kernels.lightning_triton as lt
     from lasp import lasp2
-    from parallel.layout import shard
+    from lasp.parallel.layout import shard
 
     calls = []
     fwd, bwd = lt.triton_fwd, lt.triton_bwd                  # count calls: proves the engine used the kernels
@@ -356,7 +356,7 @@ def test_bad_log_gate_raises(backend, make, match):
 
 
 def test_triton_refuses_what_it_cannot_run(monkeypatch):
-    import kernels.lightning_triton as lt
+    import lasp.kernels.lightning_triton as lt
     x = torch.randn(1, 5, 2, 8)
     with pytest.raises(ValueError, match="float64.*backend='torch'"):
         lightning_attn(x.double(), x.double(), x.double(), backend="triton")
@@ -376,7 +376,7 @@ def test_triton_refuses_what_it_cannot_run(monkeypatch):
 def test_bench_smoke(tmp_path):
     import json
 
-    from kernels import bench
+    from lasp.kernels import bench
     out = tmp_path / "bench.json"
     bench.main(["--smoke", "--out", str(out)])
     rows = json.loads(out.read_text())["rows"]
@@ -384,12 +384,12 @@ def test_bench_smoke(tmp_path):
 
 
 def test_bench_check_runs_on_cpu_and_reports_skips(tmp_path, capsys):
-    """`python -m kernels.bench --check` on CPU: the accuracy of the torch linear kernel and of the CPU softmax
+    """`python -m lasp.kernels.bench --check` on CPU: the accuracy of the torch linear kernel and of the CPU softmax
     kernels (fp32 < 2e-5, bf16 rows present), the launcher's flags through --dry-run, and the GPU parts listed as
     skipped, in the output and the JSON."""
     import json
 
-    from kernels import bench
+    from lasp.kernels import bench
     out = tmp_path / "check.json"
     bench.main(["--check", "--out", str(out)])
     result = json.loads(out.read_text())

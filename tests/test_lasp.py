@@ -24,7 +24,7 @@ def _case(engine, W, layout, causal, log_decay, dtype, T=None, seed=0, q_heads=3
     gated: a data-dependent log_gate (B, T, 3) too, against the gated oracle, with its gradient (last error).
     overlap=False: LASP-2's fused path (the kernel runs from the gathered prefix)."""
     from lasp import lasp1, lasp2
-    from parallel import count_collectives, shard
+    from lasp.parallel import count_collectives, shard
     r = dist.get_rank()
     T = T or 16 * W
     g = torch.Generator().manual_seed(seed)
@@ -118,9 +118,9 @@ def _long_segments(W, layout):
     chunk and a partial chunk, where the kernel's scans carry states across blocks. Reference: the single-device
     torch kernel (checked against the float64 oracle in tests/test_kernels.py) on the whole sequence; the dense
     oracle would need (T, T) matrices on every rank."""
-    from kernels import lightning_attn
+    from lasp.kernels import lightning_attn
     from lasp import lasp2
-    from parallel import shard
+    from lasp.parallel import shard
     r, T, out = dist.get_rank(), 8400, []
     g = torch.Generator().manual_seed(3)
     shapes = ((6, 4), (3, 4), (3, 5), (6, 5))          # 6 query heads on 3 K/V heads, d_k = 4, d_v = 5
@@ -171,7 +171,7 @@ def test_lasp1_ring_hops():
 def _causality(W, layout, engine):
     """Perturb one token; every output before it must be bitwise unchanged, outputs at and after it must move."""
     from lasp import lasp1, lasp2
-    from parallel import local_positions, shard
+    from lasp.parallel import local_positions, shard
     r = dist.get_rank()
     T, p = 16 * W, 16 * W - 5
     g = torch.Generator().manual_seed(1)
@@ -223,7 +223,7 @@ def test_bad_input_single_process():
 @pytest.mark.parametrize("engine", ["lasp2", "lasp1"])
 def test_bad_log_gate_raises_before_any_collective(engine):
     from lasp import lasp1, lasp2
-    from parallel import count_collectives
+    from lasp.parallel import count_collectives
     fn = lasp2 if engine == "lasp2" else lasp1
     q, kv = torch.randn(1, 6, 4, 3), torch.randn(1, 6, 2, 3)            # 4 query heads on 2 K/V heads
     gate = -torch.rand(1, 6, 2)
@@ -263,7 +263,7 @@ def test_engines_are_declared_once_in_their_modules():
     import inspect
 
     from lasp import allscan, apply, lasp1, lasp2, ring_linear_attention
-    from parallel import EngineSpec, allgather_attention, ring_attention, ulysses_attention
+    from lasp.parallel import EngineSpec, allgather_attention, ring_attention, ulysses_attention
     assert apply.LINEAR_ENGINES == ("lasp2", "lasp1", "allscan")
     assert apply.SOFTMAX_ENGINES == ("allgather", "ring", "ulysses", "local")
     assert apply.BASELINE_ENGINES == ("ring_linear",)
@@ -281,7 +281,7 @@ def test_engines_are_declared_once_in_their_modules():
 def test_ring_linear_baseline_is_bound_only_when_asked():
     """apply_sequence_parallel refuses the ring_linear baseline unless baselines=True, then binds it from its
     declaration (contiguous only, so no layout argument)."""
-    import models
+    from lasp import models
     from lasp import apply_sequence_parallel, ring_linear_attention
     model = models.build_model(models.get_config("linear-llama3-tiny"), device="meta")
     with pytest.raises(ValueError, match="lasp2', 'lasp1', 'allscan'.*ring_linear"):
@@ -298,10 +298,10 @@ def _model_grads(W, T):
     checkpointed per block) in {False, True}² -> {(gated, checkpointed): (loss sum over ranks, full-sequence
     gradient of the embedding, all_gathers issued by this rank)}."""
     import dataclasses
-    import models
-    import parallel
+    from lasp import models
+    from lasp import parallel
     from lasp import apply_sequence_parallel
-    from parallel import apply_activation_checkpointing, count_collectives
+    from lasp.parallel import apply_activation_checkpointing, count_collectives
     out = {}
     for gated in (False, True):
         for checkpointed in (False, True):

@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 import torch
 
-from launch import checkpoint as ckpt
-import models
-from launch.config import TrainConfig, _field_help, build_parser, check_config, merge, model_changes, parse_args
-from launch.data import PackedDataset, build_cache, load_tokenizer, shard_batch
-from launch.engine import lr_at
-from launch.pretrain import main
-from launch.trainer import NonFiniteStep, train
+from lasp.launch import checkpoint as ckpt
+from lasp import models
+from lasp.launch.config import TrainConfig, _field_help, build_parser, check_config, merge, model_changes, parse_args
+from lasp.launch.data import PackedDataset, build_cache, load_tokenizer, shard_batch
+from lasp.launch.engine import lr_at
+from lasp.launch.pretrain import main
+from lasp.launch.trainer import NonFiniteStep, train
 from tests.dist import run_ranks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -96,7 +96,7 @@ class _WiderConfig(models.LinearLlamaConfig):
 
 def test_a_new_model_field_is_a_flag_everywhere_without_parser_edits(monkeypatch):
     """A field added to a family's dataclass is a typed, documented flag of pretrain, bench, plan_memory and mqar."""
-    from launch import bench, mqar, plan_memory
+    from lasp.launch import bench, mqar, plan_memory
     get_config = models.get_config
     monkeypatch.setattr(models, "get_config", lambda name: _WiderConfig() if name == "wider" else get_config(name))
     helps = _model_flag_help(build_parser("wider"))
@@ -230,8 +230,8 @@ def test_sp4_equals_sp1(tmp_path, cache_dir):
 
 def _first_loss_from(cfg, path):
     """Save a freshly built model (seed 7) to `path`, then train one step starting from it."""
-    import models
-    from launch.engine import build_model
+    from lasp import models
+    from lasp.launch.engine import build_model
     torch.manual_seed(7)
     model = build_model(cfg.model, cfg.data.vocab_size, seed=7)
     models.save_model(path, model)
@@ -404,7 +404,7 @@ def test_torchrun_smoke(tmp_path, cache_dir):
     assert {"step", "loss", "lr", "tokens", "tokens_per_s", "mfu"} <= set(rows[0])
     assert (run_dir / "loss.png").stat().st_size > 1000 and list((run_dir / "wandb").glob("offline-run-*"))
     assert "--- sample ---" in out.stdout + out.stderr
-    import models
+    from lasp import models
     assert models.load_model(run_dir / "model.pt").config.dim == 64
     # the same command again, without --resume: a user error, printed once, workers exit 2, no worker traceback
     again = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)

@@ -20,13 +20,13 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import lasp
-import models
+from lasp import models
 from lasp.apply import LINEAR_ENGINES, SOFTMAX_ENGINES, apply_sequence_parallel, resolve_engines
-from models import LinearLlamaConfig, TNLConfig
-from kernels import lightning_attn
-from models.common import alibi_slopes, chunked_cross_entropy, lightning_log_decay, local_linear_attention
-from models.generation import generate
-from parallel import comm, layout as layouts
+from lasp.models import LinearLlamaConfig, TNLConfig
+from lasp.kernels import lightning_attn
+from lasp.models.common import alibi_slopes, chunked_cross_entropy, lightning_log_decay, local_linear_attention
+from lasp.models.generation import generate
+from lasp.parallel import comm, layout as layouts
 from tests.dist import rel_err, run_ranks
 
 W, B, T = 4, 2, 32
@@ -280,7 +280,7 @@ def test_gated_mixers_pass_log_gate_and_ungated_mixers_do_not():
 
 
 def _tensor_parallel_loss_and_grads(model, inputs):
-    from parallel import tensor
+    from lasp.parallel import tensor
     tensor.apply_tensor_parallel(model)                                 # the default group: 2 ranks
     loss, grads = _loss_and_grads(model, inputs, torch.arange(T), lambda x: x)
     grads = {n: model.tensor_parallel.unshard(n, g) for n, g in grads.items()}
@@ -359,7 +359,7 @@ def test_tnl_padding_row_follows_the_release():
 
 def test_gated_presets_reach_the_launcher():
     """--model linear-llama3-tiny-gated, or --model.linear_decay gated, passes the launcher's checks."""
-    from launch.config import check_config, parse_args
+    from lasp.launch.config import check_config, parse_args
     for argv in (["--model", "linear-llama3-tiny-gated"], ["--model", "linear-llama3-tiny-gated-hybrid"],
                  ["--model.linear_decay", "gated"]):
         cfg, _ = parse_args(argv)
@@ -466,7 +466,7 @@ def test_save_and_load_round_trip(tmp_path):
 
 
 def test_generate_command_line(tmp_path, capsys):
-    from launch.generate import main
+    from lasp.launch.generate import main
     models.save_model(tmp_path / "model.pt", _models()["hybrid"].float())
     text = main([str(tmp_path), "--prompt", "1, 2, 3", "--max-new-tokens", "4", "--temperature", "0"])
     ids = [int(t) for t in text.split()]
@@ -477,7 +477,7 @@ def test_generate_command_line(tmp_path, capsys):
 
 def test_generate_with_a_sentencepiece_tokenizer(tmp_path):
     import sentencepiece
-    from launch.generate import main
+    from lasp.launch.generate import main
     lines = ["to be or not to be that is the question whether tis nobler in the mind to suffer"] * 20
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"),
                                              vocab_size=40, model_type="bpe", minloglevel=2)
@@ -549,8 +549,9 @@ def test_checkpoint_from_another_config_raises(tmp_path):
 
 
 def test_models_never_import_distributed_code():
-    pattern = re.compile(r"torch\.distributed\.|^\s*(from|import)\s+(torch\.distributed|parallel|lasp)\b",
-                         re.MULTILINE)
+    # models may import lasp.kernels and lasp.models only (the one import root holds the engines too)
+    pattern = re.compile(r"torch\.distributed\.|^\s*(from|import)\s+torch\.distributed\b"
+                         r"|^\s*(from|import)\s+lasp(?!\.(kernels|models)\b)(\.|\s)", re.MULTILINE)
     files = sorted((pathlib.Path(models.__file__).parent).glob("*.py"))
     assert files and not [str(f) for f in files if pattern.search(f.read_text())]
 

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from parallel import comm, layout, mesh
+from lasp.parallel import comm, layout, mesh
 from tests.dist import run_ranks
 
 

@@ -17,13 +17,13 @@ TINY = dict(dim=64, n_heads=2, n_kv_heads=1, ffn_dim=128)  # a tiny Linear-Llama
 
 
 def _config(pattern):
-    import models
+    from lasp import models
     return dataclasses.replace(models.get_config("linear-llama3-tiny"), pattern=pattern, **TINY)
 
 
 def test_static_terms_follow_zero_stage_and_tp():
-    import models
-    from parallel.memory import plan
+    from lasp import models
+    from lasp.parallel.memory import plan
     cfg = _config("LLLN")
     P = sum(p.numel() for p in models.build_model(cfg, device="meta").parameters())
     for zero in range(4):
@@ -38,7 +38,7 @@ def test_static_terms_follow_zero_stage_and_tp():
 
 
 def test_activations_grow_linearly_in_t_for_linear_and_tiled_softmax_layers():
-    from parallel.memory import plan
+    from lasp.parallel.memory import plan
     lengths = (2 ** 16, 2 ** 17, 2 ** 18)
     for pattern, softmax, layout, sp in (("L", "allgather", "contiguous", 8), ("LLLN", "allgather", "contiguous", 8),
                                          ("LLLN", "allgather", "zigzag", 8), ("LLLN", "ring", "zigzag", 8),
@@ -49,7 +49,7 @@ def test_activations_grow_linearly_in_t_for_linear_and_tiled_softmax_layers():
 
 
 def test_bad_input_names_the_argument():
-    from parallel.memory import plan
+    from lasp.parallel.memory import plan
     for kwargs, word in ((dict(sp=3), "divisible"), (dict(zero=4), "zero"), (dict(dp=0), "dp")):
         with pytest.raises(ValueError, match=word):
             plan(_config("L"), 4096, **kwargs)
@@ -60,8 +60,8 @@ def test_bad_input_names_the_argument():
 def test_command_line_model_fields(capsys):
     """--model.<field> flags typed by the preset's dataclass (launch.config's generator), the JSON names what
     differs from the preset; an unknown field or a value the dataclass refuses exits 2 naming it."""
-    from launch.plan_memory import main
-    from parallel.memory import plan
+    from lasp.launch.plan_memory import main
+    from lasp.parallel.memory import plan
     flags = [f"--model.{k}={v}" for k, v in TINY.items()]
     main(["--preset", "linear-llama3-tiny", "--seq-len", "4096", "--sp", "2", "--device", "cpu", "--json",
           "--model.pattern", "LN", *flags])
@@ -80,8 +80,8 @@ def test_command_line_model_fields(capsys):
 def _measured_step_peak(seq_len, pattern):
     """One checkpointed training step of bench's long mode on this rank -> its peak above the memory before it."""
     import torch
-    from launch import bench, trainer
-    from launch.config import ModelConfig
+    from lasp.launch import bench, trainer
+    from lasp.launch.config import ModelConfig
     args = types.SimpleNamespace(preset="linear-llama3-tiny", batch=1, checkpoint=True, layout="contiguous",
                                  model=ModelConfig("linear-llama3-tiny", arch=_config(pattern)))
     bench.malloc_for_measurement()
@@ -115,7 +115,7 @@ def test_estimate_within_20_percent_of_measured_peak(pattern, seq_len):
     """Measured: the step's peak above what the rank held before it (activations, gradients, buffers; weights and
     optimizer states were already resident), max over ranks. The hybrid case checks the tiled softmax terms
     (linear in T; at 2 × 2,048 tokens a fixed ≈ 20 MiB of the step's heap dominates: 41 MiB measured, 22 planned)."""
-    from parallel.memory import plan
+    from lasp.parallel.memory import plan
     results = _in_fresh_process(seq_len, pattern)
     if not all(ok for _, ok in results):
         pytest.skip("/proc/self/clear_refs is not writable here: no per-step peak on this kernel")
@@ -129,9 +129,9 @@ def test_estimate_within_20_percent_of_measured_peak(pattern, seq_len):
 def test_engine_memory_terms_come_from_the_declarations():
     """The planner's per-engine terms are each engine's ENGINE.memory plus the attention gradients; a few pinned
     values keep the formulas from drifting (B=1, C=8, T=16, sp=2, H=2, H_kv=1, d=4, fp32)."""
-    from parallel.memory import engine_terms
+    from lasp.parallel.memory import engine_terms
     from lasp.apply import ENGINES
-    from parallel.engines import CallShape
+    from lasp.parallel.engines import CallShape
     shapes = dict(heads=2, kv_heads=1, d_k=4, d_v=4)
     grads = 8 * (2 * 8 + 1 * 8) * 4
     pinned = {"lasp2": (1024, 4249.6, 512), "lasp1": (1024, 4249.6, 512), "allscan": (1024, 4249.6, 512),

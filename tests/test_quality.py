@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from launch import evaluate, mqar
-from launch.config import parse_args
-from launch.data import HELDOUT_FRACTION, MQARDataset, PackedDataset, build_cache, check_mqar, split_bounds
+from lasp.launch import evaluate, mqar
+from lasp.launch.config import parse_args
+from lasp.launch.data import HELDOUT_FRACTION, MQARDataset, PackedDataset, build_cache, check_mqar, split_bounds
 from tests.dist import run_ranks
 
 
@@ -51,8 +51,8 @@ def test_heldout_split_too_short_names_the_numbers(tmp_path):
 @pytest.fixture(scope="module")
 def saved_model(tmp_path_factory):
     """A random 2-layer hybrid (linear, then softmax) saved with the tokenizer of a small corpus beside it."""
-    import models
-    from models.linear_llama import LinearLlamaConfig
+    from lasp import models
+    from lasp.models.linear_llama import LinearLlamaConfig
     root = tmp_path_factory.mktemp("eval")
     corpus = root / "docs.jsonl"
     corpus.write_text("\n".join(json.dumps({"text": f"Doc {i}: to be, or not to be; that is {i * 7}."})
@@ -143,7 +143,7 @@ def test_mqar_bad_sizes_name_the_numbers(spec, seq_len, vocab, message):
 
 
 def test_mqar_config_is_checked_before_training():
-    from launch.config import check_config
+    from lasp.launch.config import check_config
     cfg, _ = parse_args(["--config", "tiny", "--data.mqar", '{"kv_pairs": 40}', "--run.sample_tokens", "0"])
     with pytest.raises(ValueError, match=r"kv_pairs=40 needs seq_len >= 4·40 = 160"):
         check_config(cfg, 1)

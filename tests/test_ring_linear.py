@@ -15,7 +15,7 @@ B, H, D_K, D_V = 2, 3, 4, 5
 def _case(W, causal, log_decay, dtype, C=7, seed=0):
     """One call on this rank's shard -> (errors o, dq, dk, dv vs the oracle shard, fwd log, bwd log)."""
     from lasp import ring_linear_attention
-    from parallel import count_collectives, shard
+    from lasp.parallel import count_collectives, shard
     r, T = dist.get_rank(), C * W
     g = torch.Generator().manual_seed(seed)
     q, k, v = (torch.randn(B, T, H, d, generator=g, dtype=torch.float64) for d in (D_K, D_K, D_V))

@@ -9,8 +9,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import SOFTMAX_BACKENDS, resolve_softmax_backend, softmax_attn, softmax_attn_bwd, softmax_attn_fwd
-from kernels.softmax_attn import merge_partial
+from lasp.kernels import SOFTMAX_BACKENDS, resolve_softmax_backend, softmax_attn, softmax_attn_bwd, softmax_attn_fwd
+from lasp.kernels.softmax_attn import merge_partial
 from tests.dist import rel_err
 from tests.oracles import softmax_attention_dense, softmax_block_dense
 

@@ -14,9 +14,9 @@ import re
 import pytest
 import torch
 
-import parallel
-from kernels.softmax_attn import merge_partial
-from parallel import comm
+from lasp import parallel
+from lasp.kernels.softmax_attn import merge_partial
+from lasp.parallel import comm
 from tests.dist import rel_err, run_ranks
 from tests.oracles import softmax_attention_dense
 from tests.test_softmax_kernel import _documents, _LargestTensor

@@ -19,13 +19,13 @@ with warnings.catch_warnings():        # imported before the ranks fork, so that
     from megatron.core import tensor_parallel as megatron_tp
     from megatron.core.model_parallel_config import ModelParallelConfig
 
-import models
-from launch.config import check_config, parse_args
-from launch.trainer import mesh_table, train
+from lasp import models
+from lasp.launch.config import check_config, parse_args
+from lasp.launch.trainer import mesh_table, train
 from lasp.apply import apply_sequence_parallel
-from models import LinearLlamaConfig, TNLConfig
-from models.common import SwiGLU
-from parallel import apply_global_router_counts, comm, count_collectives, layout as layouts, mesh as meshes, tensor
+from lasp.models import LinearLlamaConfig, TNLConfig
+from lasp.models.common import SwiGLU
+from lasp.parallel import apply_global_router_counts, comm, count_collectives, layout as layouts, mesh as meshes, tensor
 from tests.dist import rel_err, run_ranks
 
 W, B, T, V = 8, 4, 32, 101             # V = 101 is padded to 102 at tp = 2

@@ -23,7 +23,7 @@ STATE = B * H * D_K * D_V * 4      # one float32 state (B, H, d_k, d_v)
 def _layer(engine, T):
     """This rank's shard of one layer's inputs and a forward+backward closure -> (step, fwd log, bwd log)."""
     import lasp
-    from parallel import count_collectives, shard
+    from lasp.parallel import count_collectives, shard
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (shard(torch.randn(B, T, H, d, generator=g) * 0.5, "contiguous", dist.get_rank(), W)
                    for d in (D_K, D_K, D_V, D_V))
@@ -53,8 +53,8 @@ def _under_model(T):
     computes for about K of wall time, so the gather fits with a 2x margin. -> (α, {engine: [(wall s, CPU s,
     gather wait s, gather model s)]}). CPU seconds are the process's (all threads): sleeps and waits do not count."""
     import time
-    from kernels import lightning_attn
-    from parallel import comm, count_collectives
+    from lasp.kernels import lightning_attn
+    from lasp.parallel import comm, count_collectives
     steps = {e: _layer(e, T)[0] for e in ("lasp2", "lasp1")}
     g = torch.Generator().manual_seed(0)
     q, k, v, do = (torch.randn(B, T // W, H, d, generator=g) for d in (D_K, D_K, D_V, D_V))
@@ -194,7 +194,7 @@ def test_lasp2_overlaps_its_gather_and_keeps_its_compute(measured):
 def _rounds_logs(layout_engines):
     """Per-pass message logs [(op, peer)] of each engine on tiny inputs: this rank's program order."""
     import lasp
-    from parallel import count_collectives, shard
+    from lasp.parallel import count_collectives, shard
     fns = {"lasp2": lasp.lasp2, "lasp1": lasp.lasp1, "allscan": lasp.allscan, "ring_linear": lasp.ring_linear_attention}
     out = {}
     for engine, layout in layout_engines:

@@ -48,14 +48,14 @@ def cache_dir(tmp_path_factory):
 
 def _by_hand(cfg):
     """setup, then the steps one by one through local_batch + train_step -> losses and gradient norms."""
-    from launch import trainer
+    from lasp.launch import trainer
     run = trainer.setup(cfg)
     steps = [trainer.train_step(run, trainer.local_batch(run, s)) for s in range(1, cfg.optim.max_steps + 1)]
     return [m["loss"] for m in steps], [m["grad_norm"] for m in steps]
 
 
 def _looped(cfg):
-    from launch import trainer
+    from lasp.launch import trainer
     out = trainer.train(cfg)
     return list(out["losses"].values()), list(out["grad_norms"].values())
 
@@ -71,8 +71,8 @@ def test_single_steps_equal_the_loop(tmp_path, cache_dir):
 
 def _bench_steps(pair, seq_len):
     """Two steps of bench's long mode (bench_run + the core's train_step) on this rank -> [(loss, grad norm)]."""
-    from launch import bench
-    from launch.trainer import setup_mesh, train_step
+    from lasp.launch import bench
+    from lasp.launch.trainer import setup_mesh, train_step
     args = bench.parse_args(["--mode", "long", "--engines", pair, "--layout", "zigzag", "--model.n_layers", "2",
                              "--model.pattern", "LN"])
     mesh = setup_mesh(dist.get_world_size(), 1)
@@ -95,9 +95,9 @@ def test_bench_step_on_4_ranks_equals_one_process(pair):
 
 def _loss_reductions(sp):
     """The small all-reduces (the loss sums, the token counts, the stop vote) of one bench step on this rank."""
-    from launch import bench
-    from launch.trainer import setup_mesh, train_step
-    from parallel import count_collectives
+    from lasp.launch import bench
+    from lasp.launch.trainer import setup_mesh, train_step
+    from lasp.parallel import count_collectives
     args = bench.parse_args(["--mode", "long", "--engines", "lasp2+allgather", "--model.n_layers", "1",
                              "--model.pattern", "L"])
     mesh = setup_mesh(sp, 1)

@@ -21,8 +21,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-import kernels.linear_attn as K  # noqa: E402
-from launch.bench import malloc_for_speed  # noqa: E402
+import lasp.kernels.linear_attn as K  # noqa: E402
+from lasp.launch.bench import malloc_for_speed  # noqa: E402
 
 
 def main():

@@ -31,8 +31,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-from kernels import lightning_attn  # noqa: E402
-from launch.bench import malloc_for_speed  # noqa: E402
+from lasp.kernels import lightning_attn  # noqa: E402
+from lasp.launch.bench import malloc_for_speed  # noqa: E402
 from lasp import lasp2  # noqa: E402
 from lasp.common import (add_prefix_output, add_state_grads, local_backward, local_forward, local_state,  # noqa: E402
                          state_grad, to_segments, from_segments)

@@ -29,9 +29,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
-import models  # noqa: E402
-from launch import bench, trainer  # noqa: E402
-from launch.config import ModelConfig  # noqa: E402
+from lasp import models  # noqa: E402
+from lasp.launch import bench, trainer  # noqa: E402
+from lasp.launch.config import ModelConfig  # noqa: E402
 
 def step(run, batch):
     """-> (wall s, CPU s) of one step of the training core on this rank (launch.trainer.train_step: forward, loss,

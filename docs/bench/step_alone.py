@@ -15,9 +15,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 
 import torch  # noqa: E402
 
-import models  # noqa: E402
-from launch import bench, trainer  # noqa: E402
-from launch.config import ModelConfig  # noqa: E402
+from lasp import models  # noqa: E402
+from lasp.launch import bench, trainer  # noqa: E402
+from lasp.launch.config import ModelConfig  # noqa: E402
 from tests.dist import run_ranks  # noqa: E402
 
 
