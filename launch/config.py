@@ -101,7 +101,7 @@ class RunConfig:
     wandb_project: str = ""           # "" = no wandb
     wandb_mode: str = "offline"       # "online" | "offline" | "disabled"
     sample_tokens: int = 48           # tokens generated after training (0 = none)
-    sample_prompt: str = "ROMEO."
+    sample_prompt: str = ""           # "" = the start of the first held-out document of the run's corpus
 
 
 @dataclass

@@ -34,7 +34,7 @@ from lasp.launch.config import check_config, model_changes
 from lasp.launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
                          MQARDataset, shard_batch)
 from lasp.launch.engine import build_model, make_engine, parallelize
-from lasp.launch.report import Reporter, peak_flops
+from lasp.launch.report import Reporter, finish, peak_flops, write_model_card
 from lasp.parallel import comm
 from lasp.parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh, mesh_groups
 
@@ -218,16 +218,6 @@ def setup_mesh(sp, tp, ep=1):
 def _autocast(device, dtype):
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def _sample(run_dir, tokenizer, prompt, n_tokens):
-    """Rank 0, one process: reload model.pt and decode with the model's recurrent generation (top-k)."""
-    from lasp import models
-    from lasp.models.generation import generate
-    model = models.load_model(run_dir / "model.pt").eval()
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    out = generate(model, ids, n_tokens, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
-    return tokenizer.decode(out[0].tolist())
 
 
 @dataclass
@@ -425,16 +415,15 @@ def train(cfg, hook=None):
             if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
                 run.last_ckpt = _save(run.engine, run.root, step, _trainer_state(step, cfg, mesh, run.data_key),
                                       run.run_dir, run.rank, cfg.checkpoint.keep, run.device)
+                write_model_card(run, cfg, step)             # model.json beside model.pt (launch/report.py)
             if preempted:
                 reporter.write(f"SIGTERM: saved {run.last_ckpt} at step {step}; continue with --resume")
                 break
     finally:
         stop.restore()
         reporter.close(title=f"{run.label}, dp {mesh.dp} x sp {mesh.sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
-    sample = None
-    if run.rank == 0 and cfg.run.sample_tokens and not preempted and (run.run_dir / "model.pt").exists():
-        sample = _sample(run.run_dir, run.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
-        reporter.write(f"--- sample ---\n{sample}\n--------------")
+    # rank 0: sample, held-out loss, summary of steps, losses, tokens/s and outputs (launch/report.py)
+    sample = finish(cfg, run, losses, preempted, reporter.write) if run.rank == 0 else None
     return {"losses": losses, "grad_norms": grad_norms, "sample": sample,
             "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
 
