@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
            "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
            "merge", "check_config", "OPTIM_BOUNDS", "preset_config", "add_model_flags", "model_flags",
-           "preset_from_argv", "model_arch", "model_changes", "parse_model_args"]
+           "preset_from_argv", "model_arch", "model_changes", "parse_model_args", "add_section_flags"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
@@ -300,6 +300,20 @@ def build_parser(preset=ModelConfig.preset):
                                **_flag_kwargs(kind))
     add_model_flags(p, preset, skip=("vocab_size",))
     return p
+
+
+def add_section_flags(parser, section, names, aliases=None):
+    """pretrain's `--<section>.<name>` flags for the given fields of one section, typed and helped the same way
+    (dest "<section>.<name>", absent unless given), plus `aliases` {name: [older flags]}: another entry point that
+    takes some of pretrain's settings (evaluate's --data.*) uses the same names."""
+    cls, aliases = _sections()[section], aliases or {}
+    fields, helps = _plain_fields(cls), _field_help(cls)
+    group = parser.add_argument_group(f"{section} (the names pretrain takes)")
+    for name in names:
+        kind = typing.get_origin(fields[name].type) or fields[name].type
+        group.add_argument(f"--{section}.{name}", *aliases.get(name, ()), dest=f"{section}.{name}",
+                           default=argparse.SUPPRESS, help=helps.get(name), **_flag_kwargs(kind))
+    return group
 
 
 def _coerce(key, kind, value):
