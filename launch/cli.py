@@ -18,9 +18,10 @@ __all__ = ["local_rank", "quiet_ranks", "user_error", "run_entry", "load_model_f
 def local_rank():
     """This process's rank on its node (0 outside torchrun; the test helper's group rank when one exists)."""
     import torch.distributed as dist
+    from lasp.parallel.mesh import dist_env
     if dist.is_initialized():
         return dist.get_rank()
-    return int(os.environ.get("LOCAL_RANK", 0))
+    return dist_env()[2]
 
 
 @contextlib.contextmanager

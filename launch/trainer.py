@@ -39,7 +39,7 @@ from lasp.parallel import comm
 from lasp.parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh, mesh_groups
 
 __all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "local_batch", "train_step",
-           "train", "model_label", "mesh_table", "dry_run"]
+           "train", "model_label", "mesh_table"]
 
 
 class NonFiniteStep(RuntimeError):
@@ -450,27 +450,3 @@ def mesh_table(world, sp, local_world, tp=1, ep=1):
     if tp > local_world:
         lines.append(f"note: tp={tp} spans nodes ({local_world} ranks per node): TP all-reduces cross the network")
     return lines
-
-
-def dry_run(cfg):
-    """Check the environment, config, corpus and rank layout; print the mesh. ValueError on problems."""
-    rank, world, _, local_world = _process()
-    env = os.environ
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(v)]
-    if missing:
-        raise ValueError(f"world size {world} needs {' and '.join(missing)} in the environment "
-                         f"(torchrun sets them; launch/slurm/pretrain.sbatch exports them)")
-    if world % local_world:
-        raise ValueError(f"world size {world} is not a multiple of the ranks per node ({local_world})")
-    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
-        raise ValueError(f"{local_world} ranks per node but {torch.cuda.device_count()} GPUs visible")
-    check_config(cfg, world)
-    files = corpus_files(cfg.data.corpus)
-    check_corpus(files, cfg.data.text_key)
-    if rank == 0:
-        where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
-        print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
-              f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
-        print("\n".join(mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp, cfg.parallel.ep)))
-        print("dry run OK")
-    return 0

@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # The command line is a reviewed interface: a new flag must be added here on purpose.
 FROZEN_OPTIONS = {
-    "-h", "--help", "--config", "--dry-run", "--model", "--sp", "--tp", "--ep", "--zero", "--max-steps", "--run-dir",
+    "-h", "--help", "--config", "--dry-run", "--world-size", "--nproc", "--model", "--sp", "--tp", "--ep", "--zero", "--max-steps", "--run-dir",
     "--resume", "--model.preset", "--model.init_from",
     "--parallel.sp", "--parallel.tp", "--parallel.layout", "--parallel.linear", "--parallel.softmax", "--parallel.zero",
     "--parallel.activation_checkpointing", "--parallel.ep",
