@@ -259,18 +259,19 @@ def model_changes(cfg_model):
             if getattr(cfg_model.arch, f.name) != getattr(base, f.name)}
 
 
-def parse_model_args(parser, argv=None, default="linear-llama3-tiny", skip=()):
-    """parser.parse_args(argv) plus `--preset PRESET` and its family's --model.<field> flags (two stages: the preset
-    first). -> args with args.model = ModelConfig(preset, arch=typed config); parser.error (exit 2) for an unknown
-    preset or field or a value the config refuses."""
-    parser.add_argument("--preset", default=default, metavar="PRESET",
+def parse_model_args(parser, argv=None, default="linear-llama3-tiny", skip=(), flags=("--preset",)):
+    """parser.parse_args(argv) plus the preset flag (`flags`: "--preset", or pretrain's "--model" with "--preset" as
+    an alias) and its family's --model.<field> flags (two stages: the preset first). -> args with args.preset and
+    args.model = ModelConfig(preset, arch=typed config); parser.error (exit 2) for an unknown preset or field or a
+    value the config refuses."""
+    parser.add_argument(*flags, dest="preset", default=default, metavar="PRESET",
                         help=f"model preset (models.get_config; default {default}); its fields are the --model.* flags")
     try:
-        preset = preset_from_argv(argv, ("--preset",), default)
+        preset = preset_from_argv(argv, flags, default)
         add_model_flags(parser, preset, skip)
         args = parser.parse_args(argv)
         if args.preset != preset:                          # an abbreviation argparse took that the first stage did not
-            raise ValueError(f"write --preset {args.preset} in full (it chooses the --model.* flags)")
+            raise ValueError(f"write {flags[0]} {args.preset} in full (it chooses the --model.* flags)")
         args.model = ModelConfig(preset=preset, arch=model_arch(preset, model_flags(args)))
     except ValueError as e:
         parser.error(str(e))
