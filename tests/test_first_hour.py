@@ -66,7 +66,8 @@ def test_evaluate_scores_the_runs_own_corpus_and_takes_pretrains_data_names(own_
     assert evaluate.main([str(model), "--json", str(tmp_path / "e.json")]) == 0
     result = json.loads((tmp_path / "e.json").read_text())
     assert result["corpus"] == [str(corpus)] and result["seq_len"] == 64
-    assert result["settings_from"]["corpus"] == "model.json" and f"{corpus} (from model.json)" in capsys.readouterr().out
+    assert result["settings_from"]["corpus"] == "model.json"
+    assert f"{corpus} (from model.json)" in capsys.readouterr().out
     summary = float(re.search(r"held-out loss +(\d+\.\d+)", out)[1])      # the run's own end-of-run score
     assert abs(result["loss"] - summary) < 1e-3, (result["loss"], summary)
     other = tmp_path / "other.txt"
