@@ -246,7 +246,8 @@ def finish(cfg, run, losses, preempted, write):
 
 def _summary_text(cfg, run, losses, steps, heldout, preempted):
     run_dir = Path(run.run_dir)
-    ran = f"steps {steps[0]}-{steps[-1]} of {cfg.optim.max_steps}" if steps else "no steps"
+    ran = f"steps {steps[0]}-{steps[-1]} of {cfg.optim.max_steps}" if steps else \
+        f"no steps to run (resumed after step {run.start - 1}; optim.max_steps is {cfg.optim.max_steps})"
     lines = [f"=== summary: {run.label}, {ran}" + (" (stopped by SIGTERM: continue with --resume)" if preempted
                                                     else "") + " ==="]
     if steps:
@@ -257,7 +258,8 @@ def _summary_text(cfg, run, losses, steps, heldout, preempted):
     elif heldout is not None:
         lines.append(f"held-out loss  {heldout[0]:.4f} (first {heldout[1]} held-out sequences of {cfg.data.seq_len};"
                      f" all of them: {evaluate})")
-    lines.append(f"tokens/s       {_tokens_per_s(run_dir, steps[0] if steps else 1):,.0f}")
+    if steps:
+        lines.append(f"tokens/s       {_tokens_per_s(run_dir, steps[0]):,.0f}")
     outputs = [("metrics", "metrics.jsonl"), ("loss plot", "loss.png"), ("model", "model.pt"),
                ("model card", MODEL_CARD), ("tokenizer", "tokenizer.model")]
     lines += [f"{what:14s} {run_dir / name}" for what, name in outputs if (run_dir / name).exists()]
