@@ -1,6 +1,9 @@
 # Quick start: `make run` trains the default job, `make test` runs the suite. Both install what they need once.
+# Flags for the run go in ARGS:  make run ARGS="--resume"   make run ARGS="--run-dir runs/b --max-steps 50"
+# `make dry-run ARGS=...` checks the same run for NPROC ranks without starting it.
 PY ?= python
 NPROC ?= 4
+ARGS ?=
 
 .installed: setup.py
 	@# torch only when missing: a user's own CUDA build is never replaced; the CPU release lies on local disk here
@@ -11,7 +14,10 @@ NPROC ?= 4
 install: .installed
 
 run: .installed
-	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node $(NPROC) launch/pretrain.py
+	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node $(NPROC) launch/pretrain.py $(ARGS)
+
+dry-run: .installed
+	OMP_NUM_THREADS=1 $(PY) launch/pretrain.py --dry-run --world-size $(NPROC) $(ARGS)
 
 demo: .installed
 	OMP_NUM_THREADS=1 $(PY) -m torch.distributed.run --nproc-per-node $(NPROC) launch/demo.py
@@ -19,4 +25,4 @@ demo: .installed
 test: .installed
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
-.PHONY: install run demo test
+.PHONY: install run dry-run demo test

@@ -185,9 +185,10 @@ def check_fresh(root):
     root = Path(root)
     found = sorted(p.name for p in root.glob("step_*")) + (["latest"] if (root / "latest").exists() else [])
     if found:
+        old_run = root.parent if root.name == "checkpoints" else root      # <run dir>/checkpoints by default
         raise ValueError(f"{root} already holds checkpoints of another run ({', '.join(found[-3:])}); nothing was "
-                         f"changed. Continue that run with --resume, or start a new one with a new --run-dir "
-                         f"(or --checkpoint.dir)")
+                         f"changed. Continue that run with --resume, start a new one with another --run-dir "
+                         f"(or --checkpoint.dir), or delete the old one: rm -r {old_run}")
 
 
 def verify(folder, allow=()):

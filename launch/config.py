@@ -27,7 +27,7 @@ from pathlib import Path
 __all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
            "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
            "merge", "check_config", "OPTIM_BOUNDS", "preset_config", "add_model_flags", "model_flags",
-           "preset_from_argv", "model_arch", "model_changes", "parse_model_args"]
+           "preset_from_argv", "model_arch", "model_changes", "parse_model_args", "add_section_flags", "config_errors"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
@@ -101,7 +101,7 @@ class RunConfig:
     wandb_project: str = ""           # "" = no wandb
     wandb_mode: str = "offline"       # "online" | "offline" | "disabled"
     sample_tokens: int = 48           # tokens generated after training (0 = none)
-    sample_prompt: str = "ROMEO."
+    sample_prompt: str = ""           # "" = the start of the first held-out document of the run's corpus
 
 
 @dataclass
@@ -259,18 +259,19 @@ def model_changes(cfg_model):
             if getattr(cfg_model.arch, f.name) != getattr(base, f.name)}
 
 
-def parse_model_args(parser, argv=None, default="linear-llama3-tiny", skip=()):
-    """parser.parse_args(argv) plus `--preset PRESET` and its family's --model.<field> flags (two stages: the preset
-    first). -> args with args.model = ModelConfig(preset, arch=typed config); parser.error (exit 2) for an unknown
-    preset or field or a value the config refuses."""
-    parser.add_argument("--preset", default=default, metavar="PRESET",
+def parse_model_args(parser, argv=None, default="linear-llama3-tiny", skip=(), flags=("--preset",)):
+    """parser.parse_args(argv) plus the preset flag (`flags`: "--preset", or pretrain's "--model" with "--preset" as
+    an alias) and its family's --model.<field> flags (two stages: the preset first). -> args with args.preset and
+    args.model = ModelConfig(preset, arch=typed config); parser.error (exit 2) for an unknown preset or field or a
+    value the config refuses."""
+    parser.add_argument(*flags, dest="preset", default=default, metavar="PRESET",
                         help=f"model preset (models.get_config; default {default}); its fields are the --model.* flags")
     try:
-        preset = preset_from_argv(argv, ("--preset",), default)
+        preset = preset_from_argv(argv, flags, default)
         add_model_flags(parser, preset, skip)
         args = parser.parse_args(argv)
         if args.preset != preset:                          # an abbreviation argparse took that the first stage did not
-            raise ValueError(f"write --preset {args.preset} in full (it chooses the --model.* flags)")
+            raise ValueError(f"write {flags[0]} {args.preset} in full (it chooses the --model.* flags)")
         args.model = ModelConfig(preset=preset, arch=model_arch(preset, model_flags(args)))
     except ValueError as e:
         parser.error(str(e))
@@ -289,7 +290,10 @@ def build_parser(preset=ModelConfig.preset):
                                 description="Pretrain a linear-attention / hybrid LLM (see docs/launch.md).")
     p.add_argument("--config", default=str(DEFAULT_CONFIG), help="TOML file (default: launch/configs/default.toml)")
     p.add_argument("--dry-run", action="store_true", default=False,
-                   help="check the environment, config and rank layout, print the mesh, start nothing")
+                   help="check the environment, config, corpus and rank layout, print every problem or the mesh, "
+                        "start nothing (under torchrun: for its world size)")
+    p.add_argument("--world-size", "--nproc", dest="world_size", type=int, default=None, metavar="N",
+                   help="with --dry-run outside torchrun: check the run for N ranks (default 1)")
     for flag, (dest, kwargs) in SHORTCUTS.items():
         p.add_argument(flag, dest=dest, **kwargs)
     for section, cls in _sections().items():
@@ -300,6 +304,20 @@ def build_parser(preset=ModelConfig.preset):
                                **_flag_kwargs(kind))
     add_model_flags(p, preset, skip=("vocab_size",))
     return p
+
+
+def add_section_flags(parser, section, names, aliases=None):
+    """pretrain's `--<section>.<name>` flags for the given fields of one section, typed and helped the same way
+    (dest "<section>.<name>", absent unless given), plus `aliases` {name: [older flags]}: another entry point that
+    takes some of pretrain's settings (evaluate's --data.*) uses the same names."""
+    cls, aliases = _sections()[section], aliases or {}
+    fields, helps = _plain_fields(cls), _field_help(cls)
+    group = parser.add_argument_group(f"{section} (the names pretrain takes)")
+    for name in names:
+        kind = typing.get_origin(fields[name].type) or fields[name].type
+        group.add_argument(f"--{section}.{name}", *aliases.get(name, ()), dest=f"{section}.{name}",
+                           default=argparse.SUPPRESS, help=helps.get(name), **_flag_kwargs(kind))
+    return group
 
 
 def _coerce(key, kind, value):
@@ -370,18 +388,22 @@ def _resolve_config_path(name):
 
 
 def parse_args(argv=None):
-    """-> (TrainConfig, dry_run). argparse exits with code 2 for unknown flags; ValueError for bad config."""
+    """-> (TrainConfig, dry_run): dry_run is False, or {"world_size": --world-size or None} for --dry-run.
+    argparse exits with code 2 for unknown flags; ValueError for bad config."""
     config_path = preset_from_argv(argv, ("--config",), str(DEFAULT_CONFIG))
     toml = load_toml(_resolve_config_path(config_path))
     section = toml.get("model") if isinstance(toml.get("model"), dict) else {}
     preset = preset_from_argv(argv, ("--model", "--model.preset"), section.get("preset", ModelConfig.preset),
                               refused=("--model.overrides", "--model.vocab_size"))
     args = vars(build_parser(preset).parse_args(argv))
-    config_path, dry_run = args.pop("config"), args.pop("dry_run")
+    config_path, dry_run, world_size = args.pop("config"), args.pop("dry_run"), args.pop("world_size")
+    if world_size is not None and not dry_run:
+        raise ValueError(f"--world-size {world_size} goes with --dry-run (a run's world size is torchrun's: "
+                         f"--nproc-per-node x nodes)")
     cfg = TrainConfig()
     merge(cfg, toml, config_path)
     merge(cfg, args, "the command line")
-    return cfg, dry_run
+    return cfg, dry_run and {"world_size": world_size}
 
 
 def _check_choice(key, value, choices):
@@ -390,16 +412,20 @@ def _check_choice(key, value, choices):
 
 
 def _check_positive(cfg):
+    """Every count at its minimum and run.peak_flops finite: one message naming each key that is not."""
+    bad = []
     for key, minimum in (("optim.max_steps", 1), ("optim.warmup_steps", 0), ("data.vocab_size", 16),
                          ("data.seq_len", 2), ("data.batch_size", 1), ("checkpoint.every", 0),
                          ("checkpoint.keep", 1), ("run.sample_tokens", 0), ("parallel.sp", 1),
                          ("parallel.tp", 1), ("parallel.ep", 1)):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < minimum:
-            raise ValueError(f"{key} must be >= {minimum}, got {getattr(getattr(cfg, section), name)}")
+            bad.append(f"{key} must be >= {minimum}, got {getattr(getattr(cfg, section), name)}")
     peak_flops = cfg.run.peak_flops
     if not (math.isfinite(peak_flops) and peak_flops >= 0):
-        raise ValueError(f"run.peak_flops must be a finite number >= 0, got {peak_flops}")
+        bad.append(f"run.peak_flops must be a finite number >= 0, got {peak_flops}")
+    if bad:
+        raise ValueError("; ".join(bad))
 
 
 # Bounds of the optimizer values (docs/launch.md), closed intervals. AdamW moves each weight by about
@@ -410,11 +436,12 @@ OPTIM_BOUNDS = {"lr": (0.0, 1.0), "min_lr": (0.0, 1.0), "weight_decay": (0.0, 1.
 
 
 def _check_optim(optim):
-    """Finite and within OPTIM_BOUNDS, with the key named."""
-    for name, (lo, hi) in OPTIM_BOUNDS.items():
-        value = getattr(optim, name)
-        if not (math.isfinite(value) and lo <= value <= hi):
-            raise ValueError(f"optim.{name} must be a finite number in [{lo:g}, {hi:g}], got {value}")
+    """Finite and within OPTIM_BOUNDS: one message naming each key that is not."""
+    bad = [f"optim.{name} must be a finite number in [{lo:g}, {hi:g}], got {getattr(optim, name)}"
+           for name, (lo, hi) in OPTIM_BOUNDS.items()
+           if not (math.isfinite(getattr(optim, name)) and lo <= getattr(optim, name) <= hi)]
+    if bad:
+        raise ValueError("; ".join(bad))
 
 
 def _meta_model(cfg):
@@ -471,22 +498,11 @@ def _check_mqar(cfg):
                          f"(got {cfg.run.sample_tokens})")
 
 
-def check_config(cfg, world_size):
-    """Everything that can be checked before any process-group work: ValueError naming the key."""
+def _check_mesh(cfg, world_size):
+    """Engines, world size against sp·tp·ep, seq_len against the layout: one message with the values."""
     from lasp.apply import resolve_engines
     from lasp.parallel.layout import local_positions
     from lasp.parallel.mesh import check_mesh_sizes
-
-    _check_positive(cfg)
-    _check_optim(cfg.optim)
-    if cfg.model.init_from:
-        _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
-    model_changes(cfg.model)             # the preset exists and arch is its family's (merge typed and checked it)
-    _check_choice("parallel.zero", cfg.parallel.zero, (0, 1, 2, 3))
-    _check_choice("run.dtype", cfg.run.dtype, ("auto", "fp32", "bf16"))
-    _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
-    if cfg.data.mqar:
-        _check_mqar(cfg)
     try:
         resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
         check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
@@ -495,9 +511,51 @@ def check_config(cfg, world_size):
         raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, parallel.tp={cfg.parallel.tp}, "
                          f"parallel.ep={cfg.parallel.ep}, world size {world_size}, data.seq_len={cfg.data.seq_len}, "
                          f"parallel.layout={cfg.parallel.layout!r})") from None
-    if cfg.parallel.tp > 1:
-        _check_tensor_parallel(cfg)
-    if cfg.parallel.ep > 1:
-        _check_expert_parallel(cfg)
+
+
+def _check_run_dir(cfg):
     if os.path.exists(cfg.run.dir) and not os.path.isdir(cfg.run.dir):
         raise ValueError(f"run.dir {cfg.run.dir!r} exists and is not a folder")
+
+
+def config_errors(cfg, world_size):
+    """Every problem of cfg for world_size ranks -> list of messages naming the key ([] = fine). The checks are
+    independent, except that those which build the model or the mesh run only when the values they read passed
+    (a bad sp is one problem, not also a crash of the layout check). --dry-run prints them all."""
+    errors = []
+
+    def passed(check, *args):
+        try:
+            check(*args)
+            return True
+        except ValueError as e:
+            errors.append(str(e))
+            return False
+    passed(_check_positive, cfg)
+    p, d = cfg.parallel, cfg.data
+    sizes = min(p.sp, p.tp, p.ep) >= 1 and d.seq_len >= 2          # what the mesh and data checks divide by
+    passed(_check_optim, cfg.optim)
+    if cfg.model.init_from:
+        passed(_check_init_from, cfg.model.init_from, cfg.data.vocab_size)
+    model = passed(model_changes, cfg.model)   # the preset exists and arch is its family's (merge typed it)
+    for key, choices in (("parallel.zero", (0, 1, 2, 3)), ("run.dtype", ("auto", "fp32", "bf16")),
+                         ("run.wandb_mode", ("online", "offline", "disabled"))):
+        passed(_check_choice, key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), choices)
+    if cfg.data.mqar and sizes and d.vocab_size >= 16:
+        passed(_check_mqar, cfg)
+    if sizes and passed(_check_mesh, cfg, world_size) and model:
+        if cfg.parallel.tp > 1:
+            passed(_check_tensor_parallel, cfg)
+        if cfg.parallel.ep > 1:
+            passed(_check_expert_parallel, cfg)
+    passed(_check_run_dir, cfg)
+    return errors
+
+
+def check_config(cfg, world_size):
+    """Everything that can be checked before any process-group work: ValueError naming the key (the first problem;
+    the message says how many more config_errors found)."""
+    errors = config_errors(cfg, world_size)
+    if errors:
+        more = f" (and {len(errors) - 1} more problem(s): --dry-run lists them all)" if len(errors) > 1 else ""
+        raise ValueError(errors[0] + more)

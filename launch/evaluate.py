@@ -1,17 +1,23 @@
-"""Held-out perplexity of a saved model: `python -m lasp.launch.evaluate MODEL.pt [--tokenizer T] [--data ...] [--json F]`.
+"""Held-out perplexity of a saved model: `python -m lasp.launch.evaluate MODEL.pt [--data.corpus ...] [--json F]`.
 
-    python -m lasp.launch.evaluate runs/x/model.pt                            # tokenizer.model beside it, Shakespeare
+    python -m lasp.launch.evaluate runs/x/model.pt                  # the run's own corpus, tokenizer and seq_len
+    python -m lasp.launch.evaluate runs/x/model.pt --data.corpus other.jsonl --data.seq_len 512
     torchrun --nproc-per-node 2 -m lasp.launch.evaluate runs/x/model.pt --sp 2 --json runs/x/eval.json
 
-MODEL.pt is a models.save_model file (<run dir>/model.pt). The corpus (--data, default the embedded one) is
-tokenized with the given tokenizer (default: <model folder>/tokenizer.model, which pretrain writes there) into the
-launch/data.py cache, and the held-out split (launch.data.split_bounds: the last 5% of the stream, which training
-never reads) is packed into --seq-len sequences and scored in order: mean cross-entropy over the masked labels,
-perplexity = exp(loss), next-token accuracy. Under torchrun the ranks form dp × sp (the training core's mesh,
-launch.trainer.setup_mesh): each sequence is split over the sp ranks of a group by --layout and the engines are set
-as in training (launch.engine.parallelize); dp groups take every dp-th batch; sums are all-reduced in float64, so
-every world prints the same numbers (to float32 rounding). Exit codes: 0 done, 2 bad input (not a model file, tokenizer vocabulary != model vocabulary, a split
-shorter than one sequence), printed once without a traceback.
+MODEL.pt is a models.save_model file (<run dir>/model.pt). What belongs to it comes from the model.json that
+pretrain writes beside it (launch/report.py): the run's corpus, text_key, seq_len and token cache, and its
+tokenizer (<run dir>/tokenizer.model). The flags take pretrain's names (--data.corpus, --data.text_key,
+--data.seq_len, --data.batch_size, --data.cache_dir; the older --data, --text-key, --seq-len, --batch-size,
+--cache-dir still work) and override the run's values: an explicit other corpus is scored with the model's
+tokenizer. Without a model.json (a file saved by itself) the defaults are the embedded corpus and seq_len 256, and
+the output says so. The corpus is tokenized into the launch/data.py cache, and its held-out split
+(launch.data.split_bounds: the last 5% of the stream, which training never reads) is packed into seq_len sequences
+and scored in order: mean cross-entropy over the masked labels, perplexity = exp(loss), next-token accuracy. Under
+torchrun the ranks form dp × sp (the training core's mesh, launch.trainer.setup_mesh): each sequence is split over
+the sp ranks of a group by --layout and the engines are set as in training (launch.engine.parallelize); dp groups
+take every dp-th batch; sums are all-reduced in float64, so every world prints the same numbers (to float32
+rounding). Exit codes: 0 done, 2 bad input (not a model file, tokenizer vocabulary != model vocabulary, a split
+shorter than one sequence, an unreadable model.json), one line printed once, no traceback.
 """
 import argparse
 import json
@@ -22,7 +28,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["sentencepiece_size", "score_batch", "evaluate_batches", "heldout_dataset", "parse_args", "evaluate", "main"]
+__all__ = ["sentencepiece_size", "score_batch", "evaluate_batches", "heldout_dataset", "parse_args", "settings",
+           "evaluate", "main"]
+
+# Without a model.json and without the flag (evaluation's own batch size is not the run's per-rank batch)
+DEFAULTS = {"corpus": [], "text_key": "text", "seq_len": 256, "batch_size": 8, "cache_dir": "~/.cache/lasp"}
 
 
 def score_batch(model, batch):
@@ -47,7 +57,7 @@ def evaluate_batches(model, batches, layout="contiguous", sp_rank=0, sp=1, devic
     total = comm.all_reduce(total)
     loss_sum, tokens, correct = total.tolist()
     if tokens == 0:
-        raise ValueError("evaluate: no labels to score (every loss_mask entry is False)")
+        raise ValueError("no labels to score (every loss_mask entry is False)")
     loss = loss_sum / tokens
     return {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "accuracy": correct / tokens,
             "tokens": int(tokens)}
@@ -57,24 +67,20 @@ def sentencepiece_size(tokenizer_file):
     """The number of pieces of a sentencepiece model file; ValueError naming the file otherwise."""
     import sentencepiece
     if not Path(tokenizer_file).is_file():
-        raise ValueError(f"evaluate: no tokenizer {tokenizer_file} (pass --tokenizer, the run's tokenizer.model)")
+        raise ValueError(f"no tokenizer {tokenizer_file} (pass --tokenizer, the run's tokenizer.model)")
     try:
         return sentencepiece.SentencePieceProcessor(model_file=str(tokenizer_file)).get_piece_size()
     except (OSError, RuntimeError) as e:
-        raise ValueError(f"evaluate: {tokenizer_file} is not a sentencepiece model ({e})") from None
+        raise ValueError(f"{tokenizer_file} is not a sentencepiece model ({e})") from None
 
 
 def _load_checked(model_file, tokenizer_file):
     """The model on CPU; ValueError naming files and numbers when it or the tokenizer does not fit."""
-    import zipfile
-    from lasp import models
-    if not Path(model_file).is_file() or not zipfile.is_zipfile(model_file):
-        raise ValueError(f"evaluate: {model_file} is not a model file (a models.save_model archive such as "
-                         f"<run dir>/model.pt)")
-    model = models.load_model(model_file)          # ValueError for an archive that holds no model
+    from lasp.launch.cli import load_model_file
+    model = load_model_file(model_file, "evaluate")   # ValueError for a file or archive that holds no model
     pieces = sentencepiece_size(tokenizer_file)
     if pieces != model.config.vocab_size:
-        raise ValueError(f"evaluate: tokenizer {tokenizer_file} has {pieces} pieces but model "
+        raise ValueError(f"tokenizer {tokenizer_file} has {pieces} pieces but model "
                          f"{model_file} has vocab_size {model.config.vocab_size}: pass the tokenizer.model of the "
                          f"run that wrote the model")
     return model
@@ -91,21 +97,44 @@ def heldout_dataset(corpus, text_key, tokenizer_file, seq_len, cache_dir):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(prog="python -m lasp.launch.evaluate", description=__doc__.splitlines()[0])
+    from lasp.launch.config import add_section_flags
+    p = argparse.ArgumentParser(prog="python -m lasp.launch.evaluate", description=__doc__.splitlines()[0],
+                                allow_abbrev=False)
     p.add_argument("model", help="a models.save_model file, e.g. <run dir>/model.pt")
-    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: tokenizer.model beside MODEL)")
-    p.add_argument("--data", nargs="*", default=[], metavar="PATH", help="corpus files/folders (default: embedded)")
-    p.add_argument("--text-key", default="text", help="the jsonl field holding a document")
-    p.add_argument("--seq-len", type=int, default=256, help="tokens per held-out sequence")
-    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward")
+    p.add_argument("--tokenizer", default=None, help="sentencepiece .model (default: the run's, beside MODEL)")
+    add_section_flags(p, "data", ("corpus", "text_key", "seq_len", "batch_size", "cache_dir"),
+                      aliases={"corpus": ["--data"], "text_key": ["--text-key"], "seq_len": ["--seq-len"],
+                               "batch_size": ["--batch-size"], "cache_dir": ["--cache-dir"]})
     p.add_argument("--max-sequences", type=int, default=0, help="score only the first N held-out sequences (0 = all)")
-    p.add_argument("--cache-dir", default="~/.cache/lasp", help="token cache (launch/data.py)")
     p.add_argument("--sp", type=int, default=1, help="sequence-parallel ranks per sequence (torchrun world / sp = dp)")
     p.add_argument("--layout", default="contiguous", help="contiguous | zigzag")
     p.add_argument("--linear", default="lasp2", help="linear-attention engine (lasp.LINEAR_ENGINES)")
     p.add_argument("--softmax", default="allgather", help="softmax-attention engine (lasp.SOFTMAX_ENGINES)")
     p.add_argument("--json", default=None, metavar="FILE", help="also write the result as JSON")
     return p.parse_args(argv)
+
+
+def settings(args):
+    """-> ({corpus, text_key, seq_len, batch_size, cache_dir, tokenizer}, {key: where it came from}): the flag, else
+    the run's model.json beside the model, else DEFAULTS. ValueError for a model of a synthetic-data run."""
+    from lasp.launch.report import MODEL_CARD, read_model_card
+    card = read_model_card(args.model)
+    run = card["data"] if card else {}
+    if run.get("mqar") and "data.corpus" not in vars(args):
+        raise ValueError(f"{args.model} was trained on synthetic MQAR sequences (data.mqar in its {MODEL_CARD}), "
+                         f"not text: score it with launch/mqar.py, or pass --data.corpus and --tokenizer")
+    out, source = {}, {}
+    for key, default in DEFAULTS.items():
+        if f"data.{key}" in vars(args):
+            out[key], source[key] = vars(args)[f"data.{key}"], "--data." + key
+        elif key in run and key != "batch_size":
+            out[key], source[key] = run[key], MODEL_CARD
+        else:
+            out[key], source[key] = default, "default" + (f" (no {MODEL_CARD} beside the model)" if not card else "")
+    beside = Path(args.model).resolve().parent / "tokenizer.model"
+    out["tokenizer"] = args.tokenizer or str(beside)
+    source["tokenizer"] = "--tokenizer" if args.tokenizer else "beside the model"
+    return out, source
 
 
 def _batches(dataset, n_sequences, batch_size, dp_rank, dp):
@@ -121,55 +150,53 @@ def evaluate(args):
     from lasp.launch.trainer import setup_mesh
     from lasp.parallel.mesh import check_mesh_sizes, dist_env
     from lasp.parallel.layout import local_positions
-    tokenizer_file = args.tokenizer or str(Path(args.model).resolve().parent / "tokenizer.model")
-    model = _load_checked(args.model, tokenizer_file)
+    data, source = settings(args)
+    model = _load_checked(args.model, data["tokenizer"])
     world = dist.get_world_size() if dist.is_initialized() else dist_env()[1]
     check_mesh_sizes(world, args.sp)
-    local_positions(args.seq_len, args.layout, 0, args.sp)           # seq_len fits the layout
-    dataset = heldout_dataset(args.data, args.text_key, tokenizer_file, args.seq_len, args.cache_dir)
+    local_positions(data["seq_len"], args.layout, 0, args.sp)           # seq_len fits the layout
+    dataset = heldout_dataset(data["corpus"], data["text_key"], data["tokenizer"], data["seq_len"], data["cache_dir"])
     n = min(dataset.n_sequences, args.max_sequences or dataset.n_sequences)
     mesh = setup_mesh(args.sp, 1)                                     # the training core's mesh and engines
     parallelize(model, ParallelConfig(sp=args.sp, layout=args.layout, linear=args.linear, softmax=args.softmax,
                                       activation_checkpointing=False), mesh)
     dp_rank, sp_rank = mesh.rank_in("dp"), mesh.rank_in("sp")
-    result = evaluate_batches(model, _batches(dataset, n, args.batch_size, dp_rank, mesh.dp), args.layout,
+    result = evaluate_batches(model, _batches(dataset, n, data["batch_size"], dp_rank, mesh.dp), args.layout,
                               sp_rank, args.sp)
     cfg = model.config
-    return {"model": str(args.model), "tokenizer": tokenizer_file, "family": model.family,
+    return {"model": str(args.model), "tokenizer": data["tokenizer"], "family": model.family,
             "pattern": getattr(cfg, "pattern", None), "vocab_size": cfg.vocab_size,
             "parameters": sum(p.numel() for p in model.parameters()), "split": "heldout",
-            "corpus": [str(p) for p in args.data] or ["embedded"], "heldout_tokens": len(dataset.tokens),
-            "seq_len": args.seq_len, "sequences": n, "world_size": world, "sp": args.sp, **result}
+            "corpus": [str(p) for p in data["corpus"]] or ["embedded"], "heldout_tokens": len(dataset.tokens),
+            "seq_len": data["seq_len"], "sequences": n, "world_size": world, "sp": args.sp, "settings_from": source,
+            **result}
 
 
 def _table(r):
+    src = r["settings_from"]
     return "\n".join([
         f"model      {r['model']} ({r['family']} {r['pattern'] or ''}, {r['parameters'] / 1e6:.2f}M parameters, "
         f"vocab {r['vocab_size']})",
+        f"corpus     {', '.join(r['corpus'])} (from {src['corpus']}); tokenizer {r['tokenizer']} "
+        f"({src['tokenizer']})",
         f"held-out   {r['heldout_tokens']} tokens (the last 5% of the stream), {r['sequences']} sequences of "
-        f"{r['seq_len']}; world {r['world_size']}, sp {r['sp']}",
+        f"{r['seq_len']} (from {src['seq_len']}); world {r['world_size']}, sp {r['sp']}",
         f"{'loss':>10} {'perplexity':>11} {'accuracy':>9} {'tokens':>8}",
         f"{r['loss']:10.5f} {r['perplexity']:11.3f} {r['accuracy']:9.4f} {r['tokens']:8d}"])
 
 
-def main(argv=None):
-    """Command-line entry: 0 done, 2 bad input (ValueError: printed by local rank 0, no traceback)."""
-    from lasp.parallel.mesh import dist_env
-    args = parse_args(argv)
-    rank, _, local_rank = dist_env()
-    if dist.is_initialized():                       # e.g. the test helper made the group
-        rank = local_rank = dist.get_rank()
-    try:
-        result = evaluate(args)
-    except ValueError as e:
-        if local_rank == 0:
-            print(f"evaluate: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    if rank == 0:
+def _report(args):
+    result = evaluate(args)
+    if (dist.get_rank() if dist.is_initialized() else 0) == 0:
         print(_table(result))
         if args.json:
             Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
-    return 0
+
+
+def main(argv=None):
+    """Command-line entry: 0 done, 2 bad input (one line by local rank 0, no traceback; launch/cli.py)."""
+    from lasp.launch.cli import run_entry
+    return run_entry("evaluate", parse_args, _report, argv)
 
 
 if __name__ == "__main__":

@@ -34,12 +34,12 @@ from lasp.launch.config import check_config, model_changes
 from lasp.launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
                          MQARDataset, shard_batch)
 from lasp.launch.engine import build_model, make_engine, parallelize
-from lasp.launch.report import Reporter, peak_flops
+from lasp.launch.report import Reporter, finish, peak_flops, write_model_card
 from lasp.parallel import comm
 from lasp.parallel.mesh import build_mesh, check_mesh_sizes, dist_env, init_mesh, mesh_groups
 
 __all__ = ["NonFiniteStep", "ReportedError", "Run", "setup_mesh", "build", "setup", "local_batch", "train_step",
-           "train", "model_label", "mesh_table", "dry_run"]
+           "train", "model_label", "mesh_table"]
 
 
 class NonFiniteStep(RuntimeError):
@@ -218,16 +218,6 @@ def setup_mesh(sp, tp, ep=1):
 def _autocast(device, dtype):
     use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-
-def _sample(run_dir, tokenizer, prompt, n_tokens):
-    """Rank 0, one process: reload model.pt and decode with the model's recurrent generation (top-k)."""
-    from lasp import models
-    from lasp.models.generation import generate
-    model = models.load_model(run_dir / "model.pt").eval()
-    ids = torch.tensor([tokenizer.encode(prompt)])
-    out = generate(model, ids, n_tokens, temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
-    return tokenizer.decode(out[0].tolist())
 
 
 @dataclass
@@ -425,16 +415,15 @@ def train(cfg, hook=None):
             if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
                 run.last_ckpt = _save(run.engine, run.root, step, _trainer_state(step, cfg, mesh, run.data_key),
                                       run.run_dir, run.rank, cfg.checkpoint.keep, run.device)
+                write_model_card(run, cfg, step)             # model.json beside model.pt (launch/report.py)
             if preempted:
                 reporter.write(f"SIGTERM: saved {run.last_ckpt} at step {step}; continue with --resume")
                 break
     finally:
         stop.restore()
         reporter.close(title=f"{run.label}, dp {mesh.dp} x sp {mesh.sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
-    sample = None
-    if run.rank == 0 and cfg.run.sample_tokens and not preempted and (run.run_dir / "model.pt").exists():
-        sample = _sample(run.run_dir, run.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens)
-        reporter.write(f"--- sample ---\n{sample}\n--------------")
+    # rank 0: sample, held-out loss, summary of steps, losses, tokens/s and outputs (launch/report.py)
+    sample = finish(cfg, run, losses, preempted, reporter.write) if run.rank == 0 else None
     return {"losses": losses, "grad_norms": grad_norms, "sample": sample,
             "last_checkpoint": str(run.last_ckpt) if run.last_ckpt else None}
 
@@ -461,27 +450,3 @@ def mesh_table(world, sp, local_world, tp=1, ep=1):
     if tp > local_world:
         lines.append(f"note: tp={tp} spans nodes ({local_world} ranks per node): TP all-reduces cross the network")
     return lines
-
-
-def dry_run(cfg):
-    """Check the environment, config, corpus and rank layout; print the mesh. ValueError on problems."""
-    rank, world, _, local_world = _process()
-    env = os.environ
-    missing = [v for v in ("MASTER_ADDR", "MASTER_PORT") if world > 1 and not env.get(v)]
-    if missing:
-        raise ValueError(f"world size {world} needs {' and '.join(missing)} in the environment "
-                         f"(torchrun sets them; launch/slurm/pretrain.sbatch exports them)")
-    if world % local_world:
-        raise ValueError(f"world size {world} is not a multiple of the ranks per node ({local_world})")
-    if torch.cuda.is_available() and local_world > torch.cuda.device_count():
-        raise ValueError(f"{local_world} ranks per node but {torch.cuda.device_count()} GPUs visible")
-    check_config(cfg, world)
-    files = corpus_files(cfg.data.corpus)
-    check_corpus(files, cfg.data.text_key)
-    if rank == 0:
-        where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
-        print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
-              f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
-        print("\n".join(mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp, cfg.parallel.ep)))
-        print("dry run OK")
-    return 0

@@ -8,16 +8,19 @@ Inputs are `models.save_model` files of the same dense Linear-Llama3 config with
 e.g. preset bam-seed-tiny; the experts are the seed continued on their own domains; files of the former "bam"
 family are read as such, models.serialization.upgrade_payload). FFN_i -> FFN expert i, attention_i -> attention expert i, embeddings,
 norms and other weights averaged, routers freshly drawn (models.bam.upcycle). Every check runs before anything is
-written, and the file is written atomically (temp file + os.replace). Exit codes: 0 done, 2 bad input.
+written, and the file is written atomically (temp file + os.replace). Exit codes: 0 done, 2 bad input (one line, no traceback).
 """
 import argparse
+import pickle
 import sys
+import zipfile
 from pathlib import Path
 
 
 import torch
 
 from lasp import models
+from lasp.launch.cli import run_entry
 from lasp.models.bam import upcycle
 from lasp.models.serialization import upgrade_payload
 
@@ -38,11 +41,14 @@ def parse_args(argv=None):
 
 
 def read_checkpoint(path, what):
-    """-> (config, state dict) of a models.save_model file; ValueError naming `what` and the path otherwise."""
+    """-> (config, state dict) of a models.save_model file; ValueError naming `what` and the path otherwise (a
+    missing file, a text file, a pickle that is more than tensors)."""
+    if not Path(path).is_file() or not zipfile.is_zipfile(path):
+        raise ValueError(f"{what} {path} is not a model file (a models.save_model archive such as <run dir>/model.pt)")
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError, EOFError) as e:
-        raise ValueError(f"{what} {path}: cannot read it ({e})") from None
+    except (OSError, RuntimeError, EOFError, KeyError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{what} {path}: cannot read it ({str(e).splitlines()[0][:200]})") from None
     if not isinstance(payload, dict) or not {"model_config", "model"} <= set(payload):
         raise ValueError(f"{what} {path} is not a model checkpoint: expected keys 'model_config' and 'model'")
     try:
@@ -74,20 +80,19 @@ def upcycle_files(seed, experts, out, *, attention="experts", top_k=1, router_se
     return model
 
 
-def main(argv=None):
-    args = parse_args(argv)
+def _upcycle(args):
     attention = "kv-sharing" if args.kv_sharing else "average" if args.btx else "experts"
-    try:
-        model = upcycle_files(args.seed, args.experts, args.out, attention=attention, top_k=args.top_k,
-                              router_seed=args.router_seed)
-    except ValueError as e:
-        print(f"upcycle: error: {e}", file=sys.stderr)
-        return 2
+    model = upcycle_files(args.seed, args.experts, args.out, attention=attention, top_k=args.top_k,
+                          router_seed=args.router_seed)
     cfg = model.config
     print(f"upcycle: wrote {args.out}: {len(args.experts)} experts, attention {attention} "
           f"({cfg.n_attn_experts} attention experts), top-{cfg.top_k} FFN routing, "
           f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
-    return 0
+
+
+def main(argv=None):
+    """Command-line entry: 0 done, 2 bad input (one line, no traceback; launch/cli.py)."""
+    return run_entry("upcycle", parse_args, _upcycle, argv)
 
 
 if __name__ == "__main__":

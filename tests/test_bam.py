@@ -394,7 +394,8 @@ def test_former_bam_family_files_load_as_linear_llama(name):
     expected = torch.load(os.path.join(data, "bam-family-logits.pt"), weights_only=True)[name]
     with torch.no_grad():
         logits = model.logits(model(expected["tokens"], torch.arange(expected["tokens"].shape[1])))
-    assert rel_err(logits, expected["logits"]) < 1e-12
+    assert rel_err(logits, expected["logits"]) < 1e-13     # not bitwise (other CPUs round float64 sums apart);
+    # 1e-13 as tests/test_models.py's FIXTURE_RTOL: one weight moved by 1e-9 moves these logits by >= 4.5e-13
 
 
 def test_upcycle_command_reads_former_bam_family_seeds(tmp_path):

@@ -468,22 +468,23 @@ def test_save_and_load_round_trip(tmp_path):
 def test_generate_command_line(tmp_path, capsys):
     from lasp.launch.generate import main
     models.save_model(tmp_path / "model.pt", _models()["hybrid"].float())
-    text = main([str(tmp_path), "--prompt", "1, 2, 3", "--max-new-tokens", "4", "--temperature", "0"])
-    ids = [int(t) for t in text.split()]
-    assert ids[:3] == [1, 2, 3] and len(ids) == 7 and capsys.readouterr().out.strip() == text
-    with pytest.raises(ValueError, match=r"\[0, 101\)"):
-        main([str(tmp_path / "model.pt"), "--prompt", "5 500"])
+    assert main([str(tmp_path), "--prompt", "1, 2, 3", "--max-new-tokens", "4", "--temperature", "0"]) == 0
+    ids = [int(t) for t in capsys.readouterr().out.split()]
+    assert ids[:3] == [1, 2, 3] and len(ids) == 7
+    assert main([str(tmp_path / "model.pt"), "--prompt", "5 500"]) == 2       # one line, no traceback
+    err = capsys.readouterr().err
+    assert re.search(r"^generate: error: .*\[0, 101\)", err, re.M) and "Traceback" not in err
 
 
 def test_generate_with_a_sentencepiece_tokenizer(tmp_path):
     import sentencepiece
-    from lasp.launch.generate import main
     lines = ["to be or not to be that is the question whether tis nobler in the mind to suffer"] * 20
     sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_prefix=str(tmp_path / "sp"),
                                              vocab_size=40, model_type="bpe", minloglevel=2)
     models.save_model(tmp_path / "model.pt", _models()["tnl"])         # vocab 101 covers the 40 pieces
-    text = main([str(tmp_path / "model.pt"), "--tokenizer", str(tmp_path / "sp.model"), "--prompt", "to be",
-                 "--max-new-tokens", "5", "--top-k", "5"])
+    from lasp.launch.generate import generate_text, parse_args
+    text = generate_text(parse_args([str(tmp_path / "model.pt"), "--tokenizer", str(tmp_path / "sp.model"),
+                                     "--prompt", "to be", "--max-new-tokens", "5", "--top-k", "5"]))
     assert isinstance(text, str) and text.startswith("to be")
 
 
@@ -573,11 +574,24 @@ def test_single_process_softmax_layers_allocate_no_t_by_t_tensor():
     assert probe.largest < Tn * Tn // 4, probe.largest
 
 
+# Fixture files are compared within a tolerance, not bitwise: float64 sums may round differently on another CPU
+# (AVX-512 vs AVX2 kernels: one ulp, 1e-16 relative, seen in issue 24). 1e-13 still catches any single weight moved
+# by 1e-9 (measured over every tensor's first entry: the least sensitive, gated's forget_proj, moves the logits by
+# 5.4e-13 norm-wise; hybrid's layers.3 q_proj by 1.0e-12). The test moves those weights and sees the failure.
+FIXTURE_RTOL = 1e-13
+
+
+def _linear_llama_fixture_logits(model, tokens):
+    with torch.no_grad():
+        hidden = model(tokens, torch.arange(tokens.shape[1]))
+        return model.logits(hidden), model.loss(hidden, tokens.roll(-1, 1))[0]
+
+
 @pytest.mark.parametrize("name", ["hybrid", "gated"])
 def test_linear_llama_is_unchanged_by_the_bam_fields(name):
     """Linear-Llama3 built from seed 0 under the BAM fields' defaults: the same state-dict names, initial weights
-    and float64 logits and loss as the code before BAM became a configuration (tests/data, commit 0d666d7)."""
-    import os
+    and float64 logits and loss as the code before BAM became a configuration (tests/data, commit 0d666d7), to
+    FIXTURE_RTOL; and one weight moved by 1e-9 is caught (the tolerance still sees a real change)."""
     expected = torch.load(os.path.join(os.path.dirname(__file__), "data", "linear-llama-logits.pt"),
                           weights_only=True)[name]
     cfg = LinearLlamaConfig(vocab_size=64, dim=32, n_layers=4 if name == "hybrid" else 2, n_heads=4, n_kv_heads=2,
@@ -585,9 +599,12 @@ def test_linear_llama_is_unchanged_by_the_bam_fields(name):
                             linear_decay="lightning" if name == "hybrid" else "gated", loss_chunk_tokens=16)
     torch.manual_seed(0)
     model = models.build_model(cfg).double()
-    tokens = expected["tokens"]
-    with torch.no_grad():
-        hidden = model(tokens, torch.arange(tokens.shape[1]))
-        loss = model.loss(hidden, tokens.roll(-1, 1))[0]
+    logits, loss = _linear_llama_fixture_logits(model, expected["tokens"])
     assert sorted(model.state_dict()) == expected["state_keys"]
-    assert torch.equal(model.logits(hidden), expected["logits"]) and torch.equal(loss, expected["loss"])
+    assert rel_err(logits, expected["logits"]) < FIXTURE_RTOL, rel_err(logits, expected["logits"])
+    assert abs(loss.item() - expected["loss"].item()) < FIXTURE_RTOL * abs(expected["loss"].item())
+    with torch.no_grad():                      # the least sensitive weight of each (see FIXTURE_RTOL)
+        mixer = model.layers[3].mixer if name == "hybrid" else model.layers[0].mixer
+        (mixer.q_proj.weight if name == "hybrid" else mixer.forget_proj.weight)[0, 0] += 1e-9
+    moved, _ = _linear_llama_fixture_logits(model, expected["tokens"])
+    assert rel_err(moved, expected["logits"]) >= FIXTURE_RTOL, rel_err(moved, expected["logits"])

@@ -71,10 +71,34 @@ def test_command_line_model_fields(capsys):
     for bad, word in (("--model.n_layerz=2", "unrecognized arguments: --model.n_layerz"),
                       ("--model.n_heads=3", "model.n_heads=3 .*must divide dim"),
                       ("--model.dim=x", "--model.dim: invalid int value: 'x'"),
-                      ("--pres=tnl-tiny", "write --preset tnl-tiny in full")):      # the first stage saw no preset
+                      ("--pres=tnl-tiny", "write --model tnl-tiny in full")):      # the first stage saw no preset
         with pytest.raises(SystemExit) as e:
             main(["--preset", "linear-llama3-tiny", "--seq-len", "4096", bad])
         assert e.value.code == 2 and re.search(word, capsys.readouterr().err), bad
+
+
+def test_says_whether_the_plan_fits_and_which_knobs_would_make_it(capsys):
+    """pretrain's --model flag (--preset an alias), --gpu-mem-gib: a plan just above the GPU is refused with the
+    smallest changes of sp / zero / checkpointing that fit, each of which fits when planned again; just below, it
+    fits and nothing is suggested."""
+    from lasp.launch.plan_memory import GiB, RUNTIME_GIB, estimate, main, parse_args
+    base = ["--model", "linear-llama3-tiny", "--seq-len", "262144", "--no-checkpoint"]
+    need = estimate(parse_args(base))["total"] / GiB + RUNTIME_GIB
+    main([*base, "--gpu-mem-gib", f"{need - 0.01}", "--json"])
+    est = json.loads(capsys.readouterr().out)
+    ways = {tuple(w["changed"]): w for w in est["ways_to_fit"]}
+    assert est["fits"] is False and set(ways) == {("checkpointing",), ("sp",)}, ways   # either alone suffices
+    assert ways["sp",]["sp"] == 2 and ways["sp",]["world"] == 2 and ways["checkpointing",]["checkpointing"]
+    for w in ways.values():
+        again = parse_args([*base, "--sp", str(w["sp"]), "--zero", str(w["zero"]),
+                            "--checkpoint" if w["checkpointing"] else "--no-checkpoint"])
+        assert estimate(again)["total"] / GiB + RUNTIME_GIB <= need - 0.01
+    main(["--preset", *base[1:], "--gpu-mem-gib", f"{need + 0.01}"])            # the alias; text output
+    out = capsys.readouterr().out
+    assert "  fits a " in out and "does NOT" not in out and "would fit" not in out
+    main([*base, "--gpu-mem-gib", f"{need - 0.01}"])
+    out = capsys.readouterr().out
+    assert "does NOT fit" in out and "would fit with --checkpoint" in out and "would fit with --sp 2 (world 2)" in out
 
 
 def _measured_step_peak(seq_len, pattern):
