@@ -24,10 +24,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lasp.models.serialization import check_fields, check_memory
+
 __all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
            "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
            "merge", "check_config", "OPTIM_BOUNDS", "preset_config", "add_model_flags", "model_flags",
-           "preset_from_argv", "model_arch", "model_changes", "parse_model_args"]
+           "preset_from_argv", "model_arch", "model_changes", "parse_model_args", "RESUME_CHANGES", "run_model_config",
+           "estimate_memory"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
@@ -89,6 +92,7 @@ class CheckpointConfig:
     keep: int = 2                     # newest checkpoints kept
     resume: bool = False              # continue from the newest checkpoint in dir (a fresh start if none)
     dir: str = ""                     # "" = <run.dir>/checkpoints
+    allow_changes: list = field(default_factory=list)  # keys a --resume may change: model.<field>, data.seq_len, ...
 
 
 @dataclass
@@ -242,6 +246,10 @@ def model_arch(preset, changes, source="the command line", base=None):
                          f"{type(base).__name__} has {sorted(kinds)}")
     typed = {name: _coerce(f"model.{name}", kinds[name], value) for name, value in changes.items()}
     try:
+        check_fields(type(base), {**dataclasses.asdict(base), **typed})    # the rules of every model field
+    except ValueError as e:
+        raise ValueError(f"model.{e} ({source})") from None
+    try:
         return dataclasses.replace(base, **typed)
     except (TypeError, ValueError) as e:
         values = ", ".join(f"model.{k}={v!r}" for k, v in typed.items())
@@ -389,6 +397,22 @@ def _check_choice(key, value, choices):
         raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
+# What --checkpoint.allow_changes may name: a resume refuses a change of these unless named there (the model's
+# fields as model.<field>); the ZeRO stage and, under ZeRO, the world size cannot change at all.
+RESUME_CHANGES = ("data.corpus", "data.seq_len", "data.batch_size", "parallel.dp", "optim.lr", "optim.min_lr",
+                  "optim.warmup_steps")
+
+
+def _check_allow_changes(cfg):
+    fields = {f.name for f in dataclasses.fields(cfg.model.arch)}
+    bad = [k for k in cfg.checkpoint.allow_changes
+           if k not in RESUME_CHANGES and not (k.startswith("model.") and k[6:] in fields)]
+    if bad:
+        raise ValueError(f"checkpoint.allow_changes: {bad} cannot be allowed; it takes keys of {list(RESUME_CHANGES)} "
+                         f"and model.<field> ({type(cfg.model.arch).__name__} fields); optim.max_steps needs no "
+                         f"permission (the schedule continues smoothly, docs/launch.md)")
+
+
 def _check_positive(cfg):
     for key, minimum in (("optim.max_steps", 1), ("optim.warmup_steps", 0), ("data.vocab_size", 16),
                          ("data.seq_len", 2), ("data.batch_size", 1), ("checkpoint.every", 0),
@@ -448,7 +472,7 @@ def _check_expert_parallel(cfg):
 
 
 def _check_init_from(path, vocab_size):
-    """A models.save_model file (its config read without its weights) with the tokenizer's vocabulary."""
+    """A models.save_model file (its config read without its weights) with the tokenizer's vocabulary -> config."""
     from lasp.models.serialization import load_model_config
     if not Path(path).is_file():
         raise ValueError(f"model.init_from: no such file {path!r} (a models.save_model file)")
@@ -460,6 +484,48 @@ def _check_init_from(path, vocab_size):
         raise ValueError(f"model.init_from: {path} has vocabulary {found.vocab_size}, data.vocab_size is "
                          f"{vocab_size}: train with --data.vocab_size {found.vocab_size} on the corpus it was "
                          f"trained on")
+    return found
+
+
+def run_model_config(cfg):
+    """The config of the model the run trains: model.init_from's (read without its weights) or the preset's fields
+    with data.vocab_size."""
+    from lasp.launch.engine import model_config
+    if cfg.model.init_from:
+        return _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
+    return model_config(cfg.model, cfg.data.vocab_size)
+
+
+def estimate_memory(cfg, arch, world_size, cuda=False):
+    """The memory planner's estimate of one rank's peak (parallel.memory.plan: weights, gradients, AdamW, buffers,
+    activations) for this run, in bytes. plan is affine in n_layers (blocks of one pattern period repeat), so it
+    runs on one and two periods and the rest is extrapolated: no meta model of all layers is built."""
+    from lasp.parallel.memory import plan
+    p, d = cfg.parallel, cfg.data
+    dtype = "bf16" if cfg.run.dtype == "bf16" or (cfg.run.dtype == "auto" and cuda) else "fp32"
+
+    def total(n_layers):
+        return plan(dataclasses.replace(arch, n_layers=n_layers), d.seq_len, sp=p.sp, dp=world_size // (p.sp * p.tp),
+                    tp=p.tp, zero=p.zero, checkpointing=p.activation_checkpointing, batch=d.batch_size, dtype=dtype,
+                    linear=p.linear, softmax=p.softmax, kernel="triton" if cuda else "torch", layout=p.layout)["total"]
+    period = len(getattr(arch, "pattern", "")) or 1
+    if arch.n_layers <= 2 * period:
+        return total(arch.n_layers)
+    one, two = total(period), total(2 * period)
+    return one + (two - one) * (arch.n_layers - period) / period
+
+
+def _check_memory(cfg, arch, world_size, ranks_here):
+    """The estimate against the memory one rank can have (models.serialization.memory_budget: the GPU's, or this
+    machine's shared by its ranks and the process limits): ValueError naming the keys that size it."""
+    import torch
+    cuda = torch.cuda.is_available()
+    need = estimate_memory(cfg, arch, world_size, cuda)
+    d, m = cfg.data, arch
+    check_memory(need, f"this run (data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, data.vocab_size="
+                       f"{m.vocab_size}, model.dim={m.dim}, model.n_layers={m.n_layers}; parallel.sp={cfg.parallel.sp}, "
+                       f"tp={cfg.parallel.tp}, zero={cfg.parallel.zero}; the estimate of parallel/memory.py per rank)",
+                 ranks_here, torch.device("cuda") if cuda else None)
 
 
 def _check_mqar(cfg):
@@ -471,30 +537,42 @@ def _check_mqar(cfg):
                          f"(got {cfg.run.sample_tokens})")
 
 
-def check_config(cfg, world_size):
-    """Everything that can be checked before any process-group work: ValueError naming the key."""
+def check_config(cfg, world_size, ranks_here=None):
+    """Everything that can be checked before any process-group work: ValueError naming the key. ranks_here: the
+    ranks sharing this machine's memory (default world_size)."""
     from lasp.apply import resolve_engines
     from lasp.parallel.layout import local_positions
     from lasp.parallel.mesh import check_mesh_sizes
 
     _check_positive(cfg)
     _check_optim(cfg.optim)
-    if cfg.model.init_from:
-        _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
     model_changes(cfg.model)             # the preset exists and arch is its family's (merge typed and checked it)
+    try:
+        check_fields(type(cfg.model.arch), dataclasses.asdict(cfg.model.arch))
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
+    arch = run_model_config(cfg)
+    _check_allow_changes(cfg)
     _check_choice("parallel.zero", cfg.parallel.zero, (0, 1, 2, 3))
     _check_choice("run.dtype", cfg.run.dtype, ("auto", "fp32", "bf16"))
     _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
     if cfg.data.mqar:
         _check_mqar(cfg)
+    p = cfg.parallel
+    where = (f"parallel.sp={p.sp}, parallel.tp={p.tp}, parallel.ep={p.ep}, world size {world_size}, "
+             f"data.seq_len={cfg.data.seq_len}, parallel.layout={p.layout!r}")
     try:
-        resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
-        check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
-        local_positions(cfg.data.seq_len, cfg.parallel.layout, 0, cfg.parallel.sp)
+        resolve_engines(p.linear, p.softmax, p.layout)
+        check_mesh_sizes(world_size, p.sp, p.tp, p.ep)
+        if cfg.data.seq_len % p.sp:
+            raise ValueError(f"data.seq_len {cfg.data.seq_len} is not divisible by sp={p.sp}")
     except ValueError as e:
-        raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, parallel.tp={cfg.parallel.tp}, "
-                         f"parallel.ep={cfg.parallel.ep}, world size {world_size}, data.seq_len={cfg.data.seq_len}, "
-                         f"parallel.layout={cfg.parallel.layout!r})") from None
+        raise ValueError(f"parallel/data: {e} ({where})") from None
+    _check_memory(cfg, arch, world_size, ranks_here or world_size)     # before anything of that size exists
+    try:
+        local_positions(cfg.data.seq_len, p.layout, 0, p.sp)
+    except ValueError as e:
+        raise ValueError(f"parallel/data: {e} ({where})") from None
     if cfg.parallel.tp > 1:
         _check_tensor_parallel(cfg)
     if cfg.parallel.ep > 1:
