@@ -174,7 +174,7 @@ def read_json(path, limit=JSON_LIMIT):
 def write_failure(path, e, where=None, hint="free space or choose another folder"):
     """The ValueError for a failed write: the path, what failed (ENOSPC reads as 'basic_ios::clear' from torch) and
     the free space of the file system holding it (`where`, default the path's nearest existing folder)."""
-    where = Path(where or path)
+    where = Path(where) if where else Path(path).parent
     while not where.exists() and where != where.parent:
         where = where.parent
     free = shutil.disk_usage(where).free / 2**30
@@ -376,9 +376,9 @@ def _check_field(where, name, value, kind, low=None):
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
     ok = ok and (kind is not float or math.isfinite(value)) and (low is None or value >= low)
     if not ok:
-        raise ValueError(f"{where}: {name} must be {'a finite ' if kind is float else 'a'} {kind.__name__}"
-                         f"{f' >= {low}' if low is not None else ''}, got {str(value)[:100]!r}; refusing to resume "
-                         f"from it")
+        what = {int: "an int", float: "a finite float"}.get(kind, f"a {kind.__name__}")
+        raise ValueError(f"{where}: {name} must be {what}{f' >= {low}' if low is not None else ''}, got "
+                         f"{str(value)[:100]!r}; refusing to resume from it")
 
 
 def read_trainer_state(folder):

@@ -191,7 +191,7 @@ def check_weights(found, expected, source):
         def show(d):
             return {k: (tuple(d[k].shape), str(d[k].dtype).replace("torch.", "")) if k in d else None
                     for k in bad[:5]}
-        raise ValueError(f"{source}: weights do not fit its model_config ({len(bad)} entries); expected "
+        raise ValueError(f"{source}: weights do not fit the model config ({len(bad)} entries differ); expected "
                          f"{show(expected)}, found {show(found)}")
 
 
@@ -248,9 +248,8 @@ def check_memory(need, what, ranks_here=1, device=None):
 
 
 def read_payload(path, mmap=False):
-    """The {"model_config", "model"} dict of a save_model file, read weights-only (mmap: no tensor bytes read), every
-    tensor holding the bytes its shape declares (check_storage). ValueError naming the file when it cannot be read or
-    lacks either key (e.g. a training checkpoint's optim.pt)."""
+    """The {"model_config", "model"} dict of a save_model file, read weights-only (mmap: no tensor bytes read).
+    ValueError naming the file when it cannot be read or lacks either key (e.g. a training checkpoint's optim.pt)."""
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except (OSError, RuntimeError, EOFError) as e:
@@ -262,7 +261,6 @@ def read_payload(path, mmap=False):
         found = sorted(payload)[:6] if isinstance(payload, dict) else type(payload).__name__
         raise ValueError(f"{path} is not a model checkpoint: expected keys 'model_config' and 'model', found "
                          f"{found} (a models.save_model file such as <run dir>/model.pt)")
-    check_storage(payload["model"], path)
     if not isinstance(payload["model_config"], dict):
         raise ValueError(f"{path}: model_config must be a dict of fields, got {type(payload['model_config']).__name__}")
     try:
@@ -300,6 +298,7 @@ def load_model(path, *, config=None, device=None):
     n_params = parameter_count(found)
     check_memory(4 * n_params, f"the model of {path} ({n_params} fp32 parameters)",
                  device=device if device is not None and torch.device(device).type == "cuda" else None)
+    check_storage(payload["model"], path)
     model = build_model(found, device="meta")
     check_weights(payload["model"], model.state_dict(), f"checkpoint {path}")
     model.to_empty(device=device or "cpu")
