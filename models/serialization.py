@@ -56,7 +56,10 @@ FIELD_RULES = {
 
 
 def _typed(name, kind, value):
-    """value checked against the annotated type (an int is a float too; a bool is not an int) and FIELD_RULES."""
+    """value checked against the annotated type (an int is a float too; a bool is not an int) and FIELD_RULES.
+    An annotation that is not a plain class (Optional[...], a Union) is left to the dataclass."""
+    if not isinstance(kind, type):
+        return value
     if kind is float and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
