@@ -13,8 +13,10 @@ Each step: forward on the local shard, the loss sum normalised by the token coun
 (launch/engine.py explains the gradient scaling), backward (the engine averages gradients), clip, AdamW, the one
 warm-up + cosine schedule (launch.engine.lr_at). Checkpoints every `checkpoint.every` steps, at the end and on
 SIGTERM (launch/checkpoint.py), never after a step with a NaN/inf loss, gradient norm or weight; a resumed run
-continues bit for bit (docs/launch.md says under which conditions). It lives in the package `launch` (imported as
-`launch.trainer`), not in a script: scripts parse arguments and call it; tests import it.
+continues bit for bit (docs/launch.md says under which conditions). Before anything is written rank 0 takes the run
+folder's lock (launch.checkpoint.lock_run), so a second job in the same folder stops on every rank with one message;
+a resume checks the checkpoint's records against the run (launch/resume.py). It lives in the package `launch`
+(imported as `launch.trainer`), not in a script: scripts parse arguments and call it; tests import it.
 """
 import dataclasses
 import math
