@@ -519,8 +519,17 @@ def _check_memory(cfg, arch, world_size, ranks_here):
     """The estimate against the memory one rank can have (models.serialization.memory_budget: the GPU's, or this
     machine's shared by its ranks and the process limits): ValueError naming the keys that size it."""
     import torch
+    from lasp.models.serialization import parameter_count
     cuda = torch.cuda.is_available()
-    need = estimate_memory(cfg, arch, world_size, cuda)
+    try:
+        need = estimate_memory(cfg, arch, world_size, cuda)
+    except (KeyError, AssertionError, AttributeError, NotImplementedError) as e:
+        # a model the planner does not model yet (a new family's block kind): its weights, gradients and AdamW
+        # moments alone (16 bytes a parameter), a lower bound that still stops sizes no machine holds
+        need = 16 * parameter_count(arch) / cfg.parallel.tp
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: the memory planner cannot estimate this model ({e!r}); checked its weights and optimizer "
+                  f"state alone", file=sys.stderr)
     d, m = cfg.data, arch
     check_memory(need, f"this run (data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, data.vocab_size="
                        f"{m.vocab_size}, model.dim={m.dim}, model.n_layers={m.n_layers}; parallel.sp={cfg.parallel.sp}, "

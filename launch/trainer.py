@@ -284,11 +284,11 @@ def setup(cfg):
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
-    notes = _own_folders(cfg, run_dir, root, rank, device)
     try:
+        notes = _own_folders(cfg, run_dir, root, rank, device)
         run = _setup_owned(cfg, files, mesh, rank, device, run_dir, root)
     except BaseException:
-        _release(run_dir, root)
+        _release(run_dir, root)                  # only what this process holds
         raise
     run.notes = notes + run.notes
     return run
