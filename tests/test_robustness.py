@@ -93,6 +93,7 @@ def test_a_second_job_in_a_live_run_folder_stops_naming_the_holder(tmp_path, cac
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         _wait_for_lock(run_dir / ckpt.LOCK, job_a.pid)
+        job_a.send_signal(signal.SIGSTOP)                             # holds the lock, costs no CPU meanwhile
         capfd.readouterr()
         assert run_ranks(2, _main_on_rank, _argv(run_dir, cache_dir, "--max-steps", "2")) == [2, 2]
         assert pretrain.main(_argv(run_dir, cache_dir, "--max-steps", "2", "--resume")) == 2
@@ -100,7 +101,7 @@ def test_a_second_job_in_a_live_run_folder_stops_naming_the_holder(tmp_path, cac
         assert err.count("pretrain: error") == 2 and "Traceback" not in err
         assert err.count(f"is in use by another job (host {os.uname().nodename}, pid {job_a.pid}") == 2
         assert not (run_dir / "checkpoints").exists() or not list((run_dir / "checkpoints").iterdir())
-        assert job_a.poll() is None                                   # A runs on
+        assert job_a.poll() is None                                   # A lives on
     finally:
         job_a.send_signal(signal.SIGKILL)
         job_a.wait()
