@@ -49,8 +49,8 @@ import torch
 from lasp.models.serialization import check_storage
 
 __all__ = ["MANIFEST", "LOCK", "step_dir", "lock_run", "unlock_run", "save", "latest", "check_fresh", "verify",
-           "verify_manifest", "verify_tensors", "read_trainer_state", "load_tensors", "rng_state", "set_rng_state", "write_json",
-           "read_json", "write_failure"]
+           "verify_manifest", "verify_tensors", "read_trainer_state", "load_tensors", "rng_state", "set_rng_state",
+           "write_json", "read_json", "write_failure"]
 
 MANIFEST = "manifest.json"
 LOCK = "run.lock"

@@ -532,7 +532,8 @@ def _check_memory(cfg, arch, world_size, ranks_here):
                   f"state alone", file=sys.stderr)
     d, m = cfg.data, arch
     check_memory(need, f"this run (data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, data.vocab_size="
-                       f"{m.vocab_size}, model.dim={m.dim}, model.n_layers={m.n_layers}; parallel.sp={cfg.parallel.sp}, "
+                       f"{m.vocab_size}, model.dim={m.dim}, model.n_layers={m.n_layers}; parallel.sp="
+                       f"{cfg.parallel.sp}, "
                        f"tp={cfg.parallel.tp}, zero={cfg.parallel.zero}; the estimate of parallel/memory.py per rank)",
                  ranks_here, torch.device("cuda") if cuda else None)
 

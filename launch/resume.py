@@ -76,7 +76,8 @@ def check_compatible(saved, now, folder, allow=()):
         raise ValueError(f"checkpoint {folder} does not fit this run: {text} ({hint})")
     if "model" not in saved or "data" not in saved:
         return [f"note: {folder} predates the model and data records in trainer.json: the model config, "
-                f"data.seq_len and data.batch_size could not be compared with this run's"]
+                f"data.seq_len and data.batch_size could not be compared with this run's, and the LR follows this "
+                f"run's optim fields"]
     return []
 
 
@@ -88,9 +89,9 @@ def continue_schedule(saved, optim):
     old, step = saved.get("schedule"), saved["step"]
     now = schedule_record(optim)
     if old is None:
-        return now, "note: the checkpoint has no schedule record; the LR follows this run's optim fields"
+        return now, None                        # an old checkpoint: check_compatible's note says so
     if any(old[k] != now[k] for k in ("lr", "min_lr", "warmup_steps")):
-        return now, f"note: the schedule's fields changed (allowed): the LR follows the new schedule from step {step + 1}"
+        return now, f"note: the schedule's fields changed (allowed): the LR follows the new one from step {step + 1}"
     if old["max_steps"] == now["max_steps"]:
         return {**now, "restart": old.get("restart")}, None
     if step < optim.warmup_steps:

@@ -115,8 +115,8 @@ def _prepare_data(cfg_data, files, rank, device):
 def _resume(run):
     """Load the newest checkpoint under run.root -> (the next step, the folder), (1, None) if there is none.
 
-    Rank 0 verifies the folder (resume.verify) before any rank reads it; every rank's reads are weights-only as well, and
-    the ranks agree on success twice (after the check, after the reads), so a bad file gives one clear error
+    Rank 0 verifies the folder (resume.verify) before any rank reads it; every rank's reads are weights-only as well,
+    and the ranks agree on success twice (after the check, after the reads), so a bad file gives one clear error
     instead of a hang or code run by a crafted pickle. Notes (an old checkpoint, a continued schedule) go to
     run.notes for the log."""
     folder, error, device = None, None, run.device
@@ -258,7 +258,7 @@ class Run:
     dataset: object = None      # PackedDataset or MQARDataset: batch(index, dp_rank, dp, batch_size)
     start: int = 1              # first step to run (1-based)
     last_ckpt: Path = None
-    schedule: dict = None       # the LR schedule trainer.json records (resume.schedule_record; a resume may continue another)
+    schedule: dict = None       # the LR schedule trainer.json records (resume.schedule_record)
     notes: list = field(default_factory=list)   # lines for the log (rank 0): an old checkpoint, a continued schedule
 
 

@@ -22,7 +22,8 @@ import typing
 import torch
 
 __all__ = ["FIELD_RULES", "check_fields", "check_config", "config_to_dict", "config_from_dict", "save_model",
-           "upgrade_payload", "check_storage", "check_weights", "memory_budget", "parameter_count", "check_memory", "read_payload",
+           "upgrade_payload", "check_storage", "check_weights", "memory_budget", "parameter_count", "check_memory",
+           "read_payload",
            "load_model_config", "load_model"]
 
 KEYS = ("model_config", "model")

@@ -19,7 +19,7 @@ import torch
 
 from lasp import models
 from lasp.launch import checkpoint as ckpt
-from lasp.launch import pretrain, trainer
+from lasp.launch import pretrain
 from lasp.launch.config import check_config, parse_args
 from lasp.launch.engine import lr_at
 from lasp.launch.report import read_metrics
@@ -173,6 +173,21 @@ def test_a_longer_max_steps_continues_the_learning_rate(finished, tmp_path, cach
     # the restart is recorded: a second resume of the extended run continues the same curve
     saved = ckpt.read_trainer_state(tmp_path / "a" / "checkpoints" / "step_00000008")
     assert saved["schedule"]["restart"] == {"step": 2, "lr": before[3]}
+
+
+def test_a_checkpoint_without_records_resumes_with_a_note(finished, tmp_path, cache_dir, capsys):
+    """A trainer.json written before the model / data / schedule records: the resume runs and says, in one line,
+    that they could not be compared."""
+    folder = _from_step(finished, tmp_path / "a", 2) / "checkpoints" / "step_00000002"
+    state = json.loads((folder / "trainer.json").read_text())
+    old = {k: v for k, v in state.items() if k not in ("model", "data", "schedule")}
+    (folder / "trainer.json").write_text(json.dumps(old))
+    ckpt.write_json(folder / ckpt.MANIFEST, ckpt._manifest(folder))
+    capsys.readouterr()
+    assert pretrain.main(_argv(tmp_path / "a", cache_dir, "--resume", "--max-steps", "3", "--checkpoint.every", "2",
+                               "--optim.warmup_steps", "1")) == 0
+    out = capsys.readouterr().out
+    assert out.count("predates the model and data records in trainer.json") == 1
 
 
 # ---------------------------------------------------------------------------------------------- 3. files checked
