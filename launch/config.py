@@ -521,20 +521,24 @@ def _check_memory(cfg, arch, world_size, ranks_here):
     import torch
     from lasp.models.serialization import parameter_count
     cuda = torch.cuda.is_available()
+    source = "the estimate of parallel/memory.py per rank"
     try:
         need = estimate_memory(cfg, arch, world_size, cuda)
-    except (KeyError, AssertionError, AttributeError, NotImplementedError) as e:
-        # a model the planner does not model yet (a new family's block kind): its weights, gradients and AdamW
-        # moments alone (16 bytes a parameter), a lower bound that still stops sizes no machine holds
-        need = 16 * parameter_count(arch) / cfg.parallel.tp
+    except (KeyError, AssertionError, AttributeError, NotImplementedError, RuntimeError) as e:
+        # a model the planner cannot probe (e.g. MoE blocks: their autocast fails on the meta device): a lower
+        # bound, the weights, gradients and AdamW moments (16 bytes a parameter) and the block inputs that
+        # activation checkpointing keeps (n_layers · B · C · D fp32), which still stops sizes no machine holds
+        tokens = cfg.data.batch_size * cfg.data.seq_len // cfg.parallel.sp
+        need = 16 * parameter_count(arch) / cfg.parallel.tp + arch.n_layers * tokens * arch.dim * 4
+        source = "a lower bound per rank: the planner cannot probe this model"
         if os.environ.get("RANK", "0") == "0":
-            print(f"note: the memory planner cannot estimate this model ({e!r}); checked its weights and optimizer "
-                  f"state alone", file=sys.stderr)
+            print(f"note: the memory planner cannot estimate this model ({e!r}); checked a lower bound (weights, "
+                  f"optimizer state, block inputs)", file=sys.stderr)
     d, m = cfg.data, arch
     check_memory(need, f"this run (data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, data.vocab_size="
                        f"{m.vocab_size}, model.dim={m.dim}, model.n_layers={m.n_layers}; parallel.sp="
                        f"{cfg.parallel.sp}, "
-                       f"tp={cfg.parallel.tp}, zero={cfg.parallel.zero}; the estimate of parallel/memory.py per rank)",
+                       f"tp={cfg.parallel.tp}, zero={cfg.parallel.zero}; {source})",
                  ranks_here, torch.device("cuda") if cuda else None)
 
 
