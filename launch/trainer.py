@@ -466,11 +466,15 @@ def _log(reporter, row):
 
 def _close(reporter, run, ended):
     """reporter.close (metrics, loss.png); a failure is one message naming the file and the free space, raised only
-    when the run `ended` well (after an error, that error is the message)."""
+    when the run `ended` well (after an error, that error is the message); a loss.png it cut short is removed."""
+    png = run.run_dir / "loss.png"
+    before = png.stat().st_mtime_ns if png.exists() else None
     try:
         reporter.close(title=f"{run.label}, dp {run.mesh.dp} x sp {run.mesh.sp}"
                              + (f" x tp {run.mesh.tp}" if run.mesh.tp > 1 else ""))
     except (OSError, RuntimeError, ValueError) as e:
+        if png.exists() and png.stat().st_mtime_ns != before:    # a PNG the failed write cut short
+            png.unlink()
         if ended:
             path = getattr(e, "filename", None) or run.run_dir / "loss.png"
             raise ckpt.write_failure(path, e) from None
