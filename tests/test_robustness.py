@@ -352,16 +352,18 @@ def test_a_full_disk_while_writing_metrics_stops_every_rank(finished, tmp_path, 
 
 
 def test_a_full_disk_while_drawing_loss_png(finished, tmp_path, cache_dir, capsys, monkeypatch):
-    """loss.png cannot be written at the end: exit 2, one message naming loss.png and the free space (was an
-    OSError traceback after the '_idat' errors of a half-written PNG)."""
+    """loss.png cannot be written at the end: exit 2, one message naming loss.png and the free space, the PNG cut
+    short removed (was an OSError traceback after the '_idat' errors of a half-written PNG)."""
     from lasp.launch import report
 
-    def full_disk(*args, **kwargs):
+    def full_disk(metrics_path, png_path, title=""):
+        Path(png_path).write_bytes(b"\x89PNG")                        # cut short
         raise OSError(28, "No space left on device")
     monkeypatch.setattr(report, "plot_losses", full_disk)
     code, err = _resume(finished, tmp_path / "a", 2, cache_dir, capsys, "--max-steps", "3")
     assert code == 2 and err.count("pretrain: error") == 1 and "Traceback" not in err
     assert f"writing {tmp_path / 'a' / 'loss.png'} failed ([Errno 28] No space left on device)" in err
+    assert not (tmp_path / "a" / "loss.png").exists()                   # no broken plot left
 
 
 def test_a_killed_prune_leaves_nothing_that_pruning_never_removes(tmp_path):
