@@ -24,10 +24,13 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from lasp.models.serialization import check_fields, check_memory
+
 __all__ = ["ModelConfig", "ParallelConfig", "OptimConfig", "DataConfig", "CheckpointConfig", "RunConfig",
            "TrainConfig", "CONFIG_DIR", "DEFAULT_CONFIG", "SHORTCUTS", "build_parser", "parse_args", "load_toml",
            "merge", "check_config", "OPTIM_BOUNDS", "preset_config", "add_model_flags", "model_flags",
-           "preset_from_argv", "model_arch", "model_changes", "parse_model_args", "add_section_flags", "config_errors"]
+           "preset_from_argv", "model_arch", "model_changes", "parse_model_args", "add_section_flags", "config_errors",
+           "RESUME_CHANGES", "run_model_config", "estimate_memory"]
 
 CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 DEFAULT_CONFIG = CONFIG_DIR / "default.toml"
@@ -89,6 +92,7 @@ class CheckpointConfig:
     keep: int = 2                     # newest checkpoints kept
     resume: bool = False              # continue from the newest checkpoint in dir (a fresh start if none)
     dir: str = ""                     # "" = <run.dir>/checkpoints
+    allow_changes: list = field(default_factory=list)  # keys a --resume may change: model.<field>, data.seq_len, ...
 
 
 @dataclass
@@ -241,6 +245,10 @@ def model_arch(preset, changes, source="the command line", base=None):
         raise ValueError(f"unknown model fields {unknown} for preset {preset!r} ({source}): "
                          f"{type(base).__name__} has {sorted(kinds)}")
     typed = {name: _coerce(f"model.{name}", kinds[name], value) for name, value in changes.items()}
+    try:
+        check_fields(type(base), {**dataclasses.asdict(base), **typed})    # the rules of every model field
+    except ValueError as e:
+        raise ValueError(f"model.{e} ({source})") from None
     try:
         return dataclasses.replace(base, **typed)
     except (TypeError, ValueError) as e:
@@ -411,6 +419,22 @@ def _check_choice(key, value, choices):
         raise ValueError(f"{key} must be one of {list(choices)}, got {value!r}")
 
 
+# What --checkpoint.allow_changes may name: a resume refuses a change of these unless named there (the model's
+# fields as model.<field>); the ZeRO stage and, under ZeRO, the world size cannot change at all.
+RESUME_CHANGES = ("data.corpus", "data.seq_len", "data.batch_size", "parallel.dp", "optim.lr", "optim.min_lr",
+                  "optim.warmup_steps")
+
+
+def _check_allow_changes(cfg):
+    fields = {f.name for f in dataclasses.fields(cfg.model.arch)}
+    bad = [k for k in cfg.checkpoint.allow_changes
+           if k not in RESUME_CHANGES and not (k.startswith("model.") and k[6:] in fields)]
+    if bad:
+        raise ValueError(f"checkpoint.allow_changes: {bad} cannot be allowed; it takes keys of {list(RESUME_CHANGES)} "
+                         f"and model.<field> ({type(cfg.model.arch).__name__} fields); optim.max_steps needs no "
+                         f"permission (the schedule continues smoothly, docs/launch.md)")
+
+
 def _check_positive(cfg):
     """Every count at its minimum and run.peak_flops finite: one message naming each key that is not."""
     bad = []
@@ -475,7 +499,7 @@ def _check_expert_parallel(cfg):
 
 
 def _check_init_from(path, vocab_size):
-    """A models.save_model file (its config read without its weights) with the tokenizer's vocabulary."""
+    """A models.save_model file (its config read without its weights) with the tokenizer's vocabulary -> config."""
     from lasp.models.serialization import load_model_config
     if not Path(path).is_file():
         raise ValueError(f"model.init_from: no such file {path!r} (a models.save_model file)")
@@ -487,6 +511,62 @@ def _check_init_from(path, vocab_size):
         raise ValueError(f"model.init_from: {path} has vocabulary {found.vocab_size}, data.vocab_size is "
                          f"{vocab_size}: train with --data.vocab_size {found.vocab_size} on the corpus it was "
                          f"trained on")
+    return found
+
+
+def run_model_config(cfg):
+    """The config of the model the run trains: model.init_from's (read without its weights) or the preset's fields
+    with data.vocab_size."""
+    from lasp.launch.engine import model_config
+    if cfg.model.init_from:
+        return _check_init_from(cfg.model.init_from, cfg.data.vocab_size)
+    return model_config(cfg.model, cfg.data.vocab_size)
+
+
+def estimate_memory(cfg, arch, world_size, cuda=False):
+    """The memory planner's estimate of one rank's peak (parallel.memory.plan: weights, gradients, AdamW, buffers,
+    activations) for this run, in bytes. plan is affine in n_layers (blocks of one pattern period repeat), so it
+    runs on one and two periods and the rest is extrapolated: no meta model of all layers is built."""
+    from lasp.parallel.memory import plan
+    p, d = cfg.parallel, cfg.data
+    dtype = "bf16" if cfg.run.dtype == "bf16" or (cfg.run.dtype == "auto" and cuda) else "fp32"
+
+    def total(n_layers):
+        return plan(dataclasses.replace(arch, n_layers=n_layers), d.seq_len, sp=p.sp, dp=world_size // (p.sp * p.tp),
+                    tp=p.tp, zero=p.zero, checkpointing=p.activation_checkpointing, batch=d.batch_size, dtype=dtype,
+                    linear=p.linear, softmax=p.softmax, kernel="triton" if cuda else "torch", layout=p.layout)["total"]
+    period = len(getattr(arch, "pattern", "")) or 1
+    if arch.n_layers <= 2 * period:
+        return total(arch.n_layers)
+    one, two = total(period), total(2 * period)
+    return one + (two - one) * (arch.n_layers - period) / period
+
+
+def _check_memory(cfg, arch, world_size, ranks_here):
+    """The estimate against the memory one rank can have (models.serialization.memory_budget: the GPU's, or this
+    machine's shared by its ranks and the process limits): ValueError naming the keys that size it."""
+    import torch
+    from lasp.models.serialization import parameter_count
+    cuda = torch.cuda.is_available()
+    source = "the estimate of parallel/memory.py per rank"
+    try:
+        need = estimate_memory(cfg, arch, world_size, cuda)
+    except (KeyError, AssertionError, AttributeError, NotImplementedError, RuntimeError) as e:
+        # a model the planner cannot probe (e.g. MoE blocks: their autocast fails on the meta device): a lower
+        # bound, the weights, gradients and AdamW moments (16 bytes a parameter) and the block inputs that
+        # activation checkpointing keeps (n_layers · B · C · D fp32), which still stops sizes no machine holds
+        tokens = cfg.data.batch_size * cfg.data.seq_len // cfg.parallel.sp
+        need = 16 * parameter_count(arch) / cfg.parallel.tp + arch.n_layers * tokens * arch.dim * 4
+        source = "a lower bound per rank: the planner cannot probe this model"
+        if os.environ.get("RANK", "0") == "0":
+            print(f"note: the memory planner cannot estimate this model ({e!r}); checked a lower bound (weights, "
+                  f"optimizer state, block inputs)", file=sys.stderr)
+    d, m = cfg.data, arch
+    check_memory(need, f"this run (data.seq_len={d.seq_len}, data.batch_size={d.batch_size}, data.vocab_size="
+                       f"{m.vocab_size}, model.dim={m.dim}, model.n_layers={m.n_layers}; parallel.sp="
+                       f"{cfg.parallel.sp}, "
+                       f"tp={cfg.parallel.tp}, zero={cfg.parallel.zero}; {source})",
+                 ranks_here, torch.device("cuda") if cuda else None)
 
 
 def _check_mqar(cfg):
@@ -499,18 +579,39 @@ def _check_mqar(cfg):
 
 
 def _check_mesh(cfg, world_size):
-    """Engines, world size against sp·tp·ep, seq_len against the layout: one message with the values."""
+    """Engines, world size against sp·tp·ep, seq_len against sp: one message with the values. (The layout's split
+    of seq_len, which allocates positions, runs after the memory check: _check_layout.)"""
     from lasp.apply import resolve_engines
-    from lasp.parallel.layout import local_positions
     from lasp.parallel.mesh import check_mesh_sizes
+    p = cfg.parallel
     try:
-        resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
-        check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
+        resolve_engines(p.linear, p.softmax, p.layout)
+        check_mesh_sizes(world_size, p.sp, p.tp, p.ep)
+        if cfg.data.seq_len % p.sp:
+            raise ValueError(f"data.seq_len {cfg.data.seq_len} is not divisible by sp={p.sp}")
+    except ValueError as e:
+        raise ValueError(f"parallel/data: {e} ({_where(cfg, world_size)})") from None
+
+
+def _check_layout(cfg, world_size):
+    from lasp.parallel.layout import local_positions
+    try:
         local_positions(cfg.data.seq_len, cfg.parallel.layout, 0, cfg.parallel.sp)
     except ValueError as e:
-        raise ValueError(f"parallel/data: {e} (parallel.sp={cfg.parallel.sp}, parallel.tp={cfg.parallel.tp}, "
-                         f"parallel.ep={cfg.parallel.ep}, world size {world_size}, data.seq_len={cfg.data.seq_len}, "
-                         f"parallel.layout={cfg.parallel.layout!r})") from None
+        raise ValueError(f"parallel/data: {e} ({_where(cfg, world_size)})") from None
+
+
+def _where(cfg, world_size):
+    p = cfg.parallel
+    return (f"parallel.sp={p.sp}, parallel.tp={p.tp}, parallel.ep={p.ep}, world size {world_size}, "
+            f"data.seq_len={cfg.data.seq_len}, parallel.layout={p.layout!r}")
+
+
+def _check_model_fields(cfg):
+    try:
+        check_fields(type(cfg.model.arch), dataclasses.asdict(cfg.model.arch))
+    except ValueError as e:
+        raise ValueError(f"model.{e}") from None
 
 
 def _check_run_dir(cfg):
@@ -518,10 +619,12 @@ def _check_run_dir(cfg):
         raise ValueError(f"run.dir {cfg.run.dir!r} exists and is not a folder")
 
 
-def config_errors(cfg, world_size):
+def config_errors(cfg, world_size, ranks_here=None):
     """Every problem of cfg for world_size ranks -> list of messages naming the key ([] = fine). The checks are
     independent, except that those which build the model or the mesh run only when the values they read passed
-    (a bad sp is one problem, not also a crash of the layout check). --dry-run prints them all."""
+    (a bad sp is one problem, not also a crash of the layout check); sizes are checked against memory before
+    anything of that size exists. ranks_here: the ranks sharing this machine's memory (default world_size).
+    --dry-run prints them all."""
     errors = []
 
     def passed(check, *args):
@@ -535,27 +638,32 @@ def config_errors(cfg, world_size):
     p, d = cfg.parallel, cfg.data
     sizes = min(p.sp, p.tp, p.ep) >= 1 and d.seq_len >= 2          # what the mesh and data checks divide by
     passed(_check_optim, cfg.optim)
-    if cfg.model.init_from:
-        passed(_check_init_from, cfg.model.init_from, cfg.data.vocab_size)
-    model = passed(model_changes, cfg.model)   # the preset exists and arch is its family's (merge typed it)
+    # the preset exists and arch is its family's (merge typed it), its fields in range, the model it trains
+    model = passed(model_changes, cfg.model) and passed(_check_model_fields, cfg)
+    arch = []
+    model = model and passed(lambda: arch.append(run_model_config(cfg)))
+    if model:
+        passed(_check_allow_changes, cfg)
     for key, choices in (("parallel.zero", (0, 1, 2, 3)), ("run.dtype", ("auto", "fp32", "bf16")),
                          ("run.wandb_mode", ("online", "offline", "disabled"))):
         passed(_check_choice, key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), choices)
     if cfg.data.mqar and sizes and d.vocab_size >= 16:
         passed(_check_mqar, cfg)
     if sizes and passed(_check_mesh, cfg, world_size) and model:
-        if cfg.parallel.tp > 1:
-            passed(_check_tensor_parallel, cfg)
-        if cfg.parallel.ep > 1:
-            passed(_check_expert_parallel, cfg)
+        if passed(_check_memory, cfg, arch[0], world_size, ranks_here or world_size):
+            passed(_check_layout, cfg, world_size)
+            if cfg.parallel.tp > 1:
+                passed(_check_tensor_parallel, cfg)
+            if cfg.parallel.ep > 1:
+                passed(_check_expert_parallel, cfg)
     passed(_check_run_dir, cfg)
     return errors
 
 
-def check_config(cfg, world_size):
+def check_config(cfg, world_size, ranks_here=None):
     """Everything that can be checked before any process-group work: ValueError naming the key (the first problem;
     the message says how many more config_errors found)."""
-    errors = config_errors(cfg, world_size)
+    errors = config_errors(cfg, world_size, ranks_here)
     if errors:
         more = f" (and {len(errors) - 1} more problem(s): --dry-run lists them all)" if len(errors) > 1 else ""
         raise ValueError(errors[0] + more)

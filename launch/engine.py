@@ -72,13 +72,20 @@ def parallelize(model, cfg_parallel, mesh):
     return model
 
 
-def lr_at(step, optim):
-    """Linear warm-up over warmup_steps, then cosine decay from lr to min_lr at max_steps (step counts from 0)."""
+def lr_at(step, optim, restart=None):
+    """Linear warm-up over warmup_steps, then cosine decay from lr to min_lr at max_steps (step counts from 0).
+
+    restart {"step": s, "lr": r} (a resume that changed max_steps, launch.trainer): from step s on, the cosine
+    decays from r, the LR the schedule had reached at s, to min_lr at the new max_steps, so the LR continues
+    without a jump. Ignored when s falls in the warm-up (the warm-up is the same either way)."""
     if step < optim.warmup_steps:
         return optim.lr * (step + 1) / optim.warmup_steps
-    span = max(1, optim.max_steps - optim.warmup_steps)
-    progress = min(1.0, (step - optim.warmup_steps) / span)
-    return optim.min_lr + (optim.lr - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+    start, peak = optim.warmup_steps, optim.lr
+    if restart is not None and restart["step"] >= optim.warmup_steps:
+        start, peak = restart["step"], restart["lr"]
+    span = max(1, optim.max_steps - start)
+    progress = min(1.0, max(0.0, (step - start) / span))
+    return optim.min_lr + (peak - optim.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_optimizer(model, optim):
@@ -180,6 +187,13 @@ class DDPEngine:
     def lr(self):
         return self.scheduler.get_last_lr()[0]
 
+    def set_schedule(self, optim, restart=None):
+        """After a resume: the schedule of `optim` (this run's fields) with `restart` (lr_at), so steps after the
+        checkpoint's follow it; the position (last step, last LR) stays the checkpoint's."""
+        base = optim.lr if optim.lr > 0 else 1.0
+        self.scheduler.lr_lambdas = [lambda step: lr_at(step, optim, restart) / base] * len(self.scheduler.base_lrs)
+        self.scheduler.base_lrs = [optim.lr] * len(self.scheduler.base_lrs)
+
     def weights_finite(self):
         """-> bool tensor: every weight the torch optimizer updates on this rank is finite (ZeRO: this rank's
         partition of the fp32 master weights). One pass over the weights: the sum of a tensor holding a NaN/inf
@@ -213,7 +227,10 @@ class DDPEngine:
         """models.save_model(path) of the full model, on rank 0 (every rank calls it: tp and ep ranks gather)."""
         state = self.full_state_dict()
         if rank == 0:
-            models.save_model(path, self.model, state_dict=state)
+            try:
+                models.save_model(path, self.model, state_dict=state)   # removes its temp file when it fails
+            except (OSError, RuntimeError) as e:                        # torch: ENOSPC as 'basic_ios::clear'
+                raise ckpt.write_failure(path, e) from None
 
 
 def _import_deepspeed(device):

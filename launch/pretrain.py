@@ -76,7 +76,7 @@ def dry_run(cfg, world_size=None):
     world = world if launched or world_size is None or world_size < 1 else world_size
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", world))
     problems += _environment_problems(world, local_world, launched)
-    problems += config_errors(cfg, world)
+    problems += config_errors(cfg, world, local_world)
     problems += _data_and_folder_problems(cfg)
     if problems:
         how = "" if launched or world_size else " (one process: --world-size N or torchrun checks N ranks)"

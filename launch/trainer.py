@@ -13,8 +13,10 @@ Each step: forward on the local shard, the loss sum normalised by the token coun
 (launch/engine.py explains the gradient scaling), backward (the engine averages gradients), clip, AdamW, the one
 warm-up + cosine schedule (launch.engine.lr_at). Checkpoints every `checkpoint.every` steps, at the end and on
 SIGTERM (launch/checkpoint.py), never after a step with a NaN/inf loss, gradient norm or weight; a resumed run
-continues bit for bit (docs/launch.md says under which conditions). It lives in the package `launch` (imported as
-`launch.trainer`), not in a script: scripts parse arguments and call it; tests import it.
+continues bit for bit (docs/launch.md says under which conditions). Before anything is written rank 0 takes the run
+folder's lock (launch.checkpoint.lock_run), so a second job in the same folder stops on every rank with one message;
+a resume checks the checkpoint's records against the run (launch/resume.py). It lives in the package `launch`
+(imported as `launch.trainer`), not in a script: scripts parse arguments and call it; tests import it.
 """
 import dataclasses
 import math
@@ -23,7 +25,7 @@ import shutil
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -33,6 +35,7 @@ from lasp.launch import checkpoint as ckpt
 from lasp.launch.config import check_config, model_changes
 from lasp.launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
                          MQARDataset, shard_batch)
+from lasp.launch import resume
 from lasp.launch.engine import build_model, make_engine, parallelize
 from lasp.launch.report import Reporter, finish, peak_flops, write_model_card
 from lasp.parallel import comm
@@ -109,71 +112,58 @@ def _prepare_data(cfg_data, files, rank, device):
     return path, load_tokenizer(path), PackedDataset(path, cfg_data.seq_len, cfg_data.seed)
 
 
-def _trainer_state(step, cfg, mesh, data_key):
-    return {"step": step, "samples_per_step": mesh.dp * cfg.data.batch_size, "dp": mesh.dp, "sp": mesh.sp,
-            "tp": mesh.tp, "world_size": mesh.world_size, "zero": cfg.parallel.zero, "data_key": data_key}
+def _resume(run):
+    """Load the newest checkpoint under run.root -> (the next step, the folder), (1, None) if there is none.
 
-
-def _check_compatible(saved, now, folder):
-    """The data order needs the same dp and corpus; ZeRO partitions need the same world and stage."""
-    keys = ["dp", "zero", "data_key"] + (["world_size"] if now["zero"] else [])
-    diff = {k: (saved.get(k), now[k]) for k in keys if saved.get(k) != now[k]}
-    hint = (" (a checkpoint resumes with the engine it was written by: DDP for --zero 0, DeepSpeed for 1-3; pass "
-            "the run's own --zero, or start a new run with a new --run-dir)") if "zero" in diff else ""
-    if diff:
-        raise ValueError(f"checkpoint {folder} does not fit this run: "
-                         + ", ".join(f"{k} was {a!r}, now {b!r}" for k, (a, b) in diff.items()) + hint)
-
-
-def _others(root, folder):
-    """' (other complete checkpoints here: [...]; resume from one by writing {"dir": ...} into latest)' or ''."""
-    others = [p.name for p in ckpt._complete(root) if p != folder]
-    return (f" (other checkpoints here: {others}; to resume from one, write {{\"dir\": \"{others[-1]}\"}} into "
-            f"{Path(root) / 'latest'})") if others else ""
-
-
-def _resume(engine, root, rank, state_now, device):
-    """Load the newest checkpoint under root -> (the next step, the folder), (1, None) if there is none.
-
-    Rank 0 verifies the folder (manifest, checksums, every torch file weights-only) before any rank reads it; every
-    rank's reads are weights-only as well, and the ranks agree on success twice (after the check, after the reads),
-    so a bad file gives one clear error instead of a hang or code run by a crafted pickle."""
-    folder, error = None, None
+    Rank 0 verifies the folder (resume.verify) before any rank reads it; every rank's reads are weights-only as well,
+    and the ranks agree on success twice (after the check, after the reads), so a bad file gives one clear error
+    instead of a hang or code run by a crafted pickle. Notes (an old checkpoint, a continued schedule) go to
+    run.notes for the log."""
+    folder, error, device = None, None, run.device
     try:
-        folder = ckpt.latest(root)
-        if folder is not None and rank == 0:
-            try:
-                ckpt.verify(folder, engine.safe_types)
-            except ValueError as e:
-                raise ValueError(f"{e}{_others(root, folder)}") from None
-            _check_compatible(ckpt.read_json(folder / "trainer.json"), state_now, folder)
+        folder = ckpt.latest(run.root)
+        if folder is not None and run.rank == 0:
+            run.notes += resume.verify(run, folder)
     except ValueError as e:
         error = e
     _agree(error, device)
     if folder is None:
         return 1, None
+    step = None
     try:
-        engine.load(folder)
-        rng_file = folder / f"rng-rank{rank}.pt"
+        saved = ckpt.read_trainer_state(folder)
+        run.engine.load(folder)
+        rng_file = folder / f"rng-rank{run.rank}.pt"
         if rng_file.exists():
             ckpt.set_rng_state(ckpt.load_tensors(rng_file), source=rng_file)
-        step = ckpt.read_json(folder / "trainer.json")["step"] + 1
+        run.schedule, note = resume.continue_schedule(saved, run.cfg.optim)
+        run.engine.set_schedule(run.cfg.optim, run.schedule["restart"])
+        run.notes += [note] if note else []
+        step = saved["step"] + 1
     except ValueError as e:
-        error, step = e, None
+        error = e
     _agree(error, device)
     return step, folder
 
 
-def _save(engine, root, step, state, run_dir, rank, keep, device):
+def _save(run, step):
+    """Checkpoint `step` (launch/checkpoint.py), then model.pt; a failed write on any rank stops every rank with one
+    message naming the path and the free space."""
+    rank, device = run.rank, run.device
     def write(folder):
-        engine.save(folder, rank)
+        run.engine.save(folder, rank)
         torch.save(ckpt.rng_state(), folder / f"rng-rank{rank}.pt")
         if rank == 0:
-            ckpt.write_json(folder / "trainer.json", state)
+            ckpt.write_json(folder / "trainer.json", resume.trainer_state(step, run))
     def barrier(error=None):
         _agree(error, device)
-    folder = ckpt.save(root, step, write, rank=rank, barrier=barrier, keep=keep)
-    engine.export(run_dir / "model.pt", rank)   # for launch/generate.py
+    folder = ckpt.save(run.root, step, write, rank=rank, barrier=barrier, keep=run.cfg.checkpoint.keep)
+    error = None
+    try:
+        run.engine.export(run.run_dir / "model.pt", rank)   # for launch/generate.py
+    except ValueError as e:
+        error = e
+    _agree(error, device)
     return folder
 
 
@@ -199,13 +189,33 @@ def _writable(folder, key):
         raise ValueError(f"{key} {folder} is not writable ({e.strerror or e}): choose another --{key}") from None
 
 
-def _preflight(cfg, run_dir, root):
-    """Before any group work (every rank sees the same shared folders): a fresh run refuses a folder with
-    checkpoints; run and checkpoint folders writable. (Free space is checked once the model is built.)"""
-    if not cfg.checkpoint.resume:
-        ckpt.check_fresh(root)
-    _writable(run_dir, "run.dir")
-    _writable(root, "checkpoint.dir")
+def _lock_folders(run_dir, root):
+    """The folders a run owns: its run.dir, and checkpoint.dir when that lies outside it."""
+    inside = os.path.realpath(root).startswith(os.path.realpath(run_dir) + os.sep)
+    return [run_dir] if inside else [run_dir, root]
+
+
+def _own_folders(cfg, run_dir, root, rank, device):
+    """Before anything is written: rank 0 takes the run's lock (ckpt.lock_run: a live job in the same folder stops
+    this one, naming it) and, without --resume, refuses a folder holding checkpoints; every rank checks that the
+    folders are writable. One agreement, so every rank stops together with one message. -> notes for the log."""
+    error, notes = None, []
+    try:
+        _writable(run_dir, "run.dir")                   # creates them; a probe file comes and goes
+        _writable(root, "checkpoint.dir")
+        if rank == 0:
+            notes = [n for n in (ckpt.lock_run(f) for f in _lock_folders(run_dir, root)) if n]
+            if not cfg.checkpoint.resume:
+                ckpt.check_fresh(root)
+    except ValueError as e:
+        error = e
+    _agree(error, device)
+    return notes
+
+
+def _release(run_dir, root):
+    for folder in _lock_folders(run_dir, root):
+        ckpt.unlock_run(folder)
 
 
 def setup_mesh(sp, tp, ep=1):
@@ -238,6 +248,8 @@ class Run:
     dataset: object = None      # PackedDataset or MQARDataset: batch(index, dp_rank, dp, batch_size)
     start: int = 1              # first step to run (1-based)
     last_ckpt: Path = None
+    schedule: dict = None       # the LR schedule trainer.json records (resume.schedule_record)
+    notes: list = field(default_factory=list)   # lines for the log (rank 0): an old checkpoint, a continued schedule
 
 
 def build(cfg, model, mesh, device):
@@ -252,24 +264,35 @@ def build(cfg, model, mesh, device):
 
 
 def setup(cfg):
-    """Validate (ValueError before any group work), then mesh, data, model, parallelism, engine, resume state."""
-    rank, world, local_rank, _ = _process()
-    check_config(cfg, world)
+    """Validate (ValueError before any group work), then mesh, the run's lock, data, model, parallelism, engine,
+    resume state. The lock is held until train() ends (or the process does)."""
+    rank, world, local_rank, local_world = _process()
+    check_config(cfg, world, local_world)
     files = corpus_files(cfg.data.corpus)
     check_corpus(files, cfg.data.text_key)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
-    _preflight(cfg, run_dir, root)
     mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
-    data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
-    if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
-        (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
+    try:
+        notes = _own_folders(cfg, run_dir, root, rank, device)
+        run = _setup_owned(cfg, files, mesh, rank, device, run_dir, root)
+    except BaseException:
+        _release(run_dir, root)                  # only what this process holds
+        raise
+    run.notes = notes + run.notes
+    return run
 
+
+def _setup_owned(cfg, files, mesh, rank, device, run_dir, root):
+    """setup's part after the run's folders are owned: data, model, engine, resume state."""
+    data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
     vocab_size = tokenizer.get_piece_size() if tokenizer is not None else cfg.data.vocab_size
     model = build_model(cfg.model, vocab_size, cfg.run.seed, device)
     error = None
     try:
+        if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
+            _write_bytes(run_dir / "tokenizer.model", (data_path / "tokenizer.model").read_bytes())
         if rank == 0:                                        # before step 1: room for one checkpoint
             _check_free_space(root, sum(p.numel() for p in model.parameters()), cfg.parallel.zero)
     except ValueError as e:
@@ -278,19 +301,37 @@ def setup(cfg):
     run = build(cfg, model, mesh, device)
     run.label, run.run_dir, run.root = model_label(cfg.model, model.config), run_dir, root
     run.data_key, run.tokenizer, run.dataset = data_path.name, tokenizer, dataset
+    run.schedule = resume.schedule_record(cfg.optim)
     if cfg.checkpoint.resume:
-        run.start, run.last_ckpt = _resume(run.engine, root, rank, _trainer_state(0, cfg, mesh, run.data_key),
-                                           device)
+        run.start, run.last_ckpt = _resume(run)
     return run
 
 
-def _check_finite(step, loss_sum, grad_norm, run, reporter):
+def _write_bytes(path, data):
+    """Write a file atomically; ValueError naming it and the free space when that fails (no temp file left)."""
+    tmp = Path(f"{path}.tmp{os.getpid()}")
+    try:
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ckpt.write_failure(path, e) from None
+
+
+def _check_finite(step, loss_sum, grad_norm, run, reporter, write_error=None):
     """Stop (NonFiniteStep on every rank) if the loss, the global gradient norm or any weight this rank's optimizer
     updated is NaN/inf on ANY rank: one all-reduce of three flags, before any checkpoint of this step is written.
-    Every checkpoint is written after this check passed, so the newest one holds finite weights."""
+    Every checkpoint is written after this check passed, so the newest one holds finite weights. A fourth flag
+    carries a failed metrics write (rank 0): every rank then stops with its one message (ReportedError)."""
     flags = torch.stack([~torch.isfinite(loss_sum), torch.tensor(not math.isfinite(grad_norm), device=run.device),
-                         ~run.engine.weights_finite()]).float()
-    flags = comm.all_reduce(flags)
+                         ~run.engine.weights_finite(), torch.tensor(write_error is not None, device=run.device)])
+    flags = comm.all_reduce(flags.float())
+    if flags[3]:
+        if write_error is not None:
+            print(f"pretrain: error: {write_error}", file=sys.stderr, flush=True)
+        comm.barrier()
+        raise ReportedError(str(write_error) if write_error else "a metrics write failed (its message is above)")
+    flags = flags[:3]
     if not flags.any():
         return
     what = [name for name, n in zip(("loss", "gradient norm", "weights after the update"), flags.tolist()) if n]
@@ -384,6 +425,8 @@ def _reporter(cfg, run):
                         progress=cfg.run.progress, wandb_project=cfg.run.wandb_project,
                         wandb_mode=cfg.run.wandb_mode, config=dataclasses.asdict(cfg))
     reporter.write(_summary(cfg, run, run.n_params, tokens_per_step, peak_note))
+    for note in run.notes:
+        reporter.write(note)
     return reporter, tokens_per_step, peak
 
 
@@ -396,9 +439,41 @@ def train(cfg, hook=None):
     gradient norm or weight (no checkpoint of that step is written).
     """
     run = setup(cfg)
-    mesh, every = run.mesh, cfg.checkpoint.every
+    try:
+        return _loop(cfg, run, hook)
+    finally:
+        _release(run.run_dir, run.root)
+
+
+def _log(reporter, row):
+    """reporter.log(row) -> None, or the ValueError naming metrics.jsonl and the free space when the write failed."""
+    try:
+        reporter.log(row)
+    except OSError as e:
+        return ckpt.write_failure(reporter.metrics_path, e)
+    return None
+
+
+def _close(reporter, run, ended):
+    """reporter.close (metrics, loss.png); a failure is one message naming the file and the free space, raised only
+    when the run `ended` well (after an error, that error is the message); a loss.png it cut short is removed."""
+    png = run.run_dir / "loss.png"
+    before = png.stat().st_mtime_ns if png.exists() else None
+    try:
+        reporter.close(title=f"{run.label}, dp {run.mesh.dp} x sp {run.mesh.sp}"
+                             + (f" x tp {run.mesh.tp}" if run.mesh.tp > 1 else ""))
+    except (OSError, RuntimeError, ValueError) as e:
+        if png.exists() and png.stat().st_mtime_ns != before:    # a PNG the failed write cut short
+            png.unlink()
+        if ended:
+            path = getattr(e, "filename", None) or run.run_dir / "loss.png"
+            raise ckpt.write_failure(path, e) from None
+
+
+def _loop(cfg, run, hook):
+    every = cfg.checkpoint.every
     reporter, tokens_per_step, peak = _reporter(cfg, run)
-    stop, losses, grad_norms, preempted = StopSignal(), {}, {}, False
+    stop, losses, grad_norms, preempted, ended = StopSignal(), {}, {}, False, False
     try:
         for step in range(run.start, cfg.optim.max_steps + 1):
             t0 = time.perf_counter()
@@ -408,20 +483,21 @@ def train(cfg, hook=None):
             out = train_step(run, batch, stop.requested)
             dt = time.perf_counter() - t0
             losses[step], grad_norms[step], preempted = out["loss"], out["grad_norm"], out["stop"]
-            reporter.log({"step": step, "loss": out["loss"], "lr": out["lr"], "tokens": step * tokens_per_step,
-                          "tokens_per_s": tokens_per_step / dt,
-                          "mfu": 6 * run.n_params * tokens_per_step / dt / peak, "grad_norm": out["grad_norm"]})
-            _check_finite(step, out["loss_sum"], out["grad_norm"], run, reporter)     # before anything is saved
+            failed = _log(reporter, {"step": step, "loss": out["loss"], "lr": out["lr"],
+                                     "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_step / dt,
+                                     "mfu": 6 * run.n_params * tokens_per_step / dt / peak,
+                                     "grad_norm": out["grad_norm"]})
+            _check_finite(step, out["loss_sum"], out["grad_norm"], run, reporter, failed)   # before anything is saved
             if preempted or step == cfg.optim.max_steps or (every and step % every == 0):
-                run.last_ckpt = _save(run.engine, run.root, step, _trainer_state(step, cfg, mesh, run.data_key),
-                                      run.run_dir, run.rank, cfg.checkpoint.keep, run.device)
+                run.last_ckpt = _save(run, step)
                 write_model_card(run, cfg, step)             # model.json beside model.pt (launch/report.py)
             if preempted:
                 reporter.write(f"SIGTERM: saved {run.last_ckpt} at step {step}; continue with --resume")
                 break
+        ended = True
     finally:
         stop.restore()
-        reporter.close(title=f"{run.label}, dp {mesh.dp} x sp {mesh.sp}" + (f" x tp {mesh.tp}" if mesh.tp > 1 else ""))
+        _close(reporter, run, ended)
     # rank 0: sample, held-out loss, summary of steps, losses, tokens/s and outputs (launch/report.py)
     sample = finish(cfg, run, losses, preempted, reporter.write) if run.rank == 0 else None
     return {"losses": losses, "grad_norms": grad_norms, "sample": sample,

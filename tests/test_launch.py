@@ -35,7 +35,7 @@ FROZEN_OPTIONS = {
     "--optim.beta1", "--optim.beta2", "--optim.eps", "--optim.grad_clip",
     "--data.corpus", "--data.text_key", "--data.vocab_size", "--data.seq_len", "--data.batch_size", "--data.seed",
     "--data.cache_dir", "--data.mqar",
-    "--checkpoint.every", "--checkpoint.keep", "--checkpoint.resume", "--checkpoint.dir",
+    "--checkpoint.every", "--checkpoint.keep", "--checkpoint.resume", "--checkpoint.dir", "--checkpoint.allow_changes",
     "--run.dir", "--run.seed", "--run.dtype", "--run.progress", "--run.peak_flops", "--run.wandb_project",
     "--run.wandb_mode", "--run.sample_tokens", "--run.sample_prompt",
 }
