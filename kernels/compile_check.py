@@ -101,14 +101,36 @@ class Build:
 
 
 # ------------------------------------------------------------------------------------------ 1. record launches
+GRID_LIMITS = (2 ** 31 - 1, 65535, 65535)                          # CUDA's grid dimensions x, y, z
+
+
 class _Recorder:
-    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` appends a Launch instead of running."""
+    """Stands in for a @triton.jit kernel: `kernel[grid](*args, **kwargs)` appends a Launch instead of running,
+    after the checks a launch would fail on: the arguments bind to the kernel's parameters (count, names), every
+    tensor is on the GPU, the grid is within CUDA's limits."""
 
     def __init__(self, kernel, launches):
         self.kernel, self.launches = kernel, launches
 
     def __getitem__(self, grid):
-        return lambda *args, **kwargs: self.launches.append(Launch(self.kernel, tuple(grid), args, kwargs))
+        def launch(*args, **kwargs):
+            bind_launch(self.kernel, args, kwargs)
+            name = self.kernel.__name__
+            for value in (*args, *kwargs.values()):
+                if isinstance(value, torch.Tensor) and not value.is_cuda:
+                    raise ValueError(f"{name}: an argument on {value.device} {tuple(value.shape)}, not on the GPU")
+            if not 1 <= len(grid) <= 3 or any(not 0 < g <= top for g, top in zip(grid, GRID_LIMITS)):
+                raise ValueError(f"{name}: grid {tuple(grid)} outside CUDA's limits {GRID_LIMITS}")
+            self.launches.append(Launch(self.kernel, tuple(grid), args, kwargs))
+        return launch
+
+
+def bind_launch(kernel, args, kwargs):
+    """inspect.BoundArguments of a launch's kernel arguments (launch options such as num_warps left out); TypeError
+    when they do not match the kernel's parameters."""
+    import inspect
+    params = inspect.signature(kernel.fn).parameters
+    return inspect.signature(kernel.fn).bind(*args, **{k: v for k, v in kwargs.items() if k in params})
 
 
 def _basic_index(x, index):
@@ -152,18 +174,14 @@ def fake_cuda():
 
 @contextlib.contextmanager
 def recording():
-    """Fake CUDA tensors, and every JITFunction of kernels/lightning_triton.py recorded instead of launched.
-
-    Yields the list of Launch objects. The kernels are restored on exit (their bodies resolve helpers through the
+    """Fake CUDA tensors, and every Triton kernel of kernels/lightning_triton.py recorded instead of launched
+    (compiled or, under TRITON_INTERPRET, interpreted ones). Yields the list of Launch objects. The kernels are restored on exit (their bodies resolve helpers through the
     module's globals, so nothing may be compiled while the recorders are in place)."""
-    from triton.runtime.jit import JITFunction
+    from triton.runtime.jit import KernelInterface
 
     from . import lightning_triton as lt
-    if lt._INTERPRET:
-        raise RuntimeError("kernels.lightning_triton was imported under TRITON_INTERPRET=1: its kernels are "
-                           "interpreted functions and cannot be compiled; run without TRITON_INTERPRET")
     launches = []
-    kernels = {name: fn for name, fn in vars(lt).items() if isinstance(fn, JITFunction)}
+    kernels = {name: fn for name, fn in vars(lt).items() if isinstance(fn, KernelInterface)}
     with contextlib.ExitStack() as stack:
         for name, fn in kernels.items():
             stack.enter_context(mock.patch.object(lt, name, _Recorder(fn, launches)))
@@ -197,12 +215,14 @@ class _Pointer:
 def specialise(launch, arch):
     """(ASTSource, GPUTarget, options dict) exactly as JITFunction.run (Triton 3.9, runtime/jit.py) derives them
     before compiling: the same extra options, binder and _pack_args, for the target instead of the driver's."""
-    import triton
     from triton import knobs
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
-    from triton.runtime.jit import create_function_from_signature
+    from triton.runtime.jit import JITFunction, create_function_from_signature
     fn = launch.kernel
+    if not isinstance(fn, JITFunction):
+        raise RuntimeError(f"{fn.__name__} is interpreted (kernels.lightning_triton was imported under "
+                           f"TRITON_INTERPRET=1) and cannot be compiled: run without TRITON_INTERPRET")
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     kwargs = dict(launch.kwargs, debug=launch.kwargs.get("debug", fn.debug) or knobs.runtime.debug,
@@ -212,7 +232,6 @@ def specialise(launch, arch):
     kwargs = {n: _Pointer(a.dtype) if isinstance(a, torch.Tensor) else a for n, a in kwargs.items()}
     bound, specialization, options = create_function_from_signature(fn.signature, fn.params, backend)(*args, **kwargs)
     options, signature, constexprs, attrs = fn._pack_args(backend, kwargs, bound, specialization, options)
-    assert triton.__version__.startswith("3."), triton.__version__      # the binder API read above
     return ASTSource(fn, signature, constexprs, attrs), target, options.__dict__
 
 
