@@ -240,3 +240,68 @@ def test_recorder_refuses_what_a_launch_would():
         with pytest.raises(ValueError, match="grid"):
             record[(1, 65536)](*args, **consts)
     assert len(record.launches) == 1
+
+
+# ---------------------------------------------------------------------------------------------- 3. --check
+def test_acceptance_plan_covers_every_family_and_engine():
+    """`bench --check` trains every model family and every training engine pair member, runs every engine of
+    lasp.apply.ENGINES (baselines included) in launch/bench.py's layer mode, and is planned within its budget.
+    Each training entry's family is the one its config's preset builds, and its engines the ones it selects."""
+    import tomllib
+
+    from lasp import models
+    from lasp.apply import ENGINES, LINEAR_ENGINES, SOFTMAX_ENGINES
+    from lasp.kernels import acceptance, bench
+    assert set(acceptance.CHECK_ENGINES) == set(ENGINES)
+    trained = set()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for family, engines, flags in acceptance.CHECK_TRAIN:
+        opts = dict(zip(flags[::2], flags[1::2]))
+        with open(os.path.join(root, "launch", "configs", opts["--config"] + ".toml"), "rb") as f:
+            cfg = tomllib.load(f)
+        config = models.get_config(cfg["model"]["preset"])
+        assert type(config) is models.FAMILIES[family][0], (family, cfg["model"]["preset"])
+        chosen = (opts.get("--parallel.linear", cfg.get("parallel", {}).get("linear", "lasp2")),
+                  opts.get("--parallel.softmax", cfg.get("parallel", {}).get("softmax", "allgather")))
+        assert engines.split(" ")[0] in ("+".join(chosen), chosen[0]), (engines, chosen)
+        trained |= set(chosen)
+    assert {f for f, *_ in acceptance.CHECK_TRAIN} == set(models.FAMILIES)
+    assert set(LINEAR_ENGINES) | set(SOFTMAX_ENGINES) - {"local"} <= trained
+    plan = bench.main(["--check", "--plan"])
+    assert [step for step, *_ in plan][:3] == ["accuracy", "timing", "engines"] and len(plan) == 3 + len(
+        acceptance.CHECK_TRAIN)
+    assert sum(estimate for _, _, estimate, _ in plan) <= acceptance.CHECK_BUDGET_S
+
+
+def test_acceptance_without_gpu_fails_clearly(tmp_path, monkeypatch, capsys):
+    """No CUDA: the command runs its CPU parts (stubbed here: test_kernels.py runs them for real), dry-runs every
+    training command, lists the GPU parts as SKIPPED, writes JSON + markdown, and exits 1 with a line that says
+    it was not a GPU run."""
+    from lasp.kernels import acceptance, bench
+    ran = {}
+
+    def fake_run(cmds, cuda, deadline):
+        ran.update(cmds)
+        return {n: {"command": " ".join(c), "rc": 0, "tail": "", "seconds": 0.0} for n, c in cmds.items()}, []
+    monkeypatch.setattr(acceptance, "check_accuracy", lambda device, T: [])
+    monkeypatch.setattr(acceptance, "_run_commands", fake_run)
+    out = tmp_path / "check.json"
+    with pytest.raises(SystemExit) as stop:
+        bench.cli(["--check", "--out", str(out)])
+    assert stop.value.code == 1
+    printed = capsys.readouterr().out
+    assert "check: NOT A GPU RUN: no CUDA device, 2 parts not run" in printed
+    assert "SKIPPED: timing" in printed and "SKIPPED: engines" in printed
+    assert len(ran) == len(acceptance.CHECK_TRAIN) and all(c[-1] == "--dry-run" for c in ran.values())
+    result = json.loads(out.read_text())
+    assert result["ok"] and not result["complete"] and result["device"] == "cpu"
+    assert "NOT" not in (tmp_path / "check.md").read_text() and "| engines:" in (tmp_path / "check.md").read_text()
+
+
+def test_bench_ptxas_is_the_compile_check(monkeypatch):
+    """`bench --ptxas 90` prints the compile check's numbers (Triton's own build), not a ptxas re-run."""
+    from lasp.kernels import bench
+    seen = []
+    monkeypatch.setattr(cc, "main", lambda argv: seen.append(argv) or 0)
+    assert bench.main(["--ptxas", "90", "--head-dim", "64"]) == 0
+    assert seen == [["--arch", "90", "--dtype", "bf16", "--head-dim", "64"]]
