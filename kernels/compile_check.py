@@ -423,6 +423,8 @@ def _parse(argv):
     p.add_argument("--json", default=None, help="write every build as JSON to this path")
     p.add_argument("--markdown", action="store_true", help="print the summary table (docs/kernels.md)")
     p.add_argument("--strict", action="store_true", help="KNOWN spills (KNOWN_SPILLS) fail the run too")
+    p.add_argument("--allow-head-dim", type=int, default=None, metavar="D",
+                   help="what-if: let the launcher take head dims up to D (its MAX_HEAD_DIM) for this run")
     return p.parse_args(argv)
 
 
@@ -438,8 +440,10 @@ def main(argv=None):
         print(f"compile_check: {missing}", file=sys.stderr)
         return 2
     wanted = None if args.flags is None else {tuple(s.split("+")) if s != "plain" else () for s in args.flags}
-    builds = sweep(tuple(args.arch), tuple(args.dtype), tuple(args.head_dim), tuple(args.kinds),
-                   None if wanted is None else (lambda kind, flags: tuple(flags) in wanted))
+    from . import lightning_triton as lt
+    with mock.patch.object(lt, "MAX_HEAD_DIM", args.allow_head_dim or lt.MAX_HEAD_DIM):
+        builds = sweep(tuple(args.arch), tuple(args.dtype), tuple(args.head_dim), tuple(args.kinds),
+                       None if wanted is None else (lambda kind, flags: tuple(flags) in wanted))
     broken = [b for b in builds if b.broken and (args.strict or not b.known)]
     known = [b for b in builds if b.broken and b.known and not args.strict]
     if args.markdown:

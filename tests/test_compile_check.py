@@ -36,7 +36,9 @@ def _run(args, tmp_path, **env):
 # ---------------------------------------------------------------------------------------------- 1. compile
 @needs_nvidia
 def test_fast_subset_keeps_budgets_on_sm90(tmp_path):
-    """bf16, d = 128, sm_90, forward and backward, without and with every flag: no spill, shared within 227 KB."""
+    """bf16, d = 128, sm_90, forward and backward, without and with every flag: no spill and shared memory within
+    227 KB, except the gated backward's spill, which must be the KNOWN_SPILLS entry (with its reason) and must
+    still spill (an entry that no longer applies has to go)."""
     out = tmp_path / "builds.json"
     done = _run(["-m", "lasp.kernels.compile_check", "--arch", "90", "--dtype", "bf16", "--head-dim", "128",
                  "--flags", "plain", ALL_FWD, ALL_FWD + "+dfinal_state", "--json", str(out)], tmp_path)
@@ -45,8 +47,11 @@ def test_fast_subset_keeps_budgets_on_sm90(tmp_path):
     assert {(b["kind"], "+".join(b["flags"]) or "plain") for b in builds} == {
         ("fwd", "plain"), ("fwd", ALL_FWD), ("bwd", "plain"), ("bwd", ALL_FWD), ("bwd", ALL_FWD + "+dfinal_state")}
     for b in builds:
-        assert b["arch"] == 90 and b["spill"] == 0 and b["broken"] == [], b
-        assert 0 < b["shared"] <= 227 * 1024 and 0 < b["registers"] <= 255, b
+        assert b["arch"] == 90 and 0 < b["shared"] <= 227 * 1024 and 0 < b["registers"] <= 255, b
+        gated_backward = b["kind"] == "bwd" and "log_gate" in b["flags"]
+        assert (b["spill"] == 0 and b["broken"] == []) or (gated_backward and b["known"]), b
+    assert any(b["spill"] > 0 and b["known"] for b in builds), "KNOWN_SPILLS entry no longer needed: remove it"
+    assert "0 broken" in done.stdout
 
 
 CROSS_CHECK = """
