@@ -145,7 +145,7 @@ def check_plan(cuda):
     """[(step, what it runs, estimated seconds on an H100, whether it runs on this machine)], in run order."""
     steps = [("accuracy", "every lightning_attn and softmax_attn kernel vs float64: " +
               ("triton + torch, T = 1000" if cuda else "CPU backends, T = 77"), CHECK_ESTIMATE_S["accuracy"], True),
-             ("timing", "fwd+bwd ms, T = 4K/16K/64K: triton, torch, SDPA flash, fla (+ gated)",
+             ("timing", "the timing table, fwd+bwd ms at T = 4K/16K/64K: triton, torch, SDPA flash, fla (+ gated)",
               CHECK_ESTIMATE_S["timing"], cuda),
              ("engines", "one layer of " + ", ".join(CHECK_ENGINES) + " on one CUDA rank",
               CHECK_ESTIMATE_S["engines"], cuda)]
@@ -218,7 +218,10 @@ def check(args):
     plan = check_plan(cuda)
     result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "budget_s": CHECK_BUDGET_S,
               "plan": [{"step": s, "what": w, "estimate_s": e, "runs_here": here} for s, w, e, here in plan],
-              "skipped": [f"{s}: {w} (needs CUDA)" for s, w, _, here in plan if not here]}
+              "skipped": [] if cuda else [
+                  "accuracy of backend='triton' (needs CUDA; the CPU backends ran)",
+                  *(f"{s}: {w} (needs CUDA)" for s, w, _, here in plan if not here),
+                  "CUDA training steps of launch/pretrain.py (needs CUDA; their flags checked with --dry-run)"]}
     result["accuracy"] = check_accuracy(device, 1000 if cuda else 77)
     for row in result["accuracy"]:
         print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['case']:24s} {row['backend']:6s} {row['dtype']:8s} "

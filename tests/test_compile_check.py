@@ -297,7 +297,7 @@ def test_acceptance_without_gpu_fails_clearly(tmp_path, monkeypatch, capsys):
         bench.cli(["--check", "--out", str(out)])
     assert stop.value.code == 1
     printed = capsys.readouterr().out
-    assert "check: NOT A GPU RUN: no CUDA device, 2 parts not run" in printed
+    assert "check: NOT A GPU RUN: no CUDA device, 4 parts not run" in printed
     assert "SKIPPED: timing" in printed and "SKIPPED: engines" in printed
     assert len(ran) == len(acceptance.CHECK_TRAIN) and all(c[-1] == "--dry-run" for c in ran.values())
     result = json.loads(out.read_text())
