@@ -400,6 +400,22 @@ def summary_markdown(builds):
 
 
 # ------------------------------------------------------------------------------------------ command line
+def write_builds(path, builds):
+    with open(path, "w") as f:
+        json.dump({"sizes": SIZES, "budgets": {"fp32_spill_bytes": FP32_SPILL_BYTES,
+                                               "shared_limit": {a: s for a, (_, s) in ARCHS.items()}},
+                   "builds": [dict(asdict(b), spill=b.spill) for b in builds]}, f, indent=1)
+
+
+def read_builds(paths):
+    """The builds of earlier --json outputs, merged, in table order (sm_90 first, fwd before bwd)."""
+    builds = []
+    for path in paths:
+        with open(path) as f:
+            builds += [Build(**{k: v for k, v in b.items() if k != "spill"}) for b in json.load(f)["builds"]]
+    return sorted(builds, key=lambda b: (-b.arch, b.dtype, b.head_dim, b.kind != "fwd"))
+
+
 def nvidia_backend_missing():
     """None when Triton can build for NVIDIA GPUs here (its backend and the ptxas it uses for sm_80 and sm_90),
     else the reason."""
@@ -423,6 +439,8 @@ def _parse(argv):
     p.add_argument("--json", default=None, help="write every build as JSON to this path")
     p.add_argument("--markdown", action="store_true", help="print the summary table (docs/kernels.md)")
     p.add_argument("--strict", action="store_true", help="KNOWN spills (KNOWN_SPILLS) fail the run too")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="print the summary table of earlier --json outputs (merged), build nothing")
     p.add_argument("--allow-head-dim", type=int, default=None, metavar="D",
                    help="what-if: let the launcher take head dims up to D (its MAX_HEAD_DIM) for this run")
     return p.parse_args(argv)
@@ -435,6 +453,8 @@ def main(argv=None):
         env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
         return subprocess.run([sys.executable, "-m", "lasp.kernels.compile_check", *argv], env=env).returncode
     args = _parse(argv)
+    if args.render:
+        return print(summary_markdown(read_builds(args.render))) or 0
     missing = nvidia_backend_missing()
     if missing:
         print(f"compile_check: {missing}", file=sys.stderr)
@@ -449,10 +469,7 @@ def main(argv=None):
     if args.markdown:
         print(summary_markdown(builds))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"sizes": SIZES, "budgets": {"fp32_spill_bytes": FP32_SPILL_BYTES,
-                                                   "shared_limit": {a: s for a, (_, s) in ARCHS.items()}},
-                       "builds": [dict(asdict(b), spill=b.spill) for b in builds]}, f, indent=1)
+        write_builds(args.json, builds)
     refused = sum(bool(b.refused) for b in builds)
     print(f"compile_check: {len(builds) - len(broken) - len(known) - refused} of {len(builds)} builds within "
           f"budget, {len(known)} KNOWN spills, {len(broken)} broken, {refused} refused by the launcher")
