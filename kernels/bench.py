@@ -46,7 +46,8 @@ def _parse(argv):
     p.add_argument("--repeats", type=int, default=10, help="timed calls per cell; the median is reported")
     p.add_argument("--max-ms", type=float, default=5000.0, help="skip longer T for a provider slower than this")
     p.add_argument("--check", action="store_true",
-                   help="GPU acceptance run (accuracy of every kernel, timing, a training step); on CPU: what it can")
+                   help="GPU acceptance run (kernels/acceptance.py: every kernel, engine and model family, the timing "
+                        "table; planned for < 8 min on an H100); without CUDA its CPU parts, then exit 1")
     p.add_argument("--plan", action="store_true", help="with --check: print the steps and their estimates only")
     p.add_argument("--peak", default=None, metavar="KIND,T,GATED", help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help="CPU kernel table: new torch kernel vs baseline, 8K vs 256K")

@@ -30,6 +30,7 @@ The test suite runs a subset (tests/test_compile_check.py); docs/kernels.md hold
 """
 import argparse
 import contextlib
+import importlib
 import io
 import itertools
 import json
@@ -46,10 +47,18 @@ import torch
 ARCHS = {90: ("H100", 227 * 1024), 80: ("A100", 163 * 1024)}     # sm -> (card, opt-in shared bytes per block)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 HEAD_DIMS = (64, 128, 256)
-PASSES = ("fwd", "bwd")
 SIZES = {"B": 2, "T": 4096, "H": 16}
 FP32_SPILL_BYTES = 256
 REGISTER_FILE = 64 * 1024                                         # 32-bit registers per SM (sm_80, sm_90)
+
+# The launchers, by pass: (module of kernels/ whose @triton.jit kernels they start, a call of the launcher on
+# (fake) q, k, v and the optional inputs `flags`). A new kernel module's launcher is one line here.
+LAUNCHERS = {
+    "fwd": ("lightning_triton", lambda lt, q, k, v, flags: lt.triton_fwd(q, k, v, **flags)),
+    "bwd": ("lightning_triton", lambda lt, q, k, v, flags: lt.triton_bwd(
+        q, k, v, **{"log_decay": None, "initial_state": None, **flags}, do=torch.zeros_like(v))),
+}
+PASSES = tuple(LAUNCHERS)
 
 # The launchers' optional inputs: name -> (passes that take it, its shape from (B, T, H, d), its dtype). Every
 # subset is compiled. A new flag of the kernels (e.g. segment_ids: (B, T) int32 document ids) is one line here.
@@ -71,14 +80,6 @@ KNOWN_SPILLS = {
         "per-token terms do not fit beside both passes in 255 registers. Meeting it needs a kernel-body change "
         "(e.g. the dq pass and the dk/dv pass as two kernels)",
 }
-
-
-def _launch_pass(kind, q, k, v, flags):
-    """Call the real launcher of pass `kind` on (fake) tensors with the optional inputs `flags` (name -> tensor)."""
-    from . import lightning_triton as lt
-    if kind == "fwd":
-        return lt.triton_fwd(q, k, v, **flags)
-    return lt.triton_bwd(q, k, v, **dict(dict(log_decay=None, initial_state=None), **flags), do=torch.zeros_like(v))
 
 
 @dataclass
@@ -188,19 +189,18 @@ def fake_cuda():
 
 
 @contextlib.contextmanager
-def recording():
-    """Fake CUDA tensors, and every Triton kernel of kernels/lightning_triton.py recorded instead of launched
+def recording(module="lightning_triton"):
+    """Fake CUDA tensors, and every Triton kernel of kernels/<module>.py recorded instead of launched
     (compiled or, under TRITON_INTERPRET, interpreted ones). Yields the list of Launch objects. The kernels are
     restored on exit (their bodies resolve helpers through the module's globals, so nothing may be compiled
     while the recorders are in place)."""
     from triton.runtime.jit import KernelInterface
-
-    from . import lightning_triton as lt
+    mod = importlib.import_module(f"{__package__}.{module}")
     launches = []
-    kernels = {name: fn for name, fn in vars(lt).items() if isinstance(fn, KernelInterface)}
+    kernels = {name: fn for name, fn in vars(mod).items() if isinstance(fn, KernelInterface)}
     with contextlib.ExitStack() as stack:
         for name, fn in kernels.items():
-            stack.enter_context(mock.patch.object(lt, name, _Recorder(fn, launches)))
+            stack.enter_context(mock.patch.object(mod, name, _Recorder(fn, launches)))
         stack.enter_context(fake_cuda())
         yield launches
 
@@ -208,11 +208,12 @@ def recording():
 def record_launches(kind, dtype, head_dim, flags, sizes=SIZES):
     """The launches pass `kind` makes with the optional inputs named in `flags`; ValueError when it refuses."""
     B, T, H = sizes["B"], sizes["T"], sizes["H"]
-    with recording() as launches:
+    module, launch = LAUNCHERS[kind]
+    with recording(module) as launches:
         q, k, v = (torch.zeros(B, T, H, head_dim, dtype=dtype, device="cuda") for _ in range(3))
         extra = {name: torch.zeros(FLAGS[name][1](B, T, H, head_dim), dtype=FLAGS[name][2], device="cuda")
                  for name in flags}
-        _launch_pass(kind, q, k, v, extra)
+        launch(importlib.import_module(f"{__package__}.{module}"), q, k, v, extra)
     return launches
 
 
