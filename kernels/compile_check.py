@@ -393,7 +393,8 @@ def summary_markdown(builds):
         worst = max(group, key=lambda b: (b.spill, b.registers))
         c = worst.config
         known, broken = (sum(bool(b.broken) and bool(b.known) == k for b in group) for k in (True, False))
-        verdict = ", ".join([f"{broken} of {len(group)} broken"] * bool(broken) + [f"{known} KNOWN"] * bool(known))
+        verdict = ", ".join([f"{broken} of {len(group)} broken"] * bool(broken) +
+                            [f"{known} of {len(group)} KNOWN"] * bool(known))
         lines.append(f"| {card} | {dtype} | {d} | {kind} | {c['BT']} | {c['BV']} | {c['num_warps']} | "
                      f"{max(b.registers for b in group)} | {worst.spill_stores}/{worst.spill_loads} | "
                      f"{'+'.join(worst.flags) or 'plain'} | {max(b.shared for b in group) / 1024:.1f} | "
