@@ -239,13 +239,13 @@ def _config(q, v, block_len, block_v, backward):
     (`python -m lasp.kernels.compile_check`; the table and the shapes tried are in docs/kernels.md):
       BK     d_k padded to a power of two >= 16: a d_v block needs all of d_k.
       BT     fp16/bf16: forward 32 tokens, backward 16 (it holds Q, K, V, dO, dK, dV and two d_k x BV states);
-             64-token forward blocks spilled 0.3-3 KB per thread at every BV and warp count tried.
+             64-token forward blocks spilled 0.3-20 KB per thread at every BV and warp count tried.
       BV     fp16/bf16 forward: the widest d_v block with BK·BV <= 2048 (the float32 state: 8 registers per
              thread at 8 warps), so 16 at d_k = 128 and 32 at 64 (BV = 32 at d_k = 128 spilled 20 B gated on
              sm_90). Backward: 32; narrower blocks spill less there but each adds a float32 (B, T, H, d_k)
              partial of dq and of dk: 8 KB per token and head at d = 128, BV = 16, against 4 KB at 32.
       fp32   exact ("ieee") dots run on FMA units, not tensor cores, and need far more registers per tile: 16 x 16
-             blocks both ways (32-token or 32-wide blocks spilled 1-5 KB per thread with ieee or tf32x3 dots).
+             blocks both ways (32-token or 32-wide blocks spilled 0.1-25 KB per thread, ieee or tf32x3 dots).
       warps  8 once BK·BV >= 2048 (fp32: 1024), else 4; 4 or 16 warps spilled more at d = 128, not less.
       dots   tf32 for fp16/bf16 inputs (error 2^-11, below the output's rounding); exact "ieee" for fp32.
     What still spills (the gated backward at every shape tried) is named in kernels/compile_check.py KNOWN_SPILLS.
