@@ -407,6 +407,17 @@ def summary_markdown(builds):
 
 
 # ------------------------------------------------------------------------------------------ command line
+def _what_if(config, shape, precision):
+    """lightning_triton._config with --shape (BT, BV, warps) and --precision forced; itself when neither is set."""
+    if shape is None and precision is None:
+        return config
+
+    def forced(q, v, block_len, block_v, backward):
+        BT, BK, BV, warps, prec = config(q, v, *(shape[:2] if shape else (block_len, block_v)), backward)
+        return BT, BK, BV, shape[2] if shape else warps, precision or prec
+    return forced
+
+
 def write_builds(path, builds):
     with open(path, "w") as f:
         json.dump({"sizes": SIZES, "budgets": {"fp32_spill_bytes": FP32_SPILL_BYTES,
@@ -448,6 +459,10 @@ def _parse(argv):
     p.add_argument("--strict", action="store_true", help="KNOWN spills (KNOWN_SPILLS) fail the run too")
     p.add_argument("--render", nargs="+", default=None, metavar="JSON",
                    help="print the summary table of earlier --json outputs (merged), build nothing")
+    p.add_argument("--shape", type=int, nargs=3, default=None, metavar=("BT", "BV", "WARPS"),
+                   help="what-if: every launch at these token / d_v blocks and warps instead of _config's")
+    p.add_argument("--precision", default=None, choices=("ieee", "tf32", "tf32x3"),
+                   help="what-if: every launch with these dot products instead of _config's")
     p.add_argument("--allow-head-dim", type=int, default=None, metavar="D",
                    help="what-if: let the launcher take head dims up to D (its MAX_HEAD_DIM) for this run")
     return p.parse_args(argv)
@@ -468,7 +483,8 @@ def main(argv=None):
         return 2
     wanted = None if args.flags is None else {tuple(s.split("+")) if s != "plain" else () for s in args.flags}
     from . import lightning_triton as lt
-    with mock.patch.object(lt, "MAX_HEAD_DIM", args.allow_head_dim or lt.MAX_HEAD_DIM):
+    with mock.patch.object(lt, "MAX_HEAD_DIM", args.allow_head_dim or lt.MAX_HEAD_DIM), \
+            mock.patch.object(lt, "_config", _what_if(lt._config, args.shape, args.precision)):
         builds = sweep(tuple(args.arch), tuple(args.dtype), tuple(args.head_dim), tuple(args.kinds),
                        None if wanted is None else (lambda kind, flags: tuple(flags) in wanted))
     broken = [b for b in builds if b.broken and (args.strict or not b.known)]
