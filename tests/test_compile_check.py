@@ -311,3 +311,12 @@ def test_bench_ptxas_is_the_compile_check(monkeypatch):
     monkeypatch.setattr(cc, "main", lambda argv: seen.append(argv) or 0)
     assert bench.main(["--ptxas", "90", "--head-dim", "64"]) == 0
     assert seen == [["--arch", "90", "--dtype", "bf16", "--head-dim", "64"]]
+
+
+def test_what_if_overrides_the_launch_config():
+    """--shape / --precision force every launch's blocks, warps and dots; without them _config is untouched."""
+    from lasp.kernels import lightning_triton as lt
+    q = torch.zeros(1, 8, 1, 128, dtype=torch.bfloat16)
+    assert cc._what_if(lt._config, None, None) is lt._config
+    assert cc._what_if(lt._config, (16, 64, 4), "tf32x3")(q, q, None, None, True) == (16, 128, 64, 4, "tf32x3")
+    assert cc._what_if(lt._config, None, "ieee")(q, q, None, None, True)[4] == "ieee"
