@@ -320,3 +320,15 @@ def test_what_if_overrides_the_launch_config():
     assert cc._what_if(lt._config, None, None) is lt._config
     assert cc._what_if(lt._config, (16, 64, 4), "tf32x3")(q, q, None, None, True) == (16, 128, 64, 4, "tf32x3")
     assert cc._what_if(lt._config, None, "ieee")(q, q, None, None, True)[4] == "ieee"
+
+
+def test_main_leaves_the_interpreter(tmp_path, capfd):
+    """Under the suite's TRITON_INTERPRET=1 the module re-runs itself without it (interpreted kernels cannot be
+    compiled); --render prints the table of an earlier JSON without building anything."""
+    assert os.environ.get("TRITON_INTERPRET") == "1"
+    build = cc.Build("_fwd_kernel", "fwd", ["log_gate"], "bf16", 128, 90, config={"BT": 32, "BV": 16, "num_warps": 8},
+                     registers=226, spill_stores=0, spill_loads=0, shared=12288)
+    cc.write_builds(tmp_path / "one.json", [build])
+    assert cc.main(["--render", str(tmp_path / "one.json")]) == 0
+    row = "| H100 sm_90 | bf16 | 128 | fwd | 32 | 16 | 8 | 226 | 0/0 | log_gate | 12.0 | kept |"
+    assert row in capfd.readouterr().out
