@@ -322,10 +322,18 @@ def test_what_if_overrides_the_launch_config():
     assert cc._what_if(lt._config, None, "ieee")(q, q, None, None, True)[4] == "ieee"
 
 
-def test_main_leaves_the_interpreter(tmp_path, capfd):
+def test_main_leaves_the_interpreter(tmp_path, capfd, monkeypatch):
     """Under the suite's TRITON_INTERPRET=1 the module re-runs itself without it (interpreted kernels cannot be
-    compiled); --render prints the table of an earlier JSON without building anything."""
+    compiled), with the same arguments; --render prints the table of an earlier JSON without building anything."""
     assert os.environ.get("TRITON_INTERPRET") == "1"
+    calls = []
+    with monkeypatch.context() as patch:
+        patch.setattr(cc.subprocess, "run", lambda argv, env: calls.append((argv, env)) or
+                      subprocess.CompletedProcess(argv, 3))
+        assert cc.main(["--pass", "fwd", "--arch", "80"]) == 3
+    (argv, env), = calls
+    assert argv[1:] == ["-m", "lasp.kernels.compile_check", "--pass", "fwd", "--arch", "80"]
+    assert "TRITON_INTERPRET" not in env and env["PATH"] == os.environ["PATH"]
     build = cc.Build("_fwd_kernel", "fwd", ["log_gate"], "bf16", 128, 90, config={"BT": 32, "BV": 16, "num_warps": 8},
                      registers=226, spill_stores=0, spill_loads=0, shared=12288)
     cc.write_builds(tmp_path / "one.json", [build])
