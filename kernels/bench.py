@@ -9,22 +9,27 @@ GPU default: T in 2K..128K, B=1, H=16, D=128, bf16; the median of CUDA-event tim
 out of memory prints "oom"; once one call of a provider exceeds --max-ms, its longer lengths print "skip".
 `--smoke` runs on CPU in seconds (T=256, H=2, D=16, fp32, torch and sdpa only; the Triton interpreter is far
 too slow to time) so that checks can exercise this script. Prints a markdown table, writes JSON to --out.
-`--ptxas 90` needs no GPU: it compiles the Triton kernels for sm_90 and prints ptxas register and spill counts.
+`--ptxas 90` needs no GPU: `python -m lasp.kernels.compile_check --arch 90 --dtype bf16 --head-dim D` (every
+Triton kernel and flag set built as a launch builds it; registers and spills from Triton's own ptxas run).
 `--cpu` is the CPU kernel table (docs/kernels.md): fwd+bwd tokens/s of the torch kernel at T = 8K and 256K
 (B=1, H=8, d=32, per-head decay, fp32, one process), ungated and gated, beside `baseline` (a copy of the torch
 path before the hand-written backward, kept here for that comparison) and a 2048³ matmul, interleaved per repeat.
-`--check` is the GPU acceptance run (docs/kernels.md): every lightning_attn kernel against float64 on the CPU in
-fp32 and bf16, the timing table, three CUDA steps of launch/pretrain.py; on CPU it says what it skips.
+`--check` is the GPU acceptance run (kernels/acceptance.py, docs/kernels.md), planned for 8 minutes of an H100
+(`--check --plan` prints the plan): every kernel vs float64, the timing table, every engine, 3 training steps
+per model family; JSON to --out and markdown beside it. Without CUDA it runs the CPU parts, says what it
+skipped and exits 1.
 """
 import argparse
 import json
 import statistics
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .acceptance import CHECK_CASES  # noqa: F401  (the --check run lives in kernels/acceptance.py)
 from .lightning import lightning_attn, lightning_attn_bwd, lightning_attn_fwd
 
 PROVIDERS = ("triton", "torch", "sdpa", "fla", "triton+gate", "fla+gate")
@@ -41,11 +46,14 @@ def _parse(argv):
     p.add_argument("--repeats", type=int, default=10, help="timed calls per cell; the median is reported")
     p.add_argument("--max-ms", type=float, default=5000.0, help="skip longer T for a provider slower than this")
     p.add_argument("--check", action="store_true",
-                   help="GPU acceptance run (accuracy of every kernel, timing, a training step); on CPU: what it can")
+                   help="GPU acceptance run (kernels/acceptance.py: every kernel, engine and model family, the timing "
+                        "table; planned for < 8 min on an H100); without CUDA its CPU parts, then exit 1")
+    p.add_argument("--plan", action="store_true", help="with --check: print the steps and their estimates only")
     p.add_argument("--peak", default=None, metavar="KIND,T,GATED", help=argparse.SUPPRESS)
     p.add_argument("--cpu", action="store_true", help="CPU kernel table: new torch kernel vs baseline, 8K vs 256K")
     p.add_argument("--ptxas", type=int, default=None, metavar="SM",
-                   help="no GPU needed: compile the Triton kernels for sm_SM (e.g. 90) and print ptxas register use")
+                   help="no GPU needed: the Triton kernels built for sm_SM (e.g. 90) as a launch builds them, "
+                        "bf16 at --head-dim: registers, spills, shared memory (kernels/compile_check.py)")
     args = p.parse_args(argv)
     if args.smoke:                             # tiny sizes so the CPU run takes seconds
         args.heads, args.head_dim, args.repeats = 2, 16, 3
@@ -200,50 +208,6 @@ def table(result):
     return "\n".join(lines + ([""] + sorted(notes) if notes else []))
 
 
-def ptxas_report(arch, head_dim=128, dtype="bf16"):
-    """Compile the forward and backward kernels at their CUDA config for sm_`arch` and print ptxas -v (registers,
-    spills). Runs without a GPU (Triton ships ptxas); needs TRITON_INTERPRET unset. How the configs were chosen."""
-    import os
-    import subprocess
-    import tempfile
-
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.compiler import get_ptxas
-    from triton.compiler import ASTSource
-
-    from . import lightning_triton as lt
-    if lt._INTERPRET:
-        raise SystemExit("--ptxas compiles for a GPU: unset TRITON_INTERPRET")
-    ptxas = get_ptxas(arch).path                          # the ptxas Triton itself uses for this arch
-    x = torch.empty(1, 1, 1, head_dim, dtype=getattr(torch, {"bf16": "bfloat16", "fp16": "float16"}[dtype]))
-    for kernel, backward, gated in ((lt._fwd_kernel, False, False), (lt._bwd_kernel, True, False),
-                                    (lt._fwd_kernel, False, True), (lt._bwd_kernel, True, True)):
-        BT, BK, BV, num_warps, precision = lt._config(x, x, None, None, backward)
-        consts = {"HAS_DECAY": True, "HAS_GATE": gated, "HAS_INIT": True, "HAS_DFINAL": True,
-                  "PRECISION": precision, "BT": BT, "BK": BK, "BV": BV}
-        sig = {}
-        for name in kernel.arg_names:
-            if name in consts:
-                sig[name] = "constexpr"
-            elif name in ("T", "H", "DK", "DV"):
-                sig[name] = "i32"
-            else:  # inputs/outputs in the input dtype, states, decays and partial gradients in float32
-                sig[name] = f"*{dtype}" if name in ("Q", "K", "V", "DO", "O", "DV_OUT") else "*fp32"
-        consts = {k: v for k, v in consts.items() if k in sig}
-        compiled = triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=consts),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": 1})
-        with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-            f.write(compiled.asm["ptx"])
-        gpu = f"sm_{arch}a" if arch >= 90 else f"sm_{arch}"
-        out = subprocess.run([ptxas, "-v", f"--gpu-name={gpu}", f.name, "-o", os.devnull], capture_output=True,
-                             text=True).stderr
-        info = [line.split(":", 1)[-1].strip() for line in out.splitlines() if "spill" in line or "Used" in line]
-        name = ("bwd" if backward else "fwd") + ("+gate" if gated else "")
-        print(f"{name} {dtype} d={head_dim} BT={BT} BV={BV} warps={num_warps} {gpu}: "
-              f"shared {compiled.metadata.shared} B; " + "; ".join(info or [out.strip()]))
-
-
 # ----------------------------------------------------------------------------------------- CPU kernel table
 def _baseline_chunk_scan(q, k, v, log_decay, state, c):
     """COPY of kernels/linear_attn.py `_chunk_scan` as of issue 13 (one Python step per chunk, autograd backward):
@@ -371,169 +335,17 @@ def cpu_markdown(result):
     return "\n".join(lines)
 
 
-# ------------------------------------------------------------------------------------ GPU acceptance (--check)
-CHECK_CASES = {            # name: (gate scale g = scale·U(0, 1) or None, per-head decay, initial state + dS_final)
-    "plain": (None, False, False), "decay+state": (None, True, True),
-    "gate strong+decay+state": (-20.0, True, True), "gate weak": (-1e-4, False, False)}
-
-
-def _check_inputs(case, T, B=2, H=4, d_k=64, d_v=128, seed=0):
-    """float64 CPU inputs of one accuracy case: (q, k, v, log_decay, log_gate, state, do, dfinal)."""
-    scale, decay, with_state = CHECK_CASES[case]
-    g = torch.Generator().manual_seed(seed)
-    q, k = (torch.randn(B, T, H, d_k, generator=g, dtype=torch.float64) / d_k ** 0.5 for _ in range(2))
-    v, do = (torch.randn(B, T, H, d_v, generator=g, dtype=torch.float64) for _ in range(2))
-    log_decay = -(2.0 ** (-8.0 * torch.arange(1, H + 1, dtype=torch.float64) / H)) if decay else None
-    log_gate = None if scale is None else scale * torch.rand(B, T, H, generator=g, dtype=torch.float64)
-    state, dfinal = ((torch.randn(B, H, d_k, d_v, generator=g, dtype=torch.float64) for _ in range(2))
-                     if with_state else (None, None))
-    return q, k, v, log_decay, log_gate, state, do, dfinal
-
-
-def _outputs(inputs, backend, dtype, device):
-    """(o, final, dq, dk, dv, dstate, dlog_gate) of lightning_attn in `dtype` on `device` (Nones dropped), float64
-    on the CPU. Inputs are rounded to `dtype` first, so the float64 reference sees the same numbers."""
-    q, k, v, log_decay, log_gate, state, do, dfinal = inputs
-    cast = (lambda x, to: None if x is None else x.detach().to(dtype).to(device=device, dtype=to).requires_grad_())
-    q, k, v = (cast(x, dtype) for x in (q, k, v))
-    sdt = torch.float64 if dtype == torch.float64 else torch.float32
-    log_gate, state = cast(log_gate, sdt), cast(state, sdt)
-    ld = None if log_decay is None else log_decay.to(device=device, dtype=sdt)
-    o, final = lightning_attn(q, k, v, log_decay=ld, log_gate=log_gate, initial_state=state,
-                              output_final_state=True, backend=backend)
-    outs, grads = [o], [do.to(dtype).to(device=device, dtype=o.dtype)]
-    if dfinal is not None:
-        outs.append(final)
-        grads.append(dfinal.to(device=device, dtype=final.dtype))
-    torch.autograd.backward(outs, grads)
-    got = [o, final, q.grad, k.grad, v.grad, None if state is None else state.grad,
-           None if log_gate is None else log_gate.grad]
-    return [None if x is None else x.detach().double().cpu() for x in got]
-
-
-def _errors(got, want):
-    names = ("o", "final", "dq", "dk", "dv", "dstate", "dlog_gate")
-    return {n: ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
-            for n, a, b in zip(names, got, want) if a is not None}
-
-
-def _softmax_outputs(inputs, backend, dtype, device):
-    """(o, dq, dk, dv) of causal softmax_attn (kernels/softmax_attn.py) in `dtype` on `device`, float64 on the CPU."""
-    from .softmax_attn import softmax_attn
-    q, k, v, do = inputs
-    q, k, v = (x.detach().to(dtype).to(device).requires_grad_() for x in (q, k, v))
-    o = softmax_attn(q, k, v, causal=True, backend=backend)
-    o.backward(do.to(dtype).to(device))
-    return [x.detach().double().cpu() for x in (o, q.grad, k.grad, v.grad)]
-
-
-def _softmax_rows(device, T):
-    """The softmax kernels' accuracy rows: every backend this device runs in fp32 / bf16 against float64."""
-    from .softmax_attn import SOFTMAX_BACKENDS, resolve_softmax_backend
-    g = torch.Generator().manual_seed(1)
-    inputs = [torch.randn(2, T, 4, 64, generator=g, dtype=torch.float64) for _ in range(4)]
-    rows = []
-    for dtype in (torch.float32, torch.bfloat16):
-        rounded = [x.to(dtype).double() for x in inputs]
-        want = _softmax_outputs(rounded, "torch", torch.float64, torch.device("cpu"))
-        errs = {}
-        for backend in SOFTMAX_BACKENDS:
-            try:
-                resolve_softmax_backend(backend, device, dtype, 64)
-            except ValueError:
-                continue                                        # not a kernel of this device and dtype
-            got = _softmax_outputs(inputs, backend, dtype, device)
-            errs[backend] = {n: ((a - b).norm() / b.norm()).item()
-                             for n, a, b in zip(("o", "dq", "dk", "dv"), got, want)}
-        for backend, err in errs.items():
-            worst = max(err.values())
-            ratio = worst / max(max(errs["torch"].values()), 1e-300)
-            ok = worst < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
-            rows.append({"case": "softmax causal", "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                         "worst_rel_err": worst, "ratio_to_torch": ratio, "errors": err, "ok": ok})
-    return rows
-
-
-def check_accuracy(device, T):
-    """Every lightning_attn and softmax_attn kernel on `device` in fp32 and bf16 against float64 on the CPU. Error
-    ratio = its error / the torch backend's error on the same device and dtype (house rule: bf16 ≤ 2); fp32 must
-    be < 2e-5."""
-    backends = ("triton", "torch") if device.type == "cuda" else ("torch",)
-    rows = []
-    for case in CHECK_CASES:
-        inputs = _check_inputs(case, T)
-        for dtype in (torch.float32, torch.bfloat16):
-            rounded = [None if x is None else x.to(dtype).double() for x in inputs]   # what both sides see
-            want = _outputs(rounded, "torch", torch.float64, torch.device("cpu"))
-            errs = {b: _errors(_outputs(inputs, b, dtype, device), want) for b in backends}
-            for backend in backends:
-                worst = max(errs[backend].values())
-                ratio = worst / max(max(errs["torch"].values()), 1e-300)
-                ok = worst < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
-                rows.append({"case": case, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
-                             "worst_rel_err": worst, "ratio_to_torch": ratio, "errors": errs[backend], "ok": ok})
-    return rows + _softmax_rows(device, T)
-
-
-def _train_step(cuda, run_dir):
-    """The launcher for 3 steps of the tiny config on one CUDA rank; on CPU only its flags (--dry-run)."""
-    import pathlib
-    import subprocess
-    import sys
-    root = pathlib.Path(__file__).resolve().parents[1]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "1", "launch/pretrain.py",
-           "--config", "tiny", "--max-steps", "3", "--run-dir", str(run_dir)]
-    if not cuda:
-        cmd = [sys.executable, "launch/pretrain.py", "--config", "tiny", "--max-steps", "3", "--run-dir",
-               str(run_dir), "--dry-run"]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=900)
-    return {"command": " ".join(cmd[1:]), "rc": done.returncode, "tail": (done.stdout + done.stderr)[-2000:]}
-
-
-def check(args):
-    """GPU acceptance run: accuracy of every kernel, the timing table, one short CUDA training step. On CPU it
-    runs what it can (the torch backend's accuracy at a small size, the launcher's flags) and lists the rest as
-    skipped, with the reason."""
-    import tempfile
-    cuda = torch.cuda.is_available()
-    device = torch.device("cuda" if cuda else "cpu")
-    skipped = [] if cuda else [
-        "accuracy of backend='triton' (needs CUDA)", "timing table vs fla chunk_simple_gla and SDPA flash (needs CUDA)",
-        "CUDA training step of launch/pretrain.py (needs CUDA; its flags checked with --dry-run)"]
-    result = {"device": torch.cuda.get_device_name() if cuda else "cpu", "skipped": skipped,
-              "accuracy": check_accuracy(device, 1000 if cuda else 77)}
-    for row in result["accuracy"]:
-        print(f"{'ok  ' if row['ok'] else 'FAIL'} {row['case']:24s} {row['backend']:6s} {row['dtype']:8s} "
-              f"worst rel err {row['worst_rel_err']:.2e}  / torch {row['ratio_to_torch']:.2f}", flush=True)
-    if cuda:
-        args.lengths = args.lengths or [4096, 16384, 65536]
-        args.repeats = min(args.repeats, 5)
-        result["timing"] = run(args)
-        print(table(result["timing"]), flush=True)
-    with tempfile.TemporaryDirectory() as tmp:
-        result["train"] = _train_step(cuda, tmp)
-    print(f"{'ok  ' if result['train']['rc'] == 0 else 'FAIL'} {result['train']['command']} "
-          f"(rc {result['train']['rc']})")
-    for reason in skipped:
-        print(f"SKIPPED: {reason}")
-    result["ok"] = all(r["ok"] for r in result["accuracy"]) and result["train"]["rc"] == 0
-    print("check: " + ("all run parts passed" if result["ok"] else "FAILED (see above)"))
-    return result
-
-
 def main(argv=None):
     args = _parse(argv)
-    if args.ptxas:
-        return ptxas_report(args.ptxas, args.head_dim)
+    if args.ptxas:                          # Triton's own build, read from its ptxas log: kernels/compile_check.py
+        from .compile_check import main as compile_check
+        return compile_check(["--arch", str(args.ptxas), "--dtype", "bf16", "--head-dim", str(args.head_dim)])
     if args.peak:
         kind, T, gated = args.peak.split(",")
         return print(f"peak MiB {step_peak_mib(kind, int(T), gated == '1'):.1f}")
     if args.check:
-        result = check(args)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(result, f, indent=2)
-        return result
+        from .acceptance import main as acceptance
+        return acceptance(args)
     if args.cpu:
         lengths = tuple(args.lengths or (8192, 262144))
         result = cpu_table(lengths, args.repeats if args.repeats != 10 else 3)
@@ -550,5 +362,14 @@ def main(argv=None):
     return result
 
 
+def cli(argv=None):
+    """`python -m lasp.kernels.bench`: exit 1 when --check fails or is not a complete GPU run (no CUDA here)."""
+    result = main(argv)
+    if isinstance(result, dict) and "complete" in result and not (result["ok"] and result["complete"]):
+        sys.exit(1)
+    if isinstance(result, int):
+        sys.exit(result)
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -234,17 +234,31 @@ def _head_block(dim):
 
 
 def _config(q, v, block_len, block_v, backward):
-    """(BT, BK, BV, num_warps, dot precision). Fixed, not autotuned: the interpreter cannot autotune, and no GPU
-    has timed these yet. The CUDA shapes are the largest for which ptxas (sm_90a, bf16, d_k = d_v = 128) reports
-    no register spills: forward 32-token blocks, backward 16 (it holds q, k, dk and two states at once), d_v in
-    blocks of 32, 8 warps. Larger blocks (64 tokens, d_v blocks of 64) spilled 0.2-2 KB per thread."""
+    """(BT, BK, BV, num_warps, dot precision) of a launch. Fixed, not autotuned: the interpreter cannot autotune
+    and no GPU has timed these. The rule, read off Triton's own sm_90 and sm_80 builds at the worst flag set
+    (`python -m lasp.kernels.compile_check`; the table and the shapes tried are in docs/kernels.md):
+      BK     d_k padded to a power of two >= 16: a d_v block needs all of d_k.
+      BT     fp16/bf16: forward 32 tokens, backward 16 (it holds Q, K, V, dO, dK, dV and two d_k x BV states);
+             64-token forward blocks spilled 0.3-20 KB per thread at every BV and warp count tried.
+      BV     fp16/bf16 forward: the widest d_v block with BK·BV <= 2048 (the float32 state: 8 registers per
+             thread at 8 warps), so 16 at d_k = 128 and 32 at 64 (BV = 32 at d_k = 128 spilled 20 B gated on
+             sm_90). Backward: 32; narrower blocks spill less there but each adds a float32 (B, T, H, d_k)
+             partial of dq and of dk: 8 KB per token and head at d = 128, BV = 16, against 4 KB at 32.
+      fp32   exact ("ieee") dots run on FMA units, not tensor cores, and need far more registers per tile: 16 x 16
+             blocks both ways (32-token or 32-wide blocks spilled 0.1-25 KB per thread, ieee or tf32x3 dots).
+      warps  8 once BK·BV >= 2048 (fp32: 1024), else 4; 4 or 16 warps spilled more at d = 128, not less.
+      dots   tf32 for fp16/bf16 inputs (error 2^-11, below the output's rounding); exact "ieee" for fp32.
+    What still spills (the gated backward at every shape tried) is named in kernels/compile_check.py KNOWN_SPILLS.
+    Under TRITON_INTERPRET every block is 16 tokens (CPU speed). block_len / block_v override BT / BV."""
     BK = _head_block(q.shape[-1])
-    BT = block_len or (16 if _INTERPRET or backward else 32)
-    BV = block_v or min(_head_block(v.shape[-1]), 32)
+    exact = q.dtype == torch.float32
+    BT = block_len or (16 if _INTERPRET or backward or exact else 32)
+    widest = 16 if exact else 32 if backward else max(16, 2048 // BK)
+    BV = block_v or min(_head_block(v.shape[-1]), widest)
     if BT < 16 or BV < 16 or BT & (BT - 1) or BV & (BV - 1):
         raise ValueError(f"block_len {BT} and block_v {BV} must be powers of two >= 16")
-    num_warps = 8 if BK * BV >= 64 * 32 else 4
-    return BT, BK, BV, num_warps, ("ieee" if q.dtype == torch.float32 else "tf32")
+    num_warps = 8 if BK * BV >= (1024 if exact else 2048) else 4
+    return BT, BK, BV, num_warps, ("ieee" if exact else "tf32")
 
 
 def _check(q, k, v, log_decay, initial_state, log_gate=None):
