@@ -81,6 +81,10 @@ class DataConfig:
     seed: int = 0                     # shuffles the packed sequences, one permutation per epoch
     cache_dir: str = "~/.cache/lasp"  # tokenizer + token cache, keyed by corpus content and vocabulary
     mqar: dict = field(default_factory=dict)  # {} = the corpus; {"kv_pairs": 16} = synthetic recall (launch/mqar.py)
+    prepared: str = ""                # a folder from python -m lasp.launch.prepare_data (instead of corpus)
+    indexed: list = field(default_factory=list)  # Megatron <prefix>.bin/.idx datasets, concatenated (vocab_size!)
+    tokenizer: str = ""               # a sentencepiece .model: tokenizes the corpus / decodes samples of indexed data
+    inline_max_mb: int = 64           # a larger corpus is refused: prepare it with launch/prepare_data.py first
 
 
 @dataclass
@@ -471,6 +475,20 @@ def _check_mqar(cfg):
                          f"(got {cfg.run.sample_tokens})")
 
 
+def _check_data_source(cfg):
+    """One of data.corpus / prepared / indexed / mqar; indexed data has no tokenizer unless data.tokenizer names one,
+    so no text sample without it."""
+    given = [key for key in ("corpus", "prepared", "indexed", "mqar") if getattr(cfg.data, key)]
+    if len(given) > 1:
+        raise ValueError(f"data: choose one of data.corpus, data.prepared, data.indexed, data.mqar (got "
+                         f"{', '.join('data.' + k for k in given)})")
+    if cfg.data.inline_max_mb < 0:
+        raise ValueError(f"data.inline_max_mb must be >= 0, got {cfg.data.inline_max_mb}")
+    if cfg.data.indexed and not cfg.data.tokenizer and cfg.run.sample_tokens:
+        raise ValueError(f"data.indexed has no tokenizer to decode a text sample: give data.tokenizer (a sentencepiece "
+                         f".model) or set run.sample_tokens = 0 (got {cfg.run.sample_tokens})")
+
+
 def check_config(cfg, world_size):
     """Everything that can be checked before any process-group work: ValueError naming the key."""
     from lasp.apply import resolve_engines
@@ -487,6 +505,7 @@ def check_config(cfg, world_size):
     _check_choice("run.wandb_mode", cfg.run.wandb_mode, ("online", "offline", "disabled"))
     if cfg.data.mqar:
         _check_mqar(cfg)
+    _check_data_source(cfg)
     try:
         resolve_engines(cfg.parallel.linear, cfg.parallel.softmax, cfg.parallel.layout)
         check_mesh_sizes(world_size, cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)

@@ -31,8 +31,7 @@ import torch.distributed as dist
 
 from lasp.launch import checkpoint as ckpt
 from lasp.launch.config import check_config, model_changes
-from lasp.launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
-                         MQARDataset, shard_batch)
+from lasp.launch.data import check_data, open_data, shard_batch
 from lasp.launch.engine import build_model, make_engine, parallelize
 from lasp.launch.report import Reporter, peak_flops
 from lasp.parallel import comm
@@ -90,23 +89,6 @@ def _agree(error, device):
         print(f"pretrain: error: {error}", file=sys.stderr, flush=True)
     comm.barrier()
     raise ReportedError(str(error) if error is not None else f"rank {failed[0]} failed (its message is above)")
-
-
-def _prepare_data(cfg_data, files, rank, device):
-    """Rank 0 trains the tokenizer and tokenizes the corpus once (cached); every rank then loads the cache.
-    data.mqar: synthetic recall sequences instead (no files, no tokenizer: None)."""
-    if cfg_data.mqar:
-        dataset = MQARDataset(cfg_data.mqar, cfg_data.seq_len, cfg_data.vocab_size, cfg_data.seed)
-        return Path(dataset.key), None, dataset
-    path = cache_path(files, cfg_data.text_key, cfg_data.vocab_size, cfg_data.cache_dir)
-    error = None
-    if rank == 0:
-        try:
-            build_cache(files, cfg_data.text_key, cfg_data.vocab_size, path)
-        except ValueError as e:
-            error = e
-    _agree(error, device)
-    return path, load_tokenizer(path), PackedDataset(path, cfg_data.seq_len, cfg_data.seed)
 
 
 def _trainer_state(step, cfg, mesh, data_key):
@@ -265,18 +247,17 @@ def setup(cfg):
     """Validate (ValueError before any group work), then mesh, data, model, parallelism, engine, resume state."""
     rank, world, local_rank, _ = _process()
     check_config(cfg, world)
-    files = corpus_files(cfg.data.corpus)
-    check_corpus(files, cfg.data.text_key)
+    check_data(cfg.data)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     _preflight(cfg, run_dir, root)
     mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
-    data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
-    if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
-        (run_dir / "tokenizer.model").write_bytes((data_path / "tokenizer.model").read_bytes())
+    data = open_data(cfg.data, rank, lambda error: _agree(error, device))   # rank 0 builds, all load (data.py)
+    if rank == 0 and data.tokenizer_file is not None:  # launch/generate.py decodes with it
+        (run_dir / "tokenizer.model").write_bytes(data.tokenizer_file.read_bytes())
 
-    vocab_size = tokenizer.get_piece_size() if tokenizer is not None else cfg.data.vocab_size
+    vocab_size = data.vocab_size
     model = build_model(cfg.model, vocab_size, cfg.run.seed, device)
     error = None
     try:
@@ -287,7 +268,7 @@ def setup(cfg):
     _agree(error, device)
     run = build(cfg, model, mesh, device)
     run.label, run.run_dir, run.root = model_label(cfg.model, model.config), run_dir, root
-    run.data_key, run.tokenizer, run.dataset = data_path.name, tokenizer, dataset
+    run.data_key, run.tokenizer, run.dataset = data.key, data.tokenizer, data.dataset
     if cfg.checkpoint.resume:
         run.start, run.last_ckpt = _resume(run.engine, root, rank, _trainer_state(0, cfg, mesh, run.data_key),
                                            device)
@@ -476,11 +457,11 @@ def dry_run(cfg):
     if torch.cuda.is_available() and local_world > torch.cuda.device_count():
         raise ValueError(f"{local_world} ranks per node but {torch.cuda.device_count()} GPUs visible")
     check_config(cfg, world)
-    files = corpus_files(cfg.data.corpus)
-    check_corpus(files, cfg.data.text_key)
+    check_data(cfg.data)
     if rank == 0:
         where = f"{env.get('MASTER_ADDR', 'localhost')}:{env.get('MASTER_PORT', '-')}"
-        print(f"dry run: rendezvous {where}; corpus {[str(f) for f in files]}; run dir {cfg.run.dir}; "
+        source = cfg.data.prepared or cfg.data.indexed or cfg.data.corpus or "embedded"
+        print(f"dry run: rendezvous {where}; data {source}; run dir {cfg.run.dir}; "
               f"{'cuda' if torch.cuda.is_available() else 'cpu'} ({torch.cuda.device_count()} GPUs visible)")
         print("\n".join(mesh_table(world, cfg.parallel.sp, local_world, cfg.parallel.tp, cfg.parallel.ep)))
         print("dry run OK")
