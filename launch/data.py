@@ -105,7 +105,7 @@ def check_data(cfg_data):
         if size > cfg_data.inline_max_mb * 1e6:
             corpus = " ".join(cfg_data.corpus) or str(DEFAULT_CORPUS)
             raise ValueError(f"data.corpus: {size / 1e6:.0f} MB of text is more than data.inline_max_mb = "
-                             f"{cfg_data.inline_max_mb} tokenizes inside a training job: prepare it once with "
+                             f"{cfg_data.inline_max_mb} (the most a training job tokenizes itself): prepare it once with "
                              + PREPARE_HINT.format(corpus=corpus, vocab=cfg_data.vocab_size))
         check_corpus(files, cfg_data.text_key)
 
@@ -183,6 +183,7 @@ class PackedDataset:
     def __init__(self, source, seq_len, seed=0, split="train"):
         stream = source if isinstance(source, TokenStream) else open_prepared(source)
         start, stop = split_bounds(len(stream.tokens), split)
+        self.stream = stream                 # keeps the owners of the memory maps alive (megatron-core's readers)
         self.tokens, self.offsets = stream.tokens[start:stop], stream.offsets
         self.seq_len, self.seed, self.split, self.start = seq_len, seed, split, start
         self.n_sequences = (len(self.tokens) - 1) // seq_len

@@ -169,7 +169,7 @@ def text_bytes(path):
         estimate = int.from_bytes(f.read(4), "little")
     while estimate < size:                         # a file above 4 GiB of text: its trailer wrapped around
         estimate += 1 << 32
-    return estimate
+    return estimate if estimate <= 1000 * size else 4 * size   # no trailer (a damaged file): a guess
 
 
 def corpus_key(files, text_key, vocab_size, tokenizer_file=None, sample_mb=None):
@@ -260,15 +260,16 @@ def _chunks(pieces, chunk_bytes):
 
 
 def _encoded(chunks, workers, model_file, dtype):
-    """Yield (_encode_chunk(chunk), bytes) in corpus order: in this process (workers=1) or N spawned processes
-    with at most 2·N chunks in flight (the memory bound)."""
+    """Yield (_encode_chunk(chunk), bytes) in corpus order: in this process (workers=1) or N forked processes
+    with at most 2·N chunks in flight (the memory bound). Forked, not spawned: importing lasp.launch imports torch,
+    seconds and ~200 MB per spawned worker; a forked one shares the parent's pages and never touches torch."""
     if workers == 1:
         _init_worker(model_file, dtype)
         yield from ((_encode_chunk(chunk), size) for chunk, size in chunks)
         return
     import multiprocessing
     pending = deque()
-    with multiprocessing.get_context("spawn").Pool(workers, _init_worker, (str(model_file), dtype)) as pool:
+    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(model_file), dtype)) as pool:
         for chunk, size in chunks:
             pending.append((pool.apply_async(_encode_chunk, (chunk,)), size))
             if len(pending) >= 2 * workers:
@@ -513,6 +514,10 @@ def _megatron_dataset(prefix):
         if not Path(prefix + suffix).is_file():
             raise ValueError(f"data.indexed: {prefix}{suffix} does not exist (a Megatron indexed dataset is "
                              f"<prefix>.bin + <prefix>.idx, as tools/preprocess_data.py writes them)")
+    with open(prefix + ".idx", "rb") as f:
+        if f.read(9) != b"MMIDIDX\x00\x00":          # megatron-core's header; its reader asserts on it
+            raise ValueError(f"data.indexed: {prefix}.idx / .bin cannot be read by megatron-core (no MMIDIDX header): "
+                             f"not an indexed dataset")
     try:
         return IndexedDataset(prefix)
     except (AssertionError, ValueError, OSError, IndexError, TypeError) as e:
