@@ -158,10 +158,10 @@ def open_data(cfg_data, rank, agree):
 def _documents(offsets, start, stop):
     """(stop - start,) int64: the document of each position in [start, stop), counted from 0 at start (offsets:
     the sorted document starts, as in TokenStream)."""
-    inside = offsets[np.searchsorted(offsets, start, "right"):np.searchsorted(offsets, stop - 1, "right")]
-    marks = np.zeros(stop - start, np.int64)
-    np.add.at(marks, np.asarray(inside, np.int64) - start, 1)
-    return np.cumsum(marks)
+    first, last = np.searchsorted(offsets, (start, stop - 1), "right")
+    doc = np.zeros(stop - start, np.int64)
+    doc[offsets[first:last] - start] = 1                      # offsets strictly increase: one mark per start
+    return np.cumsum(doc, out=doc)
 
 
 def split_bounds(n_tokens, split):
@@ -184,7 +184,8 @@ class PackedDataset:
         stream = source if isinstance(source, TokenStream) else open_prepared(source)
         start, stop = split_bounds(len(stream.tokens), split)
         self.stream = stream                 # keeps the owners of the memory maps alive (megatron-core's readers)
-        self.tokens, self.offsets = stream.tokens[start:stop], stream.offsets
+        plain = (lambda a: a.view(np.ndarray) if isinstance(a, np.memmap) else a)   # memmap slices cost µs each
+        self.tokens, self.offsets = plain(stream.tokens)[start:stop], plain(stream.offsets)
         self.seq_len, self.seed, self.split, self.start = seq_len, seed, split, start
         self.n_sequences = (len(self.tokens) - 1) // seq_len
         if self.n_sequences < 1:
