@@ -105,7 +105,8 @@ def check_data(cfg_data):
         if size > cfg_data.inline_max_mb * 1e6:
             corpus = " ".join(cfg_data.corpus) or str(DEFAULT_CORPUS)
             raise ValueError(f"data.corpus: {size / 1e6:.0f} MB of text is more than data.inline_max_mb = "
-                             f"{cfg_data.inline_max_mb} (the most a training job tokenizes itself): prepare it once with "
+                             f"{cfg_data.inline_max_mb} (the most a training job tokenizes itself): prepare it once "
+                             f"with "
                              + PREPARE_HINT.format(corpus=corpus, vocab=cfg_data.vocab_size))
         check_corpus(files, cfg_data.text_key)
 

@@ -44,11 +44,11 @@ class _Progress:
         from tqdm import tqdm
         self.bar = tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, desc="tokenizing",
                         dynamic_ncols=True)
-        self.tokens, self.start = 0, time.perf_counter()
+        self.tokens, self.start, self.cpu = 0, time.perf_counter(), _cpu()
 
     def __call__(self, n_bytes, n_tokens):
         if not (n_bytes or n_tokens):                 # the tokenizer is ready: the rates count from here
-            self.start = time.perf_counter()
+            self.start, self.cpu = time.perf_counter(), _cpu()
             self.bar.reset()
         self.tokens += n_tokens
         self.bar.update(n_bytes)
@@ -56,8 +56,14 @@ class _Progress:
         self.bar.set_postfix_str(f"{self.tokens / 1e6:.1f}M tokens, {rate / 1e6:.2f}M tokens/s", refresh=False)
 
     def close(self):
+        """-> (tokens, wall seconds, CPU seconds of this process and its finished workers) since tokenizing began."""
         self.bar.close()
-        return self.tokens, time.perf_counter() - self.start
+        return self.tokens, time.perf_counter() - self.start, _cpu() - self.cpu
+
+
+def _cpu():
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def main(argv=None):
@@ -74,12 +80,12 @@ def main(argv=None):
             out = prepare(files, args.out, args.text_key, args.vocab_size, args.tokenizer, args.workers,
                           args.sample_mb, progress=progress)
         finally:
-            tokens, seconds = progress.close()
+            tokens, seconds, cpu = progress.close()
     except ValueError as e:
         print(f"prepare_data: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"prepare_data: {out}: {total / 1e6:.1f} MB of text, {tokens:,} tokens, tokenized in {seconds:.1f} s "
-          f"({total / 1e6 / max(seconds, 1e-9):.2f} MB/s); train with --data.prepared {out}")
+          f"({total / 1e6 / max(seconds, 1e-9):.2f} MB/s, {cpu:.1f} CPU s); train with --data.prepared {out}")
     return 0
 
 

@@ -147,7 +147,8 @@ def test_indexed_reader_gives_the_stored_sequences(indexed):
     doc_of = _doc_ids(stream.offsets)
     for i in range(ds.n_sequences):                               # across the a -> b seam too
         seq, span = ds.sequence(i), slice(i * 16, i * 16 + 17)
-        assert seq["tokens"].tolist() == expect[span][:-1].tolist() and seq["labels"].tolist() == expect[span][1:].tolist()
+        assert seq["tokens"].tolist() == expect[span][:-1].tolist()
+        assert seq["labels"].tolist() == expect[span][1:].tolist()
         assert seq["segment_ids"].tolist() == (doc_of[span][:-1] - doc_of[span][0]).tolist()
         assert seq["loss_mask"].tolist() == (doc_of[span][1:] == doc_of[span][:-1]).tolist()
     tokens.check_token_ids(stream, prefixes)
@@ -233,7 +234,8 @@ BAD_FILES = [
      r"latin1.txt is not UTF-8 text: byte 7 \(invalid continuation byte"),
     ("latin1.jsonl", lambda p: p.write_bytes(b'{"text": "ok"}\n{"text": "caf\xe9"}\n'),
      r"latin1.jsonl is not UTF-8 text: byte 28 \(line 2\)"),
-    ("broken.jsonl", lambda p: p.write_text('{"text": "ok"}\n\n{"text": "no end}\n'), r"broken.jsonl:3 is not valid JSON"),
+    ("broken.jsonl", lambda p: p.write_text('{"text": "ok"}\n\n{"text": "no end}\n'),
+     r"broken.jsonl:3 is not valid JSON"),
 ]
 
 

@@ -48,14 +48,15 @@ def prepare(args):
         peak = [max(a, b) for a, b in zip(peak, _tree_memory(watched))]
         time.sleep(0.1)
     wall, output = time.perf_counter() - start, proc.stdout.read()
-    found = re.search(r"([\d.]+) MB of text, ([\d,]+) tokens, tokenized in ([\d.]+) s", output)
+    found = re.search(r"([\d.]+) MB of text, ([\d,]+) tokens, tokenized in ([\d.]+) s .*, ([\d.]+) CPU s", output)
     if proc.returncode or not found:
         raise SystemExit(f"prepare_data failed ({proc.returncode}):\n{output}")
-    mb, n_tokens, seconds = float(found[1]), int(found[2].replace(",", "")), float(found[3])
+    mb, n_tokens, seconds, cpu = float(found[1]), int(found[2].replace(",", "")), float(found[3]), float(found[4])
     return {"mode": "prepare", "corpus": args.corpus, "workers": args.workers, "tokenizer_given": bool(args.tokenizer),
             "vocab_size": None if args.tokenizer else args.vocab_size, "text_mb": mb, "tokens": n_tokens,
             "wall_s": round(wall, 2), "tokenize_s": seconds, "tokenize_mb_per_s": round(mb / seconds, 3),
-            "tokens_per_s": round(n_tokens / seconds), "peak_rss_sum_mb": round(peak[0] / 1e6),
+            "tokens_per_s": round(n_tokens / seconds), "tokenize_cpu_s": cpu,
+            "mb_per_cpu_s": round(mb / cpu, 3), "peak_rss_sum_mb": round(peak[0] / 1e6),
             "peak_pss_sum_mb": round(peak[1] / 1e6), "peak_largest_rss_mb": round(peak[2] / 1e6),
             "load_before": load_before, "load_after": _load()}
 
@@ -64,16 +65,17 @@ def encode(args):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=args.tokenizer)
     load_before, n_bytes, n_tokens = _load(), 0, 0
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with open(args.corpus, "rb") as f:
         for line in f:
             text = json.loads(line)["text"]
             n_bytes += len(line)
             n_tokens += len(sp.encode(text))
-    seconds = time.perf_counter() - start
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
     return {"mode": "encode", "corpus": args.corpus, "text_mb": round(n_bytes / 1e6, 1), "tokens": n_tokens,
             "seconds": round(seconds, 2), "mb_per_s": round(n_bytes / 1e6 / seconds, 3),
-            "tokens_per_s": round(n_tokens / seconds), "load_before": load_before, "load_after": _load()}
+            "tokens_per_s": round(n_tokens / seconds), "cpu_s": round(cpu, 2),
+            "mb_per_cpu_s": round(n_bytes / 1e6 / cpu, 3), "load_before": load_before, "load_after": _load()}
 
 
 def main(argv=None):
