@@ -14,7 +14,7 @@ import os
 import sys
 import time
 
-from lasp.launch.tokens import corpus_files, prepare, text_bytes
+from lasp.launch.tokens import corpus_files, is_prepared, prepare, text_bytes
 
 __all__ = ["main"]
 
@@ -69,6 +69,9 @@ def _cpu():
 def main(argv=None):
     """0 prepared (or already complete), 2 bad input (one message, no traceback)."""
     args = parse_args(argv)
+    if is_prepared(args.out):
+        print(f"prepare_data: {args.out} is already prepared (it has its manifest.json): nothing to do")
+        return 0
     try:
         files = corpus_files(args.corpus)
         total = sum(map(text_bytes, files))

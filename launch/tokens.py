@@ -262,22 +262,29 @@ def _chunks(pieces, chunk_bytes):
 def _encoded(chunks, workers, model_file, dtype):
     """Yield (_encode_chunk(chunk), bytes) in corpus order: in this process (workers=1) or N forked processes
     with at most 2·N chunks in flight (the memory bound). Forked, not spawned: importing lasp.launch imports torch,
-    seconds and ~200 MB per spawned worker; a forked one shares the parent's pages and never touches torch."""
+    seconds and ~200 MB per spawned worker; a forked one shares the parent's pages and never touches torch.
+    A worker that dies ends the run with a message (a multiprocessing.Pool would wait for its result forever)."""
     if workers == 1:
         _init_worker(model_file, dtype)
         yield from ((_encode_chunk(chunk), size) for chunk, size in chunks)
         return
     import multiprocessing
-    pending = deque()
-    with multiprocessing.get_context("fork").Pool(workers, _init_worker, (str(model_file), dtype)) as pool:
-        for chunk, size in chunks:
-            pending.append((pool.apply_async(_encode_chunk, (chunk,)), size))
-            if len(pending) >= 2 * workers:
-                result, size = pending.popleft()
-                yield result.get(), size
-        while pending:
-            result, size = pending.popleft()
-            yield result.get(), size
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
+    pending, context = deque(), multiprocessing.get_context("fork")
+    try:
+        with ProcessPoolExecutor(workers, context, _init_worker, (str(model_file), dtype)) as pool:
+            for chunk, size in chunks:
+                pending.append((pool.submit(_encode_chunk, chunk), size))
+                if len(pending) >= 2 * workers:
+                    future, size = pending.popleft()
+                    yield future.result(), size
+            while pending:
+                future, size = pending.popleft()
+                yield future.result(), size
+    except BrokenProcessPool:
+        raise ValueError(f"data: a tokenizing worker process died (killed, or out of memory with {workers} "
+                         f"workers): run again, with fewer --workers if memory is short") from None
 
 
 class _NpyWriter:
