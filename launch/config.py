@@ -482,6 +482,9 @@ def _check_data_source(cfg):
     if len(given) > 1:
         raise ValueError(f"data: choose one of data.corpus, data.prepared, data.indexed, data.mqar (got "
                          f"{', '.join('data.' + k for k in given)})")
+    if cfg.data.tokenizer and (cfg.data.prepared or cfg.data.mqar):
+        raise ValueError(f"data.tokenizer is for data.corpus or data.indexed: "
+                         f"{'a prepared folder has its own tokenizer.model' if cfg.data.prepared else 'MQAR has none'}")
     if cfg.data.inline_max_mb < 0:
         raise ValueError(f"data.inline_max_mb must be >= 0, got {cfg.data.inline_max_mb}")
     if cfg.data.indexed and not cfg.data.tokenizer and cfg.run.sample_tokens:

@@ -276,3 +276,18 @@ def test_big_inline_corpus_is_refused_with_the_command(tmp_path):
     with pytest.raises(ValueError, match=rf"2 MB of text is more than data.inline_max_mb = 1 \(the most .*python -m "
                                          rf"lasp.launch.prepare_data --corpus {corpus} --out DIR"):
         data.check_data(DataConfig(corpus=[str(corpus)], inline_max_mb=1))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"prepared": "p", "indexed": ["x"]}, r"choose one of .*\(got data.prepared, data.indexed\)"),
+    ({"corpus": ["a.txt"], "mqar": {"kv_pairs": 2}}, r"choose one of .*\(got data.corpus, data.mqar\)"),
+    ({"indexed": ["x"]}, r"data.indexed has no tokenizer .*run.sample_tokens = 0 \(got 48\)"),
+    ({"prepared": "p", "tokenizer": "t.model"}, r"a prepared folder has its own tokenizer.model"),
+])
+def test_one_data_source(changes, message):
+    from lasp.launch.config import TrainConfig, _check_data_source
+    cfg = TrainConfig()
+    for key, value in changes.items():
+        setattr(cfg.data, key, value)
+    with pytest.raises(ValueError, match=message):
+        _check_data_source(cfg)
