@@ -58,12 +58,13 @@ class _Progress:
     def close(self):
         """-> (tokens, wall seconds, CPU seconds of this process and its finished workers) since tokenizing began."""
         self.bar.close()
-        return self.tokens, time.perf_counter() - self.start, _cpu() - self.cpu
+        return self.tokens, time.perf_counter() - self.start, [b - a for a, b in zip(self.cpu, _cpu())]
 
 
 def _cpu():
+    """(CPU seconds of this process and its finished workers, of this process alone)."""
     t = os.times()
-    return t.user + t.system + t.children_user + t.children_system
+    return t.user + t.system + t.children_user + t.children_system, t.user + t.system
 
 
 def main(argv=None):
@@ -88,7 +89,7 @@ def main(argv=None):
         print(f"prepare_data: error: {e}", file=sys.stderr, flush=True)
         return 2
     print(f"prepare_data: {out}: {total / 1e6:.1f} MB of text, {tokens:,} tokens, tokenized in {seconds:.1f} s "
-          f"({total / 1e6 / max(seconds, 1e-9):.2f} MB/s, {cpu:.1f} CPU s); train with --data.prepared {out}")
+          f"({total / 1e6 / max(seconds, 1e-9):.2f} MB/s, {cpu[0]:.1f} CPU s, {cpu[1]:.1f} of them in this process); train with --data.prepared {out}")
     return 0
 
 

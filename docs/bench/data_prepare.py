@@ -48,14 +48,14 @@ def prepare(args):
         peak = [max(a, b) for a, b in zip(peak, _tree_memory(watched))]
         time.sleep(0.1)
     wall, output = time.perf_counter() - start, proc.stdout.read()
-    found = re.search(r"([\d.]+) MB of text, ([\d,]+) tokens, tokenized in ([\d.]+) s .*, ([\d.]+) CPU s", output)
+    found = re.search(r"([\d.]+) MB of text, ([\d,]+) tokens, tokenized in ([\d.]+) s .*, ([\d.]+) CPU s, ([\d.]+) of them", output)
     if proc.returncode or not found:
         raise SystemExit(f"prepare_data failed ({proc.returncode}):\n{output}")
     mb, n_tokens, seconds, cpu = float(found[1]), int(found[2].replace(",", "")), float(found[3]), float(found[4])
     return {"mode": "prepare", "corpus": args.corpus, "workers": args.workers, "tokenizer_given": bool(args.tokenizer),
             "vocab_size": None if args.tokenizer else args.vocab_size, "text_mb": mb, "tokens": n_tokens,
             "wall_s": round(wall, 2), "tokenize_s": seconds, "tokenize_mb_per_s": round(mb / seconds, 3),
-            "tokens_per_s": round(n_tokens / seconds), "tokenize_cpu_s": cpu,
+            "tokens_per_s": round(n_tokens / seconds), "tokenize_cpu_s": cpu, "parent_cpu_s": float(found[5]),
             "mb_per_cpu_s": round(mb / cpu, 3), "peak_rss_sum_mb": round(peak[0] / 1e6),
             "peak_pss_sum_mb": round(peak[1] / 1e6), "peak_largest_rss_mb": round(peak[2] / 1e6),
             "load_before": load_before, "load_after": _load()}
