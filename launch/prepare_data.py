@@ -10,11 +10,13 @@ a killed run leaves nothing that reads as complete; run it again). Memory does n
 0 done (or already prepared), 2 bad input, one message naming the file. docs/data.md has formats and measurements.
 """
 import argparse
+import json
 import os
 import sys
 import time
+from pathlib import Path
 
-from lasp.launch.tokens import corpus_files, is_prepared, prepare, text_bytes
+from lasp.launch.tokens import corpus_files, is_prepared, prepare, prepare_settings, text_bytes
 
 __all__ = ["main"]
 
@@ -67,14 +69,29 @@ def _cpu():
     return t.user + t.system + t.children_user + t.children_system, t.user + t.system
 
 
+def _already_prepared(args, files):
+    """0 when args.out holds what these arguments would write; ValueError naming the differences otherwise."""
+    path = Path(args.out).expanduser() / "manifest.json"
+    try:
+        before = json.loads(path.read_text()).get("settings", {})
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--out: {path} cannot be read ({e}): delete {args.out} and prepare again") from None
+    now = prepare_settings(files, args.text_key, args.vocab_size, args.tokenizer, args.sample_mb)
+    diff = [f"{k} was {before.get(k)!r}, now {v!r}" for k, v in now.items() if before.get(k) != v]
+    if diff:
+        raise ValueError(f"--out: {args.out} was prepared with other settings ({'; '.join(diff)}): choose another "
+                         f"--out, or delete it to prepare again")
+    print(f"prepare_data: {args.out} is already prepared from these files and settings: nothing to do")
+    return 0
+
+
 def main(argv=None):
     """0 prepared (or already complete), 2 bad input (one message, no traceback)."""
     args = parse_args(argv)
-    if is_prepared(args.out):
-        print(f"prepare_data: {args.out} is already prepared (it has its manifest.json): nothing to do")
-        return 0
     try:
         files = corpus_files(args.corpus)
+        if is_prepared(args.out):
+            return _already_prepared(args, files)
         total = sum(map(text_bytes, files))
         if args.tokenizer is None:
             print(f"prepare_data: training a {args.vocab_size}-piece tokenizer on at most {args.sample_mb:g} MB of "

@@ -37,7 +37,7 @@ import numpy as np
 
 __all__ = ["SUFFIXES", "DEFAULT_CORPUS", "CACHE_VERSION", "TokenStream", "corpus_files", "read_pieces",
            "read_documents", "text_bytes", "corpus_key", "prepare", "load_tokenizer", "open_prepared",
-           "open_indexed", "check_token_ids", "is_prepared"]
+           "open_indexed", "check_token_ids", "is_prepared", "prepare_settings"]
 
 DEFAULT_CORPUS = Path(__file__).resolve().parent / "corpus" / "shakespeare.jsonl.gz"
 SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
@@ -400,6 +400,13 @@ def prepare(files, out, text_key="text", vocab_size=1024, tokenizer_file=None, w
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def prepare_settings(files, text_key, vocab_size, tokenizer_file, sample_mb):
+    """What a preparation was asked for (the manifest's "settings"; prepare_data compares them before reusing)."""
+    return {"corpus": [str(Path(f).resolve()) for f in files], "text_key": text_key,
+            "tokenizer": str(Path(tokenizer_file).resolve()) if tokenizer_file else None,
+            "vocab_size": None if tokenizer_file else vocab_size, "sample_mb": None if tokenizer_file else sample_mb}
+
+
 def _prepare_into(tmp, out, files, text_key, vocab_size, tokenizer_file, workers, sample_mb, key, progress):
     if tokenizer_file is None:
         _train_tokenizer(_sample_lines(files, text_key, sample_mb), vocab_size, tmp / "tokenizer.model")
@@ -416,7 +423,8 @@ def _prepare_into(tmp, out, files, text_key, vocab_size, tokenizer_file, workers
         "format": FORMAT, "key": key or corpus_key(files, text_key, vocab_size, tokenizer_file, sample_mb),
         "n_tokens": n_tokens, "n_documents": n_docs, "dtype": np.dtype(dtype).name,
         "vocab_size": sp.get_piece_size(), "eos_id": sp.eos_id(), "text_key": text_key,
-        "corpus": [{"path": str(f), "bytes": Path(f).stat().st_size} for f in files]})
+        "corpus": [{"path": str(f), "bytes": Path(f).stat().st_size} for f in files],
+        "settings": prepare_settings(files, text_key, vocab_size, tokenizer_file, sample_mb)})
     try:
         os.rename(tmp, out)                     # atomic; fails if another job got there first, which is fine
     except OSError:
@@ -431,7 +439,7 @@ def _prepare_into(tmp, out, files, text_key, vocab_size, tokenizer_file, workers
 class TokenStream:
     """A token stream as training reads it: ids (1-D, memory-mapped), document boundaries, what identifies it."""
     tokens: object            # (N,) ids: a memory-mapped np.ndarray, or _Concat of several (len and [a:b] slices)
-    offsets: np.ndarray       # (D + 1,) int64: document d is tokens[offsets[d]:offsets[d + 1]]; offsets[D] = N
+    offsets: np.ndarray       # (D + 1,) int64, strictly increasing: document d is tokens[offsets[d]:offsets[d + 1]]
     key: str                  # identifies the stream: checkpoints record it, resume compares it
     vocab_size: int           # every id is below it (the model's vocabulary)
     tokenizer_file: Path = None   # the sentencepiece model, if known (samples, launch/generate.py)

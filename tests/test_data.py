@@ -291,3 +291,13 @@ def test_one_data_source(changes, message):
         setattr(cfg.data, key, value)
     with pytest.raises(ValueError, match=message):
         _check_data_source(cfg)
+
+
+def test_prepare_data_command_reuses_only_the_same_settings(tmp_path, capsys):
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"to be or not to be {i}"}) for i in range(50)))
+    argv = ["--corpus", str(corpus), "--out", str(tmp_path / "p"), "--vocab-size", "40", "--no-progress"]
+    assert prepare_data.main(argv) == 0 and "train with --data.prepared" in capsys.readouterr().out
+    assert prepare_data.main(argv + ["--workers", "2"]) == 0 and "already prepared" in capsys.readouterr().out
+    assert prepare_data.main(argv[:-3] + ["--vocab-size", "48"]) == 2
+    assert "was prepared with other settings (vocab_size was 40, now 48)" in capsys.readouterr().err
