@@ -64,7 +64,12 @@ def build_cache(files, text_key, vocab_size, path, tokenizer_file=None):
     path = Path(path)
     if not is_prepared(path) and (path / "doc_ids.npy").is_file():
         stale = path.with_name(f"{path.name}.old-{np.random.randint(1 << 30)}")
-        path.rename(stale)                       # an older cache format: rebuilt (the same tokens)
+        try:
+            path.rename(stale)                   # an older cache format: rebuilt (the same tokens)
+        except OSError as e:
+            if path.exists():                    # not another job's rename: a folder we cannot change
+                raise ValueError(f"data.cache_dir: {path} holds an older cache that cannot be replaced ({e}): "
+                                 f"delete it, or choose another --data.cache_dir") from None
         shutil.rmtree(stale, ignore_errors=True)
     return prepare(files, path, text_key, vocab_size, tokenizer_file, workers=1, sample_mb=SAMPLE_MB,
                    key=path.name, option="data.cache_dir")
@@ -104,10 +109,10 @@ def check_data(cfg_data):
         size = sum(map(text_bytes, files))
         if size > cfg_data.inline_max_mb * 1e6:
             corpus = " ".join(cfg_data.corpus) or str(DEFAULT_CORPUS)
+            hint = PREPARE_HINT.format(corpus=corpus, vocab=cfg_data.vocab_size)
             raise ValueError(f"data.corpus: {size / 1e6:.0f} MB of text is more than data.inline_max_mb = "
                              f"{cfg_data.inline_max_mb} (the most a training job tokenizes itself): prepare it once "
-                             f"with "
-                             + PREPARE_HINT.format(corpus=corpus, vocab=cfg_data.vocab_size))
+                             f"with {hint}")
         check_corpus(files, cfg_data.text_key)
 
 
