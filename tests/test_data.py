@@ -301,3 +301,29 @@ def test_prepare_data_command_reuses_only_the_same_settings(tmp_path, capsys):
     assert prepare_data.main(argv + ["--workers", "2"]) == 0 and "already prepared" in capsys.readouterr().out
     assert prepare_data.main(argv[:-3] + ["--vocab-size", "48"]) == 2
     assert "was prepared with other settings (vocab_size was 40, now 48)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("dtype", [np.uint16, np.uint32, np.int64])
+def test_npy_written_in_pieces_is_a_plain_npy(tmp_path, dtype):
+    writer, parts = tokens._NpyWriter(tmp_path / "a.npy", dtype), [np.arange(n) * 7 for n in (0, 5, 1000, 3)]
+    for part in parts:
+        writer.write(part)
+    writer.close()
+    loaded = np.load(tmp_path / "a.npy", mmap_mode="r")
+    assert loaded.dtype == dtype and np.array_equal(loaded, np.concatenate(parts).astype(dtype))
+
+
+def test_old_format_cache_is_rebuilt_with_the_same_tokens(tmp_path):
+    corpus = tmp_path / "a.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"to be or not to be {i}"}) for i in range(50)))
+    path = build_cache([corpus], "text", 40, tmp_path / "cache" / "k")
+    stream = tokens.open_prepared(path)
+    stream.tokens, stream.offsets = np.array(stream.tokens), np.array(stream.offsets)   # off the files rewritten next
+    for name in ("doc_offsets.npy", "manifest.json"):            # what the replaced code left in a cache folder
+        (path / name).unlink()
+    np.save(path / "tokens.npy", np.asarray(stream.tokens, np.int32))
+    np.save(path / "doc_ids.npy", _doc_ids(stream.offsets))
+    assert tokens.open_prepared(path).tokens.dtype == np.int32  # still readable as it is
+    rebuilt = tokens.open_prepared(build_cache([corpus], "text", 40, path))
+    assert rebuilt.tokens.dtype == np.uint16 and np.array_equal(rebuilt.tokens, stream.tokens)
+    assert np.array_equal(rebuilt.offsets, stream.offsets) and sorted(p.name for p in path.parent.iterdir()) == ["k"]
