@@ -24,6 +24,8 @@ from lasp.launch.config import DataConfig
 from lasp.launch.data import PackedDataset, build_cache, cache_path, corpus_files, open_data
 from tests.dist import run_ranks
 
+REPO = Path(__file__).resolve().parents[1]
+
 # Today's cache of the default job (embedded corpus, vocabulary 1024), written by the code this replaces (int32
 # tokens.npy, int32 doc_ids.npy): sha256 of both arrays' bytes, its key and its document starts.
 DEFAULT_KEY = "ac0cfe1395d5bcf8bc77"
@@ -185,7 +187,7 @@ def test_killed_preparation_leaves_nothing_complete(tmp_path, default_cache):
     out, model = tmp_path / "out", default_cache / "tokenizer.model"
     code = (f"from lasp.launch.tokens import prepare; prepare([{str(corpus)!r}], {str(out)!r}, "
             f"tokenizer_file={str(model)!r})")
-    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": os.getcwd()})
+    proc = subprocess.Popen([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(REPO)})
     deadline = time.monotonic() + 60
     while not any(p.stat().st_size > 128 for p in tmp_path.glob("out.tmp-*/tokens.npy")):  # mid-way: tokens written
         assert proc.poll() is None and time.monotonic() < deadline, "the preparation ended before it was killed"
