@@ -44,6 +44,7 @@ class _Progress:
 
     def __init__(self, total, enabled):
         from tqdm import tqdm
+        tqdm.monitor_interval = 0                 # no monitor thread in the process that forks the workers
         self.bar = tqdm(total=total, unit="B", unit_scale=True, disable=not enabled, desc="tokenizing",
                         dynamic_ncols=True)
         self.tokens, self.start, self.cpu = 0, time.perf_counter(), _cpu()
