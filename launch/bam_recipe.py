@@ -32,6 +32,7 @@ from lasp import models
 from lasp.launch import trainer
 from lasp.launch.config import TrainConfig
 from lasp.launch.data import DEFAULT_CORPUS, build_cache, cache_path
+from lasp.launch.tokens import open_prepared
 from lasp.models.bam import upcycle
 
 __all__ = ["DOMAINS", "load_domains", "stage_config", "train", "perplexity", "main"]
@@ -65,15 +66,15 @@ def load_domains(vocab_size, cache_dir="~/.cache/lasp", held_out=0.1):
     title of each document (the embedded corpus is one JSON line per work, in stream order)."""
     files = [DEFAULT_CORPUS]
     path = build_cache(files, "text", vocab_size, cache_path(files, "text", vocab_size, cache_dir))
-    tokens = torch.from_numpy(np.load(path / "tokens.npy").astype(np.int64))
-    doc_ids = torch.from_numpy(np.load(path / "doc_ids.npy").astype(np.int64))
+    stream = open_prepared(path, "data.cache_dir")
+    tokens, offsets = torch.from_numpy(np.asarray(stream.tokens, np.int64)), stream.offsets
     with gzip.open(DEFAULT_CORPUS, "rt", encoding="utf-8") as f:
         titles = [json.loads(line)["title"] for line in f if line.strip()]
     out = {}
     for domain, works in DOMAINS.items():
         train, test = [], []
         for doc in (titles.index(w) for w in works):
-            ids = tokens[doc_ids == doc]
+            ids = tokens[offsets[doc]:offsets[doc + 1]]
             cut = int(len(ids) * (1 - held_out))
             train.append(ids[:cut])
             test.append(ids[cut:])

@@ -84,6 +84,10 @@ class DataConfig:
     seed: int = 0                     # shuffles the packed sequences, one permutation per epoch
     cache_dir: str = "~/.cache/lasp"  # tokenizer + token cache, keyed by corpus content and vocabulary
     mqar: dict = field(default_factory=dict)  # {} = the corpus; {"kv_pairs": 16} = synthetic recall (launch/mqar.py)
+    prepared: str = ""                # a folder from python -m lasp.launch.prepare_data (instead of corpus)
+    indexed: list = field(default_factory=list)  # Megatron <prefix>.bin/.idx datasets, concatenated (vocab_size!)
+    tokenizer: str = ""               # a sentencepiece .model: tokenizes the corpus / decodes samples of indexed data
+    inline_max_mb: int = 64           # a larger corpus is refused: prepare it with launch/prepare_data.py first
 
 
 @dataclass
@@ -578,6 +582,23 @@ def _check_mqar(cfg):
                          f"(got {cfg.run.sample_tokens})")
 
 
+def _check_data_source(cfg):
+    """One of data.corpus / prepared / indexed / mqar; indexed data has no tokenizer unless data.tokenizer names one,
+    so no text sample without it."""
+    given = [key for key in ("corpus", "prepared", "indexed", "mqar") if getattr(cfg.data, key)]
+    if len(given) > 1:
+        raise ValueError(f"data: choose one of data.corpus, data.prepared, data.indexed, data.mqar (got "
+                         f"{', '.join('data.' + k for k in given)})")
+    if cfg.data.tokenizer and (cfg.data.prepared or cfg.data.mqar):
+        raise ValueError(f"data.tokenizer is for data.corpus or data.indexed: "
+                         f"{'a prepared folder has its own tokenizer.model' if cfg.data.prepared else 'MQAR has none'}")
+    if cfg.data.inline_max_mb < 0:
+        raise ValueError(f"data.inline_max_mb must be >= 0, got {cfg.data.inline_max_mb}")
+    if cfg.data.indexed and not cfg.data.tokenizer and cfg.run.sample_tokens:
+        raise ValueError(f"data.indexed has no tokenizer to decode a text sample: give data.tokenizer (a sentencepiece "
+                         f".model) or set run.sample_tokens = 0 (got {cfg.run.sample_tokens})")
+
+
 def _check_mesh(cfg, world_size):
     """Engines, world size against sp·tp·ep, seq_len against sp: one message with the values. (The layout's split
     of seq_len, which allocates positions, runs after the memory check: _check_layout.)"""
@@ -649,6 +670,7 @@ def config_errors(cfg, world_size, ranks_here=None):
         passed(_check_choice, key, getattr(getattr(cfg, key.split(".")[0]), key.split(".")[1]), choices)
     if cfg.data.mqar and sizes and d.vocab_size >= 16:
         passed(_check_mqar, cfg)
+    passed(_check_data_source, cfg)
     if sizes and passed(_check_mesh, cfg, world_size) and model:
         if passed(_check_memory, cfg, arch[0], world_size, ranks_here or world_size):
             passed(_check_layout, cfg, world_size)

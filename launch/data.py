@@ -1,15 +1,18 @@
-"""Pretraining data: corpus files -> a sentencepiece tokenizer and a token stream (cached) -> packed sequences.
+"""Pretraining data: a token stream (launch/tokens.py) -> packed sequences, for every rank.
 
-Corpus: `.txt` files (one document per file) and `.jsonl` files (one document per line, under `text_key`), either
-optionally gzipped, or folders of them. The default is the embedded corpus launch/corpus/shakespeare.jsonl.gz
-(twelve of Shakespeare's works, one document each; no network needed).
+Sources, one per run: data.corpus (`.txt` files, one document each, and `.jsonl` files, one document per line under
+`text_key`, either optionally gzipped, or folders of them; [] = the embedded corpus launch/corpus/shakespeare.jsonl.gz,
+twelve of Shakespeare's works, no network needed), tokenized inline into a cache when it is small; data.prepared, a
+folder written by `python -m lasp.launch.prepare_data` for a corpus of any size; data.indexed, Megatron indexed
+datasets (<prefix>.bin/.idx) read through megatron-core. docs/data.md describes them.
 
-Cache: <cache_dir>/<key>/{tokenizer.model, tokens.npy, doc_ids.npy}, key = sha256 of the corpus bytes, the text
-key, the vocabulary size and CACHE_VERSION. Rank 0 builds it (BPE, trained in about a second on the default
-corpus) into a temporary folder and renames it into place; the other ranks wait, then load it.
+Cache: <cache_dir>/<key>/ is a prepared folder (launch/tokens.py), key = sha256 of the corpus bytes, the text key,
+the vocabulary size and CACHE_VERSION. Rank 0 builds it (BPE, trained in about a second on the default corpus) with
+the same code as prepare_data, atomically; the other ranks wait, then load it. A corpus above data.inline_max_mb is
+refused with the prepare_data command to run instead, so no training job waits on a long build.
 
-Packing: documents are concatenated, each followed by EOS, into one stream s (with its document id per token);
-sequence i is s[i·T : i·T + T] with labels s[i·T + 1 : i·T + T + 1]. Segment ids (document ids renumbered from 0
+Packing: documents are concatenated, each followed by EOS, into one stream s (boundaries as offsets);
+sequence i is s[i·T : i·T + T] with labels s[i·T + 1 : i·T + T + 1]. Segment ids (document numbers counted from 0
 inside the sequence) keep softmax attention inside a document; the loss mask drops the one label per boundary
 that belongs to the next document. Sequences are visited in a fresh permutation per epoch; batch b of data-parallel
 rank d at step k is samples (k·dp + d)·B ... + B − 1 of that order, so the data position is just the step.
@@ -24,146 +27,147 @@ rest of the vocabulary. A sequence: K pairs k_1 v_1 ... k_K v_K (keys distinct),
 order, each followed by its value, at random pair slots of the rest (filler elsewhere). The label of a query key is
 its value; loss_mask is True exactly there, so the loss and the accuracy count only the recall.
 """
-import gzip
-import hashlib
-import json
-import os
 import shutil
-import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from lasp.launch.tokens import (CACHE_VERSION, DEFAULT_CORPUS, TokenStream, check_token_ids, corpus_files,
+                                corpus_key, is_prepared, load_tokenizer, open_indexed, open_prepared, prepare,
+                                read_documents, text_bytes)
+
 __all__ = ["DEFAULT_CORPUS", "CACHE_VERSION", "HELDOUT_FRACTION", "corpus_files", "check_corpus", "read_documents",
            "cache_path", "build_cache", "load_tokenizer", "split_bounds", "PackedDataset", "MQAR_FIELDS", "check_mqar",
-           "MQARDataset", "shard_batch"]
+           "MQARDataset", "shard_batch", "TrainingData", "check_data", "open_data"]
 
-DEFAULT_CORPUS = Path(__file__).resolve().parent / "corpus" / "shakespeare.jsonl.gz"
-SUFFIXES = (".txt", ".jsonl", ".txt.gz", ".jsonl.gz")
-CACHE_VERSION = 2          # 2: the held-out split (a new data key, so a version-1 run does not resume on it)
 HELDOUT_FRACTION = 0.05    # the last 5% of the token stream: never trained on
-
-
-def _kind(path):
-    name = path.name[:-3] if path.name.endswith(".gz") else path.name
-    return "jsonl" if name.endswith(".jsonl") else "txt"
-
-
-def corpus_files(paths):
-    """Paths (files or folders) -> sorted list of corpus files; [] = the embedded corpus. ValueError if missing."""
-    if not paths:
-        return [DEFAULT_CORPUS]
-    files = []
-    for p in map(Path, paths):
-        p = p.expanduser()
-        if p.is_dir():
-            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.endswith(SUFFIXES))
-            if not found:
-                raise ValueError(f"data.corpus: folder {p} holds no {'/'.join(SUFFIXES)} files")
-            files += found
-        elif p.is_file():
-            files.append(p)
-        else:
-            raise ValueError(f"data.corpus: no such file or folder: {p}")
-    return files
-
-
-def _open_text(path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.name.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def read_documents(files, text_key="text"):
-    """Yield each document's text. ValueError naming file and line for bad jsonl."""
-    for path in files:
-        with _open_text(path) as f:
-            if _kind(path) == "txt":
-                yield f.read()
-                continue
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"data.corpus: {path}:{n} is not valid JSON ({e})") from None
-                if not isinstance(record, dict) or not isinstance(record.get(text_key), str):
-                    raise ValueError(f"data.corpus: {path}:{n} has no string field {text_key!r} (data.text_key)")
-                yield record[text_key]
+SAMPLE_MB = 32             # the tokenizer trains on at most this much text (launch/tokens.py)
 
 
 def check_corpus(files, text_key="text"):
     """ValueError unless some document has non-whitespace text (read until the first such document)."""
-    try:
-        if any(doc.strip() for doc in read_documents(files, text_key)):
-            return
-    except (OSError, UnicodeDecodeError) as e:
-        raise ValueError(f"data.corpus: cannot read the corpus: {e}") from None
-    raise ValueError(f"data.corpus: the corpus is empty (no text in {[str(f) for f in files]})")
+    if next(iter(read_documents(files, text_key)), None) is None:
+        raise ValueError(f"data.corpus: the corpus is empty (no text in {[str(f) for f in files]})")
 
 
 def cache_path(files, text_key, vocab_size, cache_dir, tokenizer_file=None):
     """<cache_dir>/<key>: the key hashes the corpus bytes and every setting that changes the tokens (with
     tokenizer_file, a given sentencepiece model instead of a trained one: its bytes)."""
-    h = hashlib.sha256(f"v{CACHE_VERSION} vocab={vocab_size} key={text_key}".encode())
-    if tokenizer_file is not None:
-        h.update(b"\0tokenizer\0" + Path(tokenizer_file).read_bytes())
-    for path in files:
-        h.update(f"\0{_kind(path)}\0".encode())
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return Path(cache_dir).expanduser() / h.hexdigest()[:20]
-
-
-def _train_tokenizer(docs, vocab_size, model_file):
-    """BPE over the non-empty lines; newlines kept as a symbol and text not normalised, so decode ∘ encode = id."""
-    import sentencepiece as spm
-    lines = (line for doc in docs for line in doc.split("\n") if line.strip())
-    try:
-        spm.SentencePieceTrainer.train(
-            sentence_iterator=lines, model_prefix=str(model_file.with_suffix("")), vocab_size=vocab_size,
-            model_type="bpe", character_coverage=1.0, normalization_rule_name="identity",
-            remove_extra_whitespaces=False, user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            hard_vocab_limit=False, num_threads=1, minloglevel=2)
-    except RuntimeError as e:
-        raise ValueError(f"data: sentencepiece could not train a {vocab_size}-token vocabulary: {e}") from None
+    return Path(cache_dir).expanduser() / corpus_key(files, text_key, vocab_size, tokenizer_file, SAMPLE_MB)
 
 
 def build_cache(files, text_key, vocab_size, path, tokenizer_file=None):
-    """Train the tokenizer (or copy `tokenizer_file`) and tokenize the corpus into `path` (atomically; a no-op if it
-    exists)."""
+    """Train the tokenizer (or copy `tokenizer_file`) and tokenize the corpus into the prepared folder `path`
+    (atomically, one process; a no-op if it is complete; a cache from before manifests is replaced)."""
     path = Path(path)
-    if (path / "tokens.npy").exists():
-        return path
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    if not is_prepared(path) and (path / "doc_ids.npy").is_file():
+        stale = path.with_name(f"{path.name}.old-{np.random.randint(1 << 30)}")
+        try:
+            path.rename(stale)                   # an older cache format: rebuilt (the same tokens)
+        except OSError as e:
+            if path.exists():                    # not another job's rename: a folder we cannot change
+                raise ValueError(f"data.cache_dir: {path} holds an older cache that cannot be replaced ({e}): "
+                                 f"delete it, or choose another --data.cache_dir") from None
+        shutil.rmtree(stale, ignore_errors=True)
+    return prepare(files, path, text_key, vocab_size, tokenizer_file, workers=1, sample_mb=SAMPLE_MB,
+                   key=path.name, option="data.cache_dir")
+
+
+@dataclass
+class TrainingData:
+    """What a run trains on (open_data)."""
+    key: str                  # identifies the token stream (checkpoints record it; a resume must match)
+    dataset: object           # PackedDataset or MQARDataset: batch(step, dp_rank, dp, batch_size)
+    vocab_size: int           # the model's vocabulary: every id is below it
+    tokenizer: object = None  # sentencepiece processor (None: no text samples)
+    tokenizer_file: Path = None
+
+
+PREPARE_HINT = ("python -m lasp.launch.prepare_data --corpus {corpus} --out DIR --workers N --vocab-size {vocab}, "
+                "then train with --data.prepared DIR (docs/data.md)")
+
+
+def check_data(cfg_data):
+    """The cheap checks every rank makes before any process group: the source exists, an inline corpus is below
+    data.inline_max_mb and has text. ValueError naming the key and file."""
+    if cfg_data.mqar:
+        return
+    if cfg_data.tokenizer and not Path(cfg_data.tokenizer).expanduser().is_file():
+        raise ValueError(f"data.tokenizer: no such file {cfg_data.tokenizer!r} (a sentencepiece .model)")
+    if cfg_data.prepared:
+        open_prepared(cfg_data.prepared)
+    elif cfg_data.indexed:
+        for prefix in cfg_data.indexed:
+            for suffix in (".idx", ".bin"):
+                if not Path(f"{prefix}{suffix}").expanduser().is_file():
+                    raise ValueError(f"data.indexed: {prefix}{suffix} does not exist (a Megatron indexed dataset is "
+                                     f"<prefix>.bin + <prefix>.idx)")
+    else:
+        files = corpus_files(cfg_data.corpus)
+        size = sum(map(text_bytes, files))
+        if size > cfg_data.inline_max_mb * 1e6:
+            corpus = " ".join(cfg_data.corpus) or str(DEFAULT_CORPUS)
+            hint = PREPARE_HINT.format(corpus=corpus, vocab=cfg_data.vocab_size)
+            raise ValueError(f"data.corpus: {size / 1e6:.0f} MB of text is more than data.inline_max_mb = "
+                             f"{cfg_data.inline_max_mb} (the most a training job tokenizes itself): prepare it once "
+                             f"with {hint}")
+        check_corpus(files, cfg_data.text_key)
+
+
+def _stream(cfg_data, build):
+    """The run's TokenStream; build (rank 0): tokenize the inline corpus into the cache, check indexed ids."""
+    tokenizer = Path(cfg_data.tokenizer).expanduser() if cfg_data.tokenizer else None
+    if cfg_data.prepared:
+        return open_prepared(cfg_data.prepared)
+    if cfg_data.indexed:
+        stream = open_indexed(cfg_data.indexed, cfg_data.vocab_size, tokenizer)
+        if build:
+            check_token_ids(stream, [f"{p}.bin" for p in cfg_data.indexed])
+        return stream
+    files = corpus_files(cfg_data.corpus)
+    path = cache_path(files, cfg_data.text_key, cfg_data.vocab_size, cfg_data.cache_dir, tokenizer)
+    if build:
+        build_cache(files, cfg_data.text_key, cfg_data.vocab_size, path, tokenizer)
+    return open_prepared(path, "data.cache_dir", f"delete {path}; the next run rebuilds it")
+
+
+def open_data(cfg_data, rank, agree):
+    """Rank 0 builds or checks the data (cache, indexed ids), agree(error), then every rank opens it, agree(error)
+    (agree raises on every rank when any rank failed) -> TrainingData. data.mqar: synthetic, no tokenizer."""
+    if cfg_data.mqar:
+        dataset = MQARDataset(cfg_data.mqar, cfg_data.seq_len, cfg_data.vocab_size, cfg_data.seed)
+        return TrainingData(dataset.key, dataset, cfg_data.vocab_size)
+    error = None
+    if rank == 0:
+        try:
+            _stream(cfg_data, build=True)
+        except ValueError as e:
+            error = e
+    agree(error)
+    data, error = None, None
     try:
-        docs = [d for d in read_documents(files, text_key) if d.strip()]
-        if not docs:
-            raise ValueError(f"data.corpus: the corpus is empty (no text in {[str(f) for f in files]})")
-        if tokenizer_file is None:
-            _train_tokenizer(docs, vocab_size, tmp / "tokenizer.model")
-        else:
-            shutil.copyfile(tokenizer_file, tmp / "tokenizer.model")
-        sp = load_tokenizer(tmp)
-        ids = sp.encode(docs)
-        tokens = np.concatenate([np.asarray(d + [sp.eos_id()], dtype=np.int32) for d in ids])
-        doc_ids = np.repeat(np.arange(len(ids), dtype=np.int32), [len(d) + 1 for d in ids])
-        np.save(tmp / "tokens.npy", tokens)
-        np.save(tmp / "doc_ids.npy", doc_ids)
-        os.rename(tmp, path)                    # atomic; fails if another job got there first, which is fine
-    except OSError:
-        if not (path / "tokens.npy").exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return path
+        stream = _stream(cfg_data, build=False)
+        tokenizer = load_tokenizer(stream.tokenizer_file) if stream.tokenizer_file else None
+        if tokenizer is not None and tokenizer.get_piece_size() > stream.vocab_size:
+            raise ValueError(f"data.tokenizer: {stream.tokenizer_file} has {tokenizer.get_piece_size()} pieces, "
+                             f"more than data.vocab_size = {stream.vocab_size}")
+        dataset = PackedDataset(stream, cfg_data.seq_len, cfg_data.seed)
+        data = TrainingData(stream.key, dataset, stream.vocab_size, tokenizer, stream.tokenizer_file)
+    except (ValueError, OSError, RuntimeError) as e:
+        error = e if isinstance(e, ValueError) else ValueError(f"data: {e}")
+    agree(error)
+    return data
 
 
-def load_tokenizer(path):
-    import sentencepiece as spm
-    return spm.SentencePieceProcessor(model_file=str(Path(path) / "tokenizer.model"))
+def _documents(offsets, start, stop):
+    """(stop - start,) int64: the document of each position in [start, stop), counted from 0 at start (offsets:
+    the sorted document starts, as in TokenStream)."""
+    first, last = np.searchsorted(offsets, (start, stop - 1), "right")
+    doc = np.zeros(stop - start, np.int64)
+    doc[offsets[first:last] - start] = 1                      # offsets strictly increase: one mark per start
+    return np.cumsum(doc, out=doc)
 
 
 def split_bounds(n_tokens, split):
@@ -178,19 +182,21 @@ def split_bounds(n_tokens, split):
 
 
 class PackedDataset:
-    """Fixed-length sequences over one split of the cached token stream (memory-mapped); batches addressed by
-    (step, dp rank). A sequence reads seq_len + 1 tokens (the labels), all inside the split."""
+    """Fixed-length sequences over one split of a token stream (memory-mapped); batches addressed by (step, dp
+    rank). A sequence reads seq_len + 1 tokens (the labels), all inside the split. `source`: a TokenStream, or a
+    prepared / cache folder."""
 
-    def __init__(self, path, seq_len, seed=0, split="train"):
-        tokens = np.load(Path(path) / "tokens.npy", mmap_mode="r")
-        start, stop = split_bounds(len(tokens), split)
-        self.tokens = tokens[start:stop]
-        self.doc_ids = np.load(Path(path) / "doc_ids.npy", mmap_mode="r")[start:stop]
+    def __init__(self, source, seq_len, seed=0, split="train"):
+        stream = source if isinstance(source, TokenStream) else open_prepared(source)
+        start, stop = split_bounds(len(stream.tokens), split)
+        self.stream = stream                 # keeps the owners of the memory maps alive (megatron-core's readers)
+        plain = (lambda a: a.view(np.ndarray) if isinstance(a, np.memmap) else a)   # memmap slices cost µs each
+        self.tokens, self.offsets = plain(stream.tokens)[start:stop], plain(stream.offsets)
         self.seq_len, self.seed, self.split, self.start = seq_len, seed, split, start
         self.n_sequences = (len(self.tokens) - 1) // seq_len
         if self.n_sequences < 1:
-            raise ValueError(f"data: the {split} split has {len(self.tokens)} tokens (of {len(tokens)}), fewer than "
-                             f"one sequence of data.seq_len + 1 = {seq_len + 1}")
+            raise ValueError(f"data: the {split} split has {len(self.tokens)} tokens (of {len(stream.tokens)}), "
+                             f"fewer than one sequence of data.seq_len + 1 = {seq_len + 1}")
         self._order = {}
 
     def _permutation(self, epoch):
@@ -201,10 +207,10 @@ class PackedDataset:
 
     def sequence(self, i):
         """Packed sequence i -> dict of (T,) tensors: tokens, labels, segment_ids, loss_mask."""
-        s = slice(i * self.seq_len, (i + 1) * self.seq_len + 1)
-        tok, doc = (torch.from_numpy(np.asarray(a[s], dtype=np.int64)) for a in (self.tokens, self.doc_ids))
-        return {"tokens": tok[:-1], "labels": tok[1:], "segment_ids": doc[:-1] - doc[0],
-                "loss_mask": doc[1:] == doc[:-1]}
+        first = i * self.seq_len
+        tok = torch.from_numpy(np.asarray(self.tokens[first:first + self.seq_len + 1], dtype=np.int64))
+        doc = torch.from_numpy(_documents(self.offsets, self.start + first, self.start + first + self.seq_len + 1))
+        return {"tokens": tok[:-1], "labels": tok[1:], "segment_ids": doc[:-1], "loss_mask": doc[1:] == doc[:-1]}
 
     def rows(self, indices):
         """Sequences `indices` stacked -> dict of (len(indices), T) tensors (evaluation reads them in order)."""

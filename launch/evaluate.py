@@ -131,6 +131,10 @@ def settings(args):
             out[key], source[key] = run[key], MODEL_CARD
         else:
             out[key], source[key] = default, "default" + (f" (no {MODEL_CARD} beside the model)" if not card else "")
+    if "data.corpus" not in vars(args):         # a run on prepared or Megatron data scores that stream's held-out part
+        for key in ("prepared", "indexed", "vocab_size"):
+            if run.get(key):
+                out[key], source[key] = run[key], MODEL_CARD
     beside = Path(args.model).resolve().parent / "tokenizer.model"
     out["tokenizer"] = args.tokenizer or str(beside)
     source["tokenizer"] = "--tokenizer" if args.tokenizer else "beside the model"
@@ -155,7 +159,15 @@ def evaluate(args):
     world = dist.get_world_size() if dist.is_initialized() else dist_env()[1]
     check_mesh_sizes(world, args.sp)
     local_positions(data["seq_len"], args.layout, 0, args.sp)           # seq_len fits the layout
-    dataset = heldout_dataset(data["corpus"], data["text_key"], data["tokenizer"], data["seq_len"], data["cache_dir"])
+    if data.get("prepared") or data.get("indexed"):
+        from lasp.launch.data import PackedDataset
+        from lasp.launch.tokens import open_indexed, open_prepared
+        stream = (open_prepared(data["prepared"]) if data.get("prepared") else
+                  open_indexed(data["indexed"], data["vocab_size"]))
+        dataset = PackedDataset(stream, data["seq_len"], split="heldout")
+    else:
+        dataset = heldout_dataset(data["corpus"], data["text_key"], data["tokenizer"], data["seq_len"],
+                                  data["cache_dir"])
     n = min(dataset.n_sequences, args.max_sequences or dataset.n_sequences)
     mesh = setup_mesh(args.sp, 1)                                     # the training core's mesh and engines
     parallelize(model, ParallelConfig(sp=args.sp, layout=args.layout, linear=args.linear, softmax=args.softmax,
@@ -167,7 +179,9 @@ def evaluate(args):
     return {"model": str(args.model), "tokenizer": data["tokenizer"], "family": model.family,
             "pattern": getattr(cfg, "pattern", None), "vocab_size": cfg.vocab_size,
             "parameters": sum(p.numel() for p in model.parameters()), "split": "heldout",
-            "corpus": [str(p) for p in data["corpus"]] or ["embedded"], "heldout_tokens": len(dataset.tokens),
+            "corpus": ([f"data.prepared {data['prepared']}"] if data.get("prepared") else
+                       [f"data.indexed {p}" for p in data.get("indexed") or []] or
+                       [str(p) for p in data["corpus"]] or ["embedded"]), "heldout_tokens": len(dataset.tokens),
             "seq_len": data["seq_len"], "sequences": n, "world_size": world, "sp": args.sp, "settings_from": source,
             **result}
 
@@ -177,7 +191,7 @@ def _table(r):
     return "\n".join([
         f"model      {r['model']} ({r['family']} {r['pattern'] or ''}, {r['parameters'] / 1e6:.2f}M parameters, "
         f"vocab {r['vocab_size']})",
-        f"corpus     {', '.join(r['corpus'])} (from {src['corpus']}); tokenizer {r['tokenizer']} "
+        f"corpus     {', '.join(r['corpus'])} (from {src.get('prepared') or src.get('indexed') or src['corpus']}); tokenizer {r['tokenizer']} "
         f"({src['tokenizer']})",
         f"held-out   {r['heldout_tokens']} tokens (the last 5% of the stream), {r['sequences']} sequences of "
         f"{r['seq_len']} (from {src['seq_len']}); world {r['world_size']}, sp {r['sp']}",

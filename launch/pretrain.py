@@ -50,11 +50,11 @@ def _environment_problems(world, local_world, launched):
 
 
 def _data_and_folder_problems(cfg):
-    """The corpus readable and not empty; a fresh run's checkpoint folder free of another run's checkpoints."""
+    """The data source readable (launch.data.check_data); a fresh run's checkpoint folder free of another run's checkpoints."""
     from lasp.launch import checkpoint as ckpt
-    from lasp.launch.data import check_corpus, corpus_files
+    from lasp.launch.data import check_data
     problems = []
-    for check in (lambda: check_corpus(corpus_files(cfg.data.corpus), cfg.data.text_key),
+    for check in (lambda: check_data(cfg.data),
                   lambda: cfg.checkpoint.resume or ckpt.check_fresh(cfg.checkpoint.dir or Path(cfg.run.dir) /
                                                                     "checkpoints")):
         try:

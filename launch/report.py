@@ -182,21 +182,21 @@ def read_model_card(model_file):
 
 
 # ---------------------------------------------------------------------------------------------- end of a run
-def heldout_prompt(cache, tokenizer, max_tokens=12):
+def heldout_prompt(stream, tokenizer, max_tokens=12):
     """The first line (at most max_tokens tokens) of the first document that starts in the held-out split of the
-    cached token stream (else of the split itself): a prompt the run never trained on, from its own corpus."""
+    run's token stream (launch.tokens.TokenStream; else of the split itself): a prompt the run never trained on,
+    from its own corpus."""
     import numpy as np
     from lasp.launch.data import split_bounds
-    tokens = np.load(Path(cache) / "tokens.npy", mmap_mode="r")
-    doc_ids = np.load(Path(cache) / "doc_ids.npy", mmap_mode="r")
-    start, stop = split_bounds(len(tokens), "heldout")
-    starts = np.flatnonzero(doc_ids[start + 1:stop] != doc_ids[start:stop - 1]) + 1
-    at = start + (int(starts[0]) if len(starts) else 0)
-    text = tokenizer.decode([int(t) for t in tokens[at:at + max_tokens]])
+    start, stop = split_bounds(len(stream.tokens), "heldout")
+    offsets = np.asarray(stream.offsets)
+    later = offsets[(offsets > start) & (offsets < stop)]
+    at = int(later[0]) if len(later) else start
+    text = tokenizer.decode([int(t) for t in np.asarray(stream.tokens[at:at + max_tokens])])
     return next((line for line in text.split("\n") if line.strip()), text) or "\n"
 
 
-def _heldout_loss(model, cfg, cache):
+def _heldout_loss(model, cfg, stream):
     """(mean loss, sequences) over the first HELDOUT_TOKENS held-out tokens in whole sequences (one process, no
     group); (None, why) when the split or the budget holds no sequence."""
     from lasp.launch.data import PackedDataset, shard_batch
@@ -204,7 +204,7 @@ def _heldout_loss(model, cfg, cache):
     if cfg.data.seq_len > HELDOUT_TOKENS:
         return None, f"data.seq_len {cfg.data.seq_len} > {HELDOUT_TOKENS} tokens, more than this check scores"
     try:
-        data = PackedDataset(cache, cfg.data.seq_len, split="heldout")
+        data = PackedDataset(stream, cfg.data.seq_len, split="heldout")
     except ValueError as e:
         return None, str(e)
     n = min(data.n_sequences, HELDOUT_TOKENS // cfg.data.seq_len)
@@ -227,19 +227,19 @@ def finish(cfg, run, losses, preempted, write):
     from lasp import models
     from lasp.models.generation import generate
     run_dir, steps = Path(run.run_dir), sorted(losses)
-    cache = Path(cfg.data.cache_dir).expanduser() / run.data_key if run.data_key else None
+    stream = getattr(run.dataset, "stream", None)               # the run's token stream (None: data.mqar)
     have_model = not preempted and (run_dir / "model.pt").exists()
     model = models.load_model(run_dir / "model.pt").eval() if have_model else None
     sample = heldout = None
-    if model is not None and run.tokenizer is not None:        # data.mqar: no tokenizer, no held-out split
+    if model is not None and run.tokenizer is not None and stream is not None:    # data.mqar: no tokenizer
         if cfg.run.sample_tokens:
-            prompt = cfg.run.sample_prompt or heldout_prompt(cache, run.tokenizer)
+            prompt = cfg.run.sample_prompt or heldout_prompt(stream, run.tokenizer)
             out = generate(model, torch.tensor([run.tokenizer.encode(prompt)]), cfg.run.sample_tokens,
                            temperature=0.8, top_k=20, generator=torch.Generator().manual_seed(0))
             sample = run.tokenizer.decode(out[0].tolist())
             write(f"--- sample (prompt {prompt!r}{'' if cfg.run.sample_prompt else ', from a held-out document'})"
                   f" ---\n{sample}\n--------------")
-        heldout = _heldout_loss(model, cfg, cache)
+        heldout = _heldout_loss(model, cfg, stream)
     write(_summary_text(cfg, run, losses, steps, heldout, preempted))
     return sample
 

@@ -33,8 +33,7 @@ import torch.distributed as dist
 
 from lasp.launch import checkpoint as ckpt
 from lasp.launch.config import check_config, model_changes
-from lasp.launch.data import (PackedDataset, build_cache, cache_path, check_corpus, corpus_files, load_tokenizer,
-                         MQARDataset, shard_batch)
+from lasp.launch.data import check_data, open_data, shard_batch
 from lasp.launch import resume
 from lasp.launch.engine import build_model, make_engine, parallelize
 from lasp.launch.report import Reporter, finish, peak_flops, write_model_card
@@ -93,23 +92,6 @@ def _agree(error, device):
         print(f"pretrain: error: {error}", file=sys.stderr, flush=True)
     comm.barrier()
     raise ReportedError(str(error) if error is not None else f"rank {failed[0]} failed (its message is above)")
-
-
-def _prepare_data(cfg_data, files, rank, device):
-    """Rank 0 trains the tokenizer and tokenizes the corpus once (cached); every rank then loads the cache.
-    data.mqar: synthetic recall sequences instead (no files, no tokenizer: None)."""
-    if cfg_data.mqar:
-        dataset = MQARDataset(cfg_data.mqar, cfg_data.seq_len, cfg_data.vocab_size, cfg_data.seed)
-        return Path(dataset.key), None, dataset
-    path = cache_path(files, cfg_data.text_key, cfg_data.vocab_size, cfg_data.cache_dir)
-    error = None
-    if rank == 0:
-        try:
-            build_cache(files, cfg_data.text_key, cfg_data.vocab_size, path)
-        except ValueError as e:
-            error = e
-    _agree(error, device)
-    return path, load_tokenizer(path), PackedDataset(path, cfg_data.seq_len, cfg_data.seed)
 
 
 def _resume(run):
@@ -268,15 +250,14 @@ def setup(cfg):
     resume state. The lock is held until train() ends (or the process does)."""
     rank, world, local_rank, local_world = _process()
     check_config(cfg, world, local_world)
-    files = corpus_files(cfg.data.corpus)
-    check_corpus(files, cfg.data.text_key)
+    check_data(cfg.data)
     device = torch.device(f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     run_dir = Path(cfg.run.dir)
     root = Path(cfg.checkpoint.dir or run_dir / "checkpoints")
     mesh = setup_mesh(cfg.parallel.sp, cfg.parallel.tp, cfg.parallel.ep)
     try:
         notes = _own_folders(cfg, run_dir, root, rank, device)
-        run = _setup_owned(cfg, files, mesh, rank, device, run_dir, root)
+        run = _setup_owned(cfg, mesh, rank, device, run_dir, root)
     except BaseException:
         _release(run_dir, root)                  # only what this process holds
         raise
@@ -284,15 +265,15 @@ def setup(cfg):
     return run
 
 
-def _setup_owned(cfg, files, mesh, rank, device, run_dir, root):
+def _setup_owned(cfg, mesh, rank, device, run_dir, root):
     """setup's part after the run's folders are owned: data, model, engine, resume state."""
-    data_path, tokenizer, dataset = _prepare_data(cfg.data, files, rank, device)
-    vocab_size = tokenizer.get_piece_size() if tokenizer is not None else cfg.data.vocab_size
+    data = open_data(cfg.data, rank, lambda error: _agree(error, device))   # rank 0 builds, all load (data.py)
+    vocab_size = data.vocab_size
     model = build_model(cfg.model, vocab_size, cfg.run.seed, device)
     error = None
     try:
-        if rank == 0 and tokenizer is not None:  # launch/generate.py decodes with it
-            _write_bytes(run_dir / "tokenizer.model", (data_path / "tokenizer.model").read_bytes())
+        if rank == 0 and data.tokenizer_file is not None:  # launch/generate.py decodes with it
+            _write_bytes(run_dir / "tokenizer.model", data.tokenizer_file.read_bytes())
         if rank == 0:                                        # before step 1: room for one checkpoint
             _check_free_space(root, sum(p.numel() for p in model.parameters()), cfg.parallel.zero)
     except ValueError as e:
@@ -300,7 +281,7 @@ def _setup_owned(cfg, files, mesh, rank, device, run_dir, root):
     _agree(error, device)
     run = build(cfg, model, mesh, device)
     run.label, run.run_dir, run.root = model_label(cfg.model, model.config), run_dir, root
-    run.data_key, run.tokenizer, run.dataset = data_path.name, tokenizer, dataset
+    run.data_key, run.tokenizer, run.dataset = data.key, data.tokenizer, data.dataset
     run.schedule = resume.schedule_record(cfg.optim)
     if cfg.checkpoint.resume:
         run.start, run.last_ckpt = _resume(run)

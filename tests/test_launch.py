@@ -34,7 +34,7 @@ FROZEN_OPTIONS = {
     "--optim.lr", "--optim.min_lr", "--optim.warmup_steps", "--optim.max_steps", "--optim.weight_decay",
     "--optim.beta1", "--optim.beta2", "--optim.eps", "--optim.grad_clip",
     "--data.corpus", "--data.text_key", "--data.vocab_size", "--data.seq_len", "--data.batch_size", "--data.seed",
-    "--data.cache_dir", "--data.mqar",
+    "--data.cache_dir", "--data.mqar", "--data.prepared", "--data.indexed", "--data.tokenizer", "--data.inline_max_mb",
     "--checkpoint.every", "--checkpoint.keep", "--checkpoint.resume", "--checkpoint.dir", "--checkpoint.allow_changes",
     "--run.dir", "--run.seed", "--run.dtype", "--run.progress", "--run.peak_flops", "--run.wandb_project",
     "--run.wandb_mode", "--run.sample_tokens", "--run.sample_prompt",
