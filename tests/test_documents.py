@@ -1,0 +1,169 @@
+"""Packed documents (segment_ids) in linear attention: kernels, engines and models against each document ALONE.
+
+Shapes: q (B, T, H, d_k), k, v (B, T, H_kv, ·), log_gate (B, T, H_kv), log_decay (H_kv,), segment_ids (B, T)
+non-decreasing. The oracle (tests/oracles.py documents_alone) runs every document on its own from a zero state,
+in float64 by the dense definition. Boundaries are placed on chunk and rank edges on purpose, with one-token
+documents at the start, the middle and the end of a row.
+"""
+import pytest
+import torch
+
+from lasp.kernels import lightning_attn, linear_attn_chunked, linear_attn_recurrent
+from lasp.kernels.linear_attn import deferred_grads, deferred_outputs, deferred_state_grads, deferred_states
+from tests.dist import rel_err
+from tests.oracles import documents_alone
+
+F64_TOL, FP32_TOL = 1e-10, 2e-5
+
+
+def document_ids(B, T, starts_per_row):
+    """(B, T) int64 ids from each row's document starts (token indices, 0 implied); ids have gaps (not 0..n)."""
+    ids = torch.zeros(B, T, dtype=torch.int64)
+    for b, starts in enumerate(starts_per_row):
+        for s in starts:
+            ids[b, s:] += 3
+    return ids + 5
+
+
+def make_inputs(B, T, H, H_kv, d_k, d_v, mode, dtype=torch.float64, seed=0):
+    """q, k, v, log_decay (H_kv,) or None, log_gate (B, T, H_kv) or None, do; mode: none | decay | gate."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, T, H, d_k, generator=g, dtype=torch.float64) / d_k ** 0.25
+    k = torch.randn(B, T, H_kv, d_k, generator=g, dtype=torch.float64) / d_k ** 0.25
+    v = torch.randn(B, T, H_kv, d_v, generator=g, dtype=torch.float64)
+    do = torch.randn(B, T, H, d_v, generator=g, dtype=torch.float64)
+    log_decay = -torch.linspace(0.01, 0.5, H_kv, dtype=torch.float64) if mode in ("decay", "gate") else None
+    log_gate = -torch.rand(B, T, H_kv, generator=g, dtype=torch.float64) * 0.4 if mode == "gate" else None
+    cast = (lambda x: None if x is None else x.to(dtype))
+    return cast(q), cast(k), cast(v), log_decay, cast(log_gate), cast(do)
+
+
+def oracle_grads(q, k, v, log_decay, log_gate, ids, do):
+    """(o, dq, dk, dv, d log_gate or None) of the documents-alone oracle in float64."""
+    leaves = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    gate = None if log_gate is None else log_gate.detach().double().requires_grad_()
+    o = documents_alone(*leaves, ids, gate, log_decay)
+    grads = torch.autograd.grad(o, leaves + ([gate] if gate is not None else []), do.double())
+    return (o.detach(), *grads) + ((None,) if gate is None else ())
+
+
+def assert_close(got, want, tol, names=("o", "dq", "dk", "dv", "dlog_gate")):
+    for name, a, b in zip(names, got, want):
+        assert (a is None) == (b is None), f"{name}: got {a is None}, want {b is None}"
+        if a is not None:
+            assert a.shape == b.shape, f"{name}: {tuple(a.shape)} != {tuple(b.shape)}"
+            assert torch.isfinite(a).all(), f"{name}: non-finite values"
+            err = rel_err(a, b)
+            assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+
+
+# row 0: a boundary on a chunk edge (8), a one-token document (8), a one-token document at the end;
+# row 1: a one-token document first, a long one across chunks
+STARTS_63 = [[8, 9, 30, 62], [1, 40]]
+
+
+def _kernel_run(q, k, v, log_decay, log_gate, ids, do, **kw):
+    leaves = [x.detach().clone().requires_grad_() for x in (q, k, v)]
+    gate = None if log_gate is None else log_gate.detach().clone().requires_grad_()
+    o = linear_attn_chunked(*leaves, log_decay, log_gate=gate, segment_ids=ids, **kw)[0]
+    grads = torch.autograd.grad(o, leaves + ([gate] if gate is not None else []), do)
+    return (o.detach(), *grads) + ((None,) if gate is None else ())
+
+
+@pytest.mark.parametrize("mode", ["none", "decay", "gate"])
+def test_torch_kernel_matches_documents_alone(mode):
+    """Chunks of 8 in blocks of 2 (the scan across chunks and blocks both cross boundaries): o and every gradient,
+    gate gradients included, equal each document run alone (float64, 1e-10)."""
+    q, k, v, log_decay, log_gate, do = make_inputs(2, 63, 2, 2, 5, 4, mode)
+    ids = document_ids(2, 63, STARTS_63)
+    got = _kernel_run(q, k, v, log_decay, log_gate, ids, do, chunk_len=8, block_chunks=2)
+    assert_close(got, oracle_grads(q, k, v, log_decay, log_gate, ids, do), F64_TOL)
+
+
+def test_torch_kernel_fp32_and_strong_gates():
+    """fp32 within 2e-5, with gates strong enough that a cumsum of log 0 = −inf would give NaN."""
+    q, k, v, log_decay, log_gate, do = make_inputs(2, 63, 2, 2, 5, 4, "gate", torch.float32)
+    log_gate = log_gate * 40
+    ids = document_ids(2, 63, STARTS_63)
+    got = _kernel_run(q, k, v, log_decay, log_gate, ids, do, chunk_len=8, block_chunks=2)
+    assert_close(got, oracle_grads(q, k, v, log_decay, log_gate, ids, do), FP32_TOL)
+
+
+def test_initial_state_survives_until_the_first_reset_and_final_state_grads():
+    """With an initial state and a final-state gradient: o, final and all gradients equal the token-by-token
+    recurrence that empties the state at each document start (autograd, float64)."""
+    q, k, v, log_decay, log_gate, do = make_inputs(2, 37, 2, 2, 4, 3, "gate")
+    ids = document_ids(2, 37, [[8, 36], [20]])
+    g = torch.Generator().manual_seed(1)
+    state, dfinal = (torch.randn(2, 2, 4, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    runs = []
+    for fn in (lambda *a, **kw: linear_attn_chunked(*a, chunk_len=8, block_chunks=2, **kw),
+               linear_attn_recurrent):
+        leaves = [x.clone().requires_grad_() for x in (q, k, v, log_gate, state)]
+        o, final = fn(*leaves[:3], log_decay, leaves[4], log_gate=leaves[3], segment_ids=ids)
+        runs.append((o, final, *torch.autograd.grad([o, final], leaves, [do, dfinal])))
+    assert_close(runs[0], runs[1], F64_TOL, ("o", "final", "dq", "dk", "dv", "dlog_gate", "dstate"))
+
+
+def _arriving(value, polls):
+    seen = []
+
+    def finish(wait):
+        seen.append(wait)
+        return value if wait or (polls is not None and len(seen) > polls) else None
+    return finish
+
+
+@pytest.mark.parametrize("mode", ["none", "gate"])
+def test_deferred_kernel_with_documents(mode):
+    """LASP-2's split kernel with documents, P and G arriving at once or late -> bitwise equal runs, equal to the
+    chunked kernel entering from P and leaving with G (float64, 1e-10), M and dM as the state pass gives them."""
+    q, k, v, log_decay, log_gate, do = make_inputs(2, 63, 2, 2, 5, 4, mode)
+    ids = document_ids(2, 63, [[16, 17, 50], [62]])
+    g = torch.Generator().manual_seed(2)
+    P, G = (torch.randn(2, 2, 5, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    leaves = [x.clone().requires_grad_() for x in (q, k, v, P)] + ([] if log_gate is None else
+                                                                   [log_gate.clone().requires_grad_()])
+    gate = leaves[4] if log_gate is not None else None
+    o, final = linear_attn_chunked(*leaves[:3], log_decay, leaves[3], 8, log_gate=gate, block_chunks=2,
+                                   segment_ids=ids)
+    grads = torch.autograd.grad([o, final], leaves, [do, G])
+    want = (o, *grads[:3]) + ((grads[4],) if gate is not None else ())
+    M = linear_attn_chunked(q, k, v, log_decay, None, 8, log_gate=log_gate, segment_ids=ids)[1]
+    runs = []
+    for polls in (0, 2, None):
+        final0, entries = deferred_states(k, v, log_decay, log_gate, 8, 2, segment_ids=ids)
+        o2, checkpoints = deferred_outputs(q, k, v, log_decay, log_gate, entries, _arriving(P, polls), 8, 2,
+                                           segment_ids=ids)
+        dstate, dP = deferred_state_grads(q, do, log_decay, log_gate, 8, 2, segment_ids=ids)
+        dg = deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, _arriving(G, polls), 8, 2,
+                            segment_ids=ids)
+        runs.append((o2, *dg[:3]) + ((dg[3],) if gate is not None else ()))
+    for run in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0], run)), "late arrival changes the result"
+    assert_close(runs[0], want, F64_TOL)
+    assert_close((final0, dstate), (M, grads[3]), F64_TOL, ("M", "dM"))
+
+
+def test_lightning_attn_documents_and_none_unchanged():
+    """The public op takes segment_ids; one document everywhere equals segment_ids=None bitwise."""
+    q, k, v, log_decay, log_gate, _ = make_inputs(1, 40, 2, 2, 4, 4, "gate")
+    ids = document_ids(1, 40, [[]])
+    a = lightning_attn(q, k, v, log_decay=log_decay, log_gate=log_gate, backend="torch")[0]
+    b = lightning_attn(q, k, v, log_decay=log_decay, log_gate=log_gate, segment_ids=ids, backend="torch")[0]
+    assert rel_err(a, b) < 1e-14
+    ids = document_ids(1, 40, [[13]])
+    c = lightning_attn(q, k, v, log_decay=log_decay, log_gate=log_gate, segment_ids=ids, backend="torch")[0]
+    assert rel_err(c, documents_alone(q, k, v, ids, log_gate, log_decay)) < F64_TOL
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda ids: ids[:, :-1], r"segment_ids must be \(B, T\) = \(2, 20\), got \(2, 19\)"),
+    (lambda ids: ids.double(), r"segment_ids \(2, 20\) must be an integer tensor"),
+    (lambda ids: ids.flip(1), r"segment_ids \(2, 20\) must be non-decreasing"),
+])
+def test_bad_segment_ids_raise(make, match):
+    q, k, v, *_ = make_inputs(2, 20, 2, 2, 4, 4, "none")
+    ids = document_ids(2, 20, [[5], [7]])
+    with pytest.raises(ValueError, match=match):
+        lightning_attn(q, k, v, segment_ids=make(ids), backend="torch")
