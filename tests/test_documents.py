@@ -167,3 +167,92 @@ def test_bad_segment_ids_raise(make, match):
     ids = document_ids(2, 20, [[5], [7]])
     with pytest.raises(ValueError, match=match):
         lightning_attn(q, k, v, segment_ids=make(ids), backend="torch")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# engines on gloo ranks: LASP-2 (both overlap paths), LASP-1, All-Scan against each document alone
+
+def engine_starts(T, W):
+    """Document starts for global length T on W ranks (sub-chunks of c = T/(2W)): row 0 has a boundary on a
+    sub-chunk edge (c), a one-token document (c), a boundary on a rank edge (2c, contiguous), one inside, and a
+    one-token last document; row 1 a one-token first document and one from 3 to T/2 + 1 (three ranks at W ≥ 4)."""
+    c = T // (2 * W)
+    rows = [[c, c + 1, 2 * c, 2 * c + 3, T - 1], [1, 3, T // 2 + 1]]
+    return [sorted({s for s in row if 0 < s < T}) for row in rows]
+
+
+def _engine_call(engine, local, kwargs, layout):
+    from lasp import allscan, lasp1, lasp2
+    if engine == "lasp1":
+        return lasp1(*local, **kwargs)
+    if engine == "allscan":
+        return allscan(*local, layout=layout, **kwargs)
+    return lasp2(*local, layout=layout, overlap=engine == "lasp2", **kwargs)     # "lasp2-fused": overlap=False
+
+
+def _engine_case(engine, layout, mode, q_heads, dtype, W, T):
+    """One engine call on this rank's shard with documents -> (errors vs the oracle shard, collective counts with
+    documents, without documents) per pass."""
+    from lasp.parallel import count_collectives, shard
+    r = torch.distributed.get_rank()
+    q, k, v, log_decay, log_gate, do = make_inputs(2, T, q_heads, 2, 4, 3, mode, seed=W)
+    ids = document_ids(2, T, engine_starts(T, W))
+    want = oracle_grads(q, k, v, log_decay, log_gate, ids, do)
+    counts = []
+    for segment_ids in (ids, None):
+        local = [shard(x, layout, r, W).to(dtype).requires_grad_() for x in (q, k, v)]
+        kwargs = dict(log_decay=log_decay, segment_ids=None if segment_ids is None else shard(segment_ids, layout, r, W))
+        if log_gate is not None:
+            kwargs["log_gate"] = shard(log_gate, layout, r, W).to(dtype).requires_grad_()
+        with count_collectives() as fwd:
+            o = _engine_call(engine, local, kwargs, layout)
+        leaves = local + ([kwargs["log_gate"]] if log_gate is not None else [])
+        with count_collectives() as bwd:
+            grads = torch.autograd.grad(o, leaves, shard(do, layout, r, W).to(dtype))
+        counts.append(({op: n for op, (n, _) in fwd.summary().items()},
+                       {op: n for op, (n, _) in bwd.summary().items()}))
+        if segment_ids is not None:
+            got = (o, *grads) + ((None,) if log_gate is None else ())
+            errors = [None if b is None else rel_err(a, shard(b, layout, r, W)) for a, b in zip(got, want)]
+    return errors, counts[0], counts[1]
+
+
+ENGINE_CASES = [  # engine, layout, mode, query heads (2 K/V heads), dtype
+    ("lasp2", "contiguous", "none", 2, torch.float64), ("lasp2", "zigzag", "gate", 4, torch.float64),
+    ("lasp2-fused", "zigzag", "decay", 2, torch.float64), ("lasp2-fused", "contiguous", "gate", 2, torch.float64),
+    ("lasp1", "contiguous", "gate", 4, torch.float64), ("lasp1", "contiguous", "decay", 2, torch.float64),
+    ("allscan", "contiguous", "decay", 4, torch.float64), ("allscan", "zigzag", "gate", 2, torch.float64),
+    ("allscan", "zigzag", "none", 2, torch.float64),
+]
+
+
+def _engine_cases(W, cases, T):
+    return [(case, *_engine_case(*case, W, T)[0:3]) for case in cases]
+
+
+def _check_engine_results(results, W, tol=F64_TOL):
+    for rank, rows in enumerate(results):
+        for (engine, layout, mode, heads, dtype), errors, with_docs, without in rows:
+            bad = [e for e in errors if e is not None and not e < tol]
+            assert not bad, f"{engine} {layout} {mode} H={heads} W={W} rank {rank}: o,dq,dk,dv,dg errors {errors}"
+            assert with_docs == without, f"{engine} {layout} W={W}: collectives {with_docs} != {without}"
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4])
+def test_engines_match_documents_alone(W):
+    """Every linear engine, both layouts, no decay / constant decay / gates, GQA: o and every gradient equal each
+    document run alone (float64, 1e-10), boundaries on sub-chunk and rank edges, one-token documents, a document
+    over three ranks; the collectives (count per op, each pass) are those of the same call without documents."""
+    from tests.dist import run_ranks
+    _check_engine_results(run_ranks(W, _engine_cases, W, ENGINE_CASES, 16 * W), W)
+
+
+def test_engines_w8_and_fp32():
+    """W = 8 (few cases: slow) and one fp32 case per engine (2e-5)."""
+    from tests.dist import run_ranks
+    cases = [("lasp2", "zigzag", "gate", 4, torch.float64), ("allscan", "contiguous", "gate", 2, torch.float64),
+             ("lasp1", "contiguous", "decay", 2, torch.float64)]
+    _check_engine_results(run_ranks(8, _engine_cases, 8, cases, 128), 8)
+    fp32 = [("lasp2", "zigzag", "gate", 2, torch.float32), ("lasp2-fused", "contiguous", "gate", 2, torch.float32),
+            ("lasp1", "contiguous", "gate", 2, torch.float32), ("allscan", "zigzag", "gate", 2, torch.float32)]
+    _check_engine_results(run_ranks(3, _engine_cases, 3, fp32, 48), 3, FP32_TOL)
