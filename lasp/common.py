@@ -78,15 +78,7 @@ def check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate=None, segme
         if not causal:
             raise ValueError(f"segment_ids {tuple(segment_ids.shape)} need causal=True: the linear engines keep "
                              f"packed documents apart in causal attention only")
-        if layouts.segments_per_rank(layout) > 1 and not bool(_segments_ordered(segment_ids, layout)):
-            raise ValueError(f"segment_ids {tuple(segment_ids.shape)} must be non-decreasing inside each of the "
-                             f"{layout!r} layout's segments")
     return c
-
-
-def _segments_ordered(segment_ids, layout):
-    ids = to_segments(segment_ids, layouts.segments_per_rank(layout))
-    return (ids[:, 1:] >= ids[:, :-1]).all()
 
 
 def segment_ends(ids):

@@ -256,3 +256,79 @@ def test_engines_w8_and_fp32():
     fp32 = [("lasp2", "zigzag", "gate", 2, torch.float32), ("lasp2-fused", "contiguous", "gate", 2, torch.float32),
             ("lasp1", "contiguous", "gate", 2, torch.float32), ("allscan", "zigzag", "gate", 2, torch.float32)]
     _check_engine_results(run_ranks(3, _engine_cases, 3, fp32, 48), 3, FP32_TOL)
+
+
+def _bad_ids_case(engine, layout, W):
+    """Rank 1's shard holds ids below rank 0's: every rank must raise (no hang) - LASP-2 and All-Scan: all ranks
+    (the ids travel in an all-gather); LASP-1: rank 1 and the later ones (the ring message carries the flag)."""
+    from lasp.parallel import shard
+    r = torch.distributed.get_rank()
+    q, k, v, *_ = make_inputs(1, 8 * W, 2, 2, 4, 3, "none")
+    ids = torch.arange(8 * W)[None] // 5
+    local = shard(ids, layout, r, W)
+    if r == 1:
+        local = local - 100
+    try:
+        _engine_call(engine, [shard(x, layout, r, W) for x in (q, k, v)], {"segment_ids": local}, layout)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+@pytest.mark.parametrize("engine, layout", [("lasp2", "zigzag"), ("allscan", "contiguous"), ("lasp1", "contiguous")])
+def test_ranks_that_disagree_raise_without_hanging(engine, layout):
+    from tests.dist import run_ranks
+    messages = run_ranks(3, _bad_ids_case, engine, layout, 3, timeout=60)
+    raised = [m is not None and "segment_ids decrease" in m for m in messages]
+    assert raised == ([False, True, True] if engine == "lasp1" else [True] * 3), messages
+
+
+def _local_bad_input(W):
+    from lasp import allscan, lasp1, lasp2
+    from lasp import ring_linear_attention
+    q, k, v, *_ = make_inputs(2, 8, 2, 2, 4, 3, "none")
+    ids = document_ids(2, 8, [[3], [5]])
+    errors = []
+    for fn, kw, bad in [(lasp2, {}, ids[:, :5]), (lasp2, {"layout": "zigzag"}, ids.flip(1)),
+                        (allscan, {}, ids.float()), (lasp1, {}, ids[:1]), (lasp2, {"causal": False}, ids),
+                        (ring_linear_attention, {}, ids)]:
+        try:
+            fn(q, k, v, segment_ids=bad, **kw)
+            errors.append(None)
+        except ValueError as error:
+            errors.append(str(error))
+    return errors
+
+
+def test_bad_segment_ids_raise_before_any_collective():
+    """Wrong shape, dtype, order, non-causal, ring_linear: ValueError naming the shape on each rank, before any
+    collective (the other ranks never wait: every rank raises locally)."""
+    from tests.dist import run_ranks
+    for errors in run_ranks(2, _local_bad_input, 2, timeout=60):
+        assert all(e is not None for e in errors), errors
+        assert "(2, 5)" in errors[0] and "non-decreasing" in errors[1] and "integer" in errors[2], errors
+        assert "(1, 8)" in errors[3] and "causal=True" in errors[4] and "lasp2, lasp1 or allscan" in errors[5], errors
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# models: a packed sequence = each document run alone
+
+@pytest.mark.parametrize("preset", ["linear-llama3-tiny", "linear-llama3-tiny-gated-hybrid", "tnl-tiny",
+                                    "bam-moe-tiny"])
+def test_model_hidden_states_on_packed_documents(preset):
+    """Hidden states of a packed sequence (documents of 1, 9, 20 and 10 tokens) equal each document run through
+    the model alone at the same positions (float64, 1e-10): every linear and softmax layer keeps them apart."""
+    from lasp.models import build_model
+    torch.manual_seed(0)
+    model = build_model(preset).double()
+    T = 40
+    tokens = torch.randint(1, 256, (1, T))
+    positions = torch.arange(T)
+    starts = [0, 1, 10, 30, T]
+    ids = document_ids(1, T, [starts[1:-1]])
+    with torch.no_grad():
+        packed = model(tokens, positions, ids)
+        alone = torch.cat([model(tokens[:, s:e], positions[s:e]) for s, e in zip(starts[:-1], starts[1:])], dim=1)
+        leaky = model(tokens, positions)
+    assert rel_err(packed, alone) < F64_TOL
+    assert rel_err(leaky, alone) > 1e-3           # without documents the state leaks: the check can fail
