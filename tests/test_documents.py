@@ -332,3 +332,29 @@ def test_model_hidden_states_on_packed_documents(preset):
         leaky = model(tokens, positions)
     assert rel_err(packed, alone) < F64_TOL
     assert rel_err(leaky, alone) > 1e-3           # without documents the state leaks: the check can fail
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Triton kernels under the interpreter (tests/conftest.py sets TRITON_INTERPRET=1): tiny shapes
+
+@pytest.mark.parametrize("mode", ["decay", "gate"])
+def test_triton_kernel_with_documents(mode):
+    """backend="triton" (fp32, blocks of 16) with documents, an initial state and a final-state gradient: o, final
+    and every gradient (gates included) equal the float64 recurrence that resets at each document (2e-5);
+    boundaries on a block edge (16), one-token documents (16, 36)."""
+    q, k, v, log_decay, log_gate, do = make_inputs(2, 37, 2, 2, 8, 8, mode, torch.float32)
+    ids = document_ids(2, 37, [[16, 17, 36], [5]])
+    g = torch.Generator().manual_seed(3)
+    state, dfinal = (torch.randn(2, 2, 8, 8, generator=g) for _ in range(2))
+    runs = []
+    for backend, cast in (("triton", torch.float32), ("ref", torch.float64)):
+        leaves = [None if x is None else x.to(cast).clone().requires_grad_() for x in (q, k, v, log_gate, state)]
+        if backend == "triton":
+            o, final = lightning_attn(*leaves[:3], log_decay=log_decay, log_gate=leaves[3], initial_state=leaves[4],
+                                      output_final_state=True, backend="triton", segment_ids=ids)
+        else:
+            o, final = linear_attn_recurrent(*leaves[:3], log_decay, leaves[4], log_gate=leaves[3], segment_ids=ids)
+        inputs = [x for x in leaves if x is not None]
+        runs.append((o, final, *torch.autograd.grad([o, final], inputs, [do.to(cast), dfinal.to(cast)])))
+    names = ("o", "final", "dq", "dk", "dv") + (("dlog_gate",) if log_gate is not None else ()) + ("dstate",)
+    assert_close(runs[0], runs[1], FP32_TOL, names)
