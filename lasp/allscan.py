@@ -57,7 +57,7 @@ from lasp.parallel import comm, layout as layouts, mesh
 from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
-                     constant_decay, from_segments, ids_from_payload, ids_to_payload, intra_forward, local_backward,
+                     check_global_ids, constant_decay, previous_ids, from_segments, ids_from_payload, ids_to_payload, intra_forward, local_backward,
                      local_state, segment_ends, segment_log_totals, state_grad, to_segments)
 
 __all__ = ["allscan", "allscan_forward", "allscan_backward", "choose_blocks", "DEFAULT_NETWORK"]
@@ -224,21 +224,8 @@ def _start_length_check(local_len, n, layout, group, dtype, device, ends=None):
             raise ValueError(f"All-Scan ranks hold different local lengths {rows[:, 0].long().tolist()} or layouts:"
                              f" every rank of the sequence-parallel group must hold T/W tokens in layout {layout!r}")
         if ends is not None:
-            flat = gathered_ids().transpose(0, 1).flatten(1)                      # (B, 2N) in global order
-            if not bool((flat[:, 1:] >= flat[:, :-1]).all()):
-                raise ValueError(f"All-Scan: segment_ids decrease across the ranks' shards (first and last id of "
-                                 f"each sub-chunk in global order: {flat.tolist()}); the ranks must hold one "
-                                 f"non-decreasing (B, T) id tensor, sharded in layout {layout!r}")
+            check_global_ids(gathered_ids(), "All-Scan", layout)
     return check, gathered_ids
-
-
-def _previous_ids(ends, gathered, layout, group):
-    """(B·n,) the id before each local segment in global order (its own first id for sub-chunk 0)."""
-    n = layouts.segments_per_rank(layout)
-    idx = layouts.segment_indices(layout, comm.group_rank(group), comm.group_size(group))
-    per_seg = ends.unflatten(0, (-1, n))                                          # (B, n, 2)
-    prev = [per_seg[:, s, 0] if g == 0 else gathered[g - 1, :, 1] for s, g in enumerate(idx)]
-    return torch.stack(prev, dim=1).flatten()
 
 
 def _document_scales(scales, ends, prev, n, dtype):
@@ -282,7 +269,8 @@ def allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend
         return qs.new_zeros(*qs.shape[:3], vs.shape[-1])
 
     def rescale():                      # documents: the ids before each segment, from the tiny gather
-        prev.append(_previous_ids(ends, gathered_ids(), layout, group))
+        idx = layouts.segment_indices(layout, comm.group_rank(group), comm.group_size(group))
+        prev.append(previous_ids(ends, gathered_ids(), idx))
         return _document_scales(scales, ends, prev[0], n, states.dtype)
     o, prefix, sent = _scan_states(states, scales, causal, layout, group, blocks, False, compute,
                                    None if ids is None else rescale)

@@ -37,7 +37,7 @@ __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segment
            "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",
            "intra_forward", "local_forward", "local_backward", "deferred_forward",
            "deferred_backward", "constant_decay", "segment_ends", "ids_to_payload", "ids_from_payload",
-           "transition_mask"]
+           "transition_mask", "check_global_ids", "previous_ids"]
 
 
 def check_log_gate(log_gate, q, k, causal):
@@ -94,6 +94,24 @@ def ids_to_payload(ids, dtype):
 def ids_from_payload(x):
     """The inverse of ids_to_payload: int64 ids from a contiguous floating tensor."""
     return x.contiguous().view(torch.int64)
+
+
+def check_global_ids(ends, engine, layout):
+    """ValueError (the same on every rank: all hold the same gathered ids) unless the first and last ids of the N
+    sub-chunks (N, B, 2), in global order, are non-decreasing."""
+    flat = ends.transpose(0, 1).flatten(1)                                     # (B, 2N) in global order
+    if not bool((flat[:, 1:] >= flat[:, :-1]).all()):
+        raise ValueError(f"{engine}: segment_ids decrease across the ranks' shards (first and last id of each "
+                         f"sub-chunk in global order, per batch row: {flat.tolist()}); the ranks must hold one "
+                         f"non-decreasing (B, T) id tensor, sharded in layout {layout!r}")
+
+
+def previous_ids(ends, gathered, local_idx):
+    """(B·n,) the id before each local segment in global order (its own first id for sub-chunk 0); ends (B·n, 2)
+    local, gathered (N, B, 2) every sub-chunk's first and last ids, local_idx the n global sub-chunk indices."""
+    per_seg = ends.unflatten(0, (-1, len(local_idx)))                         # (B, n, 2)
+    prev = [per_seg[:, s, 0] if g == 0 else gathered[g - 1, :, 1] for s, g in enumerate(local_idx)]
+    return torch.stack(prev, dim=1).flatten()
 
 
 def transition_mask(ids):

@@ -47,7 +47,8 @@ from lasp.parallel import comm, layout as layouts, mesh
 from lasp.parallel.checkpointing import replayable
 from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, check_global_ids, constant_decay,
+                     deferred_backward,
                      deferred_forward, from_segments, ids_from_payload, ids_to_payload, local_backward, local_forward,
                      local_state, segment_ends, segment_log_totals, state_grad, to_segments)
 
@@ -88,19 +89,9 @@ def _gather_states(states, n, layout, group, header=None, totals=None, ends=None
         gathered_ends = None
         if ends is not None:
             gathered_ends = ids_from_payload(pieces[1 + (totals is not None)]).view(W * n, -1, 2)[order]
-            _check_ends(gathered_ends)
+            check_global_ids(gathered_ends, "LASP-2", layout)
         return by_rank, gathered_totals, gathered_ends
     return finish
-
-
-def _check_ends(ends):
-    """ValueError (on every rank: all hold the same gathered ids) unless the ids of the N sub-chunks (N, B, 2),
-    first and last, are non-decreasing in global order."""
-    flat = ends.transpose(0, 1).flatten(1)                                     # (B, 2N) in global order
-    if not bool((flat[:, 1:] >= flat[:, :-1]).all()):
-        raise ValueError(f"LASP-2: segment_ids decrease across the ranks' shards (first and last id of each "
-                         f"sub-chunk in global order, per batch row: {flat.tolist()}); the ranks must hold one "
-                         f"non-decreasing (B, T) id tensor, sharded in the same layout")
 
 
 def _document_mask(ends, local_idx, suffix):
