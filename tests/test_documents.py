@@ -358,3 +358,31 @@ def test_triton_kernel_with_documents(mode):
         runs.append((o, final, *torch.autograd.grad([o, final], inputs, [do.to(cast), dfinal.to(cast)])))
     names = ("o", "final", "dq", "dk", "dv") + (("dlog_gate",) if log_gate is not None else ()) + ("dstate",)
     assert_close(runs[0], runs[1], FP32_TOL, names)
+
+
+def _lasp2_bytes(W):
+    from lasp import lasp2
+    from lasp.parallel import count_collectives, shard
+    r = torch.distributed.get_rank()
+    q, k, v, log_decay, log_gate, do = make_inputs(2, 8 * W, 2, 2, 4, 3, "gate", torch.float32)
+    ids = document_ids(2, 8 * W, [[3, 9], [W * 4]])
+    sizes = []
+    for segment_ids in (None, shard(ids, "zigzag", r, W)):
+        local = [shard(x, "zigzag", r, W).requires_grad_() for x in (q, k, v)]
+        with count_collectives() as fwd:
+            o = lasp2(*local, log_decay=log_decay, log_gate=shard(log_gate, "zigzag", r, W), layout="zigzag",
+                      segment_ids=segment_ids)
+        with count_collectives() as bwd:
+            torch.autograd.backward(o, shard(do, "zigzag", r, W))
+        sizes.append((fwd.summary()["all_gather"], bwd.summary()["all_gather"]))
+    return sizes
+
+
+def test_lasp2_document_bytes():
+    """Documents add (W−1)·n·B·16 bytes (two int64 ids per segment and row) to LASP-2's forward gather, nothing to
+    its backward, and no call."""
+    W, n, B = 3, 2, 2
+    from tests.dist import run_ranks
+    for (fwd0, bwd0), (fwd1, bwd1) in run_ranks(W, _lasp2_bytes, W):
+        assert fwd1 == (fwd0[0], fwd0[1] + (W - 1) * n * B * 16) and fwd0[0] == 1, (fwd0, fwd1)
+        assert bwd1 == bwd0 and bwd0[0] == 1, (bwd0, bwd1)
