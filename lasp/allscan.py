@@ -38,14 +38,10 @@ gate totals travel, unlike LASP-2's gather). Length check: every rank's (T_local
 T_local, so ranks holding different lengths all finish the chain and then all raise the same ValueError
 instead of hanging. B, H_kv, d_k, d_v and K must agree across ranks (they come from the model and the code).
 
-Documents (segment_ids (B, T_local)): the same tiny forward all-gather also carries every rank's first and last
-document id per segment and batch row (2·2·B int64, bit-cast; padded to two segments so that its size does not
-depend on the layout), 32·B bytes more per rank; each rank reads it after its local compute (it was started
-before the chain) to learn prev_g, the last id before each of its segments. A segment then enters the kernel
-with keep_g·P_g, keep_g = [first_g = prev_g], and folds with e^{A_e}·[last_g = prev_g] (0 with a reset in it);
-the backward chain sends keep_g·dM_g and reuses the forward's prev ids: no message changes size. Ids that
-decrease across ranks raise the same ValueError on every rank after the chain. Non-causal with documents:
-refused.
+Documents (segment_ids (B, T_local), docs/lasp.md): that same tiny gather also carries every segment's first and
+last id (32·B bytes more per rank); read after the local compute, it gives prev_g, the id before each segment:
+enter with keep_g·P_g (keep_g = [first_g = prev_g]), fold with e^{A_e}·[last_g = prev_g]; the backward reuses
+prev_g and sends keep_g·dM_g. Ids that decrease across ranks raise on every rank after the chain.
 """
 import math
 from dataclasses import dataclass
@@ -57,8 +53,10 @@ from lasp.parallel import comm, layout as layouts, mesh
 from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
-                     check_global_ids, constant_decay, previous_ids, from_segments, ids_from_payload, ids_to_payload, intra_forward, local_backward,
-                     local_state, segment_ends, segment_log_totals, state_grad, to_segments)
+                     constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,
+                     state_grad, to_segments)
+from .documents import (check_global_ids, document_scales, header_with_ids, ids_from_header, previous_ids,
+                        segment_ends)
 
 __all__ = ["allscan", "allscan_forward", "allscan_backward", "choose_blocks", "DEFAULT_NETWORK"]
 
@@ -202,20 +200,13 @@ def _start_length_check(local_len, n, layout, group, dtype, device, ends=None):
     (padded to 2 segments). -> (check, ids): check() raises the same ValueError on every rank; ids() waits and
     gives the gathered ids (N, B, 2) in global sub-chunk order (None without documents)."""
     header = torch.tensor([local_len, n], dtype=dtype, device=device)
-    if ends is not None:
-        per_seg = ends.unflatten(0, (-1, n)).transpose(0, 1)                      # (n, B, 2)
-        padded = torch.cat([per_seg, per_seg[-1:].expand(2 - n, -1, -1)]) if n < 2 else per_seg
-        header = torch.cat([header, ids_to_payload(padded, dtype)])
-    out, work = comm.all_gather(header, group, async_op=True)
+    out, work = comm.all_gather(header if ends is None else header_with_ids(header, ends, n), group, async_op=True)
     W = comm.group_size(group)
 
     def gathered_ids():
         work.wait()
-        if ends is None:
-            return None
-        per_rank = ids_from_payload(out.view(W, -1)[:, 2:]).view(W, 2, -1, 2)[:, :n]   # (W, n, B, 2)
         order = torch.argsort(torch.tensor([g for r in range(W) for g in layouts.segment_indices(layout, r, W)]))
-        return per_rank.flatten(0, 1)[order]
+        return None if ends is None else ids_from_header(out.view(W, -1), 2, n, order)
 
     def check():
         work.wait()
@@ -226,12 +217,6 @@ def _start_length_check(local_len, n, layout, group, dtype, device, ends=None):
         if ends is not None:
             check_global_ids(gathered_ids(), "All-Scan", layout)
     return check, gathered_ids
-
-
-def _document_scales(scales, ends, prev, n, dtype):
-    """Each local segment's scale times [last = prev] (B, 1, 1, 1): its entering state survives it."""
-    through = (ends[:, 1] == prev).to(dtype).unflatten(0, (-1, n))
-    return [through[:, s, None, None, None] * (1.0 if scales[s] is None else scales[s]) for s in range(n)]
 
 
 def _scan_states(states, scales, causal, layout, group, blocks, reverse, compute, rescale=None):
@@ -271,7 +256,7 @@ def allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend
     def rescale():                      # documents: the ids before each segment, from the tiny gather
         idx = layouts.segment_indices(layout, comm.group_rank(group), comm.group_size(group))
         prev.append(previous_ids(ends, gathered_ids(), idx))
-        return _document_scales(scales, ends, prev[0], n, states.dtype)
+        return document_scales(scales, ends, prev[0], n, states.dtype)
     o, prefix, sent = _scan_states(states, scales, causal, layout, group, blocks, False, compute,
                                    None if ids is None else rescale)
     if ids is not None:
@@ -293,7 +278,7 @@ def allscan_backward(q, k, v, log_decay, log_gate, prefix, do, causal, layout, g
     if ids is not None:                 # keep_g·dM_g leaves toward g−1; through g: e^{A_e}·[last = prev]
         ends = segment_ends(ids)
         dstates = dstates * (ends[:, 0] == prev).to(dstates.dtype)[:, None, None, None]
-        scales = _document_scales(scales, ends, prev, n, dstates.dtype)
+        scales = document_scales(scales, ends, prev, n, dstates.dtype)
     if not causal:
         _, suffix, sent = _scan_states(dstates, scales, False, layout, group, blocks, True, lambda: None)
         zeros = (torch.zeros_like(x) for x in (qs, ks, vs))

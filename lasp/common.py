@@ -36,8 +36,7 @@ from lasp.parallel import layout as layouts
 __all__ = ["check_engine_inputs", "check_log_gate", "to_segments", "from_segments", "local_state", "state_grad",
            "add_prefix_output", "add_state_grads", "add_suffix_grads", "add_total_grad", "segment_log_totals",
            "intra_forward", "local_forward", "local_backward", "deferred_forward",
-           "deferred_backward", "constant_decay", "segment_ends", "ids_to_payload", "ids_from_payload",
-           "transition_mask", "check_global_ids", "previous_ids"]
+           "deferred_backward", "constant_decay"]
 
 
 def check_log_gate(log_gate, q, k, causal):
@@ -79,44 +78,6 @@ def check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate=None, segme
             raise ValueError(f"segment_ids {tuple(segment_ids.shape)} need causal=True: the linear engines keep "
                              f"packed documents apart in causal attention only")
     return c
-
-
-def segment_ends(ids):
-    """(S, 2) int64: each segment's first and last id, or None without documents."""
-    return None if ids is None else torch.stack([ids[:, 0], ids[:, -1]], dim=1).long()
-
-
-def ids_to_payload(ids, dtype):
-    """int64 ids bit-cast to `dtype` elements (flat), to travel inside a floating collective unchanged."""
-    return ids.long().contiguous().flatten().view(dtype)
-
-
-def ids_from_payload(x):
-    """The inverse of ids_to_payload: int64 ids from a contiguous floating tensor."""
-    return x.contiguous().view(torch.int64)
-
-
-def check_global_ids(ends, engine, layout):
-    """ValueError (the same on every rank: all hold the same gathered ids) unless the first and last ids of the N
-    sub-chunks (N, B, 2), in global order, are non-decreasing."""
-    flat = ends.transpose(0, 1).flatten(1)                                     # (B, 2N) in global order
-    if not bool((flat[:, 1:] >= flat[:, :-1]).all()):
-        raise ValueError(f"{engine}: segment_ids decrease across the ranks' shards (first and last id of each "
-                         f"sub-chunk in global order, per batch row: {flat.tolist()}); the ranks must hold one "
-                         f"non-decreasing (B, T) id tensor, sharded in layout {layout!r}")
-
-
-def previous_ids(ends, gathered, local_idx):
-    """(B·n,) the id before each local segment in global order (its own first id for sub-chunk 0); ends (B·n, 2)
-    local, gathered (N, B, 2) every sub-chunk's first and last ids, local_idx the n global sub-chunk indices."""
-    per_seg = ends.unflatten(0, (-1, len(local_idx)))                         # (B, n, 2)
-    prev = [per_seg[:, s, 0] if g == 0 else gathered[g - 1, :, 1] for s, g in enumerate(local_idx)]
-    return torch.stack(prev, dim=1).flatten()
-
-
-def transition_mask(ids):
-    """[ids_{c−1} = ids_0] (S,) per segment: its own state survives through it (no reset after token 0)."""
-    return ids[:, -1] == ids[:, 0]
 
 
 def constant_decay(log_decay, q):
@@ -246,7 +207,7 @@ def add_total_grad(dg, prefix, suffix, log_decay, log_gate, ids=None):
     (with documents only when no reset follows its token 0)."""
     total = segment_log_totals(log_decay, log_gate, log_gate.shape[1])
     term = (total.exp() * (prefix.double() * suffix.double()).sum((-1, -2)))[:, None]
-    return dg + (term if ids is None else term * transition_mask(ids).double()[:, None, None])
+    return dg + (term if ids is None else term * (ids[:, -1] == ids[:, 0]).double()[:, None, None])
 
 
 def local_forward(q, k, v, log_decay, backend, log_gate=None, initial_state=None, ids=None):

@@ -29,9 +29,9 @@ from lasp.kernels import resolve_backend
 from lasp.parallel import comm, mesh
 from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, ids_from_payload,
-                     ids_to_payload, local_backward, local_forward, local_state, segment_log_totals, state_grad,
-                     transition_mask)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, local_backward,
+                     local_forward, local_state, segment_log_totals, state_grad)
+from .documents import ids_from_payload, ids_to_payload, transition_mask
 
 __all__ = ["lasp1", "lasp1_forward", "lasp1_backward"]
 

@@ -47,10 +47,10 @@ from lasp.parallel import comm, layout as layouts, mesh
 from lasp.parallel.checkpointing import replayable
 from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
-from .common import (add_prefix_output, add_state_grads, check_engine_inputs, check_global_ids, constant_decay,
-                     deferred_backward,
-                     deferred_forward, from_segments, ids_from_payload, ids_to_payload, local_backward, local_forward,
-                     local_state, segment_ends, segment_log_totals, state_grad, to_segments)
+from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
+                     deferred_forward, from_segments, local_backward, local_forward, local_state, segment_log_totals,
+                     state_grad, to_segments)
+from .documents import check_global_ids, ids_from_payload, ids_to_payload, segment_ends
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
