@@ -17,6 +17,8 @@ Only differences of inclusive cumulative sums with a non-positive result are exp
 strong gates underflow to 0 and nothing overflows. `linear_attn_recurrent` is the token-by-token definition,
 used only as a test oracle. The `deferred_*` functions are the same forward and backward, each split in two
 parts, for a caller (LASP-2) whose entering state P and exit gradient G arrive while the kernel runs.
+segment_ids (B, T) (packed documents, every function's last argument): each factor above times a 0/1 mask of id
+equalities, built per block (kernels/documents.py); None runs exactly the code without them.
 """
 import bisect
 

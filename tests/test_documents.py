@@ -187,6 +187,8 @@ def _engine_call(engine, local, kwargs, layout):
         return lasp1(*local, **kwargs)
     if engine == "allscan":
         return allscan(*local, layout=layout, **kwargs)
+    if engine == "lasp2-triton":            # the overlap path of other backends: zero-state kernel + cross terms
+        return lasp2(*local, layout=layout, backend="triton", **kwargs)
     return lasp2(*local, layout=layout, overlap=engine == "lasp2", **kwargs)     # "lasp2-fused": overlap=False
 
 
@@ -248,12 +250,13 @@ def test_engines_match_documents_alone(W):
 
 
 def test_engines_w8_and_fp32():
-    """W = 8 (few cases: slow) and one fp32 case per engine (2e-5)."""
+    """W = 8 (few cases: slow) and one fp32 case per engine (2e-5), LASP-2 on the Triton kernels (interpreter) too."""
     from tests.dist import run_ranks
     cases = [("lasp2", "zigzag", "gate", 4, torch.float64), ("allscan", "contiguous", "gate", 2, torch.float64),
              ("lasp1", "contiguous", "decay", 2, torch.float64)]
     _check_engine_results(run_ranks(8, _engine_cases, 8, cases, 128), 8)
     fp32 = [("lasp2", "zigzag", "gate", 2, torch.float32), ("lasp2-fused", "contiguous", "gate", 2, torch.float32),
+            ("lasp2-triton", "zigzag", "gate", 4, torch.float32),
             ("lasp1", "contiguous", "gate", 2, torch.float32), ("allscan", "zigzag", "gate", 2, torch.float32)]
     _check_engine_results(run_ranks(3, _engine_cases, 3, fp32, 48), 3, FP32_TOL)
 
