@@ -42,6 +42,10 @@ class BlockMasks:
         self.prev, self.last = docs.prev[:, None, j:j + n], docs.last[:, None, j:j + n]      # (B, 1, n)
         self.dtype, self.n = dtype, n
 
+    def uniform(self):
+        """True when every id of the block equals the id before it: no reset, all masks 1 (a host sync)."""
+        return bool((self.ids == self.prev[..., :1, None]).all())
+
     @functools.cached_property
     def same(self):
         return (self.ids[..., :, None] == self.ids[..., None, :]).to(self.dtype)

@@ -165,7 +165,12 @@ def _state_factors(b, dtype, masks=None):
 
 
 def _masks(docs, start, n, c, chunk_len, dtype):
-    return None if docs is None else block_masks(docs, start, n, c, chunk_len, dtype)
+    """The block's document masks, or None without documents or when no document starts in the block (its
+    first token included): then every mask is 1 and the block runs the plain code."""
+    if docs is None:
+        return None
+    masks = block_masks(docs, start, n, c, chunk_len, dtype)
+    return None if masks.uniform() else masks
 
 
 def _scan_weights(totals, n, dtype, device, masks=None):
