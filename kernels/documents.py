@@ -32,7 +32,7 @@ class Documents(NamedTuple):
 
 class BlockMasks:
     """The 0/1 masks of a block of n chunks of c tokens, each built when first read, in `dtype`:
-    same (B, 1, n, c, c) ids_i = ids_j; q (B, 1, n, c, 1) ids_i = the id before the chunk; k (B, 1, n, c, 1)
+    mask_scores(x) applies ids_i = ids_j to (B, H, n, c, c) scores; q (B, 1, n, c, 1) ids_i = the id before the chunk; k (B, 1, n, c, 1)
     ids_i = the chunk's last id; scan (B, 1, n+1, n) entry id of chunk r = last id of chunk j (j < r);
     entry (B, 1, n+1) entry id of chunk r = entry id of the block (r = n: the state leaving it)."""
 
@@ -47,8 +47,18 @@ class BlockMasks:
         return bool((self.ids == self.prev[..., :1, None]).all())
 
     @functools.cached_property
-    def same(self):
-        return (self.ids[..., :, None] == self.ids[..., None, :]).to(self.dtype)
+    def boundary(self):
+        """(b, j): the batch rows and chunks in which a document starts after the chunk's first token."""
+        return (self.ids[:, 0, :, 0] != self.ids[:, 0, :, -1]).nonzero(as_tuple=True)
+
+    def mask_scores(self, x):
+        """x (B, H, n, c, c) ⊙ [ids_i = ids_j] in place, touching only the chunks of `boundary` (a gather and a
+        scatter of those rows, no loop); -> x."""
+        b, j = self.boundary
+        if b.numel():
+            ids = self.ids[b, 0, j]                                                     # (k, c)
+            x[b, :, j] = x[b, :, j] * (ids[:, :, None] == ids[:, None, :]).to(x.dtype)[:, None]
+        return x
 
     @functools.cached_property
     def q(self):

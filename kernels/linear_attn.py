@@ -142,14 +142,24 @@ def _chunk_factors(b, c, dtype, device, masks=None):
 
 
 def _document_factors(b, c, dtype, causal, masks):
-    """_chunk_factors with packed documents: every factor times its 0/1 mask (kernels/documents.py)."""
+    """_chunk_factors with packed documents: every factor times its 0/1 mask (kernels/documents.py); D as the
+    pair (D without documents, masks), which _masked applies."""
     if b is None:
         totals = torch.zeros(1, 1, 1, dtype=torch.float64, device=causal.device)
-        return masks.same * causal.to(dtype), masks.q, masks.k, totals
+        return (causal.to(dtype), masks), masks.q, masks.k, totals
     mask = (b[..., :, None] - b[..., None, :]).to(dtype)
     mask.masked_fill_(~causal, float("-inf")).exp_()
     k_pow, totals = _state_factors(b, dtype)
-    return mask * masks.same, b.to(dtype).exp()[..., None] * masks.q, k_pow * masks.k, totals
+    return (mask, masks), b.to(dtype).exp()[..., None] * masks.q, k_pow * masks.k, totals
+
+
+def _masked(x, mask):
+    """x (B, H, n, c, c) ⊙ D in place; D a tensor, or with documents (D, masks): then also ⊙ [ids_i = ids_j],
+    on the few chunks where a document starts after their first token only (elsewhere the mask is 1)."""
+    if isinstance(mask, tuple):
+        mask, masks = mask
+        return masks.mask_scores(x.mul_(mask))
+    return x.mul_(mask)
 
 
 def _state_factors(b, dtype, masks=None):
@@ -214,7 +224,7 @@ def _block_forward(q, k, v, b, state, masks=None):
     B, H, n, c, _ = q.shape
     mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device, masks)
     scores = torch.bmm(_flat(q), _flat(k).transpose(1, 2))
-    scores.view(B, H, n, c, c).mul_(mask)                          # [(Q Kᵀ) ⊙ D]
+    _masked(scores.view(B, H, n, c, c), mask)                      # [(Q Kᵀ) ⊙ D]
     o = torch.bmm(scores, _flat(v))                              # intra
     P = _entry_states(_scaled(k, k_pow), v, totals, state, masks)   # (B, H, n+1, d_k, d_v)
     o.baddbmm_(_flat(_scaled(q, q_pow)), P[:, :, :n].reshape(-1, *state.shape[-2:]))   # inter: (Λ_q Q) P_j
@@ -252,7 +262,7 @@ def _local_grads(q, k, v, do, mask, do_dec, P, gated):
     q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
     B, H, n, c, _ = q.shape
     dov = torch.bmm(do3, v3.transpose(1, 2))
-    dov.view(B, H, n, c, c).mul_(mask)                             # [(dO Vᵀ) ⊙ D]_ij
+    _masked(dov.view(B, H, n, c, c), mask)                         # [(dO Vᵀ) ⊙ D]_ij
     diag = None
     if gated:
         diag = dov.diagonal(dim1=1, dim2=2).clone()
@@ -261,7 +271,7 @@ def _local_grads(q, k, v, do, mask, do_dec, P, gated):
     dk = torch.bmm(dov.transpose(1, 2), q3)
     del dov
     qk = torch.bmm(q3, k3.transpose(1, 2))
-    qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
+    _masked(qk.view(B, H, n, c, c), mask)                          # [(Q Kᵀ) ⊙ D]_ij
     return dq, dk, torch.bmm(qk.transpose(1, 2), do3), diag
 
 
@@ -544,7 +554,7 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
         mask, q_pow = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device,
                                      _masks(docs, start, n, c, chunk_len, sdt))[:2]
         scores = torch.bmm(_flat(qb), _flat(kb).transpose(1, 2))
-        scores.view(B, H, n, c, c).mul_(mask)
+        _masked(scores.view(B, H, n, c, c), mask)
         intra = torch.bmm(scores, _flat(vb))
         if state is None:
             waiting.append((index, None, intra, q_pow))     # q read again at the finish: less to keep

@@ -6,10 +6,11 @@ kernel: linear_attn_chunked forward + backward (torch.autograd.backward of o), f
 d=32, at T = 8,192 and 262,144: OLD (kernels/linear_attn.py of --old-rev, loaded from `git show` as a module of
 its own; it imports only torch), NEW without documents (segment_ids=None) and, at 262K, NEW with documents
 (mean length 2,048: 127 documents of random lengths plus one of 1 token). OLD, NEW and NEW+docs alternate within
-every repetition (order rotated each repetition) after one warm-up each; medians of wall seconds.
+every repetition (order rotated each repetition) after one warm-up each; medians of wall and CPU seconds
+(time.process_time: less sensitive to other processes on the cores than wall time, not immune: caches are shared).
 lasp2: W = 4 gloo ranks (forked, one thread each), 65,536 tokens (16,384 per rank), B=1, H=8, d=32, fp32, decay,
 contiguous, forward + backward with and without documents alternating in the same processes; per repetition the
-slowest rank's time, then the median. A shared 2-core machine, loaded by other work: compare ratios, not seconds.
+slowest rank's wall time (and the largest rank CPU time), then the median. A shared 2-core machine, loaded by other work: compare ratios, not seconds.
 """
 import argparse
 import importlib.util
@@ -54,12 +55,13 @@ def inputs(T, H=8, d=32, seed=0):
 
 
 def kernel_step(fn, q, k, v, do, log_decay, ids):
+    """One fwd+bwd -> (wall s, CPU s of this process)."""
     leaves = [x.detach().requires_grad_() for x in (q, k, v)]
-    wall = time.perf_counter()
+    wall, cpu = time.perf_counter(), time.process_time()
     kwargs = {} if ids is None else {"segment_ids": ids}
     o, _ = fn(*leaves, log_decay, **kwargs)
     torch.autograd.backward(o, do)
-    return time.perf_counter() - wall
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def bench_kernel(args):
@@ -79,13 +81,15 @@ def bench_kernel(args):
         for rep in range(args.reps):
             for n in names[rep % len(names):] + names[:rep % len(names)]:
                 times[n].append(kernel_step(impls[n][0], *data, impls[n][1]))
-        med = {n: statistics.median(t) for n, t in times.items()}
-        row = {"T": T, "documents": n_docs, "median_s": med, "all_s": times,
-               "new_over_old": med["new"] / med["old"]}
+        med = {n: statistics.median(w for w, _ in t) for n, t in times.items()}
+        cpu = {n: statistics.median(c for _, c in t) for n, t in times.items()}
+        row = {"T": T, "documents": n_docs, "median_s": med, "median_cpu_s": cpu, "all_wall_cpu_s": times,
+               "new_over_old": med["new"] / med["old"], "new_over_old_cpu": cpu["new"] / cpu["old"]}
         if "new_docs" in med:
             row["docs_tokens_per_s_over_none"] = med["new"] / med["new_docs"]
+            row["docs_tokens_per_s_over_none_cpu"] = cpu["new"] / cpu["new_docs"]
         out[f"T{T}"] = row
-        print(json.dumps({k: v for k, v in row.items() if k != "all_s"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k != "all_wall_cpu_s"}), flush=True)
     return out
 
 
@@ -100,10 +104,10 @@ def _lasp2_rank(reps, T):
     def step(segment_ids):
         leaves = [x.detach().requires_grad_() for x in (q, k, v)]
         dist.barrier()
-        wall = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         o = lasp2(*leaves, log_decay=log_decay, segment_ids=segment_ids)
         torch.autograd.backward(o, do)
-        return time.perf_counter() - wall
+        return time.perf_counter() - wall, time.process_time() - cpu
     step(None), step(ids)
     times = {"none": [], "docs": []}
     for rep in range(reps):
@@ -116,10 +120,14 @@ def _lasp2_rank(reps, T):
 def bench_lasp2(args):
     from tests.dist import run_ranks
     per_rank = run_ranks(4, _lasp2_rank, args.reps, 65536, timeout=1200)
-    slowest = {n: [max(r[n][i] for r in per_rank) for i in range(args.reps)] for n in ("none", "docs")}
+    slowest = {n: [max(r[n][i][0] for r in per_rank) for i in range(args.reps)] for n in ("none", "docs")}
+    cpu = {n: [max(r[n][i][1] for r in per_rank) for i in range(args.reps)] for n in ("none", "docs")}
     med = {n: statistics.median(t) for n, t in slowest.items()}
-    row = {"W": 4, "T": 65536, "median_s": med, "slowest_rank_s": slowest, "docs_over_none": med["docs"] / med["none"]}
-    print(json.dumps({k: v for k, v in row.items() if k != "slowest_rank_s"}), flush=True)
+    med_cpu = {n: statistics.median(t) for n, t in cpu.items()}
+    row = {"W": 4, "T": 65536, "median_s": med, "median_cpu_s": med_cpu, "slowest_rank_s": slowest,
+           "max_rank_cpu_s": cpu, "docs_over_none": med["docs"] / med["none"],
+           "docs_over_none_cpu": med_cpu["docs"] / med_cpu["none"]}
+    print(json.dumps({k: v for k, v in row.items() if k not in ("slowest_rank_s", "max_rank_cpu_s")}), flush=True)
     return row
 
 
