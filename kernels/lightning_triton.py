@@ -30,12 +30,17 @@ writes its float32 partial and the launcher adds them.
 All arithmetic is float32 after each load; outputs are stored in the input dtype, states in float32. On CUDA,
 fp32 inputs use exact ("ieee") dot products, fp16/bf16 inputs use tf32 dot products (error ≈ 2^-11, below the
 2^-9 rounding of a bf16 output). float64 inputs are refused: use backend="torch".
+Packed documents (segment_ids (B, T) int, non-decreasing): each block loads its ids, the id before it and its
+last id, and multiplies D by [ids_i = ids_j], Λ_q by [ids_i = id before], Λ_k by [ids_i = last id] and the block
+decay by [last id = id before] (kernels/documents.py): a reset is a 0 in the factors, never a log 0 in a sum. The
+gate gradient is then summed per document on the host (documents.segmented_gate_grad).
 Under TRITON_INTERPRET=1 (set before this module is imported) the same kernels run on CPU tensors.
 """
 import triton
 import triton.language as tl
 import torch
 
+from .documents import documents, segmented_gate_grad
 from .linear_attn import check_linear_attn_inputs, gate_grad
 
 __all__ = ["triton_fwd", "triton_bwd"]
@@ -81,10 +86,22 @@ def _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE: tl.constexpr, BT
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, LOG_DECAY, LOG_GATE, S0, O, SF, T, H, DK, DV,
+def _document_masks(SEG, seg_base, rows, mt, start, c, decay_mask, q_pow, k_pow, block_pow):
+    """The block's factors times their document masks: a reset at t zeroes every factor spanning it."""
+    ids = tl.load(SEG + seg_base + rows, mask=mt, other=0)
+    prev = tl.load(SEG + seg_base + tl.maximum(start - 1, 0))           # block 0: its own first id
+    last = tl.load(SEG + seg_base + start + c - 1)
+    decay_mask = tl.where(ids[:, None] == ids[None, :], decay_mask, 0.0)
+    return (decay_mask, tl.where(ids == prev, q_pow, 0.0), tl.where(ids == last, k_pow, 0.0),
+            tl.where(last == prev, block_pow, 0.0))
+
+
+@triton.jit
+def _fwd_kernel(Q, K, V, LOG_DECAY, LOG_GATE, S0, O, SF, SEG, T, H, DK, DV,
                 HAS_DECAY: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, PRECISION: tl.constexpr,
-                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
-    """Grid (d_v blocks, B·H). Q, K (B, T, H, DK); V, O (B, T, H, DV); LOG_GATE (B, T, H); S0, SF (B, H, DK, DV)."""
+                BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr, HAS_SEG: tl.constexpr = False):
+    """Grid (d_v blocks, B·H). Q, K (B, T, H, DK); V, O (B, T, H, DV); LOG_GATE (B, T, H); S0, SF (B, H, DK, DV);
+    SEG (B, T) int64 document ids (HAS_SEG)."""
     iv = tl.program_id(0)
     bh = tl.program_id(1).to(tl.int64)            # int64: B·T·H·D offsets exceed 2^31 at long T
     h = bh % H
@@ -112,6 +129,9 @@ def _fwd_kernel(Q, K, V, LOG_DECAY, LOG_GATE, S0, O, SF, T, H, DK, DV,
         mt = rows < T
         c = tl.minimum(T - start, BT)
         decay_mask, q_pow, k_pow, block_pow = _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE, BT)
+        if HAS_SEG:
+            decay_mask, q_pow, k_pow, block_pow = _document_masks(SEG, (bh // H) * T, rows, mt, start, c, decay_mask,
+                                                                  q_pow, k_pow, block_pow)
         qk_mask = mt[:, None] & mk[None, :]
         v_mask = mt[:, None] & mv[None, :]
         q = tl.load(q_base + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
@@ -127,9 +147,10 @@ def _fwd_kernel(Q, K, V, LOG_DECAY, LOG_GATE, S0, O, SF, T, H, DK, DV,
 
 
 @triton.jit
-def _bwd_kernel(Q, K, V, DO, LOG_DECAY, LOG_GATE, S0, DSF, DQP, DKP, DV_OUT, DS0, SF, TERMS, T, H, DK, DV,
+def _bwd_kernel(Q, K, V, DO, LOG_DECAY, LOG_GATE, S0, DSF, DQP, DKP, DV_OUT, DS0, SF, TERMS, SEG, T, H, DK, DV,
                 HAS_DECAY: tl.constexpr, HAS_GATE: tl.constexpr, HAS_INIT: tl.constexpr, HAS_DFINAL: tl.constexpr,
-                PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+                PRECISION: tl.constexpr, BT: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+                HAS_SEG: tl.constexpr = False):
     """Grid (d_v blocks, B·H). DQP, DKP (NV, B, T, H, DK) float32 partials; DV_OUT (B, T, H, DV); DS0 like S0;
     Gated: TERMS (NV, B, T, H) float32 receives q_t·dq_t − k_t·dk_t without the gate-free terms (the diagonal
     (q_t·k_t)(do_t·v_t); the last token's <k_tᵀ v_t, dS_final>), SF (with dS_final) e^{a_{T−1}} S_{T−2}: the
@@ -163,6 +184,9 @@ def _bwd_kernel(Q, K, V, DO, LOG_DECAY, LOG_GATE, S0, DSF, DQP, DKP, DV_OUT, DS0
         mt = rows < T
         c = tl.minimum(T - start, BT)
         decay_mask, q_pow, k_pow, block_pow = _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE, BT)
+        if HAS_SEG:
+            decay_mask, q_pow, k_pow, block_pow = _document_masks(SEG, (bh // H) * T, rows, mt, start, c, decay_mask,
+                                                                  q_pow, k_pow, block_pow)
         qk_mask = mt[:, None] & mk[None, :]
         v_mask = mt[:, None] & mv[None, :]
         k = tl.load(K + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
@@ -198,6 +222,9 @@ def _bwd_kernel(Q, K, V, DO, LOG_DECAY, LOG_GATE, S0, DSF, DQP, DKP, DV_OUT, DS0
         mt = rows < T
         c = tl.minimum(T - start, BT)
         decay_mask, q_pow, k_pow, block_pow = _decays(LOG_GATE, g_base, ld, rows, mt, rt, c, H, HAS_GATE, BT)
+        if HAS_SEG:
+            decay_mask, q_pow, k_pow, block_pow = _document_masks(SEG, (bh // H) * T, rows, mt, start, c, decay_mask,
+                                                                  q_pow, k_pow, block_pow)
         qk_mask = mt[:, None] & mk[None, :]
         v_mask = mt[:, None] & mv[None, :]
         q = tl.load(Q + qk_off + rows[:, None] * (H * DK) + rk[None, :], mask=qk_mask, other=0.0).to(tl.float32)
@@ -281,11 +308,16 @@ def _float32(x, device):
     return None if x is None else x.to(device=device, dtype=torch.float32).contiguous()
 
 
-def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, log_gate=None, block_len=None, block_v=None):
+def _ids(segment_ids, device):
+    return None if segment_ids is None else segment_ids.to(device=device, dtype=torch.int64).contiguous()
+
+
+def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, log_gate=None, block_len=None, block_v=None,
+               segment_ids=None):
     """No-autograd forward -> (o (B, T, H, d_v) in q's dtype, final_state (B, H, d_k, d_v) float32).
 
-    log_decay (H,) and log_gate (B, T, H) ≤ 0 are not re-checked for sign here (lightning_attn does that, once,
-    with a host sync). Raises ValueError on float64, head dims > 128, wrong shapes, or CPU tensors without the
+    log_decay (H,) and log_gate (B, T, H) ≤ 0 and segment_ids' order are not re-checked here (lightning_attn
+    does that, once, with a host sync). Raises ValueError on float64, head dims > 128, wrong shapes, or CPU tensors without the
     interpreter.
     """
     _check(q, k, v, log_decay, initial_state, log_gate)
@@ -301,15 +333,17 @@ def triton_fwd(q, k, v, log_decay=None, initial_state=None, *, log_gate=None, bl
         final.zero_() if initial_state is None else final.copy_(initial_state)
         return o.zero_(), final
     grid = (triton.cdiv(d_v, BV), B * H)
-    _fwd_kernel[grid](q, k, v, log_decay, log_gate, initial_state, o, final, T, H, d_k, d_v,
+    seg = _ids(segment_ids, q.device)
+    _fwd_kernel[grid](q, k, v, log_decay, log_gate, initial_state, o, final, seg, T, H, d_k, d_v,
                       HAS_DECAY=log_decay is not None, HAS_GATE=log_gate is not None,
                       HAS_INIT=initial_state is not None, PRECISION=precision,
-                      BT=BT, BK=BK, BV=BV, num_warps=num_warps, num_stages=1)  # no prefetch buffers: no room
+                      BT=BT, BK=BK, BV=BV, HAS_SEG=seg is not None,
+                      num_warps=num_warps, num_stages=1)  # no prefetch buffers: no room
     return o, final
 
 
 def triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, *, log_gate=None, block_len=None,
-               block_v=None):
+               block_v=None, segment_ids=None):
     """Gradients (dq, dk, dv in the input dtype, dinitial_state float32 or None when initial_state is None,
     dlog_gate in log_gate's dtype or None when log_gate is None).
 
@@ -336,15 +370,18 @@ def triton_bwd(q, k, v, log_decay, initial_state, do, dfinal_state=None, *, log_
     dinit = None if initial_state is None else alloc(initial_state)
     before_last = None if gate is None or dfinal_state is None else torch.zeros_like(dfinal_state)
     terms = None if gate is None else torch.zeros(n_v, B, T, H, device=q.device, dtype=torch.float32)
+    seg = _ids(segment_ids, q.device)
     if launch:
         _bwd_kernel[(n_v, B * H)](q, k, v, do, log_decay, gate, initial_state, dfinal_state, dq_part, dk_part, dv,
-                                  dinit, before_last, terms, T, H, d_k, d_v, HAS_DECAY=log_decay is not None,
+                                  dinit, before_last, terms, seg, T, H, d_k, d_v, HAS_DECAY=log_decay is not None,
                                   HAS_GATE=gate is not None, HAS_INIT=initial_state is not None,
                                   HAS_DFINAL=dfinal_state is not None, PRECISION=precision, BT=BT, BK=BK, BV=BV,
-                                  num_warps=num_warps, num_stages=1)
+                                  HAS_SEG=seg is not None, num_warps=num_warps, num_stages=1)
     dq, dk = dq_part.sum(0), dk_part.sum(0)
     dgate = None
     if gate is not None:
         final_term = None if before_last is None else (before_last * dfinal_state).sum((-1, -2))
-        dgate = gate_grad(terms.sum(0), final_term, log_gate.dtype)
+        docs = documents(seg, max(T, 1))
+        dgate = gate_grad(terms.sum(0), final_term, log_gate.dtype) if docs is None else \
+            segmented_gate_grad(terms.sum(0), final_term, docs).to(log_gate.dtype)
     return dq.to(q.dtype), dk.to(k.dtype), dv, dinit, dgate

@@ -17,10 +17,14 @@ Only differences of inclusive cumulative sums with a non-positive result are exp
 strong gates underflow to 0 and nothing overflows. `linear_attn_recurrent` is the token-by-token definition,
 used only as a test oracle. The `deferred_*` functions are the same forward and backward, each split in two
 parts, for a caller (LASP-2) whose entering state P and exit gradient G arrive while the kernel runs.
+segment_ids (B, T) (packed documents, every function's last argument): each factor above times a 0/1 mask of id
+equalities, built per block (kernels/documents.py); None runs exactly the code without them.
 """
 import bisect
 
 import torch
+
+from .documents import block_masks, check_segment_ids, chunk_keep, documents, segmented_gate_grad
 
 __all__ = ["check_linear_attn_inputs", "state_dtype", "repeat_kv", "linear_attn_chunked",
            "linear_attn_recurrent", "chunked_forward", "chunked_backward", "gate_grad", "deferred_states",
@@ -45,8 +49,10 @@ def _check_log_gate(q, log_gate, check_values):
         raise ValueError(f"log_gate {tuple(log_gate.shape)} must be finite and <= 0 (gates e^g in (0, 1])")
 
 
-def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None, log_gate=None, check_values=True):
-    """Raise ValueError naming the sizes when q, k, v, log_decay, log_gate or a state do not fit together.
+def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None, log_gate=None, check_values=True,
+                             segment_ids=None):
+    """Raise ValueError naming the sizes when q, k, v, log_decay, log_gate, segment_ids (B, T) or a state do not
+    fit together.
 
     check_values=False skips the sign/finiteness checks of log_gate (they need a host sync)."""
     for name, x in (("q", q), ("k", k), ("v", v)):
@@ -71,6 +77,8 @@ def check_linear_attn_inputs(q, k, v, log_decay=None, initial_state=None, log_ga
     if initial_state is not None and initial_state.shape != (B, H, d_k, v.shape[-1]):
         raise ValueError(f"initial_state must be (B, H, d_k, d_v) = {(B, H, d_k, v.shape[-1])}, "
                          f"got {tuple(initial_state.shape)}")
+    if segment_ids is not None:
+        check_segment_ids(segment_ids, q.shape[:2], q.device)
 
 
 def repeat_kv(q, k, v, log_decay=None):
@@ -119,10 +127,13 @@ def _cum_gates(gates, log_decay, start, n, c):
     return a.cumsum(-1)
 
 
-def _chunk_factors(b, c, dtype, device):
+def _chunk_factors(b, c, dtype, device, masks=None):
     """b float64 -> (D (·,H,·,c,c), Λ_q (·,H,·,c,1), Λ_k (·,H,·,c,1) in dtype, chunk totals b_e (·,H,·) float64);
-    no gate: (tril, None, None, None). The differences are taken in float64, the exponentials in dtype."""
+    no gate: (tril, None, None, None). The differences are taken in float64, the exponentials in dtype.
+    masks (documents.BlockMasks, or None): the factors times their document masks (b None: the masks alone)."""
     causal = torch.ones(c, c, dtype=torch.bool, device=device).tril()
+    if masks is not None:
+        return _document_factors(b, c, dtype, causal, masks)
     if b is None:
         return causal.to(dtype), None, None, None
     mask = (b[..., :, None] - b[..., None, :]).to(dtype)           # b_i − b_j ≤ 0 for i ≥ j
@@ -130,24 +141,61 @@ def _chunk_factors(b, c, dtype, device):
     return (mask, b.to(dtype).exp()[..., None], *_state_factors(b, dtype))
 
 
-def _state_factors(b, dtype):
-    """-> (Λ_k (·,H,·,c,1) = e^{b_e − b_i} in dtype, chunk totals b_e (·,H,·) float64), or (None, None)."""
+def _document_factors(b, c, dtype, causal, masks):
+    """_chunk_factors with packed documents: every factor times its 0/1 mask (kernels/documents.py); D as the
+    pair (D without documents, masks), which _masked applies."""
+    if b is None:
+        totals = torch.zeros(1, 1, 1, dtype=torch.float64, device=causal.device)
+        return (causal.to(dtype), masks), masks.q, masks.k, totals
+    mask = (b[..., :, None] - b[..., None, :]).to(dtype)
+    mask.masked_fill_(~causal, float("-inf")).exp_()
+    k_pow, totals = _state_factors(b, dtype)
+    return (mask, masks), b.to(dtype).exp()[..., None] * masks.q, k_pow * masks.k, totals
+
+
+def _masked(x, mask):
+    """x (B, H, n, c, c) ⊙ D in place; D a tensor, or with documents (D, masks): then also ⊙ [ids_i = ids_j],
+    on the few chunks where a document starts after their first token only (elsewhere the mask is 1)."""
+    if isinstance(mask, tuple):
+        mask, masks = mask
+        return masks.mask_scores(x.mul_(mask))
+    return x.mul_(mask)
+
+
+def _state_factors(b, dtype, masks=None):
+    """-> (Λ_k (·,H,·,c,1) = e^{b_e − b_i} in dtype, chunk totals b_e (·,H,·) float64), or (None, None).
+    masks: Λ_k times [ids_i = the chunk's last id] (b None: the mask alone, totals 0)."""
+    if masks is not None and b is None:
+        return masks.k, torch.zeros(1, 1, 1, dtype=torch.float64, device=masks.k.device)
     if b is None:
         return None, None
     end = b[..., -1:]
-    return (end - b).to(dtype).exp_()[..., None], end[..., 0]
+    k_pow = (end - b).to(dtype).exp_()[..., None]
+    return (k_pow if masks is None else k_pow * masks.k), end[..., 0]
 
 
-def _scan_weights(totals, n, dtype, device):
+def _masks(docs, start, n, c, chunk_len, dtype):
+    """The block's document masks, or None without documents or when no document starts in the block (its
+    first token included): then every mask is 1 and the block runs the plain code."""
+    if docs is None:
+        return None
+    masks = block_masks(docs, start, n, c, chunk_len, dtype)
+    return None if masks.uniform() else masks
+
+
+def _scan_weights(totals, n, dtype, device, masks=None):
     """Block scan as one product: P_r = Σ_{j<r} W_rj M_j + e_r P_0, r = 0..n (row n: the state leaving the block).
 
-    totals (·, H, n) or None; W_rj = e^{Γ_{r−1} − Γ_j}, e_r = e^{Γ_{r−1}}, Γ the inclusive cumsum (float64)."""
+    totals (·, H, n) or None; W_rj = e^{Γ_{r−1} − Γ_j}, e_r = e^{Γ_{r−1}}, Γ the inclusive cumsum (float64).
+    masks: W and e times their document masks (B, 1, n+1, n), (B, 1, n+1)."""
     if totals is None:
         totals = torch.zeros(1, 1, n, dtype=torch.float64, device=device)
     G = totals.double().expand(*totals.shape[:-1], n).cumsum(-1)
     Gx = torch.nn.functional.pad(G, (1, 0))                      # Γ_{r−1}, Γ_{−1} = 0: (·, H, n+1)
     keep = torch.ones(n + 1, n, dtype=torch.bool, device=device).tril(-1)
     W = (Gx[..., :, None] - G[..., None, :]).masked_fill(~keep, float("-inf")).exp()
+    if masks is not None:
+        return W.to(dtype) * masks.scan, Gx.exp().to(dtype) * masks.entry
     return W.to(dtype), Gx.exp().to(dtype)
 
 
@@ -160,41 +208,42 @@ def _scaled(x, powers):
     return x if powers is None else x * powers
 
 
-def _entry_states(k_end, v, totals, state):
+def _entry_states(k_end, v, totals, state, masks=None):
     """P_0..P_n of a block (B, H, n+1, d_k, d_v): the states entering its n chunks, then the one leaving it.
     k_end = Λ_k K (B, H, n, c, d_k); M_j = (Λ_k K)ᵀ V per chunk."""
     B, H, n = k_end.shape[:3]
     chunk_states = torch.bmm(_flat(k_end).transpose(1, 2), _flat(v)).view(B, H, n, -1)
-    W, e = _scan_weights(totals, n, k_end.dtype, k_end.device)
+    W, e = _scan_weights(totals, n, k_end.dtype, k_end.device, masks)
     P = torch.matmul(W, chunk_states).add_(e[..., None] * state.flatten(-2)[:, :, None])
     return P.unflatten(-1, state.shape[-2:])
 
 
-def _block_forward(q, k, v, b, state):
-    """One block, (B, H, n, c, D), entering with `state` (B, H, d_k, d_v) -> (o (B, H, n, c, d_v), state leaving)."""
+def _block_forward(q, k, v, b, state, masks=None):
+    """One block, (B, H, n, c, D), entering with `state` (B, H, d_k, d_v) -> (o (B, H, n, c, d_v), state leaving).
+    masks: the block's document masks or None."""
     B, H, n, c, _ = q.shape
-    mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device)
+    mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device, masks)
     scores = torch.bmm(_flat(q), _flat(k).transpose(1, 2))
-    scores.view(B, H, n, c, c).mul_(mask)                          # [(Q Kᵀ) ⊙ D]
+    _masked(scores.view(B, H, n, c, c), mask)                      # [(Q Kᵀ) ⊙ D]
     o = torch.bmm(scores, _flat(v))                              # intra
-    P = _entry_states(_scaled(k, k_pow), v, totals, state)       # (B, H, n+1, d_k, d_v)
+    P = _entry_states(_scaled(k, k_pow), v, totals, state, masks)   # (B, H, n+1, d_k, d_v)
     o.baddbmm_(_flat(_scaled(q, q_pow)), P[:, :, :n].reshape(-1, *state.shape[-2:]))   # inter: (Λ_q Q) P_j
     return o.view(B, H, n, c, -1), P[:, :, n]
 
 
-def _block_backward(q, k, v, do, b, state, dstate_out, gated):
+def _block_backward(q, k, v, do, b, state, dstate_out, gated, masks=None):
     """Gradients of one block given the state entering it and dstate_out, the gradient of the state leaving it
     -> (dq, dk, dv (B, H, n, c, D), gate terms, gradient of the state entering it). R_j = dL/d(state leaving
     chunk j). Gate terms (gated only, else None): (q_t·dq_t, k_t·dk_t) (B, H, n, c) without the diagonal
     (q_t·k_t)(do_t·v_t), which appears in both and does not depend on the gates (fp32 cancellation otherwise)."""
     B, H, n, c, _ = q.shape
-    mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device)
+    mask, q_pow, k_pow, totals = _chunk_factors(b, c, q.dtype, q.device, masks)
     k_end, v_end, do_dec = _scaled(k, k_pow), _scaled(v, k_pow), _scaled(do, q_pow)   # Λ_k K, Λ_k V, Λ_q dO
-    P = _entry_states(k_end, v, totals, state)[:, :, :n].reshape(-1, *state.shape[-2:])   # entering each chunk
+    P = _entry_states(k_end, v, totals, state, masks)[:, :, :n].reshape(-1, *state.shape[-2:])   # entering chunks
     # dL/dP_r: (Λ_q Q)ᵀ dO for the chunk entries r < n, dstate_out for the exit r = n; R = Wᵀ dP, dP_0 = eᵀ dP
     dP = torch.bmm(_flat(q).transpose(1, 2), _flat(do_dec)).view(B, H, n, -1)
     dP = torch.cat([dP, dstate_out.flatten(-2)[:, :, None]], dim=2)
-    W, e = _scan_weights(totals, n, q.dtype, q.device)
+    W, e = _scan_weights(totals, n, q.dtype, q.device, masks)
     R = torch.matmul(W.transpose(-1, -2), dP).view(-1, *state.shape[-2:])         # (B·H·n, d_k, d_v)
     dstate_in = (e[..., None] * dP).sum(2).view_as(state)
     return (*_block_grads(q, k, v, do, mask, do_dec, P, (v_end, k_end, R), gated), dstate_in)
@@ -213,7 +262,7 @@ def _local_grads(q, k, v, do, mask, do_dec, P, gated):
     q3, k3, v3, do3 = _flat(q), _flat(k), _flat(v), _flat(do)
     B, H, n, c, _ = q.shape
     dov = torch.bmm(do3, v3.transpose(1, 2))
-    dov.view(B, H, n, c, c).mul_(mask)                             # [(dO Vᵀ) ⊙ D]_ij
+    _masked(dov.view(B, H, n, c, c), mask)                         # [(dO Vᵀ) ⊙ D]_ij
     diag = None
     if gated:
         diag = dov.diagonal(dim1=1, dim2=2).clone()
@@ -222,7 +271,7 @@ def _local_grads(q, k, v, do, mask, do_dec, P, gated):
     dk = torch.bmm(dov.transpose(1, 2), q3)
     del dov
     qk = torch.bmm(q3, k3.transpose(1, 2))
-    qk.view(B, H, n, c, c).mul_(mask)                              # [(Q Kᵀ) ⊙ D]_ij
+    _masked(qk.view(B, H, n, c, c), mask)                          # [(Q Kᵀ) ⊙ D]_ij
     return dq, dk, torch.bmm(qk.transpose(1, 2), do3), diag
 
 
@@ -245,11 +294,11 @@ def _exit_grads(q, k, local, exits):
 
 
 @torch.no_grad()
-def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, block_chunks=16):
+def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, block_chunks=16, segment_ids=None):
     """No-autograd forward -> (o, final state, checkpoints: the state entering every block, (n_blocks, B, H, d_k,
-    d_v)). log_decay (H,) and log_gate (B, T, H) unchecked here; either may be None."""
+    d_v)). log_decay (H,), log_gate (B, T, H) and segment_ids (B, T) unchecked here; any may be None."""
     B, T, H, d_k = q.shape
-    sdt = state_dtype(q.dtype)
+    sdt, docs = state_dtype(q.dtype), documents(segment_ids, chunk_len)
     ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
     state = q.new_zeros(B, H, d_k, v.shape[-1], dtype=sdt) if initial_state is None else initial_state.to(sdt)
     o = v.new_empty(B, T, H, v.shape[-1])
@@ -257,25 +306,27 @@ def chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len=64, b
     for start, n, c in _blocks(T, chunk_len, block_chunks):
         checkpoints.append(state)
         qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
-        ob, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c), state)
+        ob, state = _block_forward(qb, kb, vb, _cum_gates(log_gate, ld, start, n, c), state,
+                                   _masks(docs, start, n, c, chunk_len, sdt))
         o[:, start:start + n * c] = _unchunk(ob)
     return o, state, (torch.stack(checkpoints) if checkpoints else None)
 
 
-def _state_pass(k, v, ld, log_gate, state, chunk_len, block_chunks):
+def _state_pass(k, v, ld, log_gate, state, chunk_len, block_chunks, docs=None):
     """The states entering every block and the final state, without outputs (the backward's recompute)."""
     checkpoints = []
     for start, n, c in _blocks(k.shape[1], chunk_len, block_chunks):
         checkpoints.append(state)
         kb, vb = (_chunks(x, start, n, c, state.dtype) for x in (k, v))
-        k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), state.dtype)
-        state = _entry_states(_scaled(kb, k_pow), vb, totals, state)[:, :, n]
+        masks = _masks(docs, start, n, c, chunk_len, state.dtype)
+        k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), state.dtype, masks)
+        state = _entry_states(_scaled(kb, k_pow), vb, totals, state, masks)[:, :, n]
     return (torch.stack(checkpoints) if checkpoints else None), state
 
 
 @torch.no_grad()
 def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_state=None, checkpoints=None,
-                     chunk_len=64, block_chunks=16):
+                     chunk_len=64, block_chunks=16, segment_ids=None):
     """Hand-written chunkwise backward -> (dq, dk, dv, dinitial_state or None, dlog_gate or None).
 
     Walks the blocks from the last to the first carrying R, the gradient of the state leaving the block (from
@@ -283,11 +334,11 @@ def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_sta
     kernels/linear_attn.py gate_grad.
     """
     B, T, H, d_k = q.shape
-    d_v, sdt = v.shape[-1], state_dtype(q.dtype)
+    d_v, sdt, docs = v.shape[-1], state_dtype(q.dtype), documents(segment_ids, chunk_len)
     ld = None if log_decay is None else log_decay.to(device=q.device, dtype=sdt)
     state0 = q.new_zeros(B, H, d_k, d_v, dtype=sdt) if initial_state is None else initial_state.to(sdt)
     if checkpoints is None:
-        checkpoints, _ = _state_pass(k, v, ld, log_gate, state0, chunk_len, block_chunks)
+        checkpoints, _ = _state_pass(k, v, ld, log_gate, state0, chunk_len, block_chunks, docs)
     grad = q.new_zeros(B, H, d_k, d_v, dtype=sdt) if dfinal_state is None else dfinal_state.to(sdt)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     terms = None if log_gate is None else q.new_empty(2, B, T, H, dtype=sdt)   # q_t·dq_t, k_t·dk_t
@@ -296,9 +347,10 @@ def chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal_sta
         start, n, c = blocks[index]
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
         b = _cum_gates(log_gate, ld, start, n, c)
-        *block, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad, log_gate is not None)
+        *block, grad = _block_backward(qb, kb, vb, dob, b, checkpoints[index], grad, log_gate is not None,
+                                       _masks(docs, start, n, c, chunk_len, sdt))
         _store((dq, dk, dv), terms, start, block)
-    dgate = _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, dfinal_state, chunk_len, block_chunks)
+    dgate = _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, dfinal_state, chunk_len, block_chunks, docs)
     return dq, dk, dv, (None if initial_state is None else grad), dgate
 
 
@@ -313,28 +365,37 @@ def _store(grads, terms, start, block):
             terms[i, :, start:stop] = x.permute(0, 2, 3, 1).flatten(1, 2)
 
 
-def _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, dfinal_state, chunk_len, block_chunks):
+def _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, dfinal_state, chunk_len, block_chunks, docs=None):
     """d log_gate from a backward's per-token terms (q_t·dq_t, k_t·dk_t) and dS_final (None: no final term), or
-    None without a gate."""
+    None without a gate. docs: summed inside each document (kernels/documents.py)."""
     if terms is None:
         return None
     T, final_term = k.shape[1], None
     if dfinal_state is not None and T:
         last = _blocks(T, chunk_len, block_chunks)[-1][0], checkpoints[-1]
-        final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks)
+        final_term = _before_last_term(k, v, ld, log_gate, last, dfinal_state, chunk_len, block_chunks, docs)
     token_terms = terms[0] - terms[1]
     token_terms[:, T - 1:] = terms[0, :, T - 1:]     # the last k·dk is its final-state term only: left out
+    if docs is not None:
+        return segmented_gate_grad(token_terms, final_term, docs).to(log_gate.dtype)
     return gate_grad(token_terms, final_term, log_gate.dtype)
 
 
-def _before_last_term(k, v, ld, log_gate, last_block, dfinal_state, chunk_len, block_chunks):
-    """e^{a_{T−1}} <S_{T−2}, dS_final> (B, H): one state pass over the last block, up to its last token."""
+def _before_last_term(k, v, ld, log_gate, last_block, dfinal_state, chunk_len, block_chunks, docs=None):
+    """e^{a_{T−1}} <S_{T−2}, dS_final> (B, H): one state pass over the last block, up to its last token (0 when
+    token T−1 starts a document)."""
     start, state = last_block
     T = k.shape[1]
+    part = None
+    if docs is not None:        # the block's ids, entered from the id before it
+        part = documents(docs.ids[:, start:T - 1], chunk_len, docs.ids[:, max(start - 1, 0)])
     before_last = _state_pass(k[:, start:T - 1], v[:, start:T - 1], ld, log_gate[:, start:T - 1], state,
-                              chunk_len, block_chunks)[1]
+                              chunk_len, block_chunks, part)[1]
     a_last = log_gate[:, T - 1].to(state.dtype) + (0 if ld is None else ld)
-    return (before_last * dfinal_state.to(state.dtype)).sum((-1, -2)) * a_last.exp()
+    term = (before_last * dfinal_state.to(state.dtype)).sum((-1, -2)) * a_last.exp()
+    if docs is not None and T > 1:
+        term = term * (docs.ids[:, T - 1] == docs.ids[:, T - 2]).to(term.dtype)[:, None]
+    return term
 
 
 def gate_grad(token_terms, final_term, dtype):
@@ -374,9 +435,15 @@ def _offsets(ld, log_gate, T, chunk_len):
     return torch.nn.functional.pad(through[..., :-1], (1, 0)), through
 
 
-def _chunk_weights(offsets, j, n, dtype):
-    """e^{offsets} of chunks j..j+n−1 as (·, H, n, 1, 1) in dtype, or None."""
-    return None if offsets is None else offsets[..., j:j + n].exp().to(dtype)[..., None, None]
+def _chunk_weights(offsets, j, n, dtype, docs=None, to_end=False):
+    """e^{offsets} of chunks j..j+n−1 as (·, H, n, 1, 1) in dtype, or None; docs: times the chunks' keep masks
+    (kernels/documents.py chunk_keep: the entering state reaches chunk j, or with to_end chunk j's exit state
+    reaches the end)."""
+    weights = None if offsets is None else offsets[..., j:j + n].exp().to(dtype)[..., None, None]
+    if docs is None:
+        return weights
+    keep = chunk_keep(docs, j, n, dtype, to_end)[..., None]
+    return keep if weights is None else weights * keep
 
 
 def _chunks_scaled(x, start, n, c, dtype, powers):
@@ -418,22 +485,27 @@ def _spans(x, v, chunk_len, block_chunks):
     return spans, lambda j: (bisect.bisect_right(firsts, j) - 1, j - firsts[bisect.bisect_right(firsts, j) - 1])
 
 
-def _entry_powers(log_gate, ld, start, n, c, dtype):
-    """Λ_q = e^{b_i} (·, H, n, c, 1) of chunks [start, start + n·c), or None (no decay, no gate)."""
+def _entry_powers(log_gate, ld, start, n, c, dtype, masks=None):
+    """Λ_q = e^{b_i} (·, H, n, c, 1) of chunks [start, start + n·c), or None (no decay, no gate); masks: times
+    the document mask (alone without decay and gate)."""
     b = _cum_gates(log_gate, ld, start, n, c)
+    if masks is not None:
+        return masks.q if b is None else b.to(dtype).exp()[..., None] * masks.q
     return None if b is None else b.to(dtype).exp()[..., None]
 
 
 @torch.no_grad()
-def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
+def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16, segment_ids=None):
     """Forward part 1 -> (M (B, H, d_k, d_v), [P⁰ (B, H, n, d_k·d_v) per block of _blocks]): the state leaving and
     the states entering the chunks, from a zero state."""
     B, T, H, d_k = k.shape
     sdt, ld = _prepare(k, log_decay)
+    docs = documents(segment_ids, chunk_len)
     state, v = k.new_zeros(B, H, d_k * v.shape[-1], dtype=sdt), v.to(sdt)
     entries = []
     for start, n, c in _spans(k, v, chunk_len, block_chunks)[0]:
-        k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt)
+        k_pow, totals = _state_factors(_cum_gates(log_gate, ld, start, n, c), sdt,
+                                       _masks(docs, start, n, c, chunk_len, sdt))
         k_end = _groups(_flat(_chunks_scaled(k, start, n, c, sdt, k_pow)), B * H)
         chunk_states = k.new_empty(B * H, n, d_k, v.shape[-1], dtype=sdt)
         for a, vb, out in zip(k_end, _heads(v, start, n, c), chunk_states):
@@ -442,7 +514,8 @@ def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
         for j in range(0, n, block_chunks):                      # the scan, block by block
             m = min(block_chunks, n - j)
             block_totals = None if totals is None or totals.shape[-1] == 1 else totals[..., j:j + m]
-            W, e = _scan_weights(totals if block_totals is None else block_totals, m, sdt, k.device)
+            W, e = _scan_weights(totals if block_totals is None else block_totals, m, sdt, k.device,
+                                 _masks(docs, start + j * c, m, c, chunk_len, sdt))
             entries.append(torch.matmul(W[..., :m, :], chunk_states[:, :, j:j + m]).add_(e[..., :m, None] *
                                                                                          state[:, :, None]))
             state = torch.matmul(W[..., m:, :], chunk_states[:, :, j:j + m])[:, :, 0].add_(e[..., m, None] * state)
@@ -450,14 +523,15 @@ def deferred_states(k, v, log_decay, log_gate, chunk_len=64, block_chunks=16):
 
 
 @torch.no_grad()
-def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=64, block_chunks=16):
+def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=64, block_chunks=16,
+                     segment_ids=None):
     """Forward part 2 -> (o (B, T, H, d_v), the states entering the blocks as chunked_forward's checkpoints
     (n_blocks, B, H, d_k, d_v) or None): block by block o = [(Q Kᵀ) ⊙ D] V + (Λ_q Q) P_j. entering(wait) gives the
     state P entering the sequence (B, H, d_k, d_v), or None while it is not there and wait is False; blocks met
     before it keep their intra-chunk products. When it comes, P_j = P⁰_j + e^{Γ_{j−1}} P (entries, in place)."""
     B, T, H, d_k = q.shape
     sdt, ld = _prepare(q, log_decay)
-    offsets = _offsets(ld, log_gate, T, chunk_len)
+    offsets, docs = _offsets(ld, log_gate, T, chunk_len), documents(segment_ids, chunk_len)
     o = v.new_empty(B, T, H, v.shape[-1])
     blocks, waiting, state = _blocks(T, chunk_len, block_chunks), [], None
 
@@ -468,7 +542,7 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
         o[:, start:start + n * c] = _unchunk(scores.view(B, H, n, c, -1))
 
     def arrive(P):                               # every P_j, then the blocks that waited for it
-        _enter(entries, blocks, offsets, P, chunk_len, sdt)
+        _enter(entries, blocks, offsets, P, chunk_len, sdt, docs)
         for args in waiting:
             finish(*args)
         waiting.clear()
@@ -477,9 +551,10 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
         if state is None and (state := entering(False)) is not None:
             arrive(state)
         qb, kb, vb = (_chunks(x, start, n, c, sdt) for x in (q, k, v))
-        mask, q_pow = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)[:2]
+        mask, q_pow = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device,
+                                     _masks(docs, start, n, c, chunk_len, sdt))[:2]
         scores = torch.bmm(_flat(qb), _flat(kb).transpose(1, 2))
-        scores.view(B, H, n, c, c).mul_(mask)
+        _masked(scores.view(B, H, n, c, c), mask)
         intra = torch.bmm(scores, _flat(vb))
         if state is None:
             waiting.append((index, None, intra, q_pow))     # q read again at the finish: less to keep
@@ -490,35 +565,37 @@ def deferred_outputs(q, k, v, log_decay, log_gate, entries, entering, chunk_len=
     return o, (torch.stack([P[:, :, 0].view(B, H, d_k, -1) for P in entries]) if entries else None)
 
 
-def _enter(entries, blocks, offsets, state, chunk_len, dtype):
+def _enter(entries, blocks, offsets, state, chunk_len, dtype, docs=None):
     """P_j = P⁰_j + e^{Γ_{j−1}} P for every chunk, in place (entries (B, H, n, d_k·d_v) per block)."""
     state = state.to(dtype).flatten(-2)[:, :, None]
     for (start, n, _), P in zip(blocks, entries):
-        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, dtype)
+        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, dtype, docs)
         P.add_(state if weights is None else weights[..., 0] * state)
 
 
 @torch.no_grad()
-def deferred_state_grads(q, do, log_decay, log_gate, chunk_len=64, block_chunks=16):
+def deferred_state_grads(q, do, log_decay, log_gate, chunk_len=64, block_chunks=16, segment_ids=None):
     """Backward part 1 -> (dM (B, H, d_k, d_v), [dP (B, H, n, d_k, d_v) per span]): dP_j = (Λ_q Q_j)ᵀ dO_j and
     dM = Σ_j e^{Γ_{j−1}} dP_j, the gradient of the state entering the sequence from dO alone."""
     B, T, H, d_k = q.shape
     sdt, ld = _prepare(q, log_decay)
-    offsets = _offsets(ld, log_gate, T, chunk_len)
+    offsets, docs = _offsets(ld, log_gate, T, chunk_len), documents(segment_ids, chunk_len)
     dstate, dP, q_state = q.new_zeros(B, H, d_k, do.shape[-1], dtype=sdt), [], q.to(sdt)
     for start, n, c in _spans(q, do, chunk_len, block_chunks)[0]:
-        do_dec = _chunks_scaled(do, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt))
+        masks = _masks(docs, start, n, c, chunk_len, sdt)
+        do_dec = _chunks_scaled(do, start, n, c, sdt, _entry_powers(log_gate, ld, start, n, c, sdt, masks))
         dP.append(q.new_empty(B, H, n, d_k, do.shape[-1], dtype=sdt))
         heads = zip(_groups(_flat(dP[-1]), B * H), _heads(q_state, start, n, c), _groups(_flat(do_dec), B * H))
         for out, a, do_head in heads:
             torch.bmm(a.transpose(1, 2), do_head, out=out)
-        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt)
+        weights = _chunk_weights(None if offsets is None else offsets[0], start // chunk_len, n, sdt, docs)
         dstate += (dP[-1] if weights is None else dP[-1] * weights).sum(2)
     return dstate, dP
 
 
 @torch.no_grad()
-def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, chunk_len=64, block_chunks=16):
+def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, chunk_len=64, block_chunks=16,
+                   segment_ids=None):
     """Backward part 2, from the states entering the blocks (deferred_outputs' checkpoints) and part 1's dP ->
     (dq, dk, dv, d log_gate or None) as chunked_backward gives them. Blocks from the last to the first: R⁰_j
     from dP's reverse scan, R_j = R⁰_j + e^{Γ_{T−1} − Γ_j} G. leaving(wait) gives G, the gradient of the state
@@ -527,7 +604,7 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
     B, T, H, d_k = q.shape
     d_v = v.shape[-1]
     sdt, ld = _prepare(q, log_decay)
-    offsets = _offsets(ld, log_gate, T, chunk_len)
+    offsets, docs = _offsets(ld, log_gate, T, chunk_len), documents(segment_ids, chunk_len)
     to_end = None if offsets is None else offsets[1][..., -1:] - offsets[1]              # Γ_{T−1} − Γ_j ≤ 0
     grad = q.new_zeros(B, H, d_k * d_v, dtype=sdt)         # gradient of the state leaving the block, from dO alone
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
@@ -538,7 +615,7 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
     def finish(index, chunks, k_pow, R0, local):     # R's products, then the block's rows of dq, dk, dv
         start, n, c = blocks[index]
         qb, kb, vb = chunks or (_chunks(x, start, n, c, sdt) for x in (q, k, v))
-        weights = _chunk_weights(to_end, start // chunk_len, n, sdt)
+        weights = _chunk_weights(to_end, start // chunk_len, n, sdt, docs, to_end=True)
         R = R0.add_(G if weights is None else weights[..., 0] * G).view(-1, d_k, d_v)
         _store((dq, dk, dv), terms, start, _exit_grads(qb, kb, local, (_scaled(vb, k_pow), _scaled(kb, k_pow), R)))
 
@@ -555,9 +632,10 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
         start, n, c = blocks[index]
         i, j = locate(start // chunk_len)
         qb, kb, vb, dob = (_chunks(x, start, n, c, sdt) for x in (q, k, v, do))
-        mask, q_pow, k_pow, totals = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device)
-        P = _entry_states(_scaled(kb, k_pow), vb, totals, checkpoints[index])[:, :, :n].reshape(-1, d_k, d_v)
-        W, e = _scan_weights(totals, n, sdt, q.device)
+        masks = _masks(docs, start, n, c, chunk_len, sdt)
+        mask, q_pow, k_pow, totals = _chunk_factors(_cum_gates(log_gate, ld, start, n, c), c, sdt, q.device, masks)
+        P = _entry_states(_scaled(kb, k_pow), vb, totals, checkpoints[index], masks)[:, :, :n].reshape(-1, d_k, d_v)
+        W, e = _scan_weights(totals, n, sdt, q.device, masks)
         dPx = torch.cat([dP[i][:, :, j:j + n].flatten(-2), grad[:, :, None]], dim=2)
         grad = (e[..., None] * dPx).sum(2)
         R0 = torch.matmul(W.transpose(-1, -2), dPx)                                         # (B, H, n, d_k·d_v)
@@ -569,45 +647,50 @@ def deferred_grads(q, k, v, do, log_decay, log_gate, checkpoints, dP, leaving, c
     if G is None:
         arrive(leaving(True))
     dgate = _terms_gate_grad(terms, k, v, ld, log_gate, checkpoints, G[:, :, 0].view(B, H, d_k, d_v), chunk_len,
-                             block_chunks)
+                             block_chunks, docs)
     return dq, dk, dv, dgate
 
 
 class _ChunkedLinearAttn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks):
-        o, final, checkpoints = chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks)
-        ctx.save_for_backward(q, k, v, log_decay, log_gate, initial_state, checkpoints)
+    def forward(ctx, q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks, segment_ids):
+        o, final, checkpoints = chunked_forward(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks,
+                                                segment_ids)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, initial_state, checkpoints, segment_ids)
         ctx.sizes = chunk_len, block_chunks
         ctx.set_materialize_grads(False)                          # an unused final state costs nothing
         return o, final
 
     @staticmethod
     def backward(ctx, do, dfinal):
-        q, k, v, log_decay, log_gate, initial_state, checkpoints = ctx.saved_tensors
+        q, k, v, log_decay, log_gate, initial_state, checkpoints, segment_ids = ctx.saved_tensors
         do = torch.zeros_like(v) if do is None else do
-        grads = chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal, checkpoints, *ctx.sizes)
+        grads = chunked_backward(q, k, v, log_decay, log_gate, initial_state, do, dfinal, checkpoints, *ctx.sizes,
+                                 segment_ids=segment_ids)
         dq, dk, dv, dstate, dgate = grads
-        return dq, dk, dv, None, dgate, dstate, None, None
+        return dq, dk, dv, None, dgate, dstate, None, None, None
 
 
 def linear_attn_chunked(q, k, v, log_decay=None, initial_state=None, chunk_len=64, *, log_gate=None,
-                        block_chunks=16):
+                        block_chunks=16, segment_ids=None):
     """Chunked causal linear attention -> (o (B, T, H, d_v) in q's dtype, final state (B, H, d_k, d_v)).
 
     Any T: the last partial chunk is a block of its own. Arithmetic in the state dtype. The chunk scan runs in
     blocks of `block_chunks` chunks, each block's states from one batched product. Differentiable (q, k, v,
     log_gate, initial_state; log_decay is a constant) through the hand-written chunkwise backward.
+    segment_ids (B, T): packed documents, the state emptied at each one's first token (kernels/documents.py).
     """
-    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate)
+    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate, segment_ids=segment_ids)
     if log_decay is not None:
         log_decay = log_decay.detach()
-    return _ChunkedLinearAttn.apply(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks)
+    return _ChunkedLinearAttn.apply(q, k, v, log_decay, log_gate, initial_state, chunk_len, block_chunks,
+                                    segment_ids)
 
 
-def linear_attn_recurrent(q, k, v, log_decay=None, initial_state=None, log_gate=None):
-    """Token-by-token recurrence S_t = e^{a_t} S_{t-1} + k_tᵀ v_t, o_t = q_t S_t. Slow; a test oracle only."""
-    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate)
+def linear_attn_recurrent(q, k, v, log_decay=None, initial_state=None, log_gate=None, segment_ids=None):
+    """Token-by-token recurrence S_t = e^{a_t} S_{t-1} + k_tᵀ v_t, o_t = q_t S_t (S_{t−1} = 0 when token t starts
+    a document of segment_ids). Slow; a test oracle only."""
+    check_linear_attn_inputs(q, k, v, log_decay, initial_state, log_gate, segment_ids=segment_ids)
     B, T, H, d_k = q.shape
     sdt = state_dtype(q.dtype)
     ld = torch.zeros(H, dtype=sdt) if log_decay is None else log_decay.to(sdt).cpu()
@@ -616,6 +699,8 @@ def linear_attn_recurrent(q, k, v, log_decay=None, initial_state=None, log_gate=
     outs = []
     for t in range(T):
         a = ld if log_gate is None else ld + log_gate[:, t].to(sdt)
+        if segment_ids is not None and t > 0:
+            S = S * (segment_ids[:, t] == segment_ids[:, t - 1]).to(sdt)[:, None, None, None]
         S = torch.exp(a)[:, :, None, None] * S + k[:, t, :, :, None].to(sdt) * v[:, t, :, None, :].to(sdt)
         outs.append(torch.einsum("bhk,bhkv->bhv", q[:, t].to(sdt), S))
     o = torch.stack(outs, dim=1) if outs else v.new_zeros(B, 0, H, v.shape[-1], dtype=sdt)

@@ -37,6 +37,11 @@ gate totals travel, unlike LASP-2's gather). Length check: every rank's (T_local
 (8 bytes per rank, forward only) started before the chain and checked after it: message sizes do not depend on
 T_local, so ranks holding different lengths all finish the chain and then all raise the same ValueError
 instead of hanging. B, H_kv, d_k, d_v and K must agree across ranks (they come from the model and the code).
+
+Documents (segment_ids (B, T_local), docs/lasp.md): that same tiny gather also carries every segment's first and
+last id (32·B bytes more per rank); read after the local compute, it gives prev_g, the id before each segment:
+enter with keep_g·P_g (keep_g = [first_g = prev_g]), fold with e^{A_e}·[last_g = prev_g]; the backward reuses
+prev_g and sends keep_g·dM_g. Ids that decrease across ranks raise on every rank after the chain.
 """
 import math
 from dataclasses import dataclass
@@ -50,6 +55,8 @@ from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
                      constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,
                      state_grad, to_segments)
+from .documents import (check_global_ids, document_scales, header_with_ids, ids_from_header, previous_ids,
+                        segment_ends)
 
 __all__ = ["allscan", "allscan_forward", "allscan_backward", "choose_blocks", "DEFAULT_NETWORK"]
 
@@ -158,10 +165,15 @@ def _finish(links, pending, group):
     return incoming, sent
 
 
-def _scan(links, blocks, group, compute):
-    """Start the chain, run compute() while blocks travel, finish it. -> (compute's result, incoming, sends)."""
+def _scan(links, blocks, group, compute, rescale=None):
+    """Start the chain, run compute() while blocks travel, finish it. -> (compute's result, incoming, sends).
+    rescale(): the links' scales by segment, set after compute (documents: they need the gathered ids)."""
     pending = _start(links, blocks, group)
     result = compute()
+    if rescale is not None:
+        scales = rescale()
+        for link in links:
+            link.scale = scales[link.name]
     incoming, sent = _finish(links, pending, group)
     return result, incoming, sent
 
@@ -183,25 +195,36 @@ def _blocks(blocks, states, layout, causal, group):
     return blocks or choose_blocks(per_segment, hops, states.shape[-1])
 
 
-def _start_length_check(local_len, n, layout, group, dtype, device):
-    """All-gather every rank's (T_local, n) now; the returned check raises the same ValueError on every rank."""
-    out, work = comm.all_gather(torch.tensor([local_len, n], dtype=dtype, device=device), group, async_op=True)
+def _start_length_check(local_len, n, layout, group, dtype, device, ends=None):
+    """All-gather every rank's (T_local, n) now, with documents also its segments' (B·n, 2) first and last ids
+    (padded to 2 segments). -> (check, ids): check() raises the same ValueError on every rank; ids() waits and
+    gives the gathered ids (N, B, 2) in global sub-chunk order (None without documents)."""
+    header = torch.tensor([local_len, n], dtype=dtype, device=device)
+    out, work = comm.all_gather(header if ends is None else header_with_ids(header, ends, n), group, async_op=True)
+    W = comm.group_size(group)
+
+    def gathered_ids():
+        work.wait()
+        order = torch.argsort(torch.tensor([g for r in range(W) for g in layouts.segment_indices(layout, r, W)]))
+        return None if ends is None else ids_from_header(out.view(W, -1), 2, n, order)
 
     def check():
         work.wait()
-        rows = out.view(-1, 2)
+        rows = out.view(W, -1)[:, :2]
         if not bool((rows == rows[0]).all()):
             raise ValueError(f"All-Scan ranks hold different local lengths {rows[:, 0].long().tolist()} or layouts:"
                              f" every rank of the sequence-parallel group must hold T/W tokens in layout {layout!r}")
-    return check
+        if ends is not None:
+            check_global_ids(gathered_ids(), "All-Scan", layout)
+    return check, gathered_ids
 
 
-def _scan_states(states, scales, causal, layout, group, blocks, reverse, compute):
+def _scan_states(states, scales, causal, layout, group, blocks, reverse, compute, rescale=None):
     """Run the chain(s) over per-segment states around compute(). -> (result, per-row X (B·n, ...), sends)."""
     n = layouts.segments_per_rank(layout)
     if causal:
         links = _chain_links(states, scales, layout, group, reverse)
-        result, incoming, sent = _scan(links, blocks, group, compute)
+        result, incoming, sent = _scan(links, blocks, group, compute, rescale)
         return result, torch.stack([incoming[s] for s in range(n)], dim=1).flatten(0, 1), sent
     own = states.unflatten(0, (-1, n)).sum(1)
     result, incoming, sent = _scan(_total_links(own, group), blocks, group, compute)
@@ -213,32 +236,49 @@ def _segments(x, n):
     return None if x is None else to_segments(x, n)
 
 
-def allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks=None):
-    """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v) or the non-causal total, K used)."""
+def allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks=None, segment_ids=None):
+    """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v) or the non-causal total, K used, the id
+    before each local segment (B·n,) or None)."""
     n = layouts.segments_per_rank(layout)
-    qs, ks, vs, gs = (_segments(x, n) for x in (q, k, v, log_gate))
-    check = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
-    states = local_state(ks, vs, log_decay, gs)
+    qs, ks, vs, gs, ids = (_segments(x, n) for x in (q, k, v, log_gate, segment_ids))
+    ends = segment_ends(ids)
+    check, gathered_ids = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device, ends)
+    states = local_state(ks, vs, log_decay, gs, ids)
     blocks = _blocks(blocks, states, layout, causal, group)
     scales = _segment_scales(log_decay, gs, qs.shape[1], n, states.dtype)
+    prev = []
 
     def compute():
         if causal:
-            return intra_forward(qs, ks, vs, log_decay, backend, gs)
+            return intra_forward(qs, ks, vs, log_decay, backend, gs, ids=ids)
         return qs.new_zeros(*qs.shape[:3], vs.shape[-1])
-    o, prefix, sent = _scan_states(states, scales, causal, layout, group, blocks, False, compute)
-    o = add_prefix_output(o, qs, prefix, log_decay, gs) if causal else add_prefix_output(o, qs, prefix, None)
+
+    def rescale():                      # documents: the ids before each segment, from the tiny gather
+        idx = layouts.segment_indices(layout, comm.group_rank(group), comm.group_size(group))
+        prev.append(previous_ids(ends, gathered_ids(), idx))
+        return document_scales(scales, ends, prev[0], n, states.dtype)
+    o, prefix, sent = _scan_states(states, scales, causal, layout, group, blocks, False, compute,
+                                   None if ids is None else rescale)
+    if ids is not None:
+        prefix = prefix * (ends[:, 0] == prev[0]).to(prefix.dtype)[:, None, None, None]     # keep_g·P_g
+    o = add_prefix_output(o, qs, prefix, log_decay, gs, ids) if causal else add_prefix_output(o, qs, prefix, None)
     comm.wait_all(sent)
     check()
-    return from_segments(o, n), prefix, blocks
+    return from_segments(o, n), prefix, blocks, (prev[0] if prev else None)
 
 
-def allscan_backward(q, k, v, log_decay, log_gate, prefix, do, causal, layout, group, backend, blocks):
-    """-> (dq, dk, dv, d log_gate or None) local shards; the suffix gradient G comes down the chain reversed."""
+def allscan_backward(q, k, v, log_decay, log_gate, prefix, do, causal, layout, group, backend, blocks,
+                     segment_ids=None, prev=None):
+    """-> (dq, dk, dv, d log_gate or None) local shards; the suffix gradient G comes down the chain reversed.
+    prev: the forward's ids before each local segment (documents)."""
     n = layouts.segments_per_rank(layout)
-    qs, ks, vs, dos, gs = (_segments(x, n) for x in (q, k, v, do, log_gate))
-    dstates = state_grad(qs, dos, log_decay, k.shape[2], gs)
+    qs, ks, vs, dos, gs, ids = (_segments(x, n) for x in (q, k, v, do, log_gate, segment_ids))
+    dstates = state_grad(qs, dos, log_decay, k.shape[2], gs, ids)
     scales = _segment_scales(log_decay, gs, qs.shape[1], n, dstates.dtype)
+    if ids is not None:                 # keep_g·dM_g leaves toward g−1; through g: e^{A_e}·[last = prev]
+        ends = segment_ends(ids)
+        dstates = dstates * (ends[:, 0] == prev).to(dstates.dtype)[:, None, None, None]
+        scales = document_scales(scales, ends, prev, n, dstates.dtype)
     if not causal:
         _, suffix, sent = _scan_states(dstates, scales, False, layout, group, blocks, True, lambda: None)
         zeros = (torch.zeros_like(x) for x in (qs, ks, vs))
@@ -247,45 +287,49 @@ def allscan_backward(q, k, v, log_decay, log_gate, prefix, do, causal, layout, g
         return (*(from_segments(g, n) for g in grads), None)
 
     def compute():                      # the kernel enters from the cached prefix: dq (and its dg part) whole
-        return local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix)
+        return local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, ids=ids)
     (dq, dk, dv, dg), suffix, sent = _scan_states(dstates, scales, True, layout, group, blocks, True, compute)
-    dk, dv, b = add_suffix_grads(dk, dv, ks, vs, suffix, log_decay, gs)
+    dk, dv, b = add_suffix_grads(dk, dv, ks, vs, suffix, log_decay, gs, ids)
     if gs is not None:
-        dg = from_segments((dg.double() + add_total_grad(b, prefix, suffix, log_decay, gs)).to(log_gate.dtype), n)
+        dg = from_segments((dg.double() + add_total_grad(b, prefix, suffix, log_decay, gs, ids)).to(log_gate.dtype),
+                           n)
     comm.wait_all(sent)
     return from_segments(dq, n), from_segments(dk.to(k.dtype), n), from_segments(dv.to(v.dtype), n), dg
 
 
 class _AllScan(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks):
-        o, prefix, blocks = allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks)
-        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix)
+    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks, segment_ids):
+        o, prefix, blocks, prev = allscan_forward(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks,
+                                                  segment_ids)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix, segment_ids, prev)
         ctx.config = (causal, layout, group, backend, blocks)
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, log_gate, prefix = ctx.saved_tensors
-        dq, dk, dv, dg = allscan_backward(q, k, v, log_decay, log_gate, prefix, do.contiguous(), *ctx.config)
-        return dq, dk, dv, None, dg, None, None, None, None, None
+        q, k, v, log_decay, log_gate, prefix, segment_ids, prev = ctx.saved_tensors
+        dq, dk, dv, dg = allscan_backward(q, k, v, log_decay, log_gate, prefix, do.contiguous(), *ctx.config,
+                                          segment_ids, prev)
+        return dq, dk, dv, None, dg, None, None, None, None, None, None
 
 
 def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
-            blocks=None):
+            blocks=None, segment_ids=None):
     """All-Scan linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
-    Same arguments (grouped K/V heads, log_decay, log_gate) and errors as `lasp.lasp2`; blocks: the K column
-    blocks of each message (1 ≤ K ≤ d_v; None = `choose_blocks`).
-    Raises ValueError before any communication on bad shapes; on every rank if ranks hold different lengths.
+    Same arguments (grouped K/V heads, log_decay, log_gate, segment_ids) and errors as `lasp.lasp2`; blocks: the K
+    column blocks of each message (1 ≤ K ≤ d_v; None = `choose_blocks`).
+    Raises ValueError before any communication on bad shapes; on every rank if ranks hold different lengths or
+    ids that decrease across ranks.
     """
-    check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate)
+    check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate, segment_ids)
     if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
         raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
-    return _AllScan.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks)
+    return _AllScan.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks, segment_ids)
 
 
 def _memory(s):

@@ -1,10 +1,10 @@
 """Make a plain model sequence-parallel from outside: swap the attention functions of its token mixers.
 
-A model's linear mixers hold `linear_attn` ((q, k, v, *, log_decay, causal) -> o) and its softmax mixers hold
-`softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default both compute on one process. Here each
-is set to functools.partial(engine, layout=..., group=...), so every rank runs the same model on its local shard
-(B, T/W, ...) of tokens in `layout` order, with global positions supplied by the caller. Modules are found by
-those attribute names, never by importing model classes.
+A model's linear mixers hold `linear_attn` ((q, k, v, *, log_decay, causal[, log_gate][, segment_ids]) -> o) and
+its softmax mixers hold `softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default both compute
+on one process. Here each is set to functools.partial(engine, layout=..., group=...), so every rank runs the same
+model on its local shard (B, T/W, ...) of tokens in `layout` order, with global positions supplied by the caller.
+Modules are found by those attribute names, never by importing model classes.
 """
 import functools
 

@@ -28,6 +28,13 @@ add), A_t its inclusive cumsum inside the segment, A_e = A_{c−1} the segment's
             which is all of the above with no product of its own beyond M_g and dM_g, and nothing hidden.
   non-causal (λ = 1, no gate): o = Q Σ_j M_j;  dq = dO (Σ_j M_j)ᵀ,  dk = V (Σ_j dM_j)ᵀ,  dv = K Σ_j dM_j.
 
+  documents (segment_ids (B, T_local)): each segment's first and last id travel in the forward gather (bit-cast
+            int64, after the states), so every rank knows the ids around every sub-chunk; the fold weights are
+            masked, P_g = Σ_{j<g} [first_g = last_j]·e^{Γ_{g−1} − Γ_j} M_j, G_g = Σ_{j>g} [first_j = last_g]·… dM_j
+            (ids are non-decreasing, so one equality says "no reset between"); the kernel resets inside the
+            segment itself (kernels/documents.py). The backward reuses the forward's ids: same collectives, and
+            2·n·B·8 more bytes per rank in the forward gather only. Non-causal with documents: refused.
+
 Only differences of inclusive cumsums that are ≤ 0 are exponentiated (float64 sums), so nothing overflows.
 The gathered payload carries each rank's (T_local, n) as a two-number header, so ranks holding different
 lengths raise the same ValueError everywhere instead of computing a wrong answer. Bytes received per rank and
@@ -41,21 +48,25 @@ from lasp.parallel.checkpointing import replayable
 from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
-                     deferred_forward, from_segments, local_backward, local_forward, local_state,
-                     segment_log_totals, state_grad, to_segments)
+                     deferred_forward, from_segments, local_backward, local_forward, local_state, segment_log_totals,
+                     state_grad, to_segments)
+from .documents import check_global_ids, ids_from_payload, ids_to_payload, segment_ends
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
 
 
-def _gather_states(states, n, layout, group, header=None, totals=None):
-    """Start the ONE all-gather of (B·n, H, d_k, d_v) local states, their (B·n, H) log totals (gated only) and the
-    header. Returns a finisher giving (states (N, B, H, d_k, d_v), totals (N, B, H) or None) in global order, or
-    None with wait=False while the gather is in flight."""
+def _gather_states(states, n, layout, group, header=None, totals=None, ends=None):
+    """Start the ONE all-gather of (B·n, H, d_k, d_v) local states, their (B·n, H) log totals (gated only), the
+    segments' (B·n, 2) first and last document ids (documents only) and the header. Returns a finisher giving
+    (states (N, B, H, d_k, d_v), totals (N, B, H) or None, ids (N, B, 2) or None) in global order, or None with
+    wait=False while the gather is in flight."""
     W = comm.group_size(group)
     per_rank = states.unflatten(0, (-1, n)).transpose(0, 1).contiguous()      # (n, B, H, d_k, d_v)
     parts = [per_rank.flatten()]
     if totals is not None:
         parts.append(totals.unflatten(0, (-1, n)).transpose(0, 1).to(states.dtype).flatten())   # (n, B, H)
+    if ends is not None:
+        parts.append(ids_to_payload(ends.unflatten(0, (-1, n)).transpose(0, 1), states.dtype))  # (n, B, 2)
     if header is not None:
         parts.append(header)
     out, work = comm.all_gather(torch.cat(parts) if len(parts) > 1 else parts[0], group, async_op=True)
@@ -74,8 +85,22 @@ def _gather_states(states, n, layout, group, header=None, totals=None):
                                  f"sequence-parallel group must hold T/W tokens in layout {layout!r}")
         order = torch.argsort(torch.tensor([g for r in range(W) for g in layouts.segment_indices(layout, r, W)]))
         by_rank = pieces[0].reshape(W * n, *per_rank.shape[1:])[order]       # (N, B, H, d_k, d_v)
-        return by_rank, (None if totals is None else pieces[1].reshape(W * n, *per_rank.shape[1:3])[order])
+        gathered_totals = None if totals is None else pieces[1].reshape(W * n, *per_rank.shape[1:3])[order]
+        gathered_ends = None
+        if ends is not None:
+            gathered_ends = ids_from_payload(pieces[1 + (totals is not None)]).view(W * n, -1, 2)[order]
+            check_global_ids(gathered_ends, "LASP-2", layout)
+        return by_rank, gathered_totals, gathered_ends
     return finish
+
+
+def _document_mask(ends, local_idx, suffix):
+    """(n, N, B, 1): [first_g = last_j] for the prefix of local sub-chunk g (suffix: [first_j = last_g]),
+    ends (N, B, 2) the first and last ids of every sub-chunk: no document starts between them."""
+    g = torch.tensor(local_idx, device=ends.device)
+    first, last = ends[..., 0], ends[..., 1]                                   # (N, B)
+    mask = (first[None] == last[g][:, None]) if suffix else (first[g][:, None] == last[None])
+    return mask[..., None]
 
 
 def _fold_weights(log_totals, local_idx, N, dtype, device, suffix):
@@ -114,27 +139,46 @@ def _segments(x, n):
     return None if x is None else to_segments(x, n)
 
 
-def _prefix_fold(gathered, gathered_totals, log_decay, c, layout, group, suffix):
-    """The prefix P (suffix G) of every local segment from the gathered states, in global sub-chunk order."""
+def _prefix_fold(gathered, gathered_totals, ends, log_decay, c, layout, group, suffix):
+    """The prefix P (suffix G) of every local segment from the gathered states, in global sub-chunk order; ends
+    (N, B, 2): the sub-chunks' first and last document ids, or None."""
     N = gathered.shape[0]
     weights = _fold_weights(_fold_totals(log_decay, gathered_totals, c, N), _local_indices(layout, group), N,
                             gathered.dtype, gathered.device, suffix)
+    if ends is not None:
+        weights = weights * _document_mask(ends, _local_indices(layout, group), suffix).to(weights.dtype)
     return _fold(gathered, weights, layouts.segments_per_rank(layout))
 
 
-def _folded(finish, log_decay, c, layout, group, suffix):
-    """The gather's finisher made to give every local segment's P (suffix: G); wait=False: None while in flight."""
+def _folded(finish, log_decay, c, layout, group, suffix, ends=None):
+    """The gather's finisher made to give (every local segment's P (suffix: G), the sub-chunks' ids or None);
+    wait=False: None while in flight. ends: the ids when the gather does not carry them (the backward)."""
     def fold(wait=True):
         gathered = finish(wait)
-        return None if gathered is None else _prefix_fold(*gathered, log_decay, c, layout, group, suffix)
+        if gathered is None:
+            return None
+        states, totals, got = gathered
+        got = ends if got is None else got
+        return _prefix_fold(states, totals, got, log_decay, c, layout, group, suffix), got
     return fold
 
 
-def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=None, overlap=True):
+def _first(finish, box):
+    """A finisher giving (X, ids) made to give X, keeping ids in box[0]."""
+    def first(wait=True):
+        got = finish(wait)
+        if got is None:
+            return None
+        box[0] = got[1]
+        return got[0]
+    return first
+
+
+def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=None, overlap=True, segment_ids=None):
     """-> (o (B, T_local, H, d_v), prefix states (B·n, H_kv, d_k, d_v), the torch kernel's block states (overlap=False)
-    or None) for the backward."""
+    or None, the sub-chunks' gathered (N, B, 2) first and last document ids or None) for the backward."""
     n = layouts.segments_per_rank(layout)
-    qs, ks, vs, gs = (_segments(x, n) for x in (q, k, v, log_gate))
+    qs, ks, vs, gs, ids = (_segments(x, n) for x in (q, k, v, log_gate, segment_ids))
     c, sdt = qs.shape[1], state_dtype(q.dtype)
     header = torch.tensor([q.shape[1], n], dtype=sdt, device=q.device)
     totals = None if gs is None else segment_log_totals(log_decay, gs, c)
@@ -142,29 +186,34 @@ def lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate=N
         finish = _gather_states(local_state(ks, vs, None), n, layout, group, header)
         total = finish()[0].sum(0).repeat_interleave(n, dim=0)               # Σ_j M_j for every segment row
         o = add_prefix_output(qs.new_zeros(*qs.shape[:3], vs.shape[-1]), qs, total, None)
-        return from_segments(o, n), total, None
+        return from_segments(o, n), total, None, None
 
     @replayable                     # a checkpointed layer's recomputation reuses P: no second gather
-    def exchange(states):           # starts the gather; its finisher folds every local segment's prefix P
-        return _folded(_gather_states(states, n, layout, group, header, totals), log_decay, c, layout, group, False)
+    def gather(states):             # starts the gather; its finisher folds every local segment's prefix P
+        return _folded(_gather_states(states, n, layout, group, header, totals, segment_ends(ids)), log_decay, c,
+                       layout, group, False)
+    box = [None]                    # the gathered ids, once the gather lands
+
+    def exchange(states):
+        return _first(gather(states), box)
     if overlap and backend == "torch":      # M from the kernel's state pass, P into its inter products
-        o, prefix, block_states = deferred_forward(qs, ks, vs, log_decay, gs, exchange)
+        o, prefix, block_states = deferred_forward(qs, ks, vs, log_decay, gs, exchange, ids)
     elif overlap:                           # the kernel from a zero state while the gather flies, P's term after
-        finish = exchange(local_state(ks, vs, log_decay, gs))
-        o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs)
+        finish = exchange(local_state(ks, vs, log_decay, gs, ids))
+        o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs, ids=ids)
         prefix = finish()
-        o = add_prefix_output(o, qs, prefix, log_decay, gs)
+        o = add_prefix_output(o, qs, prefix, log_decay, gs, ids)
     else:
-        prefix = exchange(local_state(ks, vs, log_decay, gs))()
-        o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix)
-    return from_segments(o, n), prefix, block_states
+        prefix = exchange(local_state(ks, vs, log_decay, gs, ids))()
+        o, block_states = local_forward(qs, ks, vs, log_decay, backend, gs, initial_state=prefix, ids=ids)
+    return from_segments(o, n), prefix, block_states, box[0]
 
 
 def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backend, log_gate=None, overlap=True,
-                   block_states=None):
-    """-> (dq, dk, dv, d log_gate or None) local shards."""
+                   block_states=None, segment_ids=None, ends=None):
+    """-> (dq, dk, dv, d log_gate or None) local shards. ends: the forward's gathered (N, B, 2) ids (documents)."""
     n = layouts.segments_per_rank(layout)
-    qs, ks, vs, dos, gs = (_segments(x, n) for x in (q, k, v, do, log_gate))
+    qs, ks, vs, dos, gs, ids = (_segments(x, n) for x in (q, k, v, do, log_gate, segment_ids))
     c = qs.shape[1]
     totals = None if gs is None else segment_log_totals(log_decay, gs, c)
     if not causal:
@@ -174,18 +223,19 @@ def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backen
         return (*(from_segments(g, n) for g in add_state_grads(*zeros, qs, ks, vs, dos, prefix, suffix, None)), None)
 
     def exchange(dstates):          # starts the gather; its finisher folds every local segment's suffix G
-        return _folded(_gather_states(dstates, n, layout, group, totals=totals), log_decay, c, layout, group, True)
+        return _first(_folded(_gather_states(dstates, n, layout, group, totals=totals), log_decay, c, layout, group,
+                              True, ends), [None])
     if overlap and backend == "torch":      # dM from the kernel's dP, G into its exit products
-        grads = deferred_backward(qs, ks, vs, log_decay, dos, gs, block_states, exchange)
+        grads = deferred_backward(qs, ks, vs, log_decay, dos, gs, block_states, exchange, ids)
         return tuple(None if g is None else from_segments(g, n) for g in grads)
-    finish = exchange(state_grad(qs, dos, log_decay, k.shape[2], gs))
+    finish = exchange(state_grad(qs, dos, log_decay, k.shape[2], gs, ids))
     if not overlap:         # the kernel enters from P and leaves with gradient G: its gradients are the answer
-        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, finish(), block_states)
+        grads = local_backward(qs, ks, vs, log_decay, dos, backend, gs, prefix, finish(), block_states, ids)
         return tuple(None if g is None else from_segments(g, n) for g in grads)
     # other backends: the kernel from a zero state while the gather flies, then the terms of P and G
-    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs)
+    dq, dk, dv, dg = local_backward(qs, ks, vs, log_decay, dos, backend, gs, ids=ids)
     suffix = finish()
-    grads = add_state_grads(dq, dk, dv, qs, ks, vs, dos, prefix, suffix, log_decay, gs)
+    grads = add_state_grads(dq, dk, dv, qs, ks, vs, dos, prefix, suffix, log_decay, gs, ids)
     if gs is not None:
         grads = (*grads[:3], (dg.double() + grads[3]).to(log_gate.dtype))
     return tuple(from_segments(g, n) for g in grads) + ((None,) if gs is None else ())
@@ -193,23 +243,24 @@ def lasp2_backward(q, k, v, log_decay, prefix, do, causal, layout, group, backen
 
 class _LASP2(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, overlap):
-        o, prefix, block_states = lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate, overlap)
-        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix, block_states)
+    def forward(ctx, q, k, v, log_decay, log_gate, causal, layout, group, backend, overlap, segment_ids):
+        o, prefix, block_states, ends = lasp2_forward(q, k, v, log_decay, causal, layout, group, backend, log_gate,
+                                                      overlap, segment_ids)
+        ctx.save_for_backward(q, k, v, log_decay, log_gate, prefix, block_states, segment_ids, ends)
         ctx.config = (causal, layout, group, backend)
         ctx.overlap = overlap
         return o
 
     @staticmethod
     def backward(ctx, do):
-        q, k, v, log_decay, log_gate, prefix, block_states = ctx.saved_tensors
+        q, k, v, log_decay, log_gate, prefix, block_states, segment_ids, ends = ctx.saved_tensors
         dq, dk, dv, dg = lasp2_backward(q, k, v, log_decay, prefix, do.contiguous(), *ctx.config, log_gate,
-                                        ctx.overlap, block_states)
-        return dq, dk, dv, None, dg, None, None, None, None, None
+                                        ctx.overlap, block_states, segment_ids, ends)
+        return dq, dk, dv, None, dg, None, None, None, None, None, None
 
 
 def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
-          overlap=True):
+          overlap=True, segment_ids=None):
     """LASP-2 linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
     k, v may have fewer heads H_kv (H % H_kv == 0, grouped as i // (H/H_kv)); log_decay: (H_kv,) of log λ ≤ 0, one
@@ -220,15 +271,18 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
     the rest after (torch kernel: the same products as overlap=False; other backends: 4 more d_k×d_v products
     per token over fwd+bwd, the cross terms added after a zero-state kernel); overlap=False runs the kernel from
     the gathered prefix (the gather exposed).
+    segment_ids (B, T_local) integer document ids of the local shard in `layout` order (as the softmax engines
+    take them), non-decreasing in global order: the state is emptied at each document's first token.
     Raises ValueError (before any collective) on mismatched shapes/dtypes, bad log_decay or log_gate (shape,
-    dtype, device, positive or non-finite entries), a local length the layout cannot split; and on every rank if
-    ranks hold different lengths.
+    dtype, device, positive or non-finite entries), a local length the layout cannot split, segment_ids of the
+    wrong shape or dtype, decreasing inside a segment, or with causal=False; and on every rank if ranks hold
+    different lengths or ids that decrease from one rank's shard to the next.
     """
-    check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate)
+    check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate, segment_ids)
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
-    return _LASP2.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, bool(overlap))
+    return _LASP2.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, bool(overlap), segment_ids)
 
 
 # ---------------------------------------------------------------------------------------------- declaration

@@ -150,16 +150,19 @@ def retention_log_decay(n_heads, device=None, dtype=torch.float64):
 
 
 # ---------------------------------------------------------------------------------------------- attention
-def local_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=True):
+def local_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=True, segment_ids=None):
     """Linear attention on one process: (B, T, H, d_k), (B, T, H_kv, d_k), (B, T, H_kv, d_v) -> (B, T, H, d_v).
 
     causal: o_i = Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) v_j with G_i = Σ_{t≤i} (log λ + g_t) (lightning_attn); without
     log_gate that is λ^{i−j}. Non-causal (no decay, no gate): o_i = q_i Σ_j k_jᵀ v_j. H_kv < H: grouped K/V heads,
     log_decay (H_kv,) and log_gate (B, T, H_kv) per K/V head (the LASP engines take the same form).
+    segment_ids (B, T): packed documents, j and i in the same one only (the state emptied at each start); causal.
     """
     k, v, log_decay = repeat_kv(q, k, v, log_decay)
     if causal:
-        return lightning_attn(q, k, v, log_decay=log_decay, **_gate_kwargs(q, log_gate))[0]
+        return lightning_attn(q, k, v, log_decay=log_decay, segment_ids=segment_ids, **_gate_kwargs(q, log_gate))[0]
+    if segment_ids is not None:
+        raise ValueError(f"segment_ids {tuple(segment_ids.shape)} need causal=True in linear attention")
     if log_decay is not None:
         raise ValueError("log_decay needs causal=True: decay is only defined for causal attention")
     if log_gate is not None:
@@ -195,16 +198,19 @@ def local_softmax_attention(q, k, v, *, causal=True, scale=None, segment_ids=Non
     return softmax_attn(q, k, v, causal=causal, scale=scale, segment_ids=segment_ids)
 
 
-def run_linear_attention(attn_fn, q, k, v, log_decay, cache, log_gate=None):
+def run_linear_attention(attn_fn, q, k, v, log_decay, cache, log_gate=None, segment_ids=None):
     """Training: attn_fn(q, k, v, log_decay=..., causal=True), with log_gate=... (B, T, H_kv) added only for a
-    gated mixer, so ungated mixers call the engines exactly as before. Decoding (cache a dict): lightning_attn from
-    the cached state (B, H, d_k, d_v), storing the new final state (S_t = e^{log λ + g_t} S_{t−1} + k_tᵀ v_t), so
-    a prefill continues exactly. log_decay is cast to the state dtype of q (float64 for a float64 model)."""
+    gated mixer and segment_ids=... (B, T) only for packed documents (the state emptied at each document's first
+    token), so other calls reach the engines exactly as before. Decoding (cache a dict, one document):
+    lightning_attn from the cached state (B, H, d_k, d_v), storing the new final state (S_t = e^{log λ + g_t}
+    S_{t−1} + k_tᵀ v_t), so a prefill continues exactly. log_decay is cast to the state dtype of q."""
     if log_decay is not None:
         log_decay = log_decay.to(state_dtype(q.dtype))
     if cache is None:
-        gate = {} if log_gate is None else {"log_gate": log_gate}
-        return attn_fn(q, k, v, log_decay=log_decay, causal=True, **gate)
+        extra = {} if log_gate is None else {"log_gate": log_gate}
+        if segment_ids is not None:
+            extra["segment_ids"] = segment_ids
+        return attn_fn(q, k, v, log_decay=log_decay, causal=True, **extra)
     k, v, log_decay = repeat_kv(q, k, v, log_decay)
     o, cache["state"] = lightning_attn(q, k, v, log_decay=log_decay, initial_state=cache.get("state"),
                                        output_final_state=True, **_gate_kwargs(q, log_gate))
@@ -253,7 +259,7 @@ class LinearAttention(nn.Module):
     than Mamba2 (g = −softplus(x W_dt + b_dt)·e^{A_log}, with the input also scaled by dt) because its q/k/v,
     per-head norm and swish output gate are exactly this mixer's, so "gated" adds one projection and nothing
     else. g ≤ 0 by construction, so the mixer makes no value check on it (which would need a device sync).
-    The state runs across document boundaries: segment_ids are ignored here. (B, T, D) -> (B, T, D).
+    segment_ids (B, T): packed documents, the state emptied at each one's first token. (B, T, D) -> (B, T, D).
 
     n_experts = N > 1 (see the module docstring): q_proj, g_proj (N·D, D), k_proj, v_proj (N_kv·D, D) with
     N_kv = 1 under kv_sharing else N, out_proj (D, N·D), norm.weight (N, 1, d) one per expert, router (N, D);
@@ -308,7 +314,7 @@ class LinearAttention(nn.Module):
             log_decay = log_decay.repeat(self.n_kv)
         if self.n_kv < N:                                        # shared k, v: query (j, h) -> head h·N + j
             q = _transpose_heads(q, N)
-        o = run_linear_attention(self.linear_attn, q, k, v, log_decay, cache, self.log_gate(x))
+        o = run_linear_attention(self.linear_attn, q, k, v, log_decay, cache, self.log_gate(x), segment_ids)
         if self.n_kv < N:
             o = _transpose_heads(o, o.shape[2] // N)             # back to expert-major (j, h)
         o = self.norm(o.unflatten(2, (N, -1))).flatten(3)        # (B, T, N, H·d), each expert's norm weight

@@ -13,8 +13,8 @@ SoftmaxAttention as one wide attention of N·H heads) and top-k routed SwiGLU ex
 models/moe.py) whose router losses `loss` adds. The defaults are Linear-Llama3, parameter for parameter.
 
 Shapes: tokens (B, T) local shard; positions (T,) or (B, T) GLOBAL positions (RoPE sees them, so both sequence
-layouts give the same model); segment_ids (B, T) document ids, used by softmax layers only (linear layers carry
-their state across document boundaries); hidden (B, T, D).
+layouts give the same model); segment_ids (B, T) document ids or None: softmax layers attend within a document,
+linear layers empty their state at each document's first token; hidden (B, T, D).
 """
 from dataclasses import dataclass
 

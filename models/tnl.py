@@ -9,8 +9,8 @@ padding row (pad_token_id = 0, as the release's nn.Embedding(..., padding_idx=0)
 from the lookup; it still gets the tied head's gradient, as in the release.
 
 Shapes: tokens (B, T) local shard; positions (T,) or (B, T) GLOBAL positions (LRPE sees them, so both sequence
-layouts give the same model); segment_ids are accepted and ignored (no softmax layers; linear layers carry their
-state across document boundaries); hidden (B, T, D).
+layouts give the same model); segment_ids (B, T) document ids or None: each linear layer empties its state at
+every document's first token (packed documents stay apart); hidden (B, T, D).
 """
 from dataclasses import dataclass
 
@@ -102,7 +102,7 @@ class NormLinearAttention(nn.Module):
         q, k = F.silu(q), F.silu(k)
         if self.lrpe is not None:
             q, k = self.lrpe(q, positions), self.lrpe(k, positions)
-        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache)
+        o = run_linear_attention(self.linear_attn, q, k, v, self.log_decay(x.device), cache, None, segment_ids)
         return self.out_proj(u * self.norm(o.flatten(2)))
 
 

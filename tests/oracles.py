@@ -85,3 +85,30 @@ def softmax_block_dense(q, k, v, allowed, scale):
     lse = torch.where(denom > 0, torch.log(torch.where(denom > 0, denom, torch.ones_like(denom))) + row_max,
                       torch.full_like(denom, float("-inf")))
     return torch.einsum("bhij,bjhd->bihd", probs, v), lse[..., 0].transpose(1, 2)
+
+
+def documents_alone(q, k, v, segment_ids, log_gate=None, log_decay=None, initial_state=None):
+    """Packed documents, each run ALONE from a zero state: o (B,T,H,d_v) float64, differentiable.
+
+    segment_ids (B,T) non-decreasing; every maximal run of equal ids is one document, run through
+    `gated_linear_attention` on its own tokens (an initial_state (B,H,d_k,d_v) enters the first document only).
+    k, v may have H_kv < H heads (repeated as query head h reads K/V head h // (H/H_kv)); log_gate (B,T,H_kv),
+    log_decay (H_kv,) per K/V head likewise."""
+    groups = q.shape[2] // k.shape[2]
+    k, v = k.repeat_interleave(groups, dim=2), v.repeat_interleave(groups, dim=2)
+    if log_gate is not None:
+        log_gate = log_gate.repeat_interleave(groups, dim=2)
+    if log_decay is not None:
+        log_decay = log_decay.repeat_interleave(groups)
+    rows = []
+    for b in range(q.shape[0]):
+        ids = segment_ids[b].tolist()
+        starts = [t for t in range(len(ids)) if t == 0 or ids[t] != ids[t - 1]] + [len(ids)]
+        parts = []
+        for i, (s, e) in enumerate(zip(starts[:-1], starts[1:])):
+            state = None if initial_state is None or i > 0 else initial_state[b:b + 1]
+            gate = None if log_gate is None else log_gate[b:b + 1, s:e]
+            parts.append(gated_linear_attention(q[b:b + 1, s:e], k[b:b + 1, s:e], v[b:b + 1, s:e], gate, log_decay,
+                                                state)[0])
+        rows.append(torch.cat(parts, dim=1))
+    return torch.cat(rows, dim=0)

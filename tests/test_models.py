@@ -190,9 +190,10 @@ def test_greedy_generation_follows_full_forward_argmax():
 
 
 # ------------------------------------------------------------------------------------------------ gated mixer
-def _dense_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=True):
+def _dense_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=True, segment_ids=None):
     """Float64 quadratic form o_i = Σ_{j≤i} e^{G_i − G_j} (q_i·k_j) v_j, G_i = Σ_{t≤i} (log λ + g_t) per head;
-    grouped K/V heads (and their log_decay (H_kv,), log_gate (B, T, H_kv)) repeated to q's heads. Causal only."""
+    grouped K/V heads (and their log_decay (H_kv,), log_gate (B, T, H_kv)) repeated to q's heads. Causal only;
+    segment_ids (B, T): j and i in the same document only."""
     assert causal
     groups = q.shape[2] // k.shape[2]
     dtype, q = q.dtype, q.double()
@@ -205,6 +206,8 @@ def _dense_linear_attention(q, k, v, *, log_decay=None, log_gate=None, causal=Tr
         g = g + log_gate.double().repeat_interleave(groups, dim=2)
     G = g.cumsum(1).transpose(1, 2)                                         # (B, H, T)
     allowed = torch.ones(T, T, dtype=torch.bool).tril()
+    if segment_ids is not None:
+        allowed = allowed & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     weight = torch.where(allowed, G[..., :, None] - G[..., None, :], float("-inf")).exp()
     scores = torch.einsum("bihd,bjhd->bhij", q, k) * weight
     return torch.einsum("bhij,bjhd->bihd", scores, v).to(dtype)
