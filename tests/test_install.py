@@ -53,3 +53,18 @@ def test_entry_points_run_from_any_folder(tmp_path, module):
     out = subprocess.run([sys.executable, "-m", module, "--help"], cwd=tmp_path, env=_clean_env(),
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr[-2000:]
+
+
+def test_repository_root_on_sys_path_does_not_shadow_hf_kernels():
+    # python started in the repository root puts it first on sys.path, where our kernels/ folder lies
+    code = "import lasp; import transformers.activations, kernels; assert 'site-packages' in kernels.__file__"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=_clean_env(), capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_transformers_imports_inside_the_test_process():
+    assert os.path.realpath(ROOT) in {os.path.realpath(p or ".") for p in sys.path}   # pytest put the root there
+    import kernels
+    from transformers.activations import ACT2FN  # noqa: F401  imports HF kernels' hub integration
+    assert "site-packages" in kernels.__file__
