@@ -10,4 +10,6 @@ os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (ROOT, os.environ.get("PYT
 
 import torch  # noqa: E402
 
+import lasp  # noqa: E402,F401  first: our folders must not shadow installed packages named kernels, ... (lasp/__init__)
+
 torch.set_num_threads(1)
