@@ -141,3 +141,89 @@ def test_fla_backend_maps_documents_and_states_onto_cu_seqlens(monkeypatch):
         ref, ref_final = delta_rule_documents(q, k, v, b, lg, s0, seg)
         assert rel_err(o, ref) < 1e-12 and rel_err(final, ref_final) < 1e-12
     assert calls[0][:2] == (1.0, 2) and calls[1][1] == 1 and calls[1][2][-1] == 80
+
+
+# ------------------------------------------------------------------------------------------------- engines
+B_E, H_K, H_V, D_K, D_V = 2, 1, 2, 4, 3
+
+
+def _documents(T, W, seed):
+    """Row 0: documents cut at random (p = 0.2), at the first rank edge and around a one-token document; row 1 one
+    document over every rank."""
+    g = torch.Generator().manual_seed(seed)
+    starts = torch.rand(T, generator=g) < 0.2
+    starts[[min(T // W, T - 1), min(3, T - 1), min(4, T - 1)]] = True
+    return torch.stack([starts.long().cumsum(0), torch.full((T,), 5)])
+
+
+def _engine_case(W, engine, layout, gated, docs, dtype, T_local, blocks=None):
+    """One engine call with beta= on this rank's shard -> (errors o, dq, dk, dv, dbeta(, dgate) vs the oracle's
+    shard, forward and backward comm summaries)."""
+    import torch.distributed as dist
+    from lasp import allscan, lasp1, lasp2
+    from lasp.parallel import count_collectives, shard
+    r, T = dist.get_rank(), T_local * W
+    q, k, v, b, lg, _, _, do, _ = _inputs(T, H_K, H_V, D_K, D_V, B_E, gate="mixed" if gated else "none", seed=W)
+    ids = _documents(T, W, W) if docs else None
+    full = [x.clone().requires_grad_() for x in (q, k, v, b) + ((lg,) if gated else ())]
+    ref = delta_rule_documents(*full[:4], full[4] if gated else None, None, ids)[0]
+    ref_grads = torch.autograd.grad(ref, full, do)
+    local = [shard(x, layout, r, W).to(dtype).requires_grad_() for x in full]
+    fn = {"lasp2": lasp2, "lasp1": lasp1, "allscan": allscan}[engine]
+    kw = dict(layout=layout) if engine != "lasp1" else {}
+    kw.update(blocks=blocks) if engine == "allscan" else None
+    with count_collectives() as fwd:
+        o = fn(*local[:3], beta=local[3], log_gate=local[4] if gated else None,
+               segment_ids=None if ids is None else shard(ids, layout, r, W), **kw)
+    with count_collectives() as bwd:
+        grads = torch.autograd.grad(o, local, shard(do, layout, r, W).to(dtype))
+    errors = [rel_err(o, shard(ref, layout, r, W))] + [rel_err(a, shard(x, layout, r, W))
+                                                       for a, x in zip(grads, ref_grads)]
+    return errors, fwd.summary(), bwd.summary()
+
+
+ENGINE_CASES = [  # (engine, layout, gated, docs, dtype, T_local, All-Scan blocks)
+    ("lasp2", "contiguous", True, True, torch.float64, 5, None), ("lasp2", "zigzag", True, True, torch.float64, 6, None),
+    ("lasp2", "contiguous", False, False, torch.float32, 7, None), ("lasp1", "contiguous", True, True, torch.float64, 5, None),
+    ("lasp1", "contiguous", False, True, torch.float32, 4, None), ("allscan", "zigzag", True, True, torch.float64, 6, 2),
+    ("allscan", "contiguous", False, True, torch.float64, 7, None), ("allscan", "zigzag", True, False, torch.float32, 4, 3)]
+LONG_CASES = {1: [("lasp2", "contiguous", True, True, torch.float64, 300, None)],      # several chunks and blocks
+              2: [("lasp2", "zigzag", True, True, torch.float64, 130, None),
+                  ("allscan", "contiguous", True, True, torch.float64, 65, None)],
+              3: [("lasp1", "contiguous", True, True, torch.float64, 63, None)]}
+
+
+def _engine_cases(W):
+    return [_engine_case(W, *case) for case in _cases_for(W)]
+
+
+def _cases_for(W):
+    return (ENGINE_CASES if W != 8 else ENGINE_CASES[1::3]) + LONG_CASES.get(W, [])
+
+
+def _lasp2_bytes(W, n, dtype, docs):
+    """Received per rank: forward (W−1)·n·B·H·(d_k² + d_k·d_v) (+ 4 numbers of document ids per segment and row)
+    + the 2-number header; backward (W−1)·n·B·H·d_k·d_v."""
+    elem = torch.finfo(dtype).bits // 8
+    fwd = (W - 1) * (n * B_E * H_V * (D_K * D_K + D_K * D_V) + (4 * n * B_E if docs else 0) + 2) * elem
+    return fwd, (W - 1) * n * B_E * H_V * D_K * D_V * elem
+
+
+@pytest.mark.parametrize("W", [1, 2, 3, 4, 8])
+def test_engines_with_beta_match_the_float64_oracle_and_count_their_messages(W):
+    from tests.dist import run_ranks
+    for r, results in enumerate(run_ranks(W, _engine_cases, W)):
+        for case, (errors, fwd, bwd) in zip(_cases_for(W), results):
+            engine, layout, gated, docs, dtype = case[:5]
+            assert max(errors) < TOL[dtype], f"W={W} rank {r} {case}: errors o, dq, dk, dv, dbeta(, dg) = {errors}"
+            n = 1 if layout == "contiguous" else 2
+            if engine == "lasp2":
+                assert fwd == {"all_gather": (1, _lasp2_bytes(W, n, dtype, docs)[0])}, (case, fwd)
+                assert bwd == {"all_gather": (1, _lasp2_bytes(W, n, dtype, docs)[1])}, (case, bwd)
+            else:           # the chain: one d_k×d_v state per hop, never a transition
+                elem, state = torch.finfo(dtype).bits // 8, B_E * H_V * D_K * D_V
+                for log in (fwd, bwd):
+                    got = log.get("recv", (0, 0))[1]
+                    assert got % (state * elem) == 0 and got <= n * state * elem, (case, log)
+                assert ("all_gather" in fwd) == (docs or engine == "allscan"), (case, fwd)
+                assert "all_gather" not in bwd, (case, bwd)
