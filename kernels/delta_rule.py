@@ -146,6 +146,7 @@ def _factors(inp, start, n, c):
 class _Chunk:
     """One block of n chunks, head-major (B, H, n, ·): the WY products and the chunk maps (module docstring)."""
     K: torch.Tensor
+    KK: torch.Tensor
     beta: torch.Tensor
     factors: tuple
     Tinv: torch.Tensor
@@ -159,19 +160,20 @@ class _Chunk:
     O0: torch.Tensor = None
 
 
-def _prepare(inp, start, n, c, with_q=True, with_v=True):
+def _prepare(inp, start, n, c, with_q=True, with_v=True, with_o=True):
     """The WY form of one block: T = (I + L)^{-1} by one triangular solve, W_k, A_n; with v W_v, M_n; with q
-    P̃, Q̂ (and O⁰ with v)."""
+    P̃, Q̂ (and O⁰ with v and with_o)."""
     K, beta = inp.head_major(inp.k, start, n, c, True), inp.head_major(inp.beta, start, n, c)
     factors = _factors(inp, start, n, c)
     gamma, gq, gk, ge, _ = factors
-    L = (K @ K.transpose(-1, -2)).mul_(gamma).mul_(beta[..., None]).tril_(-1)
+    KK = K @ K.transpose(-1, -2)
+    L = (KK * gamma).mul_(beta[..., None]).tril_(-1)
     eye = torch.eye(c, dtype=inp.sdt, device=K.device)
     Tinv = torch.linalg.solve_triangular(L, eye.expand_as(L), upper=False, unitriangular=True)
     Wk = Tinv @ (K * (beta[..., None] * gq))
     Kg = K * gk
     A = torch.eye(K.shape[-1], dtype=inp.sdt, device=K.device) * ge - Kg.transpose(-1, -2) @ Wk
-    ch = _Chunk(K, beta, factors, Tinv, Wk, A)
+    ch = _Chunk(K, KK, beta, factors, Tinv, Wk, A)
     if with_v:
         ch.Wv = Tinv @ (inp.head_major(inp.v, start, n, c) * beta[..., None])
         ch.M = Kg.transpose(-1, -2) @ ch.Wv
@@ -179,7 +181,7 @@ def _prepare(inp, start, n, c, with_q=True, with_v=True):
         ch.Q = inp.head_major(inp.q, start, n, c, True)
         ch.P = (ch.Q @ K.transpose(-1, -2)).mul_(gamma)
         ch.Qh = ch.Q * gq - ch.P @ Wk
-        ch.O0 = None if ch.Wv is None else ch.P @ ch.Wv
+        ch.O0 = None if ch.Wv is None or not with_o else ch.P @ ch.Wv
     return ch
 
 
@@ -231,12 +233,12 @@ def delta_transition(pieces):
 
 
 def delta_outputs(pieces, state, out_dtype):
-    """Outputs entering with `state` (B, H, d_k, d_v) -> (o (B, T, H, d_v) in out_dtype, final state, the states
-    entering every chunk: a list per block of (B, H, n, d_k, d_v))."""
+    """Outputs entering with `state` (B, H, d_k, d_v) -> (o (B, T, H, d_v) in out_dtype, final state, the state
+    entering every block: a list of (B, H, d_k, d_v), all the backward keeps)."""
     outs, saved = [], []
     for _, n, c, A, M, Qh, O0 in pieces:
+        saved.append(state)
         S, state = _fold(A, M, state)
-        saved.append(S)
         outs.append(_unchunk(O0 + Qh @ S).to(out_dtype))
     return torch.cat(outs, 1), state, saved
 
@@ -252,24 +254,26 @@ def delta_entry_grad(pieces, do):
 
 
 # ------------------------------------------------------------------------------------------------ backward
-def _block_grads(inp, start, n, c, S, D_exit, do):
-    """Gradients of one block given S (B, H, n, d_k, d_v), the states entering its chunks, and D_exit, the gradient
+def _block_grads(inp, start, n, c, S_block, D_exit, do):
+    """Gradients of one block given S_block (B, H, d_k, d_v), the state entering it, and D_exit, the gradient
     of the state leaving it -> ((dq, dk per key head, dv, dbeta, dlog_gate or None) in (B, n·c, ·) order, the
     gradient of the state entering it). Per chunk (U = W_v − W_k S, D the gradient of its leaving state):
       dU = P̃ᵀ dO + Kg D;  d(γ_q Q) = dO Sᵀ;  dP̃ = dO Uᵀ;  dKg = U Dᵀ;  dγ_e = <S, D>
       dX_v = Tᵀ dU, dX_k = −Tᵀ dU Sᵀ (X_v = βV, X_k = βγ_q K);  dL = −(dX_v W_vᵀ + dX_k W_kᵀ), strictly lower
     and the gate's log-derivatives collected per factor, dg = reverse cumsum of db inside the chunk."""
-    ch = _prepare(inp, start, n, c)
+    ch = _prepare(inp, start, n, c, with_o=False)
     gamma, gq, gk, ge, b = ch.factors
+    S = _fold(ch.A, ch.M, S_block)[0]                                             # the states entering its chunks
     dO = _chunks(do, start, n, c, inp.sdt)
     D, dS_in = _fold_back(ch.A, ch.Qh.transpose(-1, -2) @ dO, D_exit)
     K, Q, beta, Tt = ch.K, ch.Q, ch.beta[..., None], ch.Tinv.transpose(-1, -2)
     U = ch.Wv - ch.Wk @ S
     dU = ch.P.transpose(-1, -2) @ dO + (K * gk) @ D
     dQg, dKg = dO @ S.transpose(-1, -2), U @ D.transpose(-1, -2)
-    dPG = (dO @ U.transpose(-1, -2)).mul_(gamma)                                  # dP̃ ⊙ Γ
+    dP = dO @ U.transpose(-1, -2)
+    dPG = dP * gamma                                                              # dP̃ ⊙ Γ
     dXv, dXk = Tt @ dU, -(Tt @ (dU @ S.transpose(-1, -2)))
-    KK = K @ K.transpose(-1, -2)
+    KK = ch.KK
     dLG = (dXv @ ch.Wv.transpose(-1, -2) + dXk @ ch.Wk.transpose(-1, -2)).tril_(-1).mul_(gamma).neg_()  # dL ⊙ Γ
     dKK = dLG * beta
     dq = gq * dQg + dPG @ K
@@ -279,7 +283,7 @@ def _block_grads(inp, start, n, c, S, D_exit, do):
     dbeta = (dLG * KK).sum(-1) + (dXv * V).sum(-1) + gq[..., 0] * sXk
     dg = None
     if b is not None:
-        dGG = dPG * (Q @ K.transpose(-1, -2)) + dKK * KK                          # d(Γ_ij) Γ_ij
+        dGG = dP * ch.P + dKK * KK                                                # d(Γ_ij) Γ_ij
         dGG.diagonal(dim1=-2, dim2=-1).zero_()                                    # Γ_ii = 1: no gate term
         tq = ((dQg * Q).sum(-1) + ch.beta * sXk) * gq[..., 0]                     # dγ_q γ_q
         tk = (dKg * K).sum(-1) * gk[..., 0]                                       # dγ_k γ_k
@@ -297,14 +301,14 @@ def _per_key_head(x, groups):
     return x if groups == 1 else x.unflatten(1, (-1, groups)).sum(2)
 
 
-def delta_backward(inp, chunk_states, do, dfinal=None):
-    """Gradients entering with the states `chunk_states` (from `delta_outputs`) and leaving with dfinal (None = 0)
+def delta_backward(inp, block_states, do, dfinal=None):
+    """Gradients entering with the states `block_states` (from `delta_outputs`) and leaving with dfinal (None = 0)
     -> (dq, dk, dv, dbeta, dlog_gate or None, dstate entering (B, H, d_k, d_v)), in the inputs' dtypes (the
     gate's in log_gate's). Blocks run from the last; each is prepared once (memory flat in T)."""
     B, H, d_v = inp.v.shape[0], inp.v.shape[2], inp.v.shape[-1]
     D = inp.k.new_zeros(B, H, inp.k.shape[-1], d_v, dtype=inp.sdt) if dfinal is None else dfinal.to(inp.sdt)
     parts = []
-    for (start, n, c), S in reversed(list(zip(inp.blocks(), chunk_states))):
+    for (start, n, c), S in reversed(list(zip(inp.blocks(), block_states))):
         grads, D = _block_grads(inp, start, n, c, S, D, do)
         parts.append(grads)
     out = [torch.cat(x[::-1], 1) if parts else None for x in zip(*parts)] if parts else []

@@ -104,10 +104,10 @@ def local_entry_grad(inp, saved, do, n):
     return delta_entry_grad(pieces, to_segments(do, n))
 
 
-def local_backward(inp, chunk_states, do, suffix, n):
+def local_backward(inp, block_states, do, suffix, n):
     """The kernel's backward entering from the forward's states and leaving with `suffix` -> (dq, dk, dv, dbeta,
     dlog_gate or None) on the local shards, and the gradient of the entering state (B·n, H, d_k, d_v)."""
-    *grads, dstate = delta_backward(inp, chunk_states, to_segments(do, n), suffix)
+    *grads, dstate = delta_backward(inp, block_states, to_segments(do, n), suffix)
     return tuple(None if g is None else from_segments(g, n) for g in grads), dstate
 
 
