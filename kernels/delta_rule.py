@@ -33,8 +33,8 @@ import torch
 from .linear_attn import _blocks, _chunks, _unchunk, state_dtype
 
 __all__ = ["gated_delta_attn", "gated_delta_attn_recurrent", "check_delta_inputs", "document_resets",
-           "delta_pieces", "iter_pieces", "DeltaInputs", "delta_transition", "delta_outputs", "delta_entry_grad", "delta_backward",
-           "DELTA_BACKENDS"]
+           "delta_pieces", "iter_pieces", "DeltaInputs", "delta_transition", "delta_outputs", "delta_entry_grad",
+           "delta_backward", "resolve_delta_backend", "DELTA_BACKENDS"]
 
 DELTA_BACKENDS = ("torch", "triton")
 CHUNK_LEN, BLOCK_CHUNKS = 32, 32         # c = 32: 0.6x the flops of c = 64 at d = 64 (c²d vs c·d² terms)

@@ -2,10 +2,10 @@
 
 A model's linear mixers hold `linear_attn` ((q, k, v, *, log_decay, causal) -> o), its delta-rule mixers
 `delta_attn` ((q, k, v, *, beta, log_gate, segment_ids) -> o: the same linear engines, with beta=), and its
-softmax mixers `softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default both compute on one process. Here each
-is set to functools.partial(engine, layout=..., group=...), so every rank runs the same model on its local shard
-(B, T/W, ...) of tokens in `layout` order, with global positions supplied by the caller. Modules are found by
-those attribute names, never by importing model classes.
+softmax mixers `softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default all compute on one
+process. Here each is set to functools.partial(engine, layout=..., group=...), so every rank runs the same model
+on its local shard (B, T/W, ...) of tokens in `layout` order, with global positions supplied by the caller.
+Modules are found by those attribute names, never by importing model classes.
 """
 import functools
 

@@ -15,6 +15,8 @@ depends on the last id of the segment before it in global order (another rank's)
 state is forgotten, so the engines use (1 − f)·P as the entering state, (1 − f)·A in their folds and chains and
 (1 − f)·dP as the gradient sent back; the kernel's own pieces never depend on another rank.
 """
+import math
+
 import torch
 
 from lasp.kernels import state_dtype
@@ -25,7 +27,8 @@ from lasp.parallel import comm, layout as layouts
 from .common import from_segments, to_segments
 
 __all__ = ["check_delta_engine_inputs", "delta_segments", "segment_bounds", "first_flags", "gather_first_flags",
-           "keep", "global_order", "zero_state", "local_transition", "local_forward", "local_entry_grad", "local_backward", "saved_pieces"]
+           "keep", "global_order", "zero_state", "local_transition", "local_forward", "local_entry_grad",
+           "local_backward", "saved_pieces", "delta_memory"]
 
 
 def check_delta_engine_inputs(q, k, v, beta, log_gate, log_decay, causal, layout, segment_ids):
@@ -114,3 +117,21 @@ def local_backward(inp, block_states, do, suffix, n):
 def zero_state(inp, cols=None):
     B, H, d_k = inp.v.shape[0], inp.v.shape[2], inp.k.shape[-1]
     return inp.k.new_zeros(B, H, d_k, inp.v.shape[-1] if cols is None else cols, dtype=state_dtype(inp.k.dtype))
+
+
+def delta_memory(s, engine):
+    """(saved, backward working set, exchange buffer) bytes of one delta-rule call (s: a parallel.engines.CallShape
+    with H value heads, H_kv key heads). Saved: q, k (H_kv heads), v, β, g (H heads) in a bytes; in fp32 the state
+    entering each 1,024-token block, the forward's A_n and Q̂ for the entry gradient (C/32·d_k² + C·d_k per head)
+    and the transitions Ã (LASP-2: all W·n segments'; the chains: their own n). Working set: one 1,024-token block
+    of the backward's WY products, about 12 c×c (c = 32) and 16 d-wide fp32 tensors per token and head.
+    Buffer: LASP-2 the gathered (A, M) of W·n segments; the chains two states."""
+    from lasp.kernels.delta_rule import BLOCK_CHUNKS, CHUNK_LEN
+    n, block = layouts.segments_per_rank(s.layout), CHUNK_LEN * BLOCK_CHUNKS
+    heads, lasp2 = s.B * s.H, engine == "lasp2"
+    saved = s.B * s.C * (2 * s.H_kv * s.d_k + s.H * (s.d_v + 2)) * s.a
+    saved += heads * 4 * (math.ceil(s.C / block) * s.d_k * s.d_v + math.ceil(s.C / CHUNK_LEN) * s.d_k ** 2
+                          + s.C * s.d_k + (s.sp * n if lasp2 else n) * s.d_k ** 2)
+    work = heads * 4 * min(s.C, block) * (12 * CHUNK_LEN + 16 * max(s.d_k, s.d_v))
+    buffer = heads * 4 * (s.sp * n * (s.d_k ** 2 + s.d_k * s.d_v) if lasp2 else 2 * s.d_k * s.d_v)
+    return saved, work, buffer

@@ -252,8 +252,8 @@ def _delta_gather(A, M, segment_ids, local_len, n, layout, group):
     out = comm.all_gather(torch.cat([x.flatten() for x in parts]), group).view(W, -1)
     pieces = out.split([x.numel() for x in parts], dim=1)
     if not bool((pieces[-1] == pieces[-1][0]).all()):
-        raise ValueError(f"LASP-2 ranks hold different local lengths {pieces[-1][:, 0].long().tolist()} or layouts: every rank must hold T/W tokens "
-                         f"in layout {layout!r}")
+        raise ValueError(f"LASP-2 ranks hold different local lengths {pieces[-1][:, 0].long().tolist()} or "
+                         f"layouts: every rank must hold T/W tokens in layout {layout!r}")
     A_all, M_all, *ids = (delta.global_order(x.reshape(W * n, *p.shape[1:]), layout, W) for x, p in
                           zip(pieces[:-1], parts[:-1]))
     flags = delta.first_flags(ids[0]) if ids else None

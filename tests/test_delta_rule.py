@@ -190,10 +190,14 @@ def _engine_case(W, engine, layout, gated, docs, dtype, T_local, blocks, referen
 
 
 ENGINE_CASES = [  # (engine, layout, gated, docs, dtype, T_local, All-Scan blocks)
-    ("lasp2", "contiguous", True, True, torch.float64, 5, None), ("lasp2", "zigzag", True, True, torch.float64, 6, None),
-    ("lasp2", "contiguous", False, False, torch.float32, 7, None), ("lasp1", "contiguous", True, True, torch.float64, 5, None),
-    ("lasp1", "contiguous", False, True, torch.float32, 4, None), ("allscan", "zigzag", True, True, torch.float64, 6, 2),
-    ("allscan", "contiguous", False, True, torch.float64, 7, None), ("allscan", "zigzag", True, False, torch.float32, 4, 3)]
+    ("lasp2", "contiguous", True, True, torch.float64, 5, None),
+    ("lasp2", "zigzag", True, True, torch.float64, 6, None),
+    ("lasp2", "contiguous", False, False, torch.float32, 7, None),
+    ("lasp1", "contiguous", True, True, torch.float64, 5, None),
+    ("lasp1", "contiguous", False, True, torch.float32, 4, None),
+    ("allscan", "zigzag", True, True, torch.float64, 6, 2),
+    ("allscan", "contiguous", False, True, torch.float64, 7, None),
+    ("allscan", "zigzag", True, False, torch.float32, 4, 3)]
 LONG_CASES = {1: [("lasp2", "contiguous", True, True, torch.float64, 300, None)],      # several chunks and blocks
               2: [("lasp2", "zigzag", True, True, torch.float64, 130, None),
                   ("allscan", "contiguous", True, True, torch.float64, 65, None)],
@@ -264,3 +268,14 @@ def test_apply_binds_delta_mixers_to_the_engine():
         o = model[0].delta_attn(q, k, v, beta=b, log_gate=lg)
     assert log.count("all_gather") == 1
     assert rel_err(o, gated_delta_attn(q, k, v, b, log_gate=lg)[0]) < 1e-12
+
+
+def test_planner_counts_delta_rule_terms():
+    """The planner's delta-rule terms: LASP-2's buffer is the gathered (A, M), the chains' two states; saved and
+    work grow linearly in the local tokens, the work at most one 1,024-token block."""
+    from lasp.parallel.memory import engine_terms
+    shapes = dict(heads=4, kv_heads=2, d_k=8, d_v=6, delta=True)
+    terms = {e: engine_terms("L", shapes, e, 1, 4096, 16384, 4, 4, "torch") for e in ("lasp2", "allscan")}
+    assert terms["lasp2"][2] == 4 * 4 * 4 * (8 * 8 + 8 * 6) and terms["allscan"][2] == 4 * 4 * 2 * 8 * 6
+    small, big = (engine_terms("L", shapes, "lasp2", 1, C, 4 * C, 4, 4, "torch") for C in (2048, 4096))
+    assert 1.9 < big[0] / small[0] < 2.1 and big[1] > small[1]
