@@ -37,6 +37,10 @@ gate totals travel, unlike LASP-2's gather). Length check: every rank's (T_local
 (8 bytes per rank, forward only) started before the chain and checked after it: message sizes do not depend on
 T_local, so ranks holding different lengths all finish the chain and then all raise the same ValueError
 instead of hanging. B, H_kv, d_k, d_v and K must agree across ranks (they come from the model and the code).
+
+The delta rule (beta=, lasp/delta.py): each link folds a column block as Ã·X + M (Ã: the segment's d_k×d_k
+transition, its transpose backward with dP̃ for M); still one d_k×d_v state in per segment; documents add one
+tiny all-gather of segment ids.
 """
 import math
 from dataclasses import dataclass

@@ -27,8 +27,8 @@ from lasp.parallel import comm, layout as layouts
 from .common import from_segments, to_segments
 
 __all__ = ["check_delta_engine_inputs", "delta_segments", "segment_bounds", "first_flags", "gather_first_flags",
-           "keep", "global_order", "zero_state", "local_transition", "local_forward", "local_entry_grad",
-           "local_backward", "saved_pieces", "delta_memory"]
+           "keep", "global_order", "fold_segments", "exact_ids", "zero_state", "local_transition", "local_forward",
+           "local_entry_grad", "local_backward", "saved_pieces", "delta_memory"]
 
 
 def check_delta_engine_inputs(q, k, v, beta, log_gate, log_decay, causal, layout, segment_ids):
@@ -76,6 +76,23 @@ def gather_first_flags(segment_ids, layout, group):
     flags = first_flags(bounds)                                                   # (N, B)
     local = flags[layouts.segment_indices(layout, r, W)]                          # (n, B)
     return local.transpose(0, 1).flatten()
+
+
+def fold_segments(A_all, X_all, local_idx, suffix):
+    """Prefix P_g = fold P ← Ã_j P + M_j over j < g, or suffix G_g = fold G ← dP̃_j + Ã_jᵀ G over j > g (from the
+    last), for the local segments g -> (B·n, H, d_k, d_v)."""
+    N = A_all.shape[0]
+    X, found = torch.zeros_like(X_all[0]), {}
+    for j in (range(N - 1, -1, -1) if suffix else range(N)):
+        found[j] = X
+        X = X_all[j] + (A_all[j].transpose(-1, -2) @ X if suffix else A_all[j] @ X)
+    return torch.stack([found[g] for g in local_idx], 1).flatten(0, 1)
+
+
+def exact_ids(ids, dtype):
+    """(…, 1) int64 ids -> (…, 2) exact in a float dtype (float32 too): id = hi·2^24 + lo."""
+    hi = torch.div(ids, 2 ** 24, rounding_mode="floor")
+    return torch.cat([hi, ids - hi * 2 ** 24], -1).to(dtype)
 
 
 def keep(flags, x):

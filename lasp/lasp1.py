@@ -14,6 +14,9 @@ on the rank, A_e = A_{C−1}, M_r = Σ_t e^{A_e − A_t} k_tᵀ v_t and dM_r = �
 Each rank's own total A_e is all the fold needs, so nothing but the state travels. W−1 sequential hops per
 ring, each one state: the same bytes per rank as LASP-2 but serialised latency, which is what LASP-2's single
 all-gather removes.
+
+The delta rule (beta=, lasp/delta.py): the ring carries P_{r+1} = Ã_r P_r + M_r and G_{r−1} = dP̃_r + Ã_rᵀ G_r,
+one d_k×d_v state per hop (A_r, d_k×d_k, never travels); documents add one tiny all-gather of segment ids.
 """
 import torch
 

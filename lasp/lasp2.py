@@ -32,6 +32,11 @@ Only differences of inclusive cumsums that are ≤ 0 are exponentiated (float64 
 The gathered payload carries each rank's (T_local, n) as a two-number header, so ranks holding different
 lengths raise the same ValueError everywhere instead of computing a wrong answer. Bytes received per rank and
 pass: (W−1)·n·B·H_kv·d_k·d_v·4, with gates (W−1)·n·B·H_kv·(d_k·d_v + 1)·4 (+ the header), independent of T.
+
+The delta rule (beta=, lasp/delta.py): the gather carries each segment's (A_g, M_g) (d_k² + d_k·d_v per value
+head), the fold is P ← Ã_j P + M_j; backward dP_g = Σ_t A_{≤t}ᵀ q_tᵀ dO_t gathered once, G ← dP̃_j + Ã_jᵀ G
+from the last segment down, then the kernel's backward from (P_g, G_g). Ã = (1 − f)·A, f: the segment's first
+token starts a document (its first id ≠ the last id before it; the ids ride in the same gather).
 """
 import torch
 
@@ -245,9 +250,7 @@ def _delta_gather(A, M, segment_ids, local_len, n, layout, group):
     W, sdt = comm.group_size(group), A.dtype
     parts = [x.unflatten(0, (-1, n)).transpose(0, 1) for x in (A, M)]                  # (n, B, H, d_k, ·)
     if segment_ids is not None:
-        ids = delta.segment_bounds(segment_ids, n)
-        hi = torch.div(ids, 2 ** 24, rounding_mode="floor")
-        parts.append(torch.cat([hi, ids - hi * 2 ** 24], -1).to(sdt))                 # (n, B, 2, 2)
+        parts.append(delta.exact_ids(delta.segment_bounds(segment_ids, n), sdt))      # (n, B, 2, 2)
     parts.append(torch.tensor([local_len, n], dtype=sdt, device=A.device))
     out = comm.all_gather(torch.cat([x.flatten() for x in parts]), group).view(W, -1)
     pieces = out.split([x.numel() for x in parts], dim=1)
@@ -260,26 +263,15 @@ def _delta_gather(A, M, segment_ids, local_len, n, layout, group):
     return (A_all if flags is None else delta.keep(flags.flatten(), A_all.flatten(0, 1)).view_as(A_all)), M_all, flags
 
 
-def _delta_fold(A_all, X_all, local_idx, suffix):
-    """Prefix P_g = fold P ← Ã_j P + M_j over j < g, or suffix G_g = fold G ← dP̃_j + Ã_jᵀ G over j > g (from the
-    last), for the local segments g -> (B·n, H, d_k, d_v)."""
-    N = A_all.shape[0]
-    X, found = torch.zeros_like(X_all[0]), {}
-    for j in (range(N - 1, -1, -1) if suffix else range(N)):
-        found[j] = X
-        X = X_all[j] + (A_all[j].transpose(-1, -2) @ X if suffix else A_all[j] @ X)
-    return torch.stack([found[g] for g in local_idx], 1).flatten(0, 1)
-
-
 def lasp2_delta_forward(q, k, v, beta, log_gate, segment_ids, layout, group):
-    """-> (o, chunk states, saved pieces, Ã (N, B, H, d_k, d_k), local flags (B·n,) or None) for the backward."""
+    """-> (o, block states, saved pieces, Ã (N, B, H, d_k, d_k), local flags (B·n,) or None) for the backward."""
     n = layouts.segments_per_rank(layout)
     inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
     pieces, A, M = delta.local_transition(inp)
     A_all, M_all, flags = _delta_gather(A, M, segment_ids, q.shape[1], n, layout, group)
     idx = _local_indices(layout, group)
     local_flags = None if flags is None else flags[idx].transpose(0, 1).flatten()
-    prefix = delta.keep(local_flags, _delta_fold(A_all, M_all, idx, suffix=False))
+    prefix = delta.keep(local_flags, delta.fold_segments(A_all, M_all, idx, suffix=False))
     o, states = delta.local_forward(inp, pieces, prefix, n)
     return o, states, delta.saved_pieces(pieces), A_all, local_flags
 
@@ -291,7 +283,7 @@ def lasp2_delta_backward(q, k, v, beta, log_gate, segment_ids, do, layout, group
     dP = delta.keep(flags, delta.local_entry_grad(inp, saved, do, n))
     dP_all = delta.global_order(comm.all_gather(dP.unflatten(0, (-1, n)).transpose(0, 1).contiguous(), group),
                                 layout, W)
-    suffix = _delta_fold(A_all, dP_all, _local_indices(layout, group), suffix=True)
+    suffix = delta.fold_segments(A_all, dP_all, _local_indices(layout, group), suffix=True)
     return delta.local_backward(inp, states, do, suffix, n)[0]
 
 
