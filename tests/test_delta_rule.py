@@ -279,3 +279,11 @@ def test_planner_counts_delta_rule_terms():
     assert terms["lasp2"][2] == 4 * 4 * 4 * (8 * 8 + 8 * 6) and terms["allscan"][2] == 4 * 4 * 2 * 8 * 6
     small, big = (engine_terms("L", shapes, "lasp2", 1, C, 4 * C, 4, 4, "torch") for C in (2048, 4096))
     assert 1.9 < big[0] / small[0] < 2.1 and big[1] > small[1]
+
+
+def test_gpu_check_has_delta_rule_rows():
+    """`python -m lasp.kernels.bench --check` reports the delta rule too (on CPU: the torch path, fp32 and bf16)."""
+    from lasp.kernels.bench import _delta_rows
+    rows = _delta_rows(torch.device("cpu"), 40)
+    assert {(r["backend"], r["dtype"]) for r in rows} == {("torch", "float32"), ("torch", "bfloat16")}
+    assert all(r["ok"] for r in rows) and rows[0]["worst_rel_err"] < 2e-5

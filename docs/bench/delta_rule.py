@@ -133,7 +133,8 @@ def main():
     result = {"kernel": run_kernel, "transformers": run_transformers, "lasp2": run_lasp2}[args.mode](args)
     if result is not None and args.out:
         with open(args.out, "w") as f:
-            json.dump({"mode": args.mode, "load_before": os.getloadavg(), **{"result": result}}, f, indent=1)
+            json.dump({"mode": args.mode, "command": " ".join(sys.argv), "load_1_5_15_at_end": os.getloadavg(),
+                       "torch": torch.__version__, "result": result}, f, indent=1)
 
 
 if __name__ == "__main__":
