@@ -33,7 +33,8 @@ import torch
 from .linear_attn import _blocks, _chunks, _unchunk, state_dtype
 
 __all__ = ["gated_delta_attn", "gated_delta_attn_recurrent", "check_delta_inputs", "document_resets",
-           "delta_pieces", "iter_pieces", "DeltaInputs", "delta_transition", "delta_outputs", "delta_entry_grad",
+           "delta_pieces", "iter_pieces", "DeltaInputs", "delta_transition", "delta_outputs", "delta_entry_queries",
+           "delta_entry_grad",
            "delta_backward", "resolve_delta_backend", "DELTA_BACKENDS"]
 
 DELTA_BACKENDS = ("torch", "triton")
@@ -219,38 +220,54 @@ def _fold_back(A, R, D):
     return torch.stack(leaving, 2), D
 
 
-def delta_transition(pieces):
+def delta_transition(pieces, keep_entering=False):
     """A segment's affine map S_out = A_r S_in + M_r from its pieces -> (A_r (B, H, d_k, d_k), M_r (B, H, d_k,
-    d_v)): the chunk maps folded from [0 | I] (A_r = 0 when the segment holds a reset)."""
+    d_v)): the chunk maps folded from [0 | I] (A_r = 0 when the segment holds a reset). keep_entering: also, per
+    block, X = [M_{<n} | A_{<n}] entering each chunk (B, H, n, d_k, d_v + d_k), the map from the segment's entering
+    state to each chunk's (`delta_outputs`, `delta_entry_queries`)."""
     A0 = pieces[0][3]
     B, H, _, d_k, _ = A0.shape
     d_v = pieces[0][4].shape[-1]
     X = torch.cat([A0.new_zeros(B, H, d_k, d_v), torch.eye(d_k, dtype=A0.dtype, device=A0.device).expand(
         B, H, d_k, d_k)], -1)
+    entering = []
     for _, n, c, A, M, _, _ in pieces:
-        _, X = _fold(A, torch.nn.functional.pad(M, (0, d_k)), X)
-    return X[..., d_v:], X[..., :d_v]
+        E, X = _fold(A, torch.nn.functional.pad(M, (0, d_k)), X)
+        entering.append(E if keep_entering else None)
+    return (X[..., d_v:], X[..., :d_v]) + ((entering,) if keep_entering else ())
 
 
-def delta_outputs(pieces, state, out_dtype):
+def delta_outputs(pieces, state, out_dtype, entering=None):
     """Outputs entering with `state` (B, H, d_k, d_v) -> (o (B, T, H, d_v) in out_dtype, final state, the state
-    entering every block: a list of (B, H, d_k, d_v), all the backward keeps)."""
+    entering every block: a list of (B, H, d_k, d_v), all the backward keeps). With the transition's `entering`
+    maps the chunk states are S_n = M_{<n} + A_{<n} S, one batched product instead of a fold (final state None)."""
     outs, saved = [], []
-    for _, n, c, A, M, Qh, O0 in pieces:
-        saved.append(state)
-        S, state = _fold(A, M, state)
+    for i, (_, n, c, A, M, Qh, O0) in enumerate(pieces):
+        if entering is None:
+            saved.append(state)
+            S, state = _fold(A, M, state)
+        else:
+            X, d_v = entering[i], state.shape[-1]
+            S = torch.matmul(X[..., d_v:], state[:, :, None]).add_(X[..., :d_v])
+            saved.append(S[:, :, 0])
         outs.append(_unchunk(O0 + Qh @ S).to(out_dtype))
-    return torch.cat(outs, 1), state, saved
+    return torch.cat(outs, 1), (None if entering is not None else state), saved
 
 
-def delta_entry_grad(pieces, do):
-    """dP = Σ_t A_{≤t}ᵀ q_tᵀ dO_t (B, H, d_k, d_v): what the outputs ask of the entering state (leaving gradient 0)."""
-    A0 = pieces[0][3]
-    D = A0.new_zeros(*A0.shape[:2], A0.shape[-1], do.shape[-1])
-    for start, n, c, A, _, Qh, _ in reversed(pieces):
-        dO = _chunks(do, start, n, c, A0.dtype)
-        _, D = _fold_back(A, Qh.transpose(-1, -2) @ dO, D)
-    return D
+def delta_entry_queries(pieces, entering):
+    """Q̃ = Q̂ A_{<n} per block [(start, n, c, Q̃ (B, H, n, c, d_k))]: the rows through which each output reads the
+    segment's entering state (o_t = o_t⁰ + Q̃_t S_in), about d_k numbers per token and head."""
+    return [(s, n, c, Qh @ X[..., -Qh.shape[-1]:]) for (s, n, c, _, _, Qh, _), X in zip(pieces, entering)]
+
+
+def delta_entry_grad(queries, do):
+    """dP = Σ_t A_{≤t}ᵀ q_tᵀ dO_t = Σ_t Q̃_tᵀ dO_t (B, H, d_k, d_v): what the outputs ask of the entering state."""
+    dP = None
+    for start, n, c, Qt in queries:
+        dO = _chunks(do, start, n, c, Qt.dtype)
+        part = Qt.flatten(2, 3).transpose(-1, -2) @ dO.flatten(2, 3)
+        dP = part if dP is None else dP.add_(part)
+    return dP
 
 
 # ------------------------------------------------------------------------------------------------ backward

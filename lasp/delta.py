@@ -21,7 +21,8 @@ import torch
 
 from lasp.kernels import state_dtype
 from lasp.kernels.delta_rule import (DeltaInputs, check_delta_inputs, delta_backward, delta_entry_grad,
-                                     delta_outputs, delta_pieces, delta_transition, document_resets)
+                                     delta_entry_queries, delta_outputs, delta_pieces, delta_transition,
+                                     document_resets)
 from lasp.parallel import comm, layout as layouts
 
 from .common import from_segments, to_segments
@@ -101,27 +102,29 @@ def keep(flags, x):
 
 
 def local_transition(inp):
-    """-> (pieces, A (B·n, H, d_k, d_k), M (B·n, H, d_k, d_v)) from the kernel's chunk pieces."""
+    """-> (pieces (with each chunk's entering map), A (B·n, H, d_k, d_k), M (B·n, H, d_k, d_v)) from the kernel's
+    chunk pieces."""
     pieces = delta_pieces(inp)
-    return (pieces, *delta_transition(pieces))
+    A, M, entering = delta_transition(pieces, keep_entering=True)
+    return (pieces, entering), A, M
 
 
 def local_forward(inp, pieces, prefix, n):
-    """Outputs entering every segment with `prefix` -> (o (B, T_local, H, d_v), chunk states for the backward)."""
-    o, _, states = delta_outputs(pieces, prefix, inp.v.dtype)
+    """Outputs entering every segment with `prefix` -> (o (B, T_local, H, d_v), block states for the backward)."""
+    o, _, states = delta_outputs(pieces[0], prefix, inp.v.dtype, entering=pieces[1])
     return from_segments(o, n), states
 
 
 def saved_pieces(pieces):
-    """What the backward's entry gradient reads of the forward's pieces: A_n and Q̂ of every block (2·d numbers per
-    token and head)."""
-    return [x for p in pieces for x in (p[3], p[5])]
+    """What the backward's entry gradient reads of the forward: Q̃ = Q̂ A_{<n} of every block (d_k numbers per token
+    and head)."""
+    return [q[3] for q in delta_entry_queries(*pieces)]
 
 
 def local_entry_grad(inp, saved, do, n):
-    """dP (B·n, H, d_k, d_v) from the forward's saved (A_n, Q̂) pieces and the local dO."""
-    pieces = [(s, m, c, saved[2 * i], None, saved[2 * i + 1], None) for i, (s, m, c) in enumerate(inp.blocks())]
-    return delta_entry_grad(pieces, to_segments(do, n))
+    """dP (B·n, H, d_k, d_v) from the forward's saved Q̃ and the local dO."""
+    queries = [(s, m, c, Qt) for (s, m, c), Qt in zip(inp.blocks(), saved)]
+    return delta_entry_grad(queries, to_segments(do, n))
 
 
 def local_backward(inp, block_states, do, suffix, n):

@@ -71,14 +71,15 @@ def test_pieces_are_the_segment_map_and_its_gradients():
     for first in (None, torch.tensor([True, False])):
         inp = dr.DeltaInputs(q, k, v, b, lg, dr.document_resets(ids, first))
         pieces = dr.delta_pieces(inp)
-        A, M = dr.delta_transition(pieces)
+        A, M, entering = dr.delta_transition(pieces, keep_entering=True)
         o, final, states = dr.delta_outputs(pieces, s0, torch.float64)
         assert rel_err(final, A @ s0 + M) < 1e-12
+        assert rel_err(dr.delta_outputs(pieces, s0, torch.float64, entering)[0], o) < 1e-12
         s = s0.clone().requires_grad_()
         o2 = dr._GatedDelta.apply(q, k, v, b, lg, s, inp.resets)[0]
         assert rel_err(o, o2) < 1e-12
         dP = torch.autograd.grad((o2 * do).sum(), s)[0]
-        assert rel_err(dr.delta_entry_grad(pieces, do), dP) < 1e-12
+        assert rel_err(dr.delta_entry_grad(dr.delta_entry_queries(pieces, entering), do), dP) < 1e-12
         grads = dr.delta_backward(inp, states, do)
         assert rel_err(grads[-1], dP) < 1e-12
         if first is not None:

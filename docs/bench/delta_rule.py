@@ -11,6 +11,8 @@ transformers: its Qwen3-Next fallback torch_chunk_gated_delta_rule (fwd + bwd th
 lasp2: per rank, lasp2(beta=, log_gate=) on the contiguous shard against gated_delta_attn alone on the same shard,
   interleaved; per-rank CPU seconds (the ranks share few cores, so wall time mostly measures waiting), medians and
   the median of paired ratios; the max over ranks is reported.
+Every mode serves all memory from the never-trimmed heap (launch.bench.malloc_for_speed): with glibc's default
+rule large tensors come from fresh mmaps whose page faults add system time unevenly to the cases.
 """
 import argparse
 import json
@@ -26,6 +28,7 @@ import torch.nn.functional as F  # noqa: E402
 
 import lasp  # noqa: E402,F401  (before transformers: our folders must not shadow HF kernels)
 from lasp.kernels import gated_delta_attn, lightning_attn  # noqa: E402
+from lasp.launch.bench import malloc_for_speed  # noqa: E402
 
 
 def inputs(T, H=8, d=64, seed=0):
@@ -130,6 +133,7 @@ def main():
     parser.add_argument("--out")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    malloc_for_speed()                  # every block from the never-trimmed heap (as docs/bench/lasp2_overhead.py)
     result = {"kernel": run_kernel, "transformers": run_transformers, "lasp2": run_lasp2}[args.mode](args)
     if result is not None and args.out:
         with open(args.out, "w") as f:
