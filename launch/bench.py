@@ -290,7 +290,8 @@ def bench_network(args, group, device, dtype):
             extra = dict(wait_s=statistics.median(wait), model_comm_s=statistics.median(model),
                          gather_wait_s=statistics.median(gather_wait), latency_s=net.latency_s,
                          gbps=None if net.bytes_per_s == float("inf") else net.bytes_per_s * 8 / 1e9)
-            if lasp.ENGINES[engine].overlaps_exchange and extra["model_comm_s"] > 0:
+            declared = lasp.ENGINES[engine.removesuffix("_delta")]
+            if declared.overlaps_exchange and not engine.endswith("_delta") and extra["model_comm_s"] > 0:
                 extra["hidden"] = max(0.0, 1 - extra["gather_wait_s"] / extra["model_comm_s"])
             profile = {k: v for k, v in profiles[engine, spec].items() if not k.startswith("peak")}
             records.append(_record("network", engine, seq_len, group, times, shape, dict(profile, **extra)))
