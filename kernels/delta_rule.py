@@ -161,9 +161,9 @@ class _Chunk:
     O0: torch.Tensor = None
 
 
-def _prepare(inp, start, n, c, with_q=True, with_v=True, with_o=True):
-    """The WY form of one block: T = (I + L)^{-1} by one triangular solve, W_k, A_n; with v W_v, M_n; with q
-    P̃, Q̂ (and O⁰ with v and with_o)."""
+def _prepare(inp, start, n, c, with_o=True):
+    """The WY form of one block: T = (I + L)^{-1} by one triangular solve, W_k, W_v, the chunk maps A_n, M_n, P̃, Q̂
+    and (with_o) O⁰."""
     K, beta = inp.head_major(inp.k, start, n, c, True), inp.head_major(inp.beta, start, n, c)
     factors = _factors(inp, start, n, c)
     gamma, gq, gk, ge, _ = factors
@@ -175,14 +175,12 @@ def _prepare(inp, start, n, c, with_q=True, with_v=True, with_o=True):
     Kg = K * gk
     A = torch.eye(K.shape[-1], dtype=inp.sdt, device=K.device) * ge - Kg.transpose(-1, -2) @ Wk
     ch = _Chunk(K, KK, beta, factors, Tinv, Wk, A)
-    if with_v:
-        ch.Wv = Tinv @ (inp.head_major(inp.v, start, n, c) * beta[..., None])
-        ch.M = Kg.transpose(-1, -2) @ ch.Wv
-    if with_q:
-        ch.Q = inp.head_major(inp.q, start, n, c, True)
-        ch.P = (ch.Q @ K.transpose(-1, -2)).mul_(gamma)
-        ch.Qh = ch.Q * gq - ch.P @ Wk
-        ch.O0 = None if ch.Wv is None or not with_o else ch.P @ ch.Wv
+    ch.Wv = Tinv @ (inp.head_major(inp.v, start, n, c) * beta[..., None])
+    ch.M = Kg.transpose(-1, -2) @ ch.Wv
+    ch.Q = inp.head_major(inp.q, start, n, c, True)
+    ch.P = (ch.Q @ K.transpose(-1, -2)).mul_(gamma)
+    ch.Qh = ch.Q * gq - ch.P @ Wk
+    ch.O0 = ch.P @ ch.Wv if with_o else None
     return ch
 
 

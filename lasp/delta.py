@@ -19,7 +19,6 @@ import math
 
 import torch
 
-from lasp.kernels import state_dtype
 from lasp.kernels.delta_rule import (DeltaInputs, check_delta_inputs, delta_backward, delta_entry_grad,
                                      delta_entry_queries, delta_outputs, delta_pieces, delta_transition,
                                      document_resets)
@@ -28,7 +27,7 @@ from lasp.parallel import comm, layout as layouts
 from .common import from_segments, to_segments
 
 __all__ = ["check_delta_engine_inputs", "delta_segments", "segment_bounds", "first_flags", "gather_first_flags",
-           "keep", "global_order", "fold_segments", "exact_ids", "zero_state", "local_transition", "local_forward",
+           "keep", "global_order", "fold_segments", "exact_ids", "local_transition", "local_forward",
            "local_entry_grad", "local_backward", "saved_pieces", "delta_memory"]
 
 
@@ -132,11 +131,6 @@ def local_backward(inp, block_states, do, suffix, n):
     dlog_gate or None) on the local shards, and the gradient of the entering state (B·n, H, d_k, d_v)."""
     *grads, dstate = delta_backward(inp, block_states, to_segments(do, n), suffix)
     return tuple(None if g is None else from_segments(g, n) for g in grads), dstate
-
-
-def zero_state(inp, cols=None):
-    B, H, d_k = inp.v.shape[0], inp.v.shape[2], inp.k.shape[-1]
-    return inp.k.new_zeros(B, H, d_k, inp.v.shape[-1] if cols is None else cols, dtype=state_dtype(inp.k.dtype))
 
 
 def delta_memory(s, engine):
