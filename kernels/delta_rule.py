@@ -322,17 +322,11 @@ def delta_backward(inp, block_states, do, dfinal=None):
     gate's in log_gate's). Blocks run from the last; each is prepared once (memory flat in T)."""
     B, H, d_v = inp.v.shape[0], inp.v.shape[2], inp.v.shape[-1]
     D = inp.k.new_zeros(B, H, inp.k.shape[-1], d_v, dtype=inp.sdt) if dfinal is None else dfinal.to(inp.sdt)
-    parts = []
+    out = [torch.zeros_like(x) for x in (inp.q, inp.k, inp.v, inp.beta, inp.log_gate) if x is not None]
     for (start, n, c), S in reversed(list(zip(inp.blocks(), block_states))):
         grads, D = _block_grads(inp, start, n, c, S, D, do)
-        parts.append(grads)
-    out = [torch.cat(x[::-1], 1) if parts else None for x in zip(*parts)] if parts else []
-    if not parts:                                    # T = 0
-        out = [torch.zeros_like(x, dtype=inp.sdt) for x in (inp.q, inp.k, inp.v, inp.beta)]
-        out += [] if inp.log_gate is None else [torch.zeros_like(inp.log_gate, dtype=torch.float64)]
-    dtypes = [inp.q.dtype, inp.k.dtype, inp.v.dtype, inp.beta.dtype]
-    dtypes += [] if inp.log_gate is None else [inp.log_gate.dtype]
-    out = [x.to(dt) for x, dt in zip(out, dtypes)]
+        for x, g in zip(out, grads):                 # written in place: no second copy of the gradients
+            x[:, start:start + n * c] = g
     return (*out[:4], out[4] if inp.log_gate is not None else None, D)
 
 

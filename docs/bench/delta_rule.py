@@ -1,11 +1,13 @@
 """The delta-rule kernel and LASP-2 with beta= (issue 27's targets): CPU seconds, fwd + bwd, fp32, B = 1, H = 8, d = 64.
 
     OMP_NUM_THREADS=1 python docs/bench/delta_rule.py kernel --seq-lens 8192 262144 --reps 3 --out k.json
+    OMP_NUM_THREADS=1 python docs/bench/delta_rule.py memory --seq-lens 16384 65536 262144 --out m.json
     OMP_NUM_THREADS=1 python docs/bench/delta_rule.py transformers --seq-len 16384 --out t.json
     OMP_NUM_THREADS=1 torchrun --nproc-per-node 4 docs/bench/delta_rule.py lasp2 --seq-len 65536 --reps 5 --out l.json
 
 kernel: gated_delta_attn (torch chunk form, with a gate) and lightning_attn with a gate, same shape, in turn per
   repetition; tokens per CPU second (time.process_time of this single-threaded process), best and median.
+memory: the peak resident memory of one kernel fwd + bwd per length, each length in a fresh process.
 transformers: its Qwen3-Next fallback torch_chunk_gated_delta_rule (fwd + bwd through autograd) against ours on the
   same inputs (its scale d^-1/2 applied to our q), the outputs' relative difference, tokens per CPU second each.
 lasp2: per rank, lasp2(beta=, log_gate=) on the contiguous shard against gated_delta_attn alone on the same shard,
@@ -73,6 +75,24 @@ def run_kernel(args):
     return out
 
 
+def run_memory(args):
+    """Peak resident memory of one fwd + bwd per length, each in a fresh process (glibc serving ≥ 1 MiB by mmap and
+    trimming, so RSS follows the live tensors): bytes per token, inputs and their gradients included."""
+    import subprocess
+    out = {}
+    for T in args.seq_lens:
+        code = ("import resource, sys, torch; sys.path.insert(0, 'docs/bench'); import delta_rule as b; "
+                "from lasp.launch.bench import malloc_for_measurement; malloc_for_measurement(); "
+                "torch.set_num_threads(1); r0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; "
+                f"x = b.inputs({T}); r1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss; b.fwd_bwd_delta(x); "
+                "print(r0, r1, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        r0, r1, r2 = map(int, subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                             check=True).stdout.split())
+        out[T] = {"inputs_kib": r1 - r0, "peak_above_start_kib": r2 - r0, "bytes_per_token": (r2 - r0) * 1024 / T}
+        print(T, json.dumps(out[T]), flush=True)
+    return out
+
+
 def run_transformers(args):
     from transformers.models.qwen3_next.modeling_qwen3_next import torch_chunk_gated_delta_rule
     x = inputs(args.seq_len)
@@ -126,7 +146,7 @@ def run_lasp2(args):
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("kernel", "transformers", "lasp2"))
+    parser.add_argument("mode", choices=("kernel", "memory", "transformers", "lasp2"))
     parser.add_argument("--seq-lens", type=int, nargs="+", default=[8192, 262144])
     parser.add_argument("--seq-len", type=int, default=16384)
     parser.add_argument("--reps", type=int, default=3)
@@ -134,7 +154,8 @@ def main():
     args = parser.parse_args()
     torch.set_num_threads(1)
     malloc_for_speed()                  # every block from the never-trimmed heap (as docs/bench/lasp2_overhead.py)
-    result = {"kernel": run_kernel, "transformers": run_transformers, "lasp2": run_lasp2}[args.mode](args)
+    result = {"kernel": run_kernel, "memory": run_memory, "transformers": run_transformers,
+              "lasp2": run_lasp2}[args.mode](args)
     if result is not None and args.out:
         with open(args.out, "w") as f:
             json.dump({"mode": args.mode, "command": " ".join(sys.argv), "load_1_5_15_at_end": os.getloadavg(),
