@@ -295,6 +295,8 @@ def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="cont
         _check_blocks(blocks, v)
         group = mesh.sp_group() if group is None else group
         return _AllScanDelta.apply(q, k, v, beta, log_gate, segment_ids, layout, group, blocks)
+    if segment_ids is not None:         # documents for the scalar/gated kinds: issue 26's branch, not this one
+        raise ValueError(f"segment_ids {tuple(segment_ids.shape)} are supported here with beta= (the delta rule) only")
     check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate)
     if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
         raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")

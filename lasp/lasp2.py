@@ -236,6 +236,8 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
         delta.check_delta_engine_inputs(q, k, v, beta, log_gate, log_decay, causal, layout, segment_ids)
         group = mesh.sp_group() if group is None else group
         return _LASP2Delta.apply(q, k, v, beta, log_gate, segment_ids, layout, group)
+    if segment_ids is not None:         # documents for the scalar/gated kinds: issue 26's branch, not this one
+        raise ValueError(f"segment_ids {tuple(segment_ids.shape)} are supported here with beta= (the delta rule) only")
     check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate)
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
