@@ -102,6 +102,50 @@ def _softmax_rows(device, T):
     return rows
 
 
+def _delta_outputs(inputs, backend, dtype, device):
+    """(o, final, dq, dk, dv, dbeta, dstate, dlog_gate) of gated_delta_attn in `dtype` on `device`, float64 CPU."""
+    from .delta_rule import gated_delta_attn
+    q, k, v, beta, gate, state, do, dfinal = (x.detach().to(dtype).to(device) for x in inputs)
+    sdt = torch.float64 if dtype == torch.float64 else torch.float32
+    beta, gate, state = (x.to(sdt) for x in (beta, gate, state))
+    leaves = [x.requires_grad_() for x in (q, k, v, beta, state, gate)]
+    o, final = gated_delta_attn(q, k, v, beta, log_gate=gate, initial_state=state, output_final_state=True,
+                                backend=backend)
+    torch.autograd.backward([o, final], [do.to(o.dtype), dfinal.to(final.dtype)])
+    return [x.detach().double().cpu() for x in (o, final, *(leaf.grad for leaf in leaves))]
+
+
+def _delta_rows(device, T):
+    """gated_delta_attn (GVA 2 -> 4 heads, d_k = 64, d_v = 128, unit keys, β in (0, 1), logsigmoid gates, a state)
+    in fp32 / bf16 on every backend of the device against float64 torch on the CPU; triton = fla-core's kernel,
+    a row marked skipped when fla does not import."""
+    g = torch.Generator().manual_seed(2)
+    q, k = (torch.randn(2, T, 2, 64, generator=g, dtype=torch.float64) for _ in range(2))
+    inputs = [q / 8, torch.nn.functional.normalize(k, dim=-1), torch.randn(2, T, 4, 128, generator=g,
+              dtype=torch.float64), torch.rand(2, T, 4, generator=g, dtype=torch.float64),
+              torch.nn.functional.logsigmoid(torch.randn(2, T, 4, generator=g, dtype=torch.float64) + 4),
+              *(torch.randn(2, 4, 64, 128, generator=g, dtype=torch.float64) for _ in range(2))]
+    inputs.insert(6, torch.randn(2, T, 4, 128, generator=g, dtype=torch.float64))          # do
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        want = _delta_outputs([x.to(dtype).double() for x in inputs], "torch", torch.float64, torch.device("cpu"))
+        worst = {}
+        for backend in (("torch", "triton") if device.type == "cuda" else ("torch",)):
+            try:
+                got = _delta_outputs(inputs, backend, dtype, device)
+            except ValueError as e:                     # fla-core not installed: say so, do not fail the check
+                rows.append({"case": "delta rule", "backend": backend, "skipped": str(e), "ok": True,
+                             "dtype": str(dtype).replace("torch.", ""), "worst_rel_err": float("nan"),
+                             "ratio_to_torch": float("nan")})
+                continue
+            worst[backend] = max(((a - b).norm() / b.norm()).item() for a, b in zip(got, want))
+            ratio = worst[backend] / max(worst.get("torch", worst[backend]), 1e-300)
+            ok = worst[backend] < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
+            rows.append({"case": "delta rule", "backend": backend, "dtype": str(dtype).replace("torch.", ""),
+                         "worst_rel_err": worst[backend], "ratio_to_torch": ratio, "ok": ok})
+    return rows
+
+
 def check_accuracy(device, T):
     """Every lightning_attn and softmax_attn kernel on `device` in fp32 and bf16 against float64 on the CPU. Error
     ratio = its error / the torch backend's error on the same device and dtype (house rule: bf16 ≤ 2); fp32 must
@@ -120,7 +164,7 @@ def check_accuracy(device, T):
                 ok = worst < 2e-5 if dtype == torch.float32 else (ratio <= 2.0 or backend == "torch")
                 rows.append({"case": case, "backend": backend, "dtype": str(dtype).replace("torch.", ""),
                              "worst_rel_err": worst, "ratio_to_torch": ratio, "errors": errs[backend], "ok": ok})
-    return rows + _softmax_rows(device, T)
+    return rows + _softmax_rows(device, T) + _delta_rows(device, T)
 
 
 CHECK_BUDGET_S = 480                    # the whole run on one H100: 8 minutes of a lent GPU's 15

@@ -42,6 +42,9 @@ Documents (segment_ids (B, T_local), docs/lasp.md): that same tiny gather also c
 last id (32·B bytes more per rank); read after the local compute, it gives prev_g, the id before each segment:
 enter with keep_g·P_g (keep_g = [first_g = prev_g]), fold with e^{A_e}·[last_g = prev_g]; the backward reuses
 prev_g and sends keep_g·dM_g. Ids that decrease across ranks raise on every rank after the chain.
+The delta rule (beta=, lasp/delta.py): each link folds a column block as Ã·X + M (Ã: the segment's d_k×d_k
+transition, its transpose backward with dP̃ for M); still one d_k×d_v state in per segment; documents add one
+tiny all-gather of segment ids.
 """
 import math
 from dataclasses import dataclass
@@ -55,6 +58,7 @@ from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 from .common import (add_prefix_output, add_state_grads, add_suffix_grads, add_total_grad, check_engine_inputs,
                      constant_decay, from_segments, intra_forward, local_backward, local_state, segment_log_totals,
                      state_grad, to_segments)
+from . import delta
 from .documents import (check_global_ids, document_scales, header_with_ids, ids_from_header, previous_ids,
                         segment_ends)
 
@@ -123,6 +127,11 @@ def _column_slices(d_v, blocks):
     return [slice(a, a + s) for a, s in zip(starts, sizes)]
 
 
+def _scale(scale, x):
+    """A segment's e^{A_e} (·, H, 1, 1) times x, or its delta-rule transition Ã (·, H, d_k, d_k) applied to x."""
+    return scale * x if scale.shape[-1] == 1 else scale @ x
+
+
 def _start(links, blocks, group):
     """Post every receive; chain starts send their blocks now. -> pending (slices, inboxes, send works)."""
     slices = _column_slices(links[0].state.shape[-1], blocks)
@@ -156,7 +165,7 @@ def _finish(links, pending, group):
             parts.append(x)
             if link.dst is None or (link.src is None and link.dst != LOCAL):   # chain end, or sent by _start
                 continue
-            y = own if link.src is None else (x + own if link.scale is None else link.scale * x + own)
+            y = own if link.src is None else (x + own if link.scale is None else _scale(link.scale, x) + own)
             out.append(y)
             if link.dst != LOCAL:
                 sent += comm.exchange([(y, link.dst)], [], group)
@@ -315,14 +324,20 @@ class _AllScan(torch.autograd.Function):
 
 
 def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
-            blocks=None, segment_ids=None):
+            blocks=None, beta=None, segment_ids=None):
     """All-Scan linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
     Same arguments (grouped K/V heads, log_decay, log_gate, segment_ids) and errors as `lasp.lasp2`; blocks: the K
     column blocks of each message (1 ≤ K ≤ d_v; None = `choose_blocks`).
     Raises ValueError before any communication on bad shapes; on every rank if ranks hold different lengths or
-    ids that decrease across ranks.
+    ids that decrease across ranks. beta: the delta rule, as in `lasp.lasp2`; the chain's blocks fold Ã·X + M (one
+    d_k×d_v state per hop).
     """
+    if beta is not None:
+        delta.check_delta_engine_inputs(q, k, v, beta, log_gate, log_decay, causal, layout, segment_ids)
+        _check_blocks(blocks, v)
+        group = mesh.sp_group() if group is None else group
+        return _AllScanDelta.apply(q, k, v, beta, log_gate, segment_ids, layout, group, blocks)
     check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate, segment_ids)
     if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
         raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")
@@ -330,6 +345,45 @@ def allscan(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="cont
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
     return _AllScan.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, blocks, segment_ids)
+
+
+def _check_blocks(blocks, v):
+    if blocks is not None and not (isinstance(blocks, int) and 1 <= blocks <= v.shape[-1]):
+        raise ValueError(f"allscan: blocks must be an int in [1, d_v = {v.shape[-1]}], got {blocks!r}")
+
+
+class _AllScanDelta(torch.autograd.Function):
+    """The delta rule: the chain carries P ← Ã P + M forward and G ← Ãᵀ G + dP̃ backward, per column block."""
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_gate, segment_ids, layout, group, blocks):
+        n = layouts.segments_per_rank(layout)
+        inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
+        check = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
+        flags = None if segment_ids is None else delta.gather_first_flags(segment_ids, layout, group)
+        pieces, A, M = delta.local_transition(inp)
+        A = delta.keep(flags, A)
+        blocks = _blocks(blocks, M, layout, True, group)
+        _, prefix, sent = _scan_states(M, list(A.unflatten(0, (-1, n)).unbind(1)), True, layout, group, blocks,
+                                       False, lambda: None)
+        o, states = delta.local_forward(inp, pieces, delta.keep(flags, prefix), n)
+        comm.wait_all(sent)
+        check()
+        ctx.save_for_backward(q, k, v, beta, log_gate, segment_ids, A, flags, *states, *delta.saved_pieces(pieces))
+        ctx.config = (layout, group, blocks, len(states))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, beta, log_gate, segment_ids, A, flags, *rest = ctx.saved_tensors
+        layout, group, blocks, n_states = ctx.config
+        n = layouts.segments_per_rank(layout)
+        inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
+        dP = delta.keep(flags, delta.local_entry_grad(inp, rest[n_states:], do, n))
+        scales = list(A.transpose(-1, -2).unflatten(0, (-1, n)).unbind(1))
+        _, suffix, sent = _scan_states(dP, scales, True, layout, group, blocks, True, lambda: None)
+        grads = delta.local_backward(inp, rest[:n_states], do.contiguous(), suffix, n)[0]
+        comm.wait_all(sent)
+        return (*grads, None, None, None, None)
 
 
 def _memory(s):

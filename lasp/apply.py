@@ -1,9 +1,11 @@
 """Make a plain model sequence-parallel from outside: swap the attention functions of its token mixers.
 
-A model's linear mixers hold `linear_attn` ((q, k, v, *, log_decay, causal[, log_gate][, segment_ids]) -> o) and
-its softmax mixers hold `softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default both compute
-on one process. Here each is set to functools.partial(engine, layout=..., group=...), so every rank runs the same
-model on its local shard (B, T/W, ...) of tokens in `layout` order, with global positions supplied by the caller.
+A model's linear mixers hold `linear_attn` ((q, k, v, *, log_decay, causal[, log_gate][, segment_ids]) -> o), its
+delta-rule mixers `delta_attn` ((q, k, v, *, beta, log_gate, segment_ids) -> o: the same linear engines, with
+beta=), and its softmax mixers `softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default all
+compute on one process. Here each is set to functools.partial(engine, layout=..., group=...), so every rank runs
+the same model on its local shard (B, T/W, ...) of tokens in `layout` order, with global positions supplied by the
+caller.
 Modules are found by those attribute names, never by importing model classes.
 """
 import functools
@@ -77,6 +79,8 @@ def apply_sequence_parallel(model, *, linear="lasp2", softmax="allgather", layou
                          f"{comm.group_size(resolved)}: use one of {SOFTMAX_ENGINES[:-1]}")
     for m in linear_mixers:
         m.linear_attn = bind_engine(linear_spec, layout, group)
+    for m in (m for m in model.modules() if hasattr(m, "delta_attn")):      # the delta rule: beta= on the engine
+        m.delta_attn = bind_engine(linear_spec, layout, group)
     for m in softmax_mixers:
         if softmax_spec is None:
             m.__dict__.pop("softmax_attn", None)                        # back to the class default (local)

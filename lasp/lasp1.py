@@ -22,6 +22,9 @@ Non-causal with documents: refused.
 Each rank's own total A_e is all the fold needs, so nothing but the state travels. W−1 sequential hops per
 ring, each one state: the same bytes per rank as LASP-2 but serialised latency, which is what LASP-2's single
 all-gather removes.
+
+The delta rule (beta=, lasp/delta.py): the ring carries P_{r+1} = Ã_r P_r + M_r and G_{r−1} = dP̃_r + Ã_rᵀ G_r,
+one d_k×d_v state per hop (A_r, d_k×d_k, never travels); documents add one tiny all-gather of segment ids.
 """
 import torch
 
@@ -31,6 +34,7 @@ from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, local_backward,
                      local_forward, local_state, segment_log_totals, state_grad)
+from . import delta
 from .documents import ids_from_payload, ids_to_payload, transition_mask
 
 __all__ = ["lasp1", "lasp1_forward", "lasp1_backward"]
@@ -131,18 +135,61 @@ class _LASP1(torch.autograd.Function):
         return dq, dk, dv, None, dg, None, None, None, None
 
 
-def lasp1(q, k, v, *, log_decay=None, log_gate=None, causal=True, group=None, backend=None, segment_ids=None):
+def lasp1(q, k, v, *, log_decay=None, log_gate=None, causal=True, group=None, backend=None, beta=None,
+          segment_ids=None):
     """LASP-1 ring linear attention on contiguous local shards (B, C, H, D) -> o (B, C, H, d_v).
 
     Same arguments (grouped K/V heads, log_gate and segment_ids included) and errors as `lasp.lasp2` (no layout:
     contiguous only). Ranks whose shards' ids decrease across a rank edge: that rank and the later ones raise
-    (module docstring).
+    (module docstring). beta: the delta rule, as in `lasp.lasp2` (the chain carries one d_k×d_v state per hop).
     """
+    if beta is not None:
+        delta.check_delta_engine_inputs(q, k, v, beta, log_gate, log_decay, causal, "contiguous", segment_ids)
+        group = mesh.sp_group() if group is None else group
+        return _LASP1Delta.apply(q, k, v, beta, log_gate, segment_ids, group)
     check_engine_inputs(q, k, v, log_decay, causal, "contiguous", log_gate, segment_ids)
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
     return _LASP1.apply(q, k, v, log_decay, log_gate, causal, group, backend, segment_ids)
+
+
+# ------------------------------------------------------------------------------------ the delta-rule kind
+def _delta_ring(step, like, group, reverse):
+    """X from the previous rank of the ring (zeros for the first); step(X) sent on to the next -> X."""
+    W, r = comm.group_size(group), comm.group_rank(group)
+    src, dst = (r + 1, r - 1) if reverse else (r - 1, r + 1)
+    carried = torch.zeros_like(like)
+    if 0 <= src < W:
+        comm.recv(carried, src, group)
+    if 0 <= dst < W:
+        comm.send(step(carried), dst, group)
+    return carried
+
+
+class _LASP1Delta(torch.autograd.Function):
+    """Forward: P_{r+1} = Ã_r P_r + M_r down the ring, the kernel from (1 − f)·P_r; backward: G_{r−1} = dP̃_r +
+    Ã_rᵀ G_r up the ring, the kernel's backward from ((1 − f)·P_r, G_r) (lasp/delta.py)."""
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_gate, segment_ids, group):
+        inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, 1)
+        flags = None if segment_ids is None else delta.gather_first_flags(segment_ids, "contiguous", group)
+        pieces, A, M = delta.local_transition(inp)
+        A = delta.keep(flags, A)
+        prefix = delta.keep(flags, _delta_ring(lambda P: A @ P + M, M, group, reverse=False))
+        o, states = delta.local_forward(inp, pieces, prefix, 1)
+        ctx.save_for_backward(q, k, v, beta, log_gate, segment_ids, A, flags, *states, *delta.saved_pieces(pieces))
+        ctx.config = (group, len(states))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, beta, log_gate, segment_ids, A, flags, *rest = ctx.saved_tensors
+        group, n_states = ctx.config
+        inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, 1)
+        dP = delta.keep(flags, delta.local_entry_grad(inp, rest[n_states:], do, 1))
+        suffix = _delta_ring(lambda G: dP + A.transpose(-1, -2) @ G, dP, group, reverse=True)
+        return (*delta.local_backward(inp, rest[:n_states], do.contiguous(), suffix, 1)[0], None, None)
 
 
 # ---------------------------------------------------------------------------------------------- declaration

@@ -39,6 +39,11 @@ Only differences of inclusive cumsums that are ≤ 0 are exponentiated (float64 
 The gathered payload carries each rank's (T_local, n) as a two-number header, so ranks holding different
 lengths raise the same ValueError everywhere instead of computing a wrong answer. Bytes received per rank and
 pass: (W−1)·n·B·H_kv·d_k·d_v·4, with gates (W−1)·n·B·H_kv·(d_k·d_v + 1)·4 (+ the header), independent of T.
+
+The delta rule (beta=, lasp/delta.py): the gather carries each segment's (A_g, M_g) (d_k² + d_k·d_v per value
+head), the fold is P ← Ã_j P + M_j; backward dP_g = Σ_t A_{≤t}ᵀ q_tᵀ dO_t gathered once, G ← dP̃_j + Ã_jᵀ G
+from the last segment down, then the kernel's backward from (P_g, G_g). Ã = (1 − f)·A, f: the segment's first
+token starts a document (its first id ≠ the last id before it; the ids ride in the same gather).
 """
 import torch
 
@@ -50,6 +55,7 @@ from lasp.parallel.engines import EngineSpec, linear_kernel_work, linear_saved
 from .common import (add_prefix_output, add_state_grads, check_engine_inputs, constant_decay, deferred_backward,
                      deferred_forward, from_segments, local_backward, local_forward, local_state, segment_log_totals,
                      state_grad, to_segments)
+from . import delta
 from .documents import check_global_ids, ids_from_payload, ids_to_payload, segment_ends
 
 __all__ = ["lasp2", "lasp2_forward", "lasp2_backward"]
@@ -260,7 +266,7 @@ class _LASP2(torch.autograd.Function):
 
 
 def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contiguous", group=None, backend=None,
-          overlap=True, segment_ids=None):
+          overlap=True, beta=None, segment_ids=None):
     """LASP-2 linear attention on local shards (B, T_local, H, D) -> o (B, T_local, H, d_v).
 
     k, v may have fewer heads H_kv (H % H_kv == 0, grouped as i // (H/H_kv)); log_decay: (H_kv,) of log λ ≤ 0, one
@@ -277,12 +283,79 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
     dtype, device, positive or non-finite entries), a local length the layout cannot split, segment_ids of the
     wrong shape or dtype, decreasing inside a segment, or with causal=False; and on every rank if ranks hold
     different lengths or ids that decrease from one rank's shard to the next.
+    beta (B, T_local, H) in [0, 2]: the (gated) delta rule instead (lasp/delta.py; q, k (B, T_local, H_k, d_k),
+    v (B, T_local, H, d_v), log_gate per value head, segment_ids (B, T_local) documents; the torch chunk kernel).
     """
+    if beta is not None:
+        delta.check_delta_engine_inputs(q, k, v, beta, log_gate, log_decay, causal, layout, segment_ids)
+        group = mesh.sp_group() if group is None else group
+        return _LASP2Delta.apply(q, k, v, beta, log_gate, segment_ids, layout, group)
     check_engine_inputs(q, k, v, log_decay, causal, layout, log_gate, segment_ids)
     group = mesh.sp_group() if group is None else group
     backend = resolve_backend(backend, q.device)
     log_decay = constant_decay(log_decay, q)
     return _LASP2.apply(q, k, v, log_decay, log_gate, causal, layout, group, backend, bool(overlap), segment_ids)
+
+
+# ------------------------------------------------------------------------------------ the delta-rule kind
+def _delta_gather(A, M, segment_ids, local_len, n, layout, group):
+    """The ONE forward all-gather of every segment's (A, M) (+ its first/last document ids, exact as two numbers
+    each, + the (T_local, n) header) -> (Ã = (1 − f)·A, M) (N, B, H, ·) in global order and f (N, B) or None."""
+    W, sdt = comm.group_size(group), A.dtype
+    parts = [x.unflatten(0, (-1, n)).transpose(0, 1) for x in (A, M)]                  # (n, B, H, d_k, ·)
+    if segment_ids is not None:
+        parts.append(delta.exact_ids(delta.segment_bounds(segment_ids, n), sdt))      # (n, B, 2, 2)
+    parts.append(torch.tensor([local_len, n], dtype=sdt, device=A.device))
+    out = comm.all_gather(torch.cat([x.flatten() for x in parts]), group).view(W, -1)
+    pieces = out.split([x.numel() for x in parts], dim=1)
+    if not bool((pieces[-1] == pieces[-1][0]).all()):
+        raise ValueError(f"LASP-2 ranks hold different local lengths {pieces[-1][:, 0].long().tolist()} or "
+                         f"layouts: every rank must hold T/W tokens in layout {layout!r}")
+    A_all, M_all, *ids = (delta.global_order(x.reshape(W * n, *p.shape[1:]), layout, W) for x, p in
+                          zip(pieces[:-1], parts[:-1]))
+    flags = delta.first_flags(ids[0]) if ids else None
+    return (A_all if flags is None else delta.keep(flags.flatten(), A_all.flatten(0, 1)).view_as(A_all)), M_all, flags
+
+
+def lasp2_delta_forward(q, k, v, beta, log_gate, segment_ids, layout, group):
+    """-> (o, block states, saved pieces, Ã (N, B, H, d_k, d_k), local flags (B·n,) or None) for the backward."""
+    n = layouts.segments_per_rank(layout)
+    inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
+    pieces, A, M = delta.local_transition(inp)
+    A_all, M_all, flags = _delta_gather(A, M, segment_ids, q.shape[1], n, layout, group)
+    idx = _local_indices(layout, group)
+    local_flags = None if flags is None else flags[idx].transpose(0, 1).flatten()
+    prefix = delta.keep(local_flags, delta.fold_segments(A_all, M_all, idx, suffix=False))
+    o, states = delta.local_forward(inp, pieces, prefix, n)
+    return o, states, delta.saved_pieces(pieces), A_all, local_flags
+
+
+def lasp2_delta_backward(q, k, v, beta, log_gate, segment_ids, do, layout, group, states, saved, A_all, flags):
+    """-> (dq, dk, dv, dbeta, dlog_gate or None): ONE all-gather of the dP̃'s, the suffix G, the local backward."""
+    W, n = comm.group_size(group), layouts.segments_per_rank(layout)
+    inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
+    dP = delta.keep(flags, delta.local_entry_grad(inp, saved, do, n))
+    dP_all = delta.global_order(comm.all_gather(dP.unflatten(0, (-1, n)).transpose(0, 1).contiguous(), group),
+                                layout, W)
+    suffix = delta.fold_segments(A_all, dP_all, _local_indices(layout, group), suffix=True)
+    return delta.local_backward(inp, states, do, suffix, n)[0]
+
+
+class _LASP2Delta(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, beta, log_gate, segment_ids, layout, group):
+        o, states, saved, A_all, flags = lasp2_delta_forward(q, k, v, beta, log_gate, segment_ids, layout, group)
+        ctx.save_for_backward(q, k, v, beta, log_gate, segment_ids, A_all, flags, *states, *saved)
+        ctx.config = (layout, group, len(states))
+        return o
+
+    @staticmethod
+    def backward(ctx, do):
+        q, k, v, beta, log_gate, segment_ids, A_all, flags, *rest = ctx.saved_tensors
+        layout, group, n_states = ctx.config
+        grads = lasp2_delta_backward(q, k, v, beta, log_gate, segment_ids, do.contiguous(), layout, group,
+                                     rest[:n_states], rest[n_states:], A_all, flags)
+        return (*grads, None, None, None)
 
 
 # ---------------------------------------------------------------------------------------------- declaration

@@ -106,16 +106,20 @@ class _RingLinear(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
-def ring_linear_attention(q, k, v, *, log_decay=None, causal=True, group=None, segment_ids=None):
+def ring_linear_attention(q, k, v, *, log_decay=None, causal=True, group=None, segment_ids=None, beta=None):
     """Left-product ring linear attention on contiguous local shards (B, C, H, D) -> o (B, C, H, d_v).
 
     The paper's ring baseline; same semantics and errors as `lasp.lasp2` (contiguous layout only).
     log_decay (H,) of log λ_h ≤ 0 (constant), None = no decay. group None = the mesh's sequence-parallel group.
     segment_ids: refused (ValueError) — a benchmark baseline; packed documents need lasp2, lasp1 or allscan.
+    beta (the delta rule) is refused: ValueError (its left product has no transition to carry).
     """
     if segment_ids is not None:
         raise ValueError(f"ring_linear_attention does not take segment_ids {tuple(segment_ids.shape)} (packed "
                          f"documents): use lasp2, lasp1 or allscan")
+    if beta is not None:
+        raise ValueError(f"ring_linear_attention does not run the delta rule (beta {tuple(beta.shape)}): use "
+                         f"lasp2, lasp1 or allscan")
     check_engine_inputs(q, k, v, log_decay, causal, "contiguous")
     group = mesh.sp_group() if group is None else group
     log_decay = constant_decay(log_decay, q)

@@ -9,6 +9,8 @@
 gloo on CPU, NCCL on GPU (parallel.init_mesh). Every rank holds T/W tokens of one sequence (batch B).
   layer  forward+backward of one attention layer per engine: linear (lasp2, lasp1, ring_linear = the left-product
          ring baseline) and softmax (allgather, ring, ulysses). Engines are interleaved inside each repetition.
+         lasp2_delta, lasp1_delta, allscan_delta: the same engines running the gated delta rule (beta=, a gate
+         per head and token, unit-norm keys; lasp/delta.py).
   model  one training step of the whole model per "linear+softmax" engine pair, interleaved.
   long   one training step with per-layer activation checkpointing; one record per length, so a list of lengths
          gives the curve of peak memory per rank.
@@ -53,7 +55,9 @@ from lasp.parallel import comm, count_collectives, init_mesh, local_positions
 LINEAR = {name: spec.fn for name, spec in lasp.ENGINES.items() if spec.kind == "linear"}     # + ring_linear baseline
 SOFTMAX = {name: spec.fn for name, spec in lasp.ENGINES.items() if spec.kind == "softmax"}
 SOFTMAX.update({f"{name}_dense": fn for name, fn in SOFTMAX.items()})   # layer mode: on the dense torch twin
+LINEAR.update({f"{name}_delta": LINEAR[name] for name in ("lasp2", "lasp1", "allscan")})   # beta=: the delta rule
 CONTIGUOUS_ONLY = tuple(name for name, spec in lasp.ENGINES.items() if spec.layouts == ("contiguous",))
+CONTIGUOUS_ONLY += ("lasp1_delta",)
 DEFAULT_ENGINES = {"layer": "lasp2,lasp1,ring_linear,allgather,ulysses",
                    "model": "lasp2+allgather,lasp1+allgather,ring_linear+ring,lasp2+ulysses",
                    "long": "lasp2+allgather", "network": "lasp2,lasp1,allscan,ring_linear"}
@@ -185,7 +189,7 @@ def run_interleaved(cases, reps, warmup, device, group):
 def layer_step(engine, seq_len, args, group, device, dtype):
     """Inputs for one layer on this rank and a closure running forward + backward; None if the engine cannot run."""
     W, r = comm.group_size(group), comm.group_rank(group)
-    spec = lasp.ENGINES[engine.removesuffix("_dense")]
+    spec = lasp.ENGINES[engine.removesuffix("_dense").removesuffix("_delta")]
     if spec.splits_heads and args.heads % W:
         return None                                          # an all-to-all over heads needs W | H
     layout = "contiguous" if engine in CONTIGUOUS_ONLY else args.layout
@@ -197,7 +201,12 @@ def layer_step(engine, seq_len, args, group, device, dtype):
         full = torch.randn(args.batch, seq_len, heads, args.head_dim, generator=g, device=device) * 0.5
         return full[:, pos].to(dtype).requires_grad_()
     q, k, v, do = rand(args.heads), rand(kv_heads), rand(kv_heads), rand(args.heads).detach()
-    if engine in LINEAR:
+    if engine.endswith("_delta"):              # gated delta rule: unit keys, β in (0, 1), gates in (−0.7, 0)
+        k = torch.nn.functional.normalize(k.detach(), dim=-1).requires_grad_()
+        beta, gate = (torch.rand(*q.shape[:3], generator=g, device=device).to(dtype) for _ in range(2))
+        kw = dict(beta=beta, log_gate=-0.7 * gate) | ({} if engine in CONTIGUOUS_ONLY else dict(layout=layout))
+        fn = functools.partial(LINEAR[engine], group=group, **kw)
+    elif engine in LINEAR:
         decay = -torch.logspace(-4, -1, args.heads, device=device)  # mild to strong per-head decays
         kw = dict(log_decay=decay) if engine in CONTIGUOUS_ONLY else dict(log_decay=decay, layout=layout)
         fn = functools.partial(LINEAR[engine], group=group, **kw)
@@ -281,7 +290,8 @@ def bench_network(args, group, device, dtype):
             extra = dict(wait_s=statistics.median(wait), model_comm_s=statistics.median(model),
                          gather_wait_s=statistics.median(gather_wait), latency_s=net.latency_s,
                          gbps=None if net.bytes_per_s == float("inf") else net.bytes_per_s * 8 / 1e9)
-            if lasp.ENGINES[engine].overlaps_exchange and extra["model_comm_s"] > 0:
+            declared = lasp.ENGINES[engine.removesuffix("_delta")]
+            if declared.overlaps_exchange and not engine.endswith("_delta") and extra["model_comm_s"] > 0:
                 extra["hidden"] = max(0.0, 1 - extra["gather_wait_s"] / extra["model_comm_s"])
             profile = {k: v for k, v in profiles[engine, spec].items() if not k.startswith("peak")}
             records.append(_record("network", engine, seq_len, group, times, shape, dict(profile, **extra)))

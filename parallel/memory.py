@@ -47,14 +47,16 @@ class _Stub(torch.autograd.Function):
     """Stands in for an attention engine: right output shape, saves nothing, flips the probe to 'after'."""
 
     @staticmethod
-    def forward(ctx, q, k, v, probe):
+    def forward(ctx, q, k, v, probe, delta=False):
         probe["phase"] = "after"
         probe["shapes"] = dict(heads=q.shape[2], kv_heads=k.shape[2], d_k=q.shape[3], d_v=v.shape[3])
-        return q.new_empty((*q.shape[:3], v.shape[3]))
+        if delta:           # the delta rule: v (and the state) has the H heads, q and k the H_kv = H_k
+            probe["shapes"].update(heads=v.shape[2], delta=True)
+        return q.new_empty((*q.shape[:2], v.shape[2] if delta else q.shape[2], v.shape[3]))
 
     @staticmethod
     def backward(ctx, do):
-        return None, None, None, None
+        return None, None, None, None, None
 
 
 def probe_blocks(cfg, probe_len=256):
@@ -69,9 +71,10 @@ def probe_blocks(cfg, probe_len=256):
             continue
         probe = {"phase": "before", "before": {}, "after": {}}
         for mixer in block.modules():
-            for attr in ("linear_attn", "softmax_attn"):
+            for attr in ("linear_attn", "softmax_attn", "delta_attn"):
                 if hasattr(mixer, attr):
-                    setattr(mixer, attr, lambda q, k, v, **kw: _Stub.apply(q, k, v, probe))
+                    setattr(mixer, attr, lambda q, k, v, _d=attr == "delta_attn", **kw: _Stub.apply(q, k, v, probe,
+                                                                                                   _d))
 
         def pack(t):
             key = t.untyped_storage()._cdata
@@ -94,7 +97,12 @@ def engine_terms(kind, shapes, engine, B, C, T, sp, a, kernel, layout="contiguou
     spec = ENGINES[engine]
     assert spec.kind == ("linear" if kind == "L" else "softmax"), (kind, engine)
     grads = B * C * (H * (d_k + d_v) + H_kv * (d_k + d_v)) * a            # do, dq and dk, dv
-    saved, work, buf = spec.memory(CallShape(B, C, T, sp, H, H_kv, d_k, d_v, a, kernel, layout))
+    call = CallShape(B, C, T, sp, H, H_kv, d_k, d_v, a, kernel, layout)
+    if shapes.get("delta"):                 # the delta-rule kind: do, dv, dβ, dg per value head, dq, dk per key head
+        from lasp.delta import delta_memory
+        saved, work, buf = delta_memory(call, engine)
+        return saved, work + B * C * (H * (2 * d_v + 2) + 2 * H_kv * d_k) * a, buf
+    saved, work, buf = spec.memory(call)
     return saved, work + grads, buf
 
 

@@ -112,3 +112,33 @@ def documents_alone(q, k, v, segment_ids, log_gate=None, log_decay=None, initial
                                                 state)[0])
         rows.append(torch.cat(parts, dim=1))
     return torch.cat(rows, dim=0)
+
+def delta_rule_documents(q, k, v, beta, log_gate=None, initial_state=None, segment_ids=None):
+    """The (gated) delta rule, token by token in float64, every document run alone: (o (B,T,H,d_v), final states
+    (B,H,d_k,d_v) of each row's last document), differentiable.
+
+    q, k (B,T,H_k,d_k), v (B,T,H,d_v), beta, log_gate (B,T,H); value head h reads key head h // (H/H_k).
+    S_t = e^{g_t} (I − β_t k_tᵀ k_t) S_{t−1} + β_t k_tᵀ v_t, o_t = q_t S_t; each document starts from 0, except
+    a row's first, which starts from initial_state (0 if None)."""
+    B, T, H_k, d_k = k.shape
+    H, d_v = v.shape[2], v.shape[3]
+    q, k = (x.double().repeat_interleave(H // H_k, dim=2) for x in (q, k))
+    v, beta = v.double(), beta.double()
+    ids = torch.zeros(B, T, dtype=torch.long) if segment_ids is None else segment_ids.cpu()
+    rows, finals = [], []
+    for b in range(B):
+        outs, start = [], 0
+        while start < T:
+            end = start + int((ids[b, start:] == ids[b, start]).long().cumprod(0).sum())
+            S = (initial_state[b].double() if (start == 0 and initial_state is not None)
+                 else torch.zeros(H, d_k, d_v, dtype=torch.float64))
+            for t in range(start, end):
+                decay = 1.0 if log_gate is None else log_gate[b, t].double().exp()[:, None, None]
+                kt = k[b, t][:, :, None]                                           # (H, d_k, 1)
+                S = decay * (S - beta[b, t][:, None, None] * kt @ (kt.transpose(1, 2) @ S))
+                S = S + beta[b, t][:, None, None] * kt @ v[b, t][:, None, :]
+                outs.append((q[b, t][:, None, :] @ S)[:, 0])
+            start = end
+        rows.append(torch.stack(outs) if outs else torch.zeros(0, H, d_v, dtype=torch.float64))
+        finals.append(S if T else torch.zeros(H, d_k, d_v, dtype=torch.float64))
+    return torch.stack(rows), torch.stack(finals)
