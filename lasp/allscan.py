@@ -358,7 +358,7 @@ class _AllScanDelta(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, log_gate, segment_ids, layout, group, blocks):
         n = layouts.segments_per_rank(layout)
         inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
-        check = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
+        check, _ = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
         flags = None if segment_ids is None else delta.gather_first_flags(segment_ids, layout, group)
         pieces, A, M = delta.local_transition(inp)
         A = delta.keep(flags, A)

@@ -284,16 +284,7 @@ def test_planner_counts_delta_rule_terms():
 
 def test_gpu_check_has_delta_rule_rows():
     """`python -m lasp.kernels.bench --check` reports the delta rule too (on CPU: the torch path, fp32 and bf16)."""
-    from lasp.kernels.bench import _delta_rows
+    from lasp.kernels.acceptance import _delta_rows
     rows = _delta_rows(torch.device("cpu"), 40)
     assert {(r["backend"], r["dtype"]) for r in rows} == {("torch", "float32"), ("torch", "bfloat16")}
     assert all(r["ok"] for r in rows) and rows[0]["worst_rel_err"] < 2e-5
-
-
-def test_engines_refuse_documents_without_beta_here():
-    """Until the scalar/gated kinds take documents (issue 26), segment_ids without beta is an error, never ignored."""
-    import lasp
-    q, k, v = _inputs(8, 1, 1)[:3]
-    for engine in (lasp.lasp2, lasp.lasp1, lasp.allscan):
-        with pytest.raises(ValueError, match="segment_ids"):
-            engine(q, k, v, segment_ids=torch.zeros(2, 8, dtype=torch.long))
