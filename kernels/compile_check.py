@@ -68,6 +68,7 @@ FLAGS = {
     "log_gate": (("fwd", "bwd"), lambda B, T, H, d: (B, T, H), torch.float32),
     "initial_state": (("fwd", "bwd"), lambda B, T, H, d: (B, H, d, d), torch.float32),
     "dfinal_state": (("bwd",), lambda B, T, H, d: (B, H, d, d), torch.float32),
+    "segment_ids": (("fwd", "bwd"), lambda B, T, H, d: (B, T), torch.int64),
 }
 
 # Spill budgets the kernel bodies cannot meet at any launch shape tried (docs/kernels.md), with the reason and the
@@ -214,7 +215,14 @@ def record_launches(kind, dtype, head_dim, flags, sizes=SIZES):
         q, k, v = (torch.zeros(B, T, H, head_dim, dtype=dtype, device="cuda") for _ in range(3))
         extra = {name: torch.zeros(FLAGS[name][1](B, T, H, head_dim), dtype=FLAGS[name][2], device="cuda")
                  for name in flags}
-        launch(importlib.import_module(f"{__package__}.{module}"), q, k, v, extra)
+        try:
+            launch(importlib.import_module(f"{__package__}.{module}"), q, k, v, extra)
+        except TypeError as e:
+            # host code AFTER the launches that fake tensors cannot run (the gated backward with documents sums
+            # its gate gradient per document with tensor indexing): the launches are recorded, the rest is not
+            # GPU code. Before any launch the error is real.
+            if not launches or "fake CUDA indexing" not in str(e):
+                raise
     return launches
 
 

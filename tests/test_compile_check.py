@@ -111,7 +111,7 @@ def test_budgets():
 
 
 def test_flag_sets_cover_every_subset():
-    assert len(cc.flag_sets("fwd")) == 2 ** 3 and len(cc.flag_sets("bwd")) == 2 ** 4
+    assert len(cc.flag_sets("fwd")) == 2 ** 4 and len(cc.flag_sets("bwd")) == 2 ** 5     # + segment_ids (documents)
     assert cc.flag_sets("bwd")[0] == [] and cc.flag_sets("bwd")[-1] == list(cc.FLAGS)
 
 
@@ -235,7 +235,7 @@ def test_recorder_refuses_what_a_launch_would():
     from lasp.kernels import lightning_triton as lt
     with cc.fake_cuda():
         q = torch.zeros(1, 8, 1, 16, device="cuda")
-        args = [q, q, q, None, None, None, q, q, 8, 1, 16, 16]
+        args = [q, q, q, None, None, None, q, q, None, 8, 1, 16, 16]      # SEG None: no documents
         consts = dict(HAS_DECAY=False, HAS_GATE=False, HAS_INIT=False, PRECISION="ieee", BT=16, BK=16, BV=16)
         record = cc._Recorder(lt._fwd_kernel, [])
         record[(1, 1)](*args, **consts, num_warps=4)
