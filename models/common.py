@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lasp.kernels import lightning_attn, repeat_kv, softmax_attn, state_dtype
+from lasp.kernels.short_conv import short_conv
 
 __all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "MIXER_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin",
            "apply_rotary", "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
@@ -411,45 +412,13 @@ def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1
 
 
 # ---------------------------------------------------------------------------------------------- short convolution
-def short_conv(x, weight, *, activation=True, segment_ids=None, halo=None, halo_segment_ids=None):
-    """Causal depthwise convolution of width w over the tokens (fla's ShortConvolution: Conv1d, groups = C, no
-    bias), then SiLU if `activation`:
-
-        y_t = Σ_{k<w} W[c, 0, k] · x_{t−(w−1)+k} · [same document as t],     x_{−j} = halo_{w−1−j}
-
-    x (B, T, C), weight (C, 1, w) -> (B, T, C). halo (B, w−1, C): the w−1 tokens before x (zeros when None; under
-    sequence parallelism the previous segment's tail, parallel/short_conv.py), halo_segment_ids (B, w−1) their
-    document ids (None: the halo belongs to x's first document). segment_ids (B, T): taps never read another
-    document. One masked multiply-add per tap, no loop over T.
-    """
-    B, T, C = x.shape
-    w = weight.shape[-1]
-    if weight.shape != (C, 1, w):
-        raise ValueError(f"short_conv: weight must be (C, 1, w) = ({C}, 1, w) for x {tuple(x.shape)}, "
-                         f"got {tuple(weight.shape)}")
-    halo = x.new_zeros(B, w - 1, C) if halo is None else halo
-    if halo.shape != (B, w - 1, C):
-        raise ValueError(f"short_conv: halo must be (B, w-1, C) = ({B}, {w - 1}, {C}), got {tuple(halo.shape)}")
-    xe = torch.cat([halo, x], dim=1)                                   # (B, w−1+T, C)
-    ids = None
-    if segment_ids is not None:                                        # (B, w−1+T); the halo joins x's first doc
-        halo_ids = segment_ids[:, :1].expand(B, w - 1) if halo_segment_ids is None else halo_segment_ids
-        ids = torch.cat([halo_ids.to(segment_ids.dtype), segment_ids], dim=1)
-    taps = weight[:, 0].t()                                            # (w, C)
-    y = xe[:, w - 1:] * taps[w - 1]
-    for k in range(w - 1):
-        term = xe[:, k:k + T] * taps[k]
-        if ids is not None:
-            term = term * (ids[:, k:k + T] == segment_ids).unsqueeze(-1).to(x.dtype)
-        y = y + term
-    return F.silu(y) if activation else y
-
-
 class ShortConvolution(nn.Module):
     """fla's ShortConvolution on (B, T, C): depthwise causal Conv1d of width w, weight (C, 1, w), no bias, SiLU.
 
-    Training calls the function held in `short_conv` (the single-process op above by default;
-    `lasp.apply_sequence_parallel` sets the sequence-parallel one, which fetches the halo from the rank before).
+    Training calls the function held in `short_conv`: by default the single-process op kernels.short_conv.short_conv
+    (causal, taps stop at document boundaries; in kernels/ because parallel/short_conv.py runs the same math around
+    its halo exchange, and parallel/ may not import models/); `lasp.apply_sequence_parallel` sets the
+    sequence-parallel one, which fetches the halo (the w−1 tokens before this shard) from the rank that holds it.
     Decoding (cache a dict): the last w−1 inputs are kept in cache[cache_key] (B, w−1, C) and are the next call's
     halo, so a prefill continues exactly. Init as nn.Conv1d: U(−1/√w, 1/√w).
     """

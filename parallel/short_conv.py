@@ -20,51 +20,18 @@ every rank's tails to every rank (W× the bytes, W − 1 latency steps on a ring
 W-slot gradient buffer back; P2P moves exactly the halo, one latency step each way. Bytes received per call:
 h·B·F·(bytes of x) per segment that has a halo on another rank (+ h·B·8 with documents).
 
-The convolution itself is models/common.short_conv restated with its explicit backward (parallel/ may not import
-models/; tests/test_short_conv.py holds the two equal). A segment shorter than h tokens would need its halo from two
+The convolution itself is kernels/short_conv.py's (conv_forward / conv_backward over [halo | segment]), the op the
+models run on one process. A segment shorter than h tokens would need its halo from two
 ranks: ValueError naming short_conv and the segment length, before any message.
 """
 import torch
 import torch.nn.functional as F
 
+from lasp.kernels.short_conv import conv_backward, conv_forward, silu_backward
+
 from . import comm, layout as layouts, mesh
 
 __all__ = ["sequence_parallel_short_conv", "short_conv_forward", "short_conv_backward", "halo_plan"]
-
-
-# ---------------------------------------------------------------------------------------------- local math
-def _tap_masks(ids, h, c):
-    """[(R, c, 1) bool: token t and tap t−h+k in the same document] for k < h, or None without documents.
-    ids (R, h + c): the halo's ids, then the segment's."""
-    if ids is None:
-        return None
-    return [(ids[:, k:k + c] == ids[:, h:]).unsqueeze(-1) for k in range(h)]
-
-
-def _conv(xe, weight, ids):
-    """Pre-activation (R, c, F) of xe (R, h + c, F) = [halo | segment]."""
-    h = weight.shape[-1] - 1
-    c = xe.shape[1] - h
-    taps, masks = weight[:, 0].t(), _tap_masks(ids, h, c)            # (w, F)
-    y = xe[:, h:] * taps[h]
-    for k in range(h):
-        term = xe[:, k:k + c] * taps[k]
-        y = y + (term if masks is None else term * masks[k])
-    return y
-
-
-def _conv_backward(xe, weight, ids, dpre):
-    """-> dxe (R, h + c, F), dweight (F, 1, w) of _conv, given dpre (R, c, F)."""
-    h = weight.shape[-1] - 1
-    c = xe.shape[1] - h
-    taps, masks = weight[:, 0].t(), _tap_masks(ids, h, c)
-    acc = torch.promote_types(xe.dtype, torch.float32)                # weight sums over B·C tokens
-    dxe, dtaps = torch.zeros_like(xe), []
-    for k in range(h + 1):
-        dk = dpre if masks is None or k == h else dpre * masks[k]
-        dxe[:, k:k + c] += dk * taps[k]
-        dtaps.append((dk * xe[:, k:k + c]).sum((0, 1), dtype=acc))
-    return dxe, torch.stack(dtaps, dim=1).unsqueeze(1).to(weight.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- halo messages
@@ -121,24 +88,23 @@ def _halos(x, segment_ids, h, layout, group):
 
 
 def short_conv_forward(x, weight, segment_ids, activation, layout, group):
-    """-> (y (B, C, F), xe (B·n, h + c, F), ids (B·n, h + c) or None); xe and ids are what the backward needs."""
+    """-> (y (B, C, F), xe (B·n, h + c, F), ids (B·n, h + c) or None, pre-activation (B·n, c, F) or None): the
+    last three are what the backward needs."""
     h = weight.shape[-1] - 1
     xe, ids = _halos(x, segment_ids, h, layout, group)
-    pre = _conv(xe, weight, ids)
-    return (F.silu(pre) if activation else pre).reshape(x.shape), xe, ids
+    pre = conv_forward(xe, weight, ids)
+    return (F.silu(pre) if activation else pre).reshape(x.shape), xe, ids, pre if activation else None
 
 
-def short_conv_backward(xe, weight, ids, dy, activation, layout, group):
-    """-> (dx (B, C, F), dweight (F, 1, w)): the local gradient plus the dhalo that consumers sent back."""
+def short_conv_backward(xe, weight, ids, pre, dy, layout, group):
+    """-> (dx (B, C, F), dweight (F, 1, w)): the local gradient plus the dhalo that consumers sent back. pre: the
+    pre-activation (None without SiLU)."""
     h = weight.shape[-1] - 1
     n = layouts.segments_per_rank(layout)
     B, c, Fch = dy.shape[0], xe.shape[1] - h, xe.shape[-1]
     dpre = dy.reshape(B * n, c, Fch)
-    if activation:                                                    # SiLU' recomputed from the pre-activation
-        pre = _conv(xe, weight, ids)
-        sig = torch.sigmoid(pre)
-        dpre = dpre * sig * (1 + pre * (1 - sig))
-    dxe, dweight = _conv_backward(xe, weight, ids, dpre)
+    dpre = dpre if pre is None else silu_backward(pre, dpre)
+    dxe, dweight = conv_backward(xe, weight, ids, dpre)
     dxe = dxe.view(B, n, h + c, Fch)
     dx = dxe[:, :, h:].clone()
     got = _move([[dxe[:, s, :h]] for s in range(n)], halo_plan(layout, comm.group_rank(group),
@@ -152,15 +118,15 @@ def short_conv_backward(xe, weight, ids, dy, activation, layout, group):
 class _ShortConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, segment_ids, activation, layout, group):
-        y, xe, ids = short_conv_forward(x, weight, segment_ids, activation, layout, group)
-        ctx.save_for_backward(xe, weight, ids)
-        ctx.config = (activation, layout, group)
+        y, xe, ids, pre = short_conv_forward(x, weight, segment_ids, activation, layout, group)
+        ctx.save_for_backward(xe, weight, ids, pre)
+        ctx.config = (layout, group)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xe, weight, ids = ctx.saved_tensors
-        dx, dweight = short_conv_backward(xe, weight, ids, dy.contiguous(), *ctx.config)
+        xe, weight, ids, pre = ctx.saved_tensors
+        dx, dweight = short_conv_backward(xe, weight, ids, pre, dy.contiguous(), *ctx.config)
         return dx, dweight, None, None, None, None
 
 
@@ -181,7 +147,7 @@ def _check(x, weight, segment_ids, layout):
 
 def sequence_parallel_short_conv(x, weight, *, activation=True, segment_ids=None, layout="contiguous", group=None):
     """Causal depthwise convolution (then SiLU if activation) of the local shard x (B, C, F) with weight (F, 1, w),
-    exactly as models/common.short_conv over the whole sequence: the halo comes from the rank before in global
+    exactly as kernels.short_conv.short_conv over the whole sequence: the halo comes from the rank before in global
     order. segment_ids (B, C): taps stop at document boundaries, across ranks too. group None = the mesh's
     sequence-parallel group (else the default). -> (B, C, F). Raises ValueError (shapes, a segment shorter than
     w − 1 tokens, segment_ids not an integer (B, C) tensor) before any message."""

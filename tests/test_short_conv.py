@@ -1,5 +1,5 @@
-"""Short convolution (issue 26): the single-process op against a dense float64 definition and fla's Conv1d
-convention, decoding from its cache, the sequence-parallel halo exchange at W = 1..4 in both layouts (outputs,
+"""Short convolution (issue 26): the single-process op (kernels/short_conv.py) and its naive twin against a dense
+float64 definition and fla's Conv1d convention, decoding from its cache, the sequence-parallel halo exchange at W = 1..4 in both layouts (outputs,
 gradients of input and weight, documents across rank edges, the messages counted), bad input, and a Linear-Llama3
 with short_conv = 4 under sequence parallelism against one process."""
 import copy
@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from lasp import models
 from lasp.apply import apply_sequence_parallel
 from lasp.models import LinearLlamaConfig
+from lasp.kernels.short_conv import short_conv_naive
 from lasp.models.common import ShortConvolution, short_conv
 from lasp.parallel import comm, layout as layouts
 from lasp.parallel.short_conv import sequence_parallel_short_conv
@@ -57,10 +58,11 @@ def _data(seed=0, width=WIDTH):
 
 
 # ---------------------------------------------------------------------------------------------- one process
+@pytest.mark.parametrize("op", [short_conv, short_conv_naive], ids=["op", "naive"])
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("documents", [False, True])
 @pytest.mark.parametrize("activation", [False, True])
-def test_short_conv_matches_dense_definition(width, documents, activation):
+def test_short_conv_matches_dense_definition(op, width, documents, activation):
     """Output and gradients of x, weight and halo, with a halo whose ids straddle a boundary."""
     x, weight, dy = _data(width=width)
     g = torch.Generator().manual_seed(5)
@@ -69,7 +71,7 @@ def test_short_conv_matches_dense_definition(width, documents, activation):
     halo_ids = torch.tensor([[0] * (width - 1), [0] * (width - 2) + [1] if width > 1 else []]).long()
     halo_ids = halo_ids if documents else None
     leaves = [t.clone().requires_grad_() for t in (x, weight, halo)]
-    y = short_conv(*leaves[:2], activation=activation, segment_ids=ids, halo=leaves[2], halo_segment_ids=halo_ids)
+    y = op(*leaves[:2], activation=activation, segment_ids=ids, halo=leaves[2], halo_segment_ids=halo_ids)
     y.backward(dy)
     refs = [t.clone().requires_grad_() for t in (x, weight, halo)]
     y_ref = _dense_conv(refs[0], refs[1], activation, ids, refs[2], halo_ids)
@@ -144,7 +146,7 @@ def _sp_check(world, drop_halo=False):
     errors = []
     for i, (layout, documents, activation) in enumerate(SP_CASES):
         leaves = [t.clone().requires_grad_() for t in (x, weight)]
-        ref = short_conv(*leaves, activation=activation, segment_ids=_documents(T) if documents else None)
+        ref = short_conv_naive(*leaves, activation=activation, segment_ids=_documents(T) if documents else None)
         ref.backward(dy)
         results = [r[i] for r in per_rank]
         y = layouts.unshard([torch.from_numpy(r[0]) for r in results], layout)
