@@ -129,7 +129,8 @@ def plot(records, path):
     for name in dict.fromkeys(r["name"] for r in records):
         rows = sorted((r["kv_pairs"], r["accuracy"]) for r in records if r["name"] == name)
         label = f"{name} ({next(r['pattern'] for r in records if r['name'] == name)})"
-        ax.plot(*zip(*rows), marker="o", label=label)
+        conv = any(r.get("short_conv") for r in records if r["name"] == name)     # dashed: short convolution
+        ax.plot(*zip(*rows), marker="s" if conv else "o", ls="--" if conv else "-", label=label)
     first = records[0]
     ax.set(xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(0, 1.02), xscale="log", title=(
         f"MQAR, width {first['dim']}, T {first['seq_len']}, {first['steps']} steps"))

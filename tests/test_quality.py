@@ -185,3 +185,7 @@ def test_committed_mqar_sweep_meets_the_target():
     met = [(n, k) for n in hybrids for k in defaults.kv_pairs
            if acc[n, k] >= 0.9 and acc["linear", k] <= acc[n, k] - 0.2]
     assert met, {k: v for k, v in acc.items() if k[0] in hybrids + ["linear"]}
+    # issue 26: a short convolution (w = 4) gives pure linear and softmax-last models the softmax-first recall
+    for name in ("linear-conv", "hybrid-conv"):
+        assert all(acc[name, k] >= acc["softmax-first", k] - 0.05 for k in (2, 4)), {k: v for k, v in acc.items()
+                                                                                    if k[1] in (2, 4)}
