@@ -9,8 +9,10 @@ halo_segment_ids (B, h) document ids. xe = [halo | x] (R, h + T, F), ids = [halo
     y_t   = SiLU(pre_t)  (or pre_t without the activation)
     dxe_{t+k} += W_k · dpre_t · mask,   dW_k = Σ_{r,t} dpre_t · xe_{t+k} · mask
 
-The backward writes one dxe buffer tap by tap. Autograd through the naive form's slices (`short_conv_naive`, what
-the tests compare against) allocates and adds a zero tensor of xe's size per tap, ~1.5× the time of the whole op.
+Computed in x's dtype (a float32 weight under bf16 autocast is cast, as nn.Conv1d would run), the weight gradient
+summed in at least float32. The backward writes one dxe buffer tap by tap, where autograd through the naive
+form's slices (`short_conv_naive`, the twin the tests compare against) allocates and adds a zero tensor of xe's
+size per tap.
 """
 import torch
 import torch.nn.functional as F
@@ -29,7 +31,7 @@ def conv_forward(xe, weight, ids):
     """Pre-activation (R, T, F) of xe (R, h + T, F) = [halo | x], ids (R, h + T) or None."""
     h = weight.shape[-1] - 1
     T = xe.shape[1] - h
-    taps, masks = weight[:, 0].t(), _tap_masks(ids, h, T)               # (w, F)
+    taps, masks = weight[:, 0].t().to(xe.dtype), _tap_masks(ids, h, T)               # (w, F)
     pre = xe[:, h:] * taps[h]
     for k in range(h):
         xs = xe[:, k:k + T] if masks is None else xe[:, k:k + T] * masks[k]
@@ -41,7 +43,7 @@ def conv_backward(xe, weight, ids, dpre):
     """-> dxe (R, h + T, F), dweight (F, 1, w) of conv_forward, given dpre (R, T, F)."""
     h = weight.shape[-1] - 1
     T = xe.shape[1] - h
-    taps, masks = weight[:, 0].t(), _tap_masks(ids, h, T)
+    taps, masks = weight[:, 0].t().to(xe.dtype), _tap_masks(ids, h, T)
     acc = torch.promote_types(xe.dtype, torch.float32)                  # weight sums over R·T tokens
     dxe = torch.empty_like(xe)
     dxe[:, :h].zero_()
@@ -109,7 +111,7 @@ def short_conv_naive(x, weight, *, activation=True, segment_ids=None, halo=None,
     """The same op as plain autograd through one masked multiply-add per tap (the twin the tests compare)."""
     xe, ids = extend_inputs(x, weight, halo, segment_ids, halo_segment_ids)
     h, T = weight.shape[-1] - 1, x.shape[1]
-    taps, masks = weight[:, 0].t(), _tap_masks(ids, h, T)
+    taps, masks = weight[:, 0].t().to(xe.dtype), _tap_masks(ids, h, T)
     y = xe[:, h:] * taps[h]
     for k in range(h):
         term = xe[:, k:k + T] * taps[k]

@@ -1,7 +1,7 @@
 """Short convolution (issue 26): the single-process op (kernels/short_conv.py) and its naive twin against a dense
-float64 definition and fla's Conv1d convention, decoding from its cache, the sequence-parallel halo exchange at W = 1..4 in both layouts (outputs,
-gradients of input and weight, documents across rank edges, the messages counted), bad input, and a Linear-Llama3
-with short_conv = 4 under sequence parallelism against one process."""
+float64 definition and fla's Conv1d convention, decoding from its cache, the sequence-parallel halo exchange at
+W = 1..4 in both layouts (outputs, gradients of input and weight, documents across rank edges, the messages
+counted), bad input, and a Linear-Llama3 with short_conv = 4 under sequence parallelism against one process."""
 import copy
 import os
 
