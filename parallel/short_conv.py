@@ -9,8 +9,9 @@ Shapes: x (B, C, F) the local shard, C tokens per rank in `layout` (parallel/lay
 
     forward   sub-chunk g's halo = the last h tokens of sub-chunk g − 1 (zeros for g = 0). Contiguous: rank r − 1's.
               Zigzag: sub-chunk r's from rank r − 1, sub-chunk 2W−1−r's from rank r + 1 (on rank W − 1 its own
-              first segment: a local slice). ONE comm.exchange (batch_isend_irecv) of the tails, with their
-              document ids (int64, h·B numbers) when documents are given, so taps stop at a boundary on a rank edge.
+              first segment: a local slice). ONE comm.exchange (batch_isend_irecv) of the tails, each one message
+              that also carries its document ids when documents are given (h·B int64, their bytes appended), so
+              taps stop at a boundary on a rank edge.
     backward  the same messages reversed: each segment's dhalo (B, h, F) goes to the tail's owner, which adds it to
               the gradient of its last h tokens. dW is this rank's partial sum, reduced over the sequence-parallel
               ranks with every other weight's gradient.
@@ -18,10 +19,11 @@ Shapes: x (B, C, F) the local shard, C tokens per rank in `layout` (parallel/lay
 Point-to-point, not one all-gather: a segment needs h·B·F numbers from ONE neighbour. An all-gather would bring
 every rank's tails to every rank (W× the bytes, W − 1 latency steps on a ring) and need a reduce-scatter of a
 W-slot gradient buffer back; P2P moves exactly the halo, one latency step each way. Bytes received per call:
-h·B·F·(bytes of x) per segment that has a halo on another rank (+ h·B·8 with documents).
+h·B·F·(bytes of x) per segment whose halo is on another rank (+ h·B·8 with documents), and h·B·F·(bytes of x)
+per segment whose tail went to another rank on the way back.
 
-The convolution itself is kernels/short_conv.py's (conv_forward / conv_backward over [halo | segment]), the op the
-models run on one process. A segment shorter than h tokens would need its halo from two
+The convolution itself is kernels/short_conv.py's (conv_forward / conv_backward of a segment after its halo), the
+op the models run on one process. A segment shorter than h tokens would need its halo from two
 ranks: ValueError naming short_conv and the segment length, before any message.
 """
 import torch
@@ -43,90 +45,90 @@ def halo_plan(layout, rank, world):
 
 
 def _move(blocks, plan, forward, group):
-    """Send each local segment's block along the plan (forward: tail -> consumer; backward: dhalo -> source) and
-    return what arrives per segment ([list of tensors] or None). blocks: per segment, a list of tensors (B, h, ...)
-    sent together; a peer that is this rank is a local hand-over. ONE comm.exchange; a directed pair of ranks
-    carries at most one segment's block (asserted), so the messages match in order."""
+    """Send each local segment's block (B, ...) along the plan (forward: tail -> consumer; backward: dhalo ->
+    source) and return what arrives per segment (None where nothing does); a peer that is this rank is a local
+    hand-over. ONE comm.exchange; a directed pair of ranks carries at most one block (asserted)."""
     rank = comm.group_rank(group)
     out, sends, recvs, peers = [None] * len(plan), [], [], set()
-    if blocks[0][0].shape[1] == 0:                                   # width 1: no halo, nothing to move
-        return out
     for s, (source, consumer) in enumerate(plan):
         to, frm = (consumer, source) if forward else (source, consumer)
         if to is not None and to[0] == rank:
-            out[to[1]] = list(blocks[s])
+            out[to[1]] = blocks[s]
         elif to is not None:
             assert ("to", to[0]) not in peers, (plan, rank)
             peers.add(("to", to[0]))
-            sends += [(b, to[0]) for b in blocks[s]]
+            sends.append((blocks[s], to[0]))
         if frm is not None and frm[0] != rank:
             assert ("from", frm[0]) not in peers, (plan, rank)
             peers.add(("from", frm[0]))
-            out[s] = [torch.empty_like(b) for b in blocks[s]]
-            recvs += [(b, frm[0]) for b in out[s]]
+            out[s] = torch.empty_like(blocks[s])
+            recvs.append((out[s], frm[0]))
     if sends or recvs:
         comm.wait_all(comm.exchange(sends, recvs, group))
     return out
 
 
 def _halos(x, segment_ids, h, layout, group):
-    """-> xe (B·n, h + c, F) = [halo | segment] per segment, ids (B·n, h + c) or None."""
+    """-> segments (B·n, c, F) (a view of x), halos (B·n, h, F), ids (B·n, h + c) or None. A tail travels as one
+    message: its h·F values, then (with documents) its h int64 ids reinterpreted as x's dtype (bytes, not values)."""
     B, C, Fch = x.shape
     n = layouts.segments_per_rank(layout)
     c = C // n
     segs = x.view(B, n, c, Fch)
-    ids = None if segment_ids is None else segment_ids.view(B, n, c).to(torch.int64)
-    blocks = [[segs[:, s, c - h:]] + ([] if ids is None else [ids[:, s, c - h:]]) for s in range(n)]
-    got = _move(blocks, halo_plan(layout, comm.group_rank(group), comm.group_size(group)), True, group)
-    halo = torch.stack([x.new_zeros(B, h, Fch) if g is None else g[0] for g in got], dim=1)  # (B, n, h, F)
-    xe = torch.cat([halo, segs], dim=2).flatten(0, 1)
+    ids = None if segment_ids is None else segment_ids.reshape(B, n, c).to(torch.int64)
+    tails = [segs[:, s, c - h:].reshape(B, h * Fch) for s in range(n)]
+    if ids is not None:
+        tails = [torch.cat([t, ids[:, s, c - h:].contiguous().view(x.dtype)], dim=1) for s, t in enumerate(tails)]
+    got = [None] * n if h == 0 else _move(tails, halo_plan(layout, comm.group_rank(group), comm.group_size(group)),
+                                          True, group)
+    halo = torch.stack([x.new_zeros(B, h, Fch) if g is None else g[:, :h * Fch].view(B, h, Fch) for g in got], 1)
+    halo = halo.flatten(0, 1)                                                    # (B·n, h, F)
     if ids is None:
-        return xe, None
+        return segs.flatten(0, 1), halo, None
     # sub-chunk 0 has no halo (zeros): its ids join the first document, any value would do
-    halo_ids = torch.stack([ids[:, s, :1].expand(B, h) if g is None else g[1] for s, g in enumerate(got)], dim=1)
-    return xe, torch.cat([halo_ids, ids], dim=2).flatten(0, 1)
+    halo_ids = torch.stack([ids[:, s, :1].expand(B, h) if g is None else g[:, h * Fch:].contiguous().view(torch.int64)
+                            for s, g in enumerate(got)], dim=1)
+    return segs.flatten(0, 1), halo, torch.cat([halo_ids, ids], dim=2).flatten(0, 1)
 
 
 def short_conv_forward(x, weight, segment_ids, activation, layout, group):
-    """-> (y (B, C, F), xe (B·n, h + c, F), ids (B·n, h + c) or None, pre-activation (B·n, c, F) or None): the
-    last three are what the backward needs."""
+    """-> (y (B, C, F), saved): saved = (segments, halos, ids, pre-activation or None), what the backward needs."""
     h = weight.shape[-1] - 1
-    xe, ids = _halos(x, segment_ids, h, layout, group)
-    pre = conv_forward(xe, weight, ids)
-    return (F.silu(pre) if activation else pre).reshape(x.shape), xe, ids, pre if activation else None
+    segs, halo, ids = _halos(x, segment_ids, h, layout, group)
+    pre = conv_forward(segs, halo, weight, ids)
+    return (F.silu(pre) if activation else pre).view(x.shape), (segs, halo, ids, pre if activation else None)
 
 
-def short_conv_backward(xe, weight, ids, pre, dy, layout, group):
+def short_conv_backward(segs, halo, ids, pre, weight, dy, layout, group):
     """-> (dx (B, C, F), dweight (F, 1, w)): the local gradient plus the dhalo that consumers sent back. pre: the
     pre-activation (None without SiLU)."""
     h = weight.shape[-1] - 1
     n = layouts.segments_per_rank(layout)
-    B, c, Fch = dy.shape[0], xe.shape[1] - h, xe.shape[-1]
-    dpre = dy.reshape(B * n, c, Fch)
+    B, c, Fch = dy.shape[0], segs.shape[1], segs.shape[-1]
+    dpre = dy.view(B * n, c, Fch)
     dpre = dpre if pre is None else silu_backward(pre, dpre)
-    dxe, dweight = conv_backward(xe, weight, ids, dpre)
-    dxe = dxe.view(B, n, h + c, Fch)
-    dx = dxe[:, :, h:].clone()
-    got = _move([[dxe[:, s, :h]] for s in range(n)], halo_plan(layout, comm.group_rank(group),
-                                                               comm.group_size(group)), False, group)
+    dx, dhalo, dweight = conv_backward(segs, halo, weight, ids, dpre)
+    dx, dhalo = dx.view(B, n, c, Fch), dhalo.view(B, n, h, Fch)
+    got = [None] * n if h == 0 else _move([dhalo[:, s].contiguous() for s in range(n)], halo_plan(
+        layout, comm.group_rank(group), comm.group_size(group)), False, group)
     for s, g in enumerate(got):
         if g is not None:
-            dx[:, s, c - h:] += g[0]
+            dx[:, s, c - h:] += g
     return dx.view(B, n * c, Fch), dweight
 
 
 class _ShortConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, segment_ids, activation, layout, group):
-        y, xe, ids, pre = short_conv_forward(x, weight, segment_ids, activation, layout, group)
-        ctx.save_for_backward(xe, weight, ids, pre)
+        y, saved = short_conv_forward(x, weight, segment_ids, activation, layout, group)
+        ctx.save_for_backward(weight, *saved)
         ctx.config = (layout, group)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xe, weight, ids, pre = ctx.saved_tensors
-        dx, dweight = short_conv_backward(xe, weight, ids, pre, dy.contiguous(), *ctx.config)
+        weight, segs, halo, ids, pre = ctx.saved_tensors
+        dx, dweight = short_conv_backward(segs, halo, ids, pre, weight, dy.contiguous(), *ctx.config)
         return dx, dweight, None, None, None, None
 
 

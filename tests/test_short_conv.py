@@ -103,15 +103,15 @@ def test_short_convolution_decodes_from_its_cache():
 
 # ---------------------------------------------------------------------------------------------- sequence parallel
 def _expected_messages(layout, rank, world, documents):
-    """(sends, recvs, bytes received) of one forward + backward: a halo from another rank costs one message each
-    way (two forward with documents: the ids ride along)."""
+    """(sends, recvs, bytes received) of one forward + backward: a halo from another rank is one message each way
+    (its document ids ride in the forward one)."""
     segments = layouts.segment_indices(layout, rank, world)
     owner = {g: r for r in range(world) for g in layouts.segment_indices(layout, r, world)}
     remote_in = sum(g > 0 and owner[g - 1] != rank for g in segments)           # halos this rank receives
     remote_out = sum(g + 1 in owner and owner[g + 1] != rank for g in segments)  # tails it sends
-    per, halo = (2 if documents else 1), (WIDTH - 1) * B * FEAT * 8
+    halo = (WIDTH - 1) * B * FEAT * 8
     received = remote_in * (halo + ((WIDTH - 1) * B * 8 if documents else 0)) + remote_out * halo
-    return remote_out * per + remote_in, remote_in * per + remote_out, received
+    return remote_out + remote_in, remote_in + remote_out, received
 
 
 def _rank_sp_cases(cases, x, weight, dy, drop_halo):
