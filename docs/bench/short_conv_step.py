@@ -3,12 +3,13 @@
     OMP_NUM_THREADS=1 python docs/bench/short_conv_step.py --world 1 --seq-len 16384 --reps 5 --json out.json
     OMP_NUM_THREADS=1 python docs/bench/short_conv_step.py --world 4 --seq-len 16384 --layout zigzag --reps 5
 
-Model: linear-llama3-tiny (D 128, 4 layers LLLN, 8 heads, FFN 384), fp32, checkpointed blocks, LASP-2 + all-gather
-KV over `--world` gloo ranks (forked on this machine), one sequence of --seq-len tokens. The two models (short_conv
-0 and 4, seed 0) are built once each; their training steps (launch.trainer.train_step: forward, backward, gradient
-all-reduce, AdamW) alternate, without and with packed documents (mean length 2,048, a 1-token document among them),
-after one untimed step each. Reported per case: each rank's CPU seconds per step (time.process_time), the median
-over --reps steps, then the mean over ranks; ratio = with / without the convolution.
+Model: linear-llama3-tiny (D 128, 4 layers LLLN, 8 heads, FFN 384; --dim D: width D and FFN 3·D), fp32,
+checkpointed blocks, LASP-2 + all-gather KV over `--world` gloo ranks (forked on this machine), one sequence of
+--seq-len tokens. The two models (short_conv 0 and 4, seed 0) are built once each; their training steps
+(launch.trainer.train_step: forward, backward, gradient all-reduce, AdamW) alternate, without and with packed
+documents (mean length 2,048, a 1-token document among them), after one untimed step each. Reported per case:
+each rank's CPU seconds per step (time.process_time), the median over --reps steps, then the mean over ranks;
+ratio = with / without the convolution.
 """
 import argparse
 import dataclasses
@@ -39,7 +40,7 @@ def documents(seq_len, mean_len=2048):
     return starts.cumsum(0)[None]
 
 
-def work(seq_len, layout, reps):
+def work(seq_len, layout, reps, dim):
     bench.malloc_for_speed()
     torch.set_num_threads(1)
     world = comm.group_size()
@@ -47,6 +48,8 @@ def work(seq_len, layout, reps):
     runs = {}
     for width in (0, 4):
         cfg = dataclasses.replace(models.get_config("linear-llama3-tiny"), short_conv=width)
+        if dim:                                                    # a wider model: FFN 3·D as the preset's
+            cfg = dataclasses.replace(cfg, dim=dim, ffn_dim=3 * dim)
         args = types.SimpleNamespace(preset="linear-llama3-tiny", batch=1, checkpoint=True, layout=layout,
                                      model=ModelConfig("linear-llama3-tiny", arch=cfg))
         runs[width] = bench.bench_run(args, "lasp2+allgather", mesh, torch.device("cpu"))
@@ -70,13 +73,14 @@ def main():
     p.add_argument("--seq-len", type=int, default=16384)
     p.add_argument("--layout", default="contiguous", choices=layouts.LAYOUTS)
     p.add_argument("--reps", type=int, default=5)
+    p.add_argument("--dim", type=int, default=0, help="model width D (0: the preset's 128; 8 heads either way)")
     p.add_argument("--json", default=None)
     a = p.parse_args()
     load = os.getloadavg()[0]
-    per_rank = run_ranks(a.world, work, a.seq_len, a.layout, a.reps, timeout=3600)
+    per_rank = run_ranks(a.world, work, a.seq_len, a.layout, a.reps, a.dim, timeout=3600)
     mean = {k: statistics.mean(r[k] for r in per_rank) for k in per_rank[0]}
     out = {"command": " ".join(["python docs/bench/short_conv_step.py", *sys.argv[1:]]), "world": a.world,
-           "seq_len": a.seq_len, "layout": a.layout, "reps": a.reps, "load_start": load,
+           "seq_len": a.seq_len, "layout": a.layout, "reps": a.reps, "dim": a.dim or 128, "load_start": load,
            "load_end": os.getloadavg()[0], "cpu_s_per_step": mean, "per_rank": per_rank,
            "ratio": {d: mean[f"4/{d}"] / mean[f"0/{d}"] for d in ("none", "2048")}}
     print(json.dumps(out, indent=1))
