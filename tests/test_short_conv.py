@@ -159,10 +159,11 @@ def _sp_check(world, drop_halo=False):
     return errors
 
 
-@pytest.mark.parametrize("world", [1, 2, 3, 4])
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 8])
 def test_sequence_parallel_short_conv_matches_one_process(world):
     """Both layouts, with and without documents (a 1-token document, boundaries on rank and sub-chunk edges):
-    output, dx (the halo owners' included) and dW summed over ranks, 1e-10 in float64; the messages counted."""
+    output, dx (the halo owners' included) and dW summed over ranks, 1e-10 in float64; the messages counted.
+    W = 8 zigzag: sub-chunks of exactly w − 1 = 3 tokens, the shortest allowed (a halo is a whole sub-chunk)."""
     for layout_case, errs in zip(SP_CASES, _sp_check(world)):
         assert max(errs) < 1e-10, (world, layout_case, errs)
 
