@@ -5,14 +5,15 @@ delta-rule mixers `delta_attn` ((q, k, v, *, beta, log_gate, segment_ids) -> o: 
 beta=), and its softmax mixers `softmax_attn` ((q, k, v, *, causal, scale, segment_ids) -> o); by default all
 compute on one process. Here each is set to functools.partial(engine, layout=..., group=...), so every rank runs
 the same model on its local shard (B, T/W, ...) of tokens in `layout` order, with global positions supplied by the
-caller.
-Modules are found by those attribute names, never by importing model classes.
+caller. Modules are found by those attribute names, never by importing model classes. Short convolutions (modules
+holding `short_conv`) get parallel.short_conv's halo-exchanging version in the same layout and group.
 """
 import functools
 
 from lasp.parallel import comm, layout as layouts, mesh
 from lasp.parallel.allgather_attn import ENGINE as _ALLGATHER
 from lasp.parallel.ring_attn import ENGINE as _RING
+from lasp.parallel.short_conv import sequence_parallel_short_conv
 from lasp.parallel.ulysses import ENGINE as _ULYSSES
 
 from .allscan import ENGINE as _ALLSCAN
@@ -81,6 +82,9 @@ def apply_sequence_parallel(model, *, linear="lasp2", softmax="allgather", layou
         m.linear_attn = bind_engine(linear_spec, layout, group)
     for m in (m for m in model.modules() if hasattr(m, "delta_attn")):      # the delta rule: beta= on the engine
         m.delta_attn = bind_engine(linear_spec, layout, group)
+    for m in model.modules():                # short convolutions (common.ShortConvolution): halo from the rank before
+        if hasattr(m, "short_conv"):
+            m.short_conv = functools.partial(sequence_parallel_short_conv, layout=layout, group=group)
     for m in softmax_mixers:
         if softmax_spec is None:
             m.__dict__.pop("softmax_attn", None)                        # back to the class default (local)

@@ -4,10 +4,11 @@
     python -m lasp.launch.mqar --quick                                                          # smoke run, every pattern
 
 For every pattern (SWEEP: pure linear, hybrids with one softmax layer last or first, all softmax, gated linear, a
-softmax-first gated hybrid) and every number of pairs K, one run of the real training loop, launch.trainer.train,
-on data.mqar = {"kv_pairs": K} (the task is
-launch.data.MQARDataset: K key-value pairs, then the K keys queried again; the loss counts only the query
-positions), at a fixed width (MODEL; the --model.<field> flags change it). Then the exported model.pt is scored
+softmax-first gated hybrid, pure linear and the softmax-last hybrid with a short convolution of width 4) and every
+number of pairs K, one run of the real training loop, launch.trainer.train, on data.mqar = {"kv_pairs": K} (the
+task is launch.data.MQARDataset: K key-value pairs, then the K keys queried again; the loss counts only the query
+positions), at a fixed width (MODEL; the --model.<field> flags change it, except pattern, linear_decay and
+short_conv, which SWEEP sets). Then the exported model.pt is scored
 on fresh sequences (another generator seed) by launch.evaluate.evaluate_batches: accuracy = the fraction of query
 positions whose argmax is the value. --json writes {"records": [{"pattern", "mixer", "kv_pairs", "seq_len", "dim",
 "accuracy", "steps", "seconds", ...}]}; --plot draws accuracy against kv_pairs, one line per pattern. Each run is
@@ -22,18 +23,20 @@ from pathlib import Path
 
 __all__ = ["SWEEP", "parse_args", "mqar_config", "run_one", "plot", "main"]
 
-# name -> (pattern over n_layers, linear_decay, what mixes tokens). The hybrids put their one softmax layer last
-# (LN) or first (NL): recall needs a previous-token step before the lookup (docs/quality.md), and only softmax with
-# RoPE has the positions to make it, so only the softmax-first hybrids learn MQAR here.
+# name -> (pattern over n_layers, linear_decay, short_conv, what mixes tokens). The hybrids put their one softmax
+# layer last (LN) or first (NL): recall needs a previous-token step before the lookup (docs/quality.md); softmax with
+# RoPE can make it, and so can a short convolution (width 4 on q, k, v: the "-conv" variants, issue 26).
 SWEEP = {
-    "linear": ("L", "none", "linear attention (no decay)"),
-    "hybrid": ("LN", "none", "linear attention, then one softmax layer"),
-    "softmax-first": ("NL", "none", "one softmax layer, then linear attention"),
-    "softmax": ("N", "none", "softmax attention"),
-    "gated": ("L", "gated", "gated linear attention (data-dependent forget gate)"),
-    "gated-softmax-first": ("NL", "gated", "one softmax layer, then gated linear attention"),
+    "linear": ("L", "none", 0, "linear attention (no decay)"),
+    "hybrid": ("LN", "none", 0, "linear attention, then one softmax layer"),
+    "softmax-first": ("NL", "none", 0, "one softmax layer, then linear attention"),
+    "softmax": ("N", "none", 0, "softmax attention"),
+    "gated": ("L", "gated", 0, "gated linear attention (data-dependent forget gate)"),
+    "gated-softmax-first": ("NL", "gated", 0, "one softmax layer, then gated linear attention"),
+    "linear-conv": ("L", "none", 4, "linear attention with a short convolution (w = 4) on q, k, v"),
+    "hybrid-conv": ("LN", "none", 4, "linear attention with a short convolution (w = 4), then one softmax layer"),
 }
-# The swept model before the --model.<field> flags (pattern and linear_decay then come from SWEEP)
+# The swept model before the --model.<field> flags (pattern, linear_decay and short_conv then come from SWEEP)
 PRESET = "linear-llama3-tiny"
 MODEL = {"dim": 64, "n_layers": 2, "n_heads": 1, "n_kv_heads": 1, "ffn_dim": 128, "pattern": "L",
          "loss_chunk_tokens": 4096}
@@ -61,7 +64,8 @@ def parse_args(argv=None):
     p.add_argument("--quick", action="store_true", help="smoke run: every pattern, 2 pair counts, a few steps")
     from lasp.launch.config import ModelConfig, add_model_flags, model_arch, model_flags
     base = model_arch(PRESET, MODEL, "launch.mqar.MODEL")
-    add_model_flags(p, PRESET, skip=("vocab_size", "pattern", "linear_decay"), base=base)    # as every entry point
+    skip = ("vocab_size", "pattern", "linear_decay", "short_conv")           # vocab: --vocab-size; the rest: SWEEP
+    add_model_flags(p, PRESET, skip=skip, base=base)                                     # as every entry point
     args = p.parse_args(argv)
     try:
         args.model = ModelConfig(PRESET, arch=model_arch(PRESET, model_flags(args), base=base))   # typed, checked
@@ -77,7 +81,7 @@ def mqar_config(args, name, kv_pairs, run_dir):
     """The launch.config.TrainConfig of one run (validated by the trainer's check_config when it starts)."""
     import dataclasses
     from lasp.launch.config import TrainConfig, merge
-    pattern, decay, _ = SWEEP[name]
+    pattern, decay, conv, _ = SWEEP[name]
     cfg = TrainConfig()
     merge(cfg, {
         "model": {"preset": PRESET},
@@ -89,7 +93,7 @@ def mqar_config(args, name, kv_pairs, run_dir):
         "checkpoint": {"every": 0, "keep": 1},
         "run": {"dir": str(run_dir), "seed": args.seed, "progress": False, "sample_tokens": 0, "dtype": "fp32"},
     }, "launch/mqar.py")
-    cfg.model.arch = dataclasses.replace(args.model.arch, pattern=pattern, linear_decay=decay)
+    cfg.model.arch = dataclasses.replace(args.model.arch, pattern=pattern, linear_decay=decay, short_conv=conv)
     return cfg
 
 
@@ -108,7 +112,8 @@ def run_one(args, name, kv_pairs, run_dir):
     batches = (test.rows(range(i, min(i + 64, args.eval_sequences))) for i in range(0, args.eval_sequences, 64))
     scores = evaluate_batches(model, batches)
     pattern = model.config.layer_types()
-    return {"pattern": pattern, "mixer": SWEEP[name][2], "name": name, "kv_pairs": kv_pairs, "seq_len": args.seq_len,
+    return {"pattern": pattern, "mixer": SWEEP[name][3], "short_conv": SWEEP[name][2], "name": name,
+            "kv_pairs": kv_pairs, "seq_len": args.seq_len,
             "dim": args.model.arch.dim, "n_layers": args.model.arch.n_layers, "vocab_size": args.vocab_size,
             "accuracy": scores["accuracy"], "loss": scores["loss"], "train_loss": losses[max(losses)],
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "min_kv_pairs": args.min_kv_pairs,
@@ -124,7 +129,8 @@ def plot(records, path):
     for name in dict.fromkeys(r["name"] for r in records):
         rows = sorted((r["kv_pairs"], r["accuracy"]) for r in records if r["name"] == name)
         label = f"{name} ({next(r['pattern'] for r in records if r['name'] == name)})"
-        ax.plot(*zip(*rows), marker="o", label=label)
+        conv = any(r.get("short_conv") for r in records if r["name"] == name)     # dashed: short convolution
+        ax.plot(*zip(*rows), marker="s" if conv else "o", ls="--" if conv else "-", label=label)
     first = records[0]
     ax.set(xlabel="key-value pairs", ylabel="MQAR accuracy", ylim=(0, 1.02), xscale="log", title=(
         f"MQAR, width {first['dim']}, T {first['seq_len']}, {first['steps']} steps"))

@@ -22,12 +22,13 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from lasp.kernels import lightning_attn, repeat_kv, softmax_attn, state_dtype
+from lasp.kernels.short_conv import short_conv
 
 __all__ = ["FEATURE_MAPS", "LINEAR_DECAYS", "MIXER_DECAYS", "RMSNorm", "SwiGLU", "SGLU", "rotary_cos_sin",
            "apply_rotary", "alibi_slopes", "lightning_log_decay", "retention_log_decay", "local_linear_attention",
            "local_softmax_attention", "dense_attention", "run_linear_attention", "LinearAttention",
            "SoftmaxAttention", "soft_expert_gates", "chunked_cross_entropy", "normalize_positions",
-           "init_linear_weights"]
+           "init_linear_weights", "short_conv", "ShortConvolution"]
 
 FEATURE_MAPS = {"identity": lambda x: x, "elu+1": lambda x: F.elu(x) + 1.0, "silu": F.silu}
 LINEAR_DECAYS = ("none", "lightning", "retention")       # constant per-head decays (every linear mixer)
@@ -260,6 +261,8 @@ class LinearAttention(nn.Module):
     per-head norm and swish output gate are exactly this mixer's, so "gated" adds one projection and nothing
     else. g ≤ 0 by construction, so the mixer makes no value check on it (which would need a device sync).
     segment_ids (B, T): packed documents, the state emptied at each one's first token. (B, T, D) -> (B, T, D).
+    short_conv = w > 0: q, k, v each pass a causal depthwise convolution of width w + SiLU (ShortConvolution, fla's
+    convention) right after their projections, before φ; its taps stop at document boundaries.
 
     n_experts = N > 1 (see the module docstring): q_proj, g_proj (N·D, D), k_proj, v_proj (N_kv·D, D) with
     N_kv = 1 under kv_sharing else N, out_proj (D, N·D), norm.weight (N, 1, d) one per expert, router (N, D);
@@ -272,7 +275,7 @@ class LinearAttention(nn.Module):
     linear_attn = staticmethod(local_linear_attention)
 
     def __init__(self, dim, n_heads, *, feature_map="silu", decay="none", layer_idx=0, n_layers=1, eps=1e-6,
-                 gate_logit_normalizer=16.0, n_experts=1, kv_sharing=False):
+                 gate_logit_normalizer=16.0, n_experts=1, kv_sharing=False, short_conv=0):
         super().__init__()
         self.n_heads, self.head_dim = n_heads, dim // n_heads
         self.n_experts, self.n_kv = n_experts, 1 if kv_sharing else n_experts
@@ -289,6 +292,10 @@ class LinearAttention(nn.Module):
         self.forget_proj = nn.Linear(dim, n_heads) if decay == "gated" else None
         self.gate_logit_normalizer = gate_logit_normalizer
         self.router = nn.Linear(dim, n_experts, bias=False) if n_experts > 1 else None
+        # short_conv = w > 0: causal depthwise conv + SiLU on the projected q, k, v (before φ), fla's convention
+        self.q_conv, self.k_conv, self.v_conv = (
+            ShortConvolution(width, short_conv, cache_key=f"{name}_conv") if short_conv else None
+            for name, width in (("q", n_experts * dim), ("k", self.n_kv * dim), ("v", self.n_kv * dim)))
 
     def log_decay(self, device=None):
         """(H,) log λ ≤ 0, or None without a constant decay. A constant of the architecture, not a parameter."""
@@ -306,9 +313,11 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         N, phi = self.n_experts, FEATURE_MAPS[self.feature_map]
         # heads from the projection width, not n_heads: under tensor parallelism a rank holds H/tp of them
-        q = phi(self.q_proj(x).view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5     # (B, T, N·H, d)
-        k = phi(self.k_proj(x).view(B, T, -1, self.head_dim))                               # (B, T, N_kv·H, d)
-        v = self.v_proj(x).view(B, T, -1, self.head_dim)
+        pairs = ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv))
+        q, k, v = (self._convolve(conv, proj(x), segment_ids, cache) for proj, conv in pairs)
+        q = phi(q.view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5                    # (B, T, N·H, d)
+        k = phi(k.view(B, T, -1, self.head_dim))                                            # (B, T, N_kv·H, d)
+        v = v.view(B, T, -1, self.head_dim)
         log_decay = self.log_decay(x.device)                     # (H,): the same per-head decay for every expert
         if log_decay is not None and self.n_kv > 1:
             log_decay = log_decay.repeat(self.n_kv)
@@ -320,6 +329,11 @@ class LinearAttention(nn.Module):
         o = self.norm(o.unflatten(2, (N, -1))).flatten(3)        # (B, T, N, H·d), each expert's norm weight
         o = o * F.silu(self.g_proj(x)).view(B, T, N, -1)
         return self.out_proj(soft_expert_gates(self.router, x, o).flatten(2))
+
+    @staticmethod
+    def _convolve(conv, x, segment_ids, cache):
+        """A projection (B, T, ·) through its short convolution, or unchanged without one (short_conv = 0)."""
+        return x if conv is None else conv(x, segment_ids, cache)
 
 
 class SoftmaxAttention(nn.Module):
@@ -401,3 +415,37 @@ def chunked_cross_entropy(hidden, weight, labels, loss_mask=None, chunk_tokens=1
         else:
             total = total + chunk_loss(part[0], weight, *part[1:])
     return total, valid.sum()
+
+
+# ---------------------------------------------------------------------------------------------- short convolution
+class ShortConvolution(nn.Module):
+    """fla's ShortConvolution on (B, T, C): depthwise causal Conv1d of width w, weight (C, 1, w), no bias, SiLU.
+
+    Training calls the function held in `short_conv`: by default the single-process op kernels.short_conv.short_conv
+    (causal, taps stop at document boundaries; in kernels/ because parallel/short_conv.py runs the same math around
+    its halo exchange, and parallel/ may not import models/); `lasp.apply_sequence_parallel` sets the
+    sequence-parallel one, which fetches the halo (the w−1 tokens before this shard) from the rank that holds it.
+    Decoding (cache a dict): the last w−1 inputs are kept in cache[cache_key] (B, w−1, C) and are the next call's
+    halo, so a prefill continues exactly. Init as nn.Conv1d: U(−1/√w, 1/√w).
+    """
+    short_conv = staticmethod(short_conv)
+
+    def __init__(self, channels, width, activation=True, cache_key="conv"):
+        super().__init__()
+        self.width, self.activation, self.cache_key = width, activation, cache_key
+        self.weight = nn.Parameter(torch.empty(channels, 1, width))
+
+    def init_weights(self):
+        nn.init.uniform_(self.weight, -self.width ** -0.5, self.width ** -0.5)
+
+    def forward(self, x, segment_ids=None, cache=None):
+        if x.shape[-1] != self.weight.shape[0]:            # e.g. a tensor-parallel model: it does not split these
+            raise ValueError(f"short_conv: the convolution has {self.weight.shape[0]} channels, the input "
+                             f"{tuple(x.shape)} has {x.shape[-1]} (tensor parallelism does not split short_conv)")
+        if cache is None:
+            return self.short_conv(x, self.weight, activation=self.activation, segment_ids=segment_ids)
+        halo = cache.get(self.cache_key)
+        y = short_conv(x, self.weight, activation=self.activation, halo=halo)
+        past = x.new_zeros(x.shape[0], self.width - 1, x.shape[-1]) if halo is None else halo
+        cache[self.cache_key] = torch.cat([past, x], dim=1)[:, x.shape[1]:]     # the last w−1 inputs
+        return y

@@ -2,8 +2,10 @@
 
 Linear layers carry an O(1) recurrent state (B, H, d_k, d_v) from `lightning_attn(..., initial_state=...,
 output_final_state=True)`, updated per token as S_t = e^{log λ + g_t} S_{t−1} + k_tᵀ v_t (g_t the data-dependent
-gate of a "gated" mixer, computed from that token alone, else 0); softmax layers keep a KV cache. The state after
-the prefill continues exactly, so the decoded logits equal those of one parallel forward over the whole sequence.
+gate of a "gated" mixer, computed from that token alone, else 0); softmax layers keep a KV cache; a short
+convolution (short_conv = w) keeps its last w − 1 inputs (B, w − 1, C) for each of q, k and v
+(common.ShortConvolution). The state after the prefill continues exactly, so the decoded logits equal those of one
+parallel forward over the whole sequence.
 Runs on one process.
 """
 import torch

@@ -5,7 +5,8 @@ q/k, per-head RMSNorm on the output, swish output gate; models/common.LinearAtte
 attention (GQA, RoPE base 500000). "L" is pure linear, "LLLN" the 1/4 hybrid. RMSNorm pre-norm, SwiGLU, untied
 embeddings, no biases. Variant (not in the paper): linear_decay="gated" gives every linear layer a data-dependent
 forget gate per token and head, g = logsigmoid(x W_f + b_f)/τ (fla's simple GLA; common.LinearAttention), with
-the only bias of the model.
+the only bias of the model. short_conv = w > 0: a causal depthwise convolution of width w + SiLU on the projected
+q, k and v of every linear layer (fla's ShortConvolution; common.ShortConvolution), weights (C, 1, w).
 
 BAM (models/bam.py) is a configuration of these blocks, not another family: parallel_block (u = RMSNorm(x);
 y = x + A(u) + F(u)), soft Mixture-of-Attention experts (n_attn_experts, kv_sharing; common.LinearAttention /
@@ -52,6 +53,7 @@ class LinearLlamaConfig:
     normalize_top1: bool = False    # top-1 routing weight 1 (softmax over the top-k) instead of Switch's raw p
     balance_loss_weight: float = 0.01   # weight of the Switch balancing loss that `loss` adds (FFN experts only)
     z_loss_weight: float = 0.001    # weight of the router z-loss that `loss` adds (FFN experts only)
+    short_conv: int = 0             # width w of a causal depthwise conv + SiLU on q, k, v of linear layers (0: none)
 
     def __post_init__(self):
         if not self.pattern or set(self.pattern) - {"L", "N"}:
@@ -68,6 +70,8 @@ class LinearLlamaConfig:
             raise ValueError(f"linear_decay must be one of {MIXER_DECAYS}, got {self.linear_decay!r}")
         if not self.gate_logit_normalizer > 0:
             raise ValueError(f"gate_logit_normalizer must be > 0, got {self.gate_logit_normalizer!r}")
+        if self.short_conv < 0:
+            raise ValueError(f"short_conv must be >= 0 (a convolution width; 0 = none), got {self.short_conv}")
         if self.feature_map not in FEATURE_MAPS:
             raise ValueError(f"feature_map must be one of {tuple(FEATURE_MAPS)}, got {self.feature_map!r}")
         self._check_experts()
@@ -132,7 +136,8 @@ class LinearLlamaBlock(nn.Module):
         if kind == "L":
             self.mixer = LinearAttention(cfg.dim, cfg.n_heads, feature_map=cfg.feature_map, decay=cfg.linear_decay,
                                          layer_idx=layer_idx, n_layers=cfg.n_layers, eps=cfg.norm_eps,
-                                         gate_logit_normalizer=cfg.gate_logit_normalizer, **experts)
+                                         gate_logit_normalizer=cfg.gate_logit_normalizer,
+                                         short_conv=cfg.short_conv, **experts)
         else:
             self.mixer = SoftmaxAttention(cfg.dim, cfg.n_heads, cfg.n_kv_heads, cfg.rope_base, **experts)
         self.mlp_norm = None if cfg.parallel_block else RMSNorm(cfg.dim, cfg.norm_eps)

@@ -19,5 +19,8 @@ __all__ = ["comm", "layout", "mesh", "count_collectives", "gather_sequence", "lo
 from . import experts
 from .experts import apply_expert_parallel, apply_global_router_counts
 from .checkpointing import apply_activation_checkpointing
+from . import short_conv
+from .short_conv import sequence_parallel_short_conv
 
-__all__ += ["experts", "apply_expert_parallel", "apply_global_router_counts", "apply_activation_checkpointing"]
+__all__ += ["experts", "apply_expert_parallel", "apply_global_router_counts", "apply_activation_checkpointing",
+            "short_conv", "sequence_parallel_short_conv"]

@@ -228,6 +228,19 @@ def test_sp4_equals_sp1(tmp_path, cache_dir):
     assert one[0][-1] < one[0][0] - 0.1                                     # and it learns
 
 
+def test_sp4_zigzag_equals_sp1_with_short_conv(tmp_path, cache_dir):
+    """--model.short_conv 4 (a generated flag) through the launcher: SP = 4 zigzag equals SP = 1 for 3 steps."""
+    assert "--model.short_conv" in {s for a in build_parser("linear-llama3-tiny")._actions for s in a.option_strings}
+    flags = ("--model.short_conv", "4", "--max-steps", "3")
+    one = run_ranks(1, _train_curves, tiny(tmp_path / "sp1", cache_dir, "--sp", "1", *flags))[0]
+    four = run_ranks(4, _train_curves, tiny(tmp_path / "sp4", cache_dir, "--sp", "4", "--parallel.layout", "zigzag",
+                                            *flags))
+    assert len(one[0]) == 3 and all(f == four[0] for f in four)
+    assert _rel(four[0][0], one[0]) < 1e-5 and _rel(four[0][1], one[1]) < 1e-5
+    saved = models.load_model(tmp_path / "sp4" / "model.pt")               # the convolutions are in the model
+    assert saved.config.short_conv == 4 and "layers.0.mixer.q_conv.weight" in saved.state_dict()
+
+
 def _first_loss_from(cfg, path):
     """Save a freshly built model (seed 7) to `path`, then train one step starting from it."""
     from lasp import models

@@ -159,7 +159,8 @@ def test_mqar_quick_sweep_through_train(tmp_path):
                       "--plot", str(tmp_path / "m.png")]) == 0
     records = json.loads(out.read_text())["records"]
     assert [r["name"] for r in records] == list(mqar.SWEEP)
-    assert [r["pattern"] for r in records] == ["LL", "LN", "NL", "NN", "LL", "NL"]
+    assert [r["pattern"] for r in records] == ["LL", "LN", "NL", "NN", "LL", "NL", "LL", "LN"]
+    assert [r["short_conv"] for r in records] == [0, 0, 0, 0, 0, 0, 4, 4]
     for r in records:
         assert {"pattern", "mixer", "kv_pairs", "seq_len", "dim", "accuracy", "steps", "seconds"} <= set(r)
         assert r["kv_pairs"] == 4 and r["steps"] == 3 and 0 <= r["accuracy"] <= 1 and r["eval_queries"] == 16 * 4
@@ -180,7 +181,11 @@ def test_committed_mqar_sweep_meets_the_target():
     assert all(r["steps"] == defaults.steps and r["seq_len"] == defaults.seq_len and r["lr"] == defaults.lr
                and r["vocab_size"] == defaults.vocab_size and r["dim"] == defaults.model.arch.dim for r in records)
     acc = {(r["name"], r["kv_pairs"]): r["accuracy"] for r in records}
-    hybrids = [n for n, (p, _, _) in mqar.SWEEP.items() if "L" in p and "N" in p]
+    hybrids = [n for n, (p, _, _, _) in mqar.SWEEP.items() if "L" in p and "N" in p]
     met = [(n, k) for n in hybrids for k in defaults.kv_pairs
            if acc[n, k] >= 0.9 and acc["linear", k] <= acc[n, k] - 0.2]
     assert met, {k: v for k, v in acc.items() if k[0] in hybrids + ["linear"]}
+    # issue 26: a short convolution (w = 4) gives pure linear and softmax-last models the softmax-first recall
+    for name in ("linear-conv", "hybrid-conv"):
+        assert all(acc[name, k] >= acc["softmax-first", k] - 0.05 for k in (2, 4)), {k: v for k, v in acc.items()
+                                                                                    if k[1] in (2, 4)}
