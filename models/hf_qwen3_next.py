@@ -1,16 +1,16 @@
 """Qwen3-Next weights and config in transformers' layout (Qwen3NextForCausalLM, transformers 5.25), both ways.
 
 Plain dicts and tensors only: nothing here imports transformers (launch/convert.py reads and writes the folder).
-Names (layer i; D = Gated DeltaNet, N = softmax; E experts, F expert width):
+Names (layer i; L = Gated DeltaNet, N = softmax; E experts, F expert width):
 
     here                                   transformers
     embed.weight                           model.embed_tokens.weight
     norm.weight / lm_head.weight           model.norm.weight / lm_head.weight
     layers.i.attn_norm.weight              model.layers.i.input_layernorm.weight
     layers.i.mlp_norm.weight               model.layers.i.post_attention_layernorm.weight
-    D: mixer.{in_proj_qkvz, in_proj_ba,    linear_attn.{in_proj_qkvz, in_proj_ba, dt_bias, A_log, norm,
+    L: mixer.{in_proj_qkvz, in_proj_ba,    linear_attn.{in_proj_qkvz, in_proj_ba, dt_bias, A_log, norm,
        dt_bias, A_log, norm, out_proj}        out_proj}  (same layouts)
-    D: mixer.conv_weight (C, 1, w)         linear_attn.conv1d.weight
+    L: mixer.conv_weight (C, 1, w)         linear_attn.conv1d.weight
     N: mixer.{q,k,v}_proj, q_norm, k_norm  self_attn.{q,k,v}_proj, q_norm, k_norm
     N: mixer.out_proj                      self_attn.o_proj
     mlp.{gate,up,down}_proj (dense)        mlp.{gate,up,down}_proj
@@ -37,7 +37,7 @@ _TOP = (("embed.weight", "model.embed_tokens.weight"), ("norm.weight", "model.no
 _BLOCK = (("attn_norm.", "input_layernorm."), ("mlp_norm.", "post_attention_layernorm."),
           ("mlp.experts.router.", "mlp.gate."), ("mlp.shared_gate.", "mlp.shared_expert_gate."),
           ("mlp.shared.", "mlp.shared_expert."))
-_MIXER = {"D": (("mixer.conv_weight", "linear_attn.conv1d.weight"), ("mixer.", "linear_attn.")),
+_MIXER = {"L": (("mixer.conv_weight", "linear_attn.conv1d.weight"), ("mixer.", "linear_attn.")),
           "N": (("mixer.out_proj.", "self_attn.o_proj."), ("mixer.", "self_attn."))}
 
 

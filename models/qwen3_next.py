@@ -78,14 +78,14 @@ class Qwen3NextConfig:
             raise ValueError(f"top_k={self.top_k} must be between 1 and n_experts={self.n_experts}")
 
     def layer_types(self):
-        """One letter per layer: D = Gated DeltaNet, N = softmax attention, e.g. 'DDDNDDDN'."""
-        return "".join("N" if (i + 1) % self.full_attention_interval == 0 else "D" for i in range(self.n_layers))
+        """One letter per layer: L = linear attention (Gated DeltaNet), N = softmax attention, e.g. 'LLLNLLLN'."""
+        return "".join("N" if (i + 1) % self.full_attention_interval == 0 else "L" for i in range(self.n_layers))
 
 
 PRESETS = {
     # Qwen3-Next-80B-A3B (config.json of Qwen/Qwen3-Next-80B-A3B-Instruct): 48 layers, 512 experts, top-10
     "qwen3-next-80b-a3b": Qwen3NextConfig(n_experts=512),
-    # trains in minutes on a CPU (byte-level vocabulary); 8 layers DDDN DDDN, dense MLP
+    # trains in minutes on a CPU (byte-level vocabulary); 8 layers LLLN LLLN, dense MLP
     "qwen3-next-tiny": Qwen3NextConfig(vocab_size=256, dim=128, n_layers=8, n_heads=4, n_kv_heads=2, head_dim=32,
                                        linear_key_heads=2, linear_value_heads=4, linear_key_dim=32,
                                        linear_value_dim=32, ffn_dim=384, loss_chunk_tokens=512),
@@ -286,13 +286,13 @@ class SharedExpertMoE(nn.Module):
 
 # ---------------------------------------------------------------------------------------------- model
 class Qwen3NextBlock(nn.Module):
-    """x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x)), zero-centred norms. kind 'D' (Gated DeltaNet) or 'N'."""
+    """x += mixer(RMSNorm(x)); x += MLP(RMSNorm(x)), zero-centred norms. kind 'L' (Gated DeltaNet) or 'N'."""
 
     def __init__(self, cfg, kind):
         super().__init__()
         self.kind = kind
         self.attn_norm = ZeroCentredRMSNorm(cfg.dim, cfg.norm_eps)
-        self.mixer = GatedDeltaNet(cfg) if kind == "D" else GatedAttention(cfg)
+        self.mixer = GatedDeltaNet(cfg) if kind == "L" else GatedAttention(cfg)
         self.mlp_norm = ZeroCentredRMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SharedExpertMoE(cfg) if cfg.n_experts else SwiGLU(cfg.dim, cfg.ffn_dim)
 
