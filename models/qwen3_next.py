@@ -164,11 +164,9 @@ def short_convolution(x, weight, *, segment_ids=None, cache=None):
     return F.silu(y)
 
 
-def local_delta_attention(q, k, v, *, beta, log_gate=None, causal=True, segment_ids=None):
+def local_delta_attention(q, k, v, *, beta, log_gate=None, segment_ids=None):
     """Gated delta rule on one process (kernels.gated_delta_attn): q, k (B, T, H, d_k), v (B, T, H, d_v), beta and
-    log_gate (B, T, H) -> o (B, T, H, d_v). The LASP engines take the same arguments."""
-    if not causal:
-        raise ValueError("the delta rule is causal only (causal=False given)")
+    log_gate (B, T, H) -> o (B, T, H, d_v). The LASP engines take the same arguments (lasp.apply binds them)."""
     return gated_delta_attn(q, k, v, beta, log_gate=log_gate, segment_ids=segment_ids)[0]
 
 
@@ -179,7 +177,7 @@ class GatedDeltaNet(nn.Module):
     in_proj_qkvz rows per k head h: [q_h (d_k), k_h (d_k), v (r·d_v), z (r·d_v)] with r = H_v/H_k (transformers'
     layout, kept so conversion is a rename); in_proj_ba rows per k head: [b (r), a (r)].
     """
-    linear_attn = staticmethod(local_delta_attention)   # lasp.apply replaces it by a LASP engine (beta=...)
+    delta_attn = staticmethod(local_delta_attention)    # lasp.apply replaces it by a LASP engine (beta=...)
 
     def __init__(self, cfg):
         super().__init__()
@@ -226,7 +224,7 @@ class GatedDeltaNet(nn.Module):
         beta = torch.sigmoid(b)
         g = -_float(self.A_log).exp() * F.softplus(_float(a) + self.dt_bias)    # (B, T, H_v) ≤ 0
         if cache is None:
-            o = self.linear_attn(q, k, v, beta=beta, log_gate=g, causal=True, segment_ids=segment_ids)
+            o = self.delta_attn(q, k, v, beta=beta, log_gate=g, segment_ids=segment_ids)
         else:
             o, cache["state"] = gated_delta_attn(q, k, v, beta, log_gate=g, initial_state=cache.get("state"),
                                                  output_final_state=True)
