@@ -1,0 +1,103 @@
+"""Qwen3-Next (models/qwen3_next.py) against transformers' Qwen3NextForCausalLM with converted weights, conversion
+round trips, packed documents, recurrent decoding."""
+import dataclasses
+
+import pytest
+import torch
+
+from lasp import models
+from lasp.models import hf_qwen3_next as hf
+from lasp.models.generation import generate
+
+TINY = dict(vocab_size=97, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, linear_key_heads=2,
+            linear_value_heads=4, linear_key_dim=16, linear_value_dim=8, ffn_dim=96)
+
+
+def _model(dtype=torch.float32, seed=0, **fields):
+    torch.manual_seed(seed)
+    cfg = models.Qwen3NextConfig(**{**TINY, **fields})
+    model = models.build_model(cfg).to(dtype)
+    with torch.no_grad():                   # norms start at 0 / 1: perturb them so a misplaced norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model
+
+
+def _transformers_model(model):
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.Qwen3NextConfig(**hf.config_to_hf(model.config))
+    cfg._attn_implementation = "eager"
+    theirs = transformers.Qwen3NextForCausalLM(cfg).to(next(model.parameters()).dtype).eval()
+    missing, unexpected = theirs.load_state_dict(hf.state_to_hf(model.config, model.state_dict()), strict=False)
+    assert not unexpected and not [m for m in missing if "rotary" not in m], (missing, unexpected)
+    return theirs
+
+
+@pytest.mark.parametrize("fields", [{}, dict(n_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)],
+                         ids=["dense", "moe"])
+def test_logits_equal_transformers(fields):
+    model = _model(**fields).eval()
+    theirs = _transformers_model(model)
+    tokens = torch.randint(0, 97, (2, 70))                                  # > one 64-token chunk of theirs
+    with torch.no_grad():
+        ours = model.logits(model(tokens, torch.arange(70)))
+        ref = theirs(input_ids=tokens).logits
+    err = ((ours - ref).norm() / ref.norm()).item()
+    assert err < 1e-5, err
+
+
+def test_conversion_round_trip_is_identity():
+    model = _model(n_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48)
+    state = model.state_dict()
+    back = hf.state_from_hf(model.config, hf.state_to_hf(model.config, state))
+    assert back.keys() == state.keys() and all(torch.equal(back[k], state[k]) for k in state)
+    assert hf.config_from_hf(hf.config_to_hf(model.config)) == model.config
+
+
+def test_config_from_hf_refuses_what_it_cannot_build():
+    d = hf.config_to_hf(models.Qwen3NextConfig(**TINY, n_experts=4, top_k=2))
+    with pytest.raises(ValueError, match="mlp_only_layers"):
+        hf.config_from_hf({**d, "mlp_only_layers": [0]})
+    with pytest.raises(ValueError, match="layer_types"):
+        hf.config_from_hf({**d, "layer_types": ["full_attention"] + d["layer_types"][1:]})
+    with pytest.raises(ValueError, match="model_type"):
+        hf.config_from_hf({**d, "model_type": "llama"})
+
+
+def test_packed_documents_equal_each_document_alone():
+    model = _model(torch.float64)
+    lengths = [5, 1, 13, 9]
+    tokens = torch.randint(0, 97, (1, sum(lengths)))
+    seg = torch.repeat_interleave(torch.arange(len(lengths)), torch.tensor(lengths))[None]
+    pos = torch.cat([torch.arange(n) for n in lengths])
+    with torch.no_grad():
+        packed = model(tokens, pos, seg)
+        alone = torch.cat([model(t, torch.arange(t.shape[1])) for t in tokens.split(lengths, dim=1)], dim=1)
+    assert ((packed - alone).norm() / alone.norm()).item() < 1e-10
+
+
+def test_recurrent_decoding_continues_the_prefill():
+    model = _model(torch.float64).eval()
+    prompt = torch.randint(0, 97, (2, 7))
+    out = generate(model, prompt, 6, temperature=0)
+    with torch.no_grad():
+        full = model.logits(model(out[:, :-1], torch.arange(out.shape[1] - 1)))
+    assert torch.equal(full[:, 6:].argmax(-1), out[:, 7:])                 # greedy picks agree
+    cache = model.new_cache()
+    with torch.no_grad():
+        model(out[:, :7], torch.arange(7), cache=cache)
+        step = model(out[:, 7:8], torch.tensor([7]), cache=cache)
+        ref = model(out[:, :8], torch.arange(8))[:, 7:]
+    assert ((step - ref).norm() / ref.norm()).item() < 1e-12
+
+
+def test_published_shape_parameter_count():
+    transformers = pytest.importorskip("transformers")
+    ours = models.build_model("qwen3-next-80b-a3b", device="meta")
+    cfg = transformers.Qwen3NextConfig(**hf.config_to_hf(ours.config))
+    with torch.device("meta"):
+        theirs = transformers.Qwen3NextForCausalLM(cfg)
+    n = sum(p.numel() for p in ours.parameters())
+    assert n == sum(p.numel() for p in theirs.parameters())
+    assert 79e9 < n < 81e9, n
