@@ -8,6 +8,8 @@ import torch
 from lasp import models
 from lasp.models import hf_qwen3_next as hf
 from lasp.models.generation import generate
+from tests.dist import run_ranks
+from tests.test_launch import _rel, _train_curves, cache_dir, tiny  # noqa: F401  (cache_dir: a fixture)
 
 TINY = dict(vocab_size=97, dim=64, n_layers=4, n_heads=4, n_kv_heads=2, head_dim=16, linear_key_heads=2,
             linear_value_heads=4, linear_key_dim=16, linear_value_dim=8, ffn_dim=96)
@@ -101,3 +103,15 @@ def test_published_shape_parameter_count():
     n = sum(p.numel() for p in ours.parameters())
     assert n == sum(p.numel() for p in theirs.parameters())
     assert 79e9 < n < 81e9, n
+
+
+def test_sp4_zigzag_equals_sp1_through_the_launcher(tmp_path, cache_dir):
+    """qwen3-next-tiny (Gated DeltaNet under LASP-2 with beta=, its convolution's halo, gated softmax layers
+    under the all-gather engine) at SP = 4 zigzag equals SP = 1 for 3 steps, fp32."""
+    flags = ("--model", "qwen3-next-tiny", "--max-steps", "3")
+    one = run_ranks(1, _train_curves, tiny(tmp_path / "sp1", cache_dir, "--sp", "1", *flags))[0]
+    four = run_ranks(4, _train_curves, tiny(tmp_path / "sp4", cache_dir, "--sp", "4", "--parallel.layout", "zigzag",
+                                            *flags))
+    assert len(one[0]) == 3 and all(f == four[0] for f in four)
+    assert _rel(four[0][0], one[0]) < 1e-5 and _rel(four[0][1], one[1]) < 1e-5
+    assert type(models.load_model(tmp_path / "sp4" / "model.pt")).__name__ == "Qwen3Next"
