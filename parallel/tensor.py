@@ -285,6 +285,12 @@ def check_tensor_parallel(model, tp):
     -> the vocabulary size padded up to a multiple of tp (0 for a model without an `embed` table)."""
     if tp < 1:
         raise ValueError(f"tensor parallelism: tp must be >= 1, got {tp}")
+    for name, module in model.named_modules():      # layers whose channels tp does not split (yet): refuse, not crash
+        for attr, what in (("delta_attn", "a delta-rule (Gated DeltaNet) layer: its convolution, A_log and dt_bias "
+                                          "are per channel or head"), ("short_conv", "a short convolution")):
+            if tp > 1 and hasattr(module, attr):
+                raise ValueError(f"tensor parallelism: {name} is {what}, which tp does not split; run this model "
+                                 f"with tp=1 (sequence and data parallelism, ZeRO)")
     for name, module in _expert_layers(model):
         channels = module.gate_proj.shape[1]
         if channels % tp:

@@ -115,3 +115,13 @@ def test_sp4_zigzag_equals_sp1_through_the_launcher(tmp_path, cache_dir):
     assert len(one[0]) == 3 and all(f == four[0] for f in four)
     assert _rel(four[0][0], one[0]) < 1e-5 and _rel(four[0][1], one[1]) < 1e-5
     assert type(models.load_model(tmp_path / "sp4" / "model.pt")).__name__ == "Qwen3Next"
+
+
+def test_tensor_parallel_refuses_layers_it_does_not_split():
+    from lasp.parallel.tensor import check_tensor_parallel
+    with pytest.raises(ValueError, match="delta-rule .* tp=1"):
+        check_tensor_parallel(models.build_model("qwen3-next-tiny", device="meta"), 2)
+    with pytest.raises(ValueError, match="short convolution"):
+        check_tensor_parallel(models.build_model(models.LinearLlamaConfig(**{**dataclasses.asdict(
+            models.get_config("linear-llama3-tiny")), "short_conv": 4}), device="meta"), 2)
+    assert check_tensor_parallel(models.build_model("qwen3-next-tiny", device="meta"), 1) >= 0
