@@ -18,7 +18,7 @@ from lasp.launch import convert
 from lasp.launch.config import parse_args
 from lasp.launch.trainer import train
 from lasp.models import hf_minimax
-from lasp.models.minimax import MiniMaxConfig, minimax_log_decay
+from lasp.models.minimax import MiniMaxConfig
 from lasp.parallel import count_collectives
 from tests.dist import rel_err, run_ranks
 
@@ -57,8 +57,9 @@ def _logits(model, tokens):
     return model.logits(model(tokens, torch.arange(tokens.shape[1])))
 
 
-def test_logits_equal_transformers_fp32():
-    model = _ours()
+@pytest.mark.parametrize("top_k", [2, 1])         # top-1 too: transformers renormalises its one weight to 1
+def test_logits_equal_transformers_fp32(top_k):
+    model = _ours(dataclasses.replace(CFG, top_k=top_k))
     tokens = torch.randint(0, CFG.vocab_size, (2, T))
     with torch.no_grad():
         ours, theirs = _logits(model, tokens), _hf(model)(tokens).logits
@@ -85,12 +86,16 @@ def _float64_twins(monkeypatch, hf):
     monkeypatch.setattr(hf_mm.MiniMaxRMSNorm, "forward", norm)
     monkeypatch.setattr(hf_mm.MiniMaxTopKRouter, "forward", router)
     monkeypatch.setattr(hf_mm.MiniMaxRotaryEmbedding, "forward", rotary)
-    for layer in hf.model.layers:
-        attn = layer.self_attn
-        if isinstance(attn, hf_mm.MiniMaxLightningAttention):
-            slope = -minimax_log_decay(attn.num_attention_heads, attn.layer_idx, attn.num_hidden_layers)
-            attn.slope_rate = slope[:, None, None]
-            attn.query_decay, attn.key_decay, attn.diagonal_decay = attn.decay_factors(attn.slope_rate)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)          # its own get_slope_rate, evaluated in float64
+    try:
+        for layer in hf.model.layers:
+            attn = layer.self_attn
+            if isinstance(attn, hf_mm.MiniMaxLightningAttention):
+                attn.slope_rate = attn.get_slope_rate()
+                attn.query_decay, attn.key_decay, attn.diagonal_decay = attn.decay_factors(attn.slope_rate)
+    finally:
+        torch.set_default_dtype(default)
 
 
 def test_logits_equal_transformers_float64(monkeypatch):
