@@ -177,6 +177,55 @@ def test_published_shape_parameter_count_on_meta():
     assert abs(active / 45.9e9 - 1) < 0.002                      # "45.9B activated" (without the embeddings)
 
 
+# ---------------------------------------------------------------------------------------------- engines, float64
+# (world, linear engine, softmax engine, layout, expert-parallel over the whole group); W = 4 and an odd W = 3
+SP_CASES = [(4, "lasp2", "allgather", "contiguous", True), (4, "lasp2", "ring", "zigzag", True),
+            (4, "allscan", "allgather", "contiguous", False), (3, "lasp2", "allgather", "zigzag", False),
+            (3, "lasp1", "ring", "contiguous", False)]
+SP_T = 48
+
+
+def _sp_inputs():
+    g = torch.Generator().manual_seed(3)
+    tokens, labels = (torch.randint(0, CFG.vocab_size, (2, SP_T), generator=g) for _ in range(2))
+    segment_ids = torch.stack([(torch.arange(SP_T) >= 13).long(), (torch.arange(SP_T) >= 29).long()])
+    return {"tokens": tokens, "labels": labels, "segment_ids": segment_ids}
+
+
+def _loss_and_grads(model, batch, positions):
+    """Summed LM loss over these tokens (the router losses are the launcher test's) and {name: gradient}."""
+    loss, _ = model.loss(model(batch["tokens"], positions, batch["segment_ids"]), batch["labels"], with_aux=False)
+    loss.backward()
+    return loss.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+def _sp_rank(model, inputs, linear, softmax, layout, ep):
+    from lasp.apply import apply_sequence_parallel
+    from lasp.parallel import comm, experts, layout as layouts
+    rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    apply_sequence_parallel(model, linear=linear, softmax=softmax, layout=layout)
+    if ep:
+        experts.apply_expert_parallel(model)
+    batch = {k: layouts.shard(v, layout, rank, world) for k, v in inputs.items()}
+    with count_collectives() as log:
+        loss, grads = _loss_and_grads(model, batch, layouts.local_positions(SP_T, layout, rank, world))
+    sharded = experts.expert_parameters(model)           # already summed over the group by the all-to-all
+    grads = {n: (g if n in sharded else comm.all_reduce(g.clone())) for n, g in grads.items()}
+    grads = experts.full_state_dict(model, grads)
+    return comm.all_reduce(loss.clone()).item(), {n: g.numpy() for n, g in grads.items()}, log.count("all_to_all_v")
+
+
+@pytest.mark.parametrize("case", SP_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_engines_and_experts_equal_one_process_float64(case):
+    world, linear, softmax, layout, ep = case
+    model = _ours(dtype=torch.float64)
+    ref_loss, ref_grads = _loss_and_grads(_ours(dtype=torch.float64), _sp_inputs(), torch.arange(SP_T))
+    loss, grads, a2a = run_ranks(world, _sp_rank, model, _sp_inputs(), linear, softmax, layout, ep)[0]
+    assert abs(loss - ref_loss.item()) < 1e-10 * abs(ref_loss.item()) and (a2a > 0) == ep
+    for name, ref in ref_grads.items():
+        assert ref.norm() > 0 and rel_err(torch.from_numpy(grads[name]), ref) < 1e-10, name
+
+
 # ---------------------------------------------------------------------------------------------- launcher
 @pytest.fixture(scope="module")
 def cache_dir(tmp_path_factory):
