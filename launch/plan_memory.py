@@ -24,6 +24,7 @@ def parse_args(argv=None):
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks within dp x sp (routed experts)")
     p.add_argument("--zero", type=int, default=0, help="0 = DDP, 1-3 = ZeRO stage")
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="per-block activation checkpointing (default on)")
@@ -44,14 +45,14 @@ def main(argv=None):
     try:
         est = plan(args.model.arch, args.seq_len, args.sp, args.dp, args.tp, args.zero, args.checkpoint,
                    args.batch, "bf16" if gpu else "fp32", args.linear, args.softmax, "triton" if gpu else "torch",
-                   args.layout)
+                   args.layout, ep=args.ep)
     except ValueError as e:
         raise SystemExit(f"plan_memory: {e}")
     if args.json:
         print(json.dumps(dict(est, preset=args.preset, overrides=changes, seq_len=args.seq_len)))
         return
     print(f"{args.preset} {changes or ''}: {est['params'] / 1e6:,.1f}M parameters, "
-          f"T = {args.seq_len:,} tokens, sp={args.sp} dp={args.dp} tp={args.tp}, "
+          f"T = {args.seq_len:,} tokens, sp={args.sp} dp={args.dp} tp={args.tp} ep={args.ep}, "
           f"{'ZeRO-%d' % args.zero if args.zero else 'DDP'}, checkpointing {'on' if args.checkpoint else 'off'}, "
           f"{est['tokens_per_rank']:,} tokens per rank, {args.linear} + {args.softmax}")
     for term in ("parameters", "gradients", "optimizer_states", "activations", "comm_buffers", "total"):
