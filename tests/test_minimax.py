@@ -265,3 +265,16 @@ def test_launcher_runs_equal_one_process(tmp_path, cache_dir, one, args):
     assert all(r[:2] == ranks[0][:2] for r in ranks) and one[2] == 0
     assert all(r[2] > 0 for r in ranks) == ("--ep" in args)              # the expert all-to-all ran
     assert _rel(ranks[0][0], one[0]) < 1e-5 and _rel(ranks[0][1], one[1]) < 1e-5, (ranks[0][:2], one[:2])
+
+
+def test_planner_splits_routed_experts_over_ep():
+    from lasp.parallel.memory import plan
+    cfg = models.get_config("minimax-tiny")
+    one, four = plan(cfg, 4096, sp=4), plan(cfg, 4096, sp=4, ep=4)     # MoE layers probed on meta (raised before)
+    experts = cfg.n_layers * 3 * cfg.dim * cfg.ffn_dim * cfg.n_ffn_experts
+    assert one["params_per_rank"] - four["params_per_rank"] == experts * 3 / 4 and four["params"] == one["params"]
+    assert four["optimizer_states"] == 8 * four["params_per_rank"]
+    zero1 = plan(cfg, 4096, sp=4, ep=4, zero=1)                          # experts' replicas: dp·sp/ep = 1
+    assert zero1["optimizer_states"] == 8 * ((one["params"] - experts) / 4 + experts / 4)
+    with pytest.raises(ValueError, match="ep=3 must divide dp x sp = 4"):
+        plan(cfg, 4096, sp=4, ep=3)
