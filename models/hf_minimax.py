@@ -11,9 +11,14 @@ Names (layer i; L = lightning, N = softmax; E experts, F = ffn_dim, H heads, d h
     L: mixer.{q,k,v}_proj.weight (H·d, D)  self_attn.qkv_proj.weight (H·3d, D), per head [q_h; k_h; v_h]
     L: mixer.g_proj / norm / out_proj      self_attn.output_gate / norm / out_proj
     N: mixer.{q,k,v}_proj / out_proj       self_attn.{q,k,v}_proj / o_proj
-    mlp.router.weight (E, D)               mlp.gate.weight
-    mlp.gate_proj, up_proj (E, F, D)       mlp.experts.gate_up_proj (E, 2F, D) = [gate; up]
-    mlp.down_proj (E, D, F)                mlp.experts.down_proj
+    mlp.router.weight (E, D)               block_sparse_moe.gate.weight
+    mlp.gate_proj[e], up_proj[e] (F, D)    block_sparse_moe.experts.e.w1.weight, .w3.weight
+    mlp.down_proj[e] (D, F)                block_sparse_moe.experts.e.w2.weight
+
+The experts are written in the Hub layout (Mixtral's names: what MiniMaxAI's -hf checkpoints hold, what servers
+read, and what transformers' save_pretrained writes; its loader merges them into its in-memory
+mlp.gate.weight, mlp.experts.gate_up_proj (E, 2F, D) = [gate; up] and mlp.experts.down_proj). Both layouts are
+read; fused_experts=True writes the in-memory one (for load_state_dict on a live transformers model).
 
 transformers' lightning buffers (slope_rate and the decay tables) are constants it recomputes on load; they are
 neither written nor read. What transformers' MiniMax cannot express raises ValueError: partial RoPE (its MiniMax
@@ -102,8 +107,7 @@ def config_from_hf(hf):
 
 
 # per-layer renames (ours, transformers'), by layer kind; "*" for both kinds
-_COMMON = (("attn_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight"),
-           ("mlp.router.weight", "mlp.gate.weight"), ("mlp.down_proj", "mlp.experts.down_proj"))
+_COMMON = (("attn_norm.weight", "input_layernorm.weight"), ("mlp_norm.weight", "post_attention_layernorm.weight"))
 _MIXER = {"L": (("g_proj.weight", "output_gate.weight"), ("norm.weight", "norm.weight"),
                 ("out_proj.weight", "out_proj.weight")),
           "N": (("q_proj.weight", "q_proj.weight"), ("k_proj.weight", "k_proj.weight"),
@@ -129,13 +133,44 @@ def _take(state, name):
     return state[name]
 
 
-def state_to_hf(cfg, state):
-    """Our full state dict -> transformers' (tensors shared, the fused qkv and gate_up concatenated)."""
+def _experts_to_hf(state, ours, theirs, n_experts, fused):
+    """One layer's router and experts in transformers' names: the Hub layout, or the in-memory one (fused)."""
+    gate, up, down = (_take(state, f"{ours}mlp.{n}") for n in ("gate_proj", "up_proj", "down_proj"))
+    router = _take(state, f"{ours}mlp.router.weight")
+    if fused:
+        return {f"{theirs}mlp.gate.weight": router, f"{theirs}mlp.experts.gate_up_proj": torch.cat([gate, up], 1),
+                f"{theirs}mlp.experts.down_proj": down}
+    moe = f"{theirs}block_sparse_moe."
+    out = {f"{moe}gate.weight": router}
+    for e in range(n_experts):
+        out |= {f"{moe}experts.{e}.w1.weight": gate[e], f"{moe}experts.{e}.w3.weight": up[e],
+                f"{moe}experts.{e}.w2.weight": down[e]}
+    return out
+
+
+def _experts_from_hf(hf_state, ours, theirs, n_experts, used):
+    """One layer's router and experts from either layout -> {our name: tensor}; the names read go into `used`."""
+    moe = f"{theirs}block_sparse_moe."
+    if f"{moe}gate.weight" in hf_state:
+        names = {"router.weight": f"{moe}gate.weight"}
+        stacked = {n: torch.stack([_take(hf_state, f"{moe}experts.{e}.{w}.weight") for e in range(n_experts)])
+                   for n, w in (("gate_proj", "w1"), ("up_proj", "w3"), ("down_proj", "w2"))}
+        used.update(f"{moe}experts.{e}.{w}.weight" for e in range(n_experts) for w in ("w1", "w2", "w3"))
+    else:
+        names = {"router.weight": f"{theirs}mlp.gate.weight", "down_proj": f"{theirs}mlp.experts.down_proj"}
+        stacked = dict(zip(("gate_proj", "up_proj"),
+                           _take(hf_state, f"{theirs}mlp.experts.gate_up_proj").chunk(2, dim=1)))
+        used.add(f"{theirs}mlp.experts.gate_up_proj")
+    used.update(names.values())
+    return {f"{ours}mlp.{n}": t for n, t in ({k: _take(hf_state, v) for k, v in names.items()} | stacked).items()}
+
+
+def state_to_hf(cfg, state, fused_experts=False):
+    """Our full state dict -> transformers' (the Hub layout; fused_experts: its in-memory one)."""
     out = {theirs: _take(state, ours) for ours, theirs in _renames(cfg)}
     for i, kind in enumerate(cfg.layer_types()):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        out[theirs + "mlp.experts.gate_up_proj"] = torch.cat(
-            [_take(state, ours + "mlp.gate_proj"), _take(state, ours + "mlp.up_proj")], dim=1)
+        out |= _experts_to_hf(state, ours, theirs, cfg.n_ffn_experts, fused_experts)
         if kind == "L":         # (H, [q, k, v], d, D): transformers splits each head's 3d outputs as q | k | v
             qkv = [_take(state, f"{ours}mixer.{p}_proj.weight").unflatten(0, (cfg.n_heads, -1)) for p in "qkv"]
             out[theirs + "self_attn.qkv_proj.weight"] = torch.stack(qkv, dim=1).flatten(0, 2)
@@ -143,8 +178,8 @@ def state_to_hf(cfg, state):
 
 
 def state_from_hf(cfg, hf_state):
-    """transformers' state dict -> ours. Buffers (the lightning decay tables, rotary inv_freq) are ignored;
-    ValueError naming a missing tensor or ones left over."""
+    """transformers' state dict (either expert layout) -> ours. Buffers (the lightning decay tables, rotary
+    inv_freq) are ignored; ValueError naming a missing tensor or ones left over."""
     hf_state = {k: v for k, v in hf_state.items() if not k.endswith(
         ("slope_rate", "query_decay", "key_decay", "diagonal_decay", "inv_freq"))}
     used = set()
@@ -154,9 +189,7 @@ def state_from_hf(cfg, hf_state):
         used.add(theirs)
     for i, kind in enumerate(cfg.layer_types()):
         ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        gate_up = _take(hf_state, theirs + "mlp.experts.gate_up_proj")
-        out[ours + "mlp.gate_proj"], out[ours + "mlp.up_proj"] = gate_up.chunk(2, dim=1)
-        used.add(theirs + "mlp.experts.gate_up_proj")
+        out |= _experts_from_hf(hf_state, ours, theirs, cfg.n_ffn_experts, used)
         if kind == "L":
             qkv = _take(hf_state, theirs + "self_attn.qkv_proj.weight").unflatten(0, (cfg.n_heads, 3, -1))
             for j, p in enumerate("qkv"):
@@ -166,4 +199,3 @@ def state_from_hf(cfg, hf_state):
     if left:
         raise ValueError(f"tensors this MiniMax config has no place for: {left[:6]}{' ...' if len(left) > 6 else ''}")
     return {k: v.contiguous() for k, v in out.items()}
-

@@ -49,7 +49,8 @@ def _hf(model, block_size=16):
     config = transformers.MiniMaxConfig(**dict(hf_cfg, block_size=block_size), attn_implementation="sdpa",
                                         experts_implementation="eager")
     hf = transformers.MiniMaxForCausalLM(config).eval().to(next(model.parameters()).dtype)
-    missing, unexpected = hf.load_state_dict(hf_minimax.state_to_hf(model.config, model.state_dict()), strict=False)
+    missing, unexpected = hf.load_state_dict(hf_minimax.state_to_hf(model.config, model.state_dict(), fused_experts=True),
+                                              strict=False)
     assert not unexpected and all(k.endswith(("slope_rate", "_decay")) for k in missing), (missing, unexpected)
     return hf
 
@@ -127,9 +128,27 @@ def test_conversion_round_trips_are_the_identity(tmp_path):
     again = models.load_model(tmp_path / "again.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
     hf_state = {k: v for k, v in hf.state_dict().items() if not k.endswith(("slope_rate", "_decay"))}
-    assert hf_minimax.state_to_hf(again.config, again.state_dict()).keys() == hf_state.keys()
-    assert all(torch.equal(hf_minimax.state_to_hf(again.config, again.state_dict())[k], v)
-               for k, v in hf_state.items())
+    ours_as_hf = hf_minimax.state_to_hf(again.config, again.state_dict(), fused_experts=True)
+    assert ours_as_hf.keys() == hf_state.keys() and all(torch.equal(ours_as_hf[k], v) for k, v in hf_state.items())
+
+
+def test_a_fresh_transformers_checkpoint_starts_a_run_here(tmp_path):
+    """transformers' save_pretrained of a new model writes the Hub layout (block_sparse_moe.experts.e.w1/w2/w3, as
+    MiniMaxAI's -hf checkpoints): it converts to a model file with equal logits, and back to the same tensors."""
+    hf_cfg = {k: v for k, v in hf_minimax.config_to_hf(CFG).items() if k not in ("architectures", "model_type")}
+    torch.manual_seed(0)
+    hf = transformers.MiniMaxForCausalLM(transformers.MiniMaxConfig(**hf_cfg)).eval()
+    hf.save_pretrained(tmp_path / "hub")
+    convert.to_lasp("minimax", tmp_path / "hub", tmp_path / "start.pt")
+    ours = models.load_model(tmp_path / "start.pt")
+    tokens = torch.randint(0, CFG.vocab_size, (1, T))
+    with torch.no_grad():
+        assert rel_err(_logits(ours, tokens), hf(tokens).logits) < 1e-5
+    _, hub = convert.read_hf_folder(tmp_path / "hub")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in hub
+    written = hf_minimax.state_to_hf(ours.config, ours.state_dict())
+    assert all(torch.equal(written[k], hub[k]) for k in written) and set(hub) - set(written) <= {
+        k for k in hub if k.endswith(("slope_rate", "_decay"))}
 
 
 def test_conversion_refuses_what_transformers_cannot_hold(tmp_path, capsys):
