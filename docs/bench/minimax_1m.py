@@ -36,6 +36,15 @@ def packed_batch(seq_len, min_doc, max_doc, layout, group, seed=1234):
                 loss_mask=None), len(lengths)
 
 
+def _write(record, out, rank, device):
+    """Rank 0 writes the record (with the load now and the machine) as JSON and prints it."""
+    if rank == 0:
+        record = dict(record, load_avg_end=os.getloadavg(), machine=bench.machine_info(device))
+        with open(out, "w") as f:
+            json.dump(record, f, indent=1)
+        print(json.dumps(record, indent=1), flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seq-len", type=int, default=1048576)
@@ -58,20 +67,17 @@ def main():
     runtime = int(bench.across_ranks([bench.PeakMemory(device).current()], group, device)[0])
     batch, n_docs = packed_batch(args.seq_len, args.min_doc, args.max_doc, layout, group)
     seconds, profile = bench.measure_step(run, batch)
+    record = dict(preset="minimax-tiny", params=run.n_params, world=mesh.world_size, seq_len=args.seq_len,
+                  tokens_per_rank=args.seq_len // mesh.world_size, engines=args.engines, layout=layout,
+                  documents=n_docs, doc_len=[args.min_doc, args.max_doc], runtime_bytes=runtime,
+                  measured_step_s=seconds, load_avg_start=load_start, **profile)
+    _write(record, args.out, mesh.rank, device)              # kept even if the timed step does not finish
     bench.malloc_for_speed()
     start = time.perf_counter()
     phases = bench.core_step(run, batch, barrier=True)
     timed = bench.across_ranks([time.perf_counter() - start, *phases.values()], group, device)
-    if mesh.rank == 0:
-        record = dict(preset="minimax-tiny", params=run.n_params, world=mesh.world_size, seq_len=args.seq_len,
-                      tokens_per_rank=args.seq_len // mesh.world_size, engines=args.engines, layout=layout,
-                      documents=n_docs, doc_len=[args.min_doc, args.max_doc], runtime_bytes=runtime,
-                      measured_step_s=seconds, timed_step_s=timed[0], timed_phases_s=dict(zip(phases, timed[1:])),
-                      load_avg_start=load_start, load_avg_end=os.getloadavg(), machine=bench.machine_info(device),
-                      **profile)
-        with open(args.out, "w") as f:
-            json.dump(record, f, indent=1)
-        print(json.dumps(record, indent=1), flush=True)
+    _write(dict(record, timed_step_s=timed[0], timed_phases_s=dict(zip(phases, timed[1:]))), args.out, mesh.rank,
+           device)
     comm.barrier(group)
 
 
