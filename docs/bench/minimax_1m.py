@@ -9,7 +9,9 @@ activation checkpointing per block, fp32) on random bytes cut into documents of 
 layout. Softmax layers attend within a document (the engines skip other documents' key runs); lightning layers
 carry their state across documents until the linear engines take segment_ids (models/minimax.py,
 LINEAR_SEGMENT_IDS). First a warm-up step at 512 tokens per rank (code pages, optimizer state; `runtime_bytes` is
-the memory after it), then the measured step (launch/bench.py's meter: page faults included), then one timed step.
+the memory after it), then the measured step (launch/bench.py's meter: page faults included; its record is written
+at once), then one timed step in bench's speed mode (heap never trimmed: about twice the resident memory, 4.0 GiB
+per rank at 131,072 tokens per rank — at 1M on 8 ranks that step does not fit 23.5 GiB).
 """
 import argparse
 import json
