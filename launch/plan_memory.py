@@ -35,6 +35,7 @@ def parse_args(argv=None):
     p.add_argument("--sp", type=int, default=1)
     p.add_argument("--dp", type=int, default=1)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--ep", type=int, default=1, help="expert-parallel ranks within dp x sp (routed experts)")
     p.add_argument("--zero", type=int, default=0, help="0 = DDP, 1-3 = ZeRO stage")
     p.add_argument("--checkpoint", action=argparse.BooleanOptionalAction, default=True,
                    help="per-block activation checkpointing (default on)")
@@ -56,7 +57,7 @@ def estimate(args, sp=None, zero=None, checkpointing=None):
     return plan(args.model.arch, args.seq_len, args.sp if sp is None else sp, args.dp, args.tp,
                 args.zero if zero is None else zero, args.checkpoint if checkpointing is None else checkpointing,
                 args.batch, "bf16" if gpu else "fp32", args.linear, args.softmax, "triton" if gpu else "torch",
-                args.layout)
+                args.layout, ep=args.ep)
 
 
 def fits(est, gpu_mem_gib):
@@ -125,7 +126,7 @@ def main(argv=None):
         print(json.dumps(dict(est, preset=args.preset, overrides=changes, seq_len=args.seq_len, **extra)))
         return
     print(f"{args.preset} {changes or ''}: {est['params'] / 1e6:,.1f}M parameters, "
-          f"T = {args.seq_len:,} tokens, sp={args.sp} dp={args.dp} tp={args.tp}, "
+          f"T = {args.seq_len:,} tokens, sp={args.sp} dp={args.dp} tp={args.tp} ep={args.ep}, "
           f"{'ZeRO-%d' % args.zero if args.zero else 'DDP'}, checkpointing {'on' if args.checkpoint else 'off'}, "
           f"{est['tokens_per_rank']:,} tokens per rank, {args.linear} + {args.softmax}")
     for term in ("parameters", "gradients", "optimizer_states", "activations", "comm_buffers", "total"):

@@ -344,7 +344,7 @@ def model_label(cfg_model, config):
         candidate = dataclasses.replace(preset, **overrides, vocab_size=config.vocab_size)
         return models.config_to_dict(candidate) == found
     names = [cfg_model.preset] if same(cfg_model.preset, model_changes(cfg_model)) else [
-        n for n in sorted({**models.PRESETS, **models.BAM_PRESETS}) if same(n, {})]
+        n for n in sorted({**models.PRESETS, **models.BAM_PRESETS, **models.MINIMAX_PRESETS, **models.QWEN3_NEXT_PRESETS}) if same(n, {})]
     what = names[0] if names else f"a {found['family']} model matching no preset"
     return f"{what} (from {cfg_model.init_from})"
 

@@ -3,13 +3,14 @@
 `plan(cfg, seq_len, ...)` is what `launch/plan_memory.py` prints; it reads each engine's declared memory terms
 (`ENGINE.memory`, parallel/engines.py) and probes one block of each kind on the meta device.
 
-Symbols: P parameters (built on the meta device: exact), tp tensor-parallel ranks, N = dp·sp ZeRO partitions
-(this project's DDP and DeepSpeed span every data- and sequence-parallel rank), C = T/sp tokens per rank, B
+Symbols: P parameters (built on the meta device: exact; per rank: routed experts' weights ÷ ep·tp, the rest ÷ tp),
+tp tensor-parallel ranks, ep expert-parallel ranks within dp·sp, N = dp·sp ZeRO partitions (N/ep for expert
+shards; this project's DDP and DeepSpeed span every data- and sequence-parallel rank), C = T/sp tokens per rank, B
 sequences per rank, a = activation bytes (4 fp32, 2 under bf16 autocast), D width, n_layers blocks.
 
-  parameters     4·P/tp                  ÷N at ZeRO-3        (fp32 master weights; autocast computes in bf16)
-  gradients      4·P/tp                  ÷N at ZeRO ≥ 2
-  optimizer      8·P/tp (AdamW m and v)  ÷N at ZeRO ≥ 1
+  parameters     4·P per rank            ÷N at ZeRO-3        (fp32 master weights; autocast computes in bf16)
+  gradients      4·P per rank            ÷N at ZeRO ≥ 2
+  optimizer      8·P per rank (AdamW)    ÷N at ZeRO ≥ 1
   comm buffers   gradient buckets (DDP: a copy of the gradients; ZeRO: DeepSpeed's 5e8-element buckets, capped by
                  the gradients) + the largest sequence-parallel exchange buffer
   activations    with checkpointing: n_layers block inputs (B·C·D·4, the residual stream stays fp32), the head
@@ -26,14 +27,17 @@ so every term is linear in C and T: softmax layers cost O(T·H_kv·d) (all-gathe
 Not included: the runtime (CUDA context ≈ 0.5-1 GiB per GPU; on CPU the interpreter, torch and gloo ≈ 0.4 GiB
 per rank, measured), allocator fragmentation, and temporaries inside the optimizer step.
 """
+import functools
 import inspect
 import textwrap
 
 import torch
+import torch.nn.functional as F
 
 from lasp import models
 from lasp.apply import ENGINES
 from lasp.parallel.engines import CallShape
+from lasp.parallel.experts import EXPERT_WEIGHTS, check_expert_parallel
 
 __all__ = ["MiB", "LINEAR_ENGINES", "SOFTMAX_ENGINES", "probe_blocks", "engine_terms", "engine_help", "plan"]
 
@@ -59,6 +63,17 @@ class _Stub(torch.autograd.Function):
         return None, None, None, None, None
 
 
+def _balanced_moe(module, x):
+    """A routed MoE layer's forward on the meta device (no autocast, no bincount there): routing as usual, every
+    expert given S·k/E of the S·k routes (dropless and balanced), so the probe counts what a balanced step saves."""
+    shape, x = x.shape, x.reshape(-1, x.shape[-1])
+    weights, _ = F.linear(x.float(), module.router.weight.float()).softmax(-1).topk(module.top_k, dim=-1)
+    routes, E = x.shape[0] * module.top_k, module.gate_proj.shape[0]
+    counts = [routes // E] * (E - 1) + [routes - routes // E * (E - 1)]
+    y = module.run_experts(x.repeat_interleave(module.top_k, 0), counts).view(x.shape[0], module.top_k, -1)
+    return (y.float() * weights.unsqueeze(-1)).sum(1).to(x.dtype).view(shape)
+
+
 def probe_blocks(cfg, probe_len=256):
     """{kind: dict(before=bytes/token, after=bytes/token, heads, kv_heads, d_k, d_v)} for one block of each kind,
     counted by autograd's saved-tensor hooks on the meta device (parameters excluded)."""
@@ -75,6 +90,8 @@ def probe_blocks(cfg, probe_len=256):
                 if hasattr(mixer, attr):
                     setattr(mixer, attr, lambda q, k, v, _d=attr == "delta_attn", **kw: _Stub.apply(q, k, v, probe,
                                                                                                    _d))
+            if hasattr(mixer, "expert_dispatch") and getattr(mixer, "router", None) is not None:
+                mixer.forward = functools.partial(_balanced_moe, mixer)
 
         def pack(t):
             key = t.untyped_storage()._cdata
@@ -117,18 +134,38 @@ def engine_help():
     return "\n".join(lines)
 
 
+def _parameters_per_rank(model, tp, ep):
+    """-> (all parameters, replicated ones per rank, expert shards per rank): routed experts' stacked weights
+    split over ep ranks (parallel/experts.py), everything split over tp (experts on their F channels)."""
+    total = sum(p.numel() for p in model.parameters())
+    experts = sum(getattr(m, n).numel() for m in model.modules()
+                  if hasattr(m, "expert_dispatch") and getattr(m, "router", None) is not None for n in EXPERT_WEIGHTS)
+    return total, (total - experts) / tp, experts / (ep * tp)
+
+
 def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dtype="fp32", linear="lasp2",
-         softmax="allgather", kernel="torch", layout="contiguous"):
-    """{term: bytes per rank} (+ 'total' and the inputs echoed). ValueError naming the argument on bad input."""
-    for name, value in (("sp", sp), ("dp", dp), ("tp", tp), ("batch", batch)):
+         softmax="allgather", kernel="torch", layout="contiguous", ep=1):
+    """{term: bytes per rank} (+ 'total' and the inputs echoed). ValueError naming the argument on bad input.
+
+    ep: expert-parallel ranks within dp·sp (routed experts only). ZeRO partitions replicated weights over the N =
+    dp·sp ranks and expert shards over their N/ep replicas (the launcher runs ep with DDP only, parallel/experts.py;
+    ZeRO with ep is this arithmetic, not a tested run)."""
+    for name, value in (("sp", sp), ("dp", dp), ("tp", tp), ("batch", batch), ("ep", ep)):
         if value < 1:
             raise ValueError(f"{name} must be >= 1, got {value}")
     if seq_len % sp:
         raise ValueError(f"seq_len {seq_len} must be divisible by sp {sp}")
     if zero not in (0, 1, 2, 3):
         raise ValueError(f"zero must be 0 (DDP) or a ZeRO stage 1-3, got {zero}")
-    P = sum(p.numel() for p in models.build_model(cfg, device="meta").parameters()) / tp
+    if (dp * sp) % ep:
+        raise ValueError(f"ep={ep} must divide dp x sp = {dp * sp}")
+    model = models.build_model(cfg, device="meta")
+    check_expert_parallel(model, ep)
+    total, P_rep, P_exp = _parameters_per_rank(model, tp, ep)
     N, C, a = dp * sp, seq_len // sp, {"fp32": 4, "bf16": 2}[dtype]
+    def sharded(stage):     # parameters per rank, ZeRO-partitioned from `stage` on
+        return P_rep / (N if zero >= stage else 1) + P_exp / (N // ep if zero >= stage else 1)
+    P = P_rep + P_exp
     kinds = cfg.layer_types() if hasattr(cfg, "layer_types") else "L" * cfg.n_layers
     blocks = {}
     for kind, probe in probe_blocks(cfg).items():
@@ -142,10 +179,11 @@ def plan(cfg, seq_len, sp=1, dp=1, tp=1, zero=0, checkpointing=True, batch=1, dt
         acts = cfg.n_layers * batch * C * cfg.dim * 4 + max(b["peak"] for b in blocks.values())
     else:
         acts = sum(blocks[k]["all"] for k in kinds) + max(b["work"] for b in blocks.values())
-    terms = dict(parameters=4 * P / (N if zero >= 3 else 1), gradients=4 * P / (N if zero >= 2 else 1),
-                 optimizer_states=8 * P / (N if zero >= 1 else 1), activations=acts + head,
+    terms = dict(parameters=4 * sharded(3), gradients=4 * sharded(2), optimizer_states=8 * sharded(1),
+                 activations=acts + head,
                  comm_buffers=(4 * P if zero == 0 else min(4 * P, 5e8 * 4)) + max(b["buf"] for b in blocks.values()))
     terms["total"] = sum(terms.values())
-    return dict(terms, params=P * tp, tokens_per_rank=C, ranks=dict(sp=sp, dp=dp, tp=tp), zero=zero,
+    return dict(terms, params=total, params_per_rank=P, tokens_per_rank=C, ranks=dict(sp=sp, dp=dp, tp=tp, ep=ep),
+                zero=zero,
                 checkpointing=checkpointing, dtype=dtype, engines=dict(linear=linear, softmax=softmax), kernel=kernel,
                 layout=layout)
