@@ -125,3 +125,23 @@ def test_tensor_parallel_refuses_layers_it_does_not_split():
         check_tensor_parallel(models.build_model(models.LinearLlamaConfig(**{**dataclasses.asdict(
             models.get_config("linear-llama3-tiny")), "short_conv": 4}), device="meta"), 2)
     assert check_tensor_parallel(models.build_model("qwen3-next-tiny", device="meta"), 1) >= 0
+
+
+def test_convert_command_both_ways_through_transformers(tmp_path):
+    """model.pt -> `python -m lasp.launch.convert --family qwen3-next --to hf` -> transformers' from_pretrained:
+    equal logits; and the folder back (`--to lasp`) is the same model (what --model.init_from reads)."""
+    transformers = pytest.importorskip("transformers")
+    from lasp.launch.convert import main as convert
+    model = _model(n_experts=4, top_k=2, expert_dim=32, shared_expert_dim=48).eval()
+    models.save_model(tmp_path / "model.pt", model)
+    convert(["--family", "qwen3-next", "--to", "hf", str(tmp_path / "model.pt"), str(tmp_path / "hf")])
+    theirs = transformers.Qwen3NextForCausalLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    convert(["--family", "qwen3-next", "--to", "lasp", str(tmp_path / "hf"), str(tmp_path / "back.pt")])
+    back = models.load_model(tmp_path / "back.pt").eval()
+    tokens = torch.randint(0, 97, (1, 33))
+    with torch.no_grad():
+        ours = model.logits(model(tokens, torch.arange(33)))
+        again = back.logits(back(tokens, torch.arange(33)))
+        ref = theirs(input_ids=tokens).logits
+    assert ((ours - ref).norm() / ref.norm()).item() < 1e-5
+    assert torch.equal(ours, again)
