@@ -35,6 +35,9 @@ SWEEP = {
     "gated-softmax-first": ("NL", "gated", 0, "one softmax layer, then gated linear attention"),
     "linear-conv": ("L", "none", 4, "linear attention with a short convolution (w = 4) on q, k, v"),
     "hybrid-conv": ("LN", "none", 4, "linear attention with a short convolution (w = 4), then one softmax layer"),
+    # Qwen3-Next's layers at the same width (models/qwen3_next.py: its convolution of width 4 is part of the layer)
+    "gated-deltanet": ("LL", "deltanet", 4, "Gated DeltaNet (Qwen3-Next's linear layer), 2 layers"),
+    "gated-deltanet-hybrid": ("LLLN", "deltanet", 4, "3 Gated DeltaNet layers, then one gated softmax layer"),
 }
 # The swept model before the --model.<field> flags (pattern, linear_decay and short_conv then come from SWEEP)
 PRESET = "linear-llama3-tiny"
@@ -93,8 +96,22 @@ def mqar_config(args, name, kv_pairs, run_dir):
         "checkpoint": {"every": 0, "keep": 1},
         "run": {"dir": str(run_dir), "seed": args.seed, "progress": False, "sample_tokens": 0, "dtype": "fp32"},
     }, "launch/mqar.py")
-    cfg.model.arch = dataclasses.replace(args.model.arch, pattern=pattern, linear_decay=decay, short_conv=conv)
+    if decay == "deltanet":
+        cfg.model.preset, cfg.model.arch = "qwen3-next-tiny", _qwen3_next_arch(args.model.arch, pattern)
+    else:
+        cfg.model.arch = dataclasses.replace(args.model.arch, pattern=pattern, linear_decay=decay, short_conv=conv)
     return cfg
+
+
+def _qwen3_next_arch(arch, pattern):
+    """A Qwen3-Next config of the sweep's width and heads with `pattern` (L... then at most one N, last)."""
+    from lasp.models import Qwen3NextConfig
+    d = arch.dim // arch.n_heads
+    return Qwen3NextConfig(vocab_size=arch.vocab_size, dim=arch.dim, n_layers=len(pattern),
+                           full_attention_interval=len(pattern) + ("N" not in pattern), n_heads=arch.n_heads,
+                           n_kv_heads=arch.n_kv_heads, head_dim=d, linear_key_heads=arch.n_heads,
+                           linear_value_heads=arch.n_heads, linear_key_dim=d, linear_value_dim=d,
+                           ffn_dim=arch.ffn_dim, loss_chunk_tokens=arch.loss_chunk_tokens)
 
 
 def run_one(args, name, kv_pairs, run_dir):
@@ -114,7 +131,7 @@ def run_one(args, name, kv_pairs, run_dir):
     pattern = model.config.layer_types()
     return {"pattern": pattern, "mixer": SWEEP[name][3], "short_conv": SWEEP[name][2], "name": name,
             "kv_pairs": kv_pairs, "seq_len": args.seq_len,
-            "dim": args.model.arch.dim, "n_layers": args.model.arch.n_layers, "vocab_size": args.vocab_size,
+            "dim": args.model.arch.dim, "n_layers": model.config.n_layers, "vocab_size": args.vocab_size,
             "accuracy": scores["accuracy"], "loss": scores["loss"], "train_loss": losses[max(losses)],
             "steps": args.steps, "batch_size": args.batch_size, "lr": args.lr, "min_kv_pairs": args.min_kv_pairs,
             "seed": args.seed, "eval_queries": scores["tokens"], "seconds": round(seconds, 1)}
