@@ -24,6 +24,7 @@ setup(
         "megatron-core>=0.10",
         "wandb>=0.17",
         "sentencepiece>=0.2",
+        "safetensors",          # transformers-format folders (launch/convert.py)
         "numpy",
         "tqdm",
         "matplotlib",
