@@ -194,8 +194,8 @@ class LinearLlama(nn.Module):
         """Σ over MoE layers of balance_loss_weight·balance + z_loss_weight·z from the last forward (this rank's
         tokens, route counts as `count_reduce` summed them); a zero tensor without FFN experts."""
         cfg, total = self.config, self.lm_head.weight.new_zeros(())
-        for layer in self.layers:
-            aux = getattr(layer.mlp, "aux", None)
+        for m in self.modules():                     # routed FFN layers (models/moe.py), wherever a block holds one
+            aux = getattr(m, "aux", None) if isinstance(m, MoEFeedForward) else None
             if aux is not None:
                 total = total + cfg.balance_loss_weight * aux["balance"] + cfg.z_loss_weight * aux["z"]
         return total
@@ -206,6 +206,6 @@ class LinearLlama(nn.Module):
         ranks adds the label-weighted mean of the ranks' router losses (exactly the global one when every rank holds
         as many labelled tokens)."""
         ce, count = self.cross_entropy(hidden, self.lm_head.weight, labels, loss_mask, self.config.loss_chunk_tokens)
-        if not with_aux or self.config.n_ffn_experts == 1:
+        if not with_aux or not any(isinstance(m, MoEFeedForward) and m.router is not None for m in self.modules()):
             return ce, count
         return ce + self.aux_loss().to(ce.dtype) * count, count

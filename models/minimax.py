@@ -28,10 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
 from .common import (RMSNorm, _cached_softmax_attention, apply_rotary, chunked_cross_entropy, init_linear_weights,
-                     local_linear_attention, local_softmax_attention, normalize_positions, rotary_cos_sin,
-                     run_linear_attention)
+                     local_linear_attention, local_softmax_attention, rotary_cos_sin, run_linear_attention)
 from .linear_llama import LinearLlama
 from .moe import MoEFeedForward
 
@@ -212,23 +210,7 @@ class MiniMax(nn.Module):
         init_linear_weights(self, self.config.init_std, self.config.init_std)
         self.norm.init_weights()
 
-    def forward(self, tokens, positions, segment_ids=None, cache=None):
-        """tokens (B, T), positions (T,)/(B, T) global, segment_ids (B, T) or None -> hidden (B, T, D).
-        cache: None for training, else the list from `new_cache()` (decoding continues from it)."""
-        positions = normalize_positions(positions, *tokens.shape)
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, segment_ids, None if cache is None else cache[i])
-        return self.norm(x)
-
-    def new_cache(self):
-        """Empty decoding cache: one dict per layer (lightning: recurrent state; softmax: keys/values)."""
-        return [{} for _ in self.layers]
-
-    def logits(self, hidden):
-        """(B, T, D) -> (B, T, V)."""
-        return self.lm_head(hidden)
-
-    # the same router-loss bookkeeping as Linear-Llama3's MoE (config fields of the same names): shared, not copied
-    aux_loss = LinearLlama.aux_loss
-    loss = LinearLlama.loss
+    # embedding -> blocks -> norm, decoding caches, the head and the router losses (config fields of the same
+    # names): Linear-Llama3's, shared, not copied
+    forward, new_cache, logits = LinearLlama.forward, LinearLlama.new_cache, LinearLlama.logits
+    aux_loss, loss = LinearLlama.aux_loss, LinearLlama.loss

@@ -27,7 +27,8 @@ from torch import nn
 from lasp.kernels import gated_delta_attn
 
 from .common import (ShortConvolution, SwiGLU, _cached_softmax_attention, apply_rotary, chunked_cross_entropy,
-                     local_softmax_attention, normalize_positions, rotary_cos_sin)
+                     local_softmax_attention, rotary_cos_sin)
+from .linear_llama import LinearLlama
 from .moe import MoEFeedForward
 
 __all__ = ["Qwen3NextConfig", "PRESETS", "Qwen3Next", "local_delta_attention"]
@@ -303,33 +304,6 @@ class Qwen3Next(nn.Module):
             elif m is not self and hasattr(m, "init_weights"):
                 m.init_weights()
 
-    def forward(self, tokens, positions, segment_ids=None, cache=None):
-        """tokens (B, T), positions (T,)/(B, T) global, segment_ids (B, T) or None -> hidden (B, T, D)."""
-        positions = normalize_positions(positions, *tokens.shape)
-        x = self.embed(tokens)
-        for i, layer in enumerate(self.layers):
-            x = layer(x, positions, segment_ids, None if cache is None else cache[i])
-        return self.norm(x)
-
-    def new_cache(self):
-        """Empty decoding cache: one dict per layer (Gated DeltaNet: conv inputs + delta state; softmax: K/V)."""
-        return [{} for _ in self.layers]
-
-    def logits(self, hidden):
-        return self.lm_head(hidden)
-
-    def aux_loss(self):
-        """Σ over MoE layers of balance_loss_weight·balance + z_loss_weight·z from the last forward."""
-        cfg, total = self.config, self.lm_head.weight.new_zeros(())
-        for layer in self.layers:
-            aux = getattr(getattr(layer.mlp, "experts", None), "aux", None)
-            if aux is not None:
-                total = total + cfg.balance_loss_weight * aux["balance"] + cfg.z_loss_weight * aux["z"]
-        return total
-
-    def loss(self, hidden, labels, loss_mask=None, with_aux=True):
-        """-> (loss_sum, token_count) over local tokens, as LinearLlama.loss (router losses added with experts)."""
-        ce, count = self.cross_entropy(hidden, self.lm_head.weight, labels, loss_mask, self.config.loss_chunk_tokens)
-        if not with_aux or not self.config.n_experts:
-            return ce, count
-        return ce + self.aux_loss().to(ce.dtype) * count, count
+    # embedding -> blocks -> norm, decoding caches, the head and the router losses: Linear-Llama3's, shared
+    forward, new_cache, logits = LinearLlama.forward, LinearLlama.new_cache, LinearLlama.logits
+    aux_loss, loss = LinearLlama.aux_loss, LinearLlama.loss
