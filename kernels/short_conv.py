@@ -23,11 +23,12 @@ __all__ = ["short_conv", "short_conv_naive", "conv_forward", "conv_backward", "s
 
 
 def _crossing_taps(ids, h, T):
-    """(r, t, k) long vectors: tap k of output t reads another document; None without documents."""
+    """(n, 3) long rows (r, t, k): tap k of output t reads another document; None without documents or if none."""
     if ids is None or h == 0:
         return None
     bad = torch.stack([ids[:, k:k + T] != ids[:, h:] for k in range(h)], dim=-1)     # (R, T, h) bool, small
-    return bad.nonzero().unbind(1)
+    crossing = bad.nonzero()
+    return crossing if len(crossing) else None
 
 
 def _read(x, halo, r, j):
@@ -40,7 +41,8 @@ def _read(x, halo, r, j):
 
 
 def conv_forward(x, halo, weight, ids):
-    """Pre-activation (R, T, F) of x (R, T, F) after halo (R, h, F) or None; ids (R, h + T) or None."""
+    """-> pre-activation (R, T, F) of x (R, T, F) after halo (R, h, F) or None, and the boundary-crossing taps
+    (n, 3) or None (what conv_backward needs of the documents); ids (R, h + T) or None."""
     h, T = weight.shape[-1] - 1, x.shape[1]
     taps = weight[:, 0].t().to(x.dtype)                                    # (w, F)
     pre = x * taps[h]
@@ -51,14 +53,15 @@ def conv_forward(x, halo, weight, ids):
         if halo is not None:                                               # outputs t < s read halo[t + k]
             pre[:, :s].addcmul_(halo[:, k:k + min(s, T)], taps[k])
     crossing = _crossing_taps(ids, h, T)
-    if crossing is not None and crossing[0].numel():
-        r, t, k = crossing
+    if crossing is not None:
+        r, t, k = crossing.unbind(1)
         pre.index_put_((r, t), -_read(x, halo, r, t + k - h) * taps[k], accumulate=True)
-    return pre
+    return pre, crossing
 
 
-def conv_backward(x, halo, weight, ids, dpre):
-    """-> dx (R, T, F), dhalo (R, h, F) or None, dweight (F, 1, w) of conv_forward, given dpre (R, T, F)."""
+def conv_backward(x, halo, weight, crossing, dpre):
+    """-> dx (R, T, F), dhalo (R, h, F) or None, dweight (F, 1, w) of conv_forward, given dpre (R, T, F) and the
+    crossing taps conv_forward returned."""
     h, T = weight.shape[-1] - 1, x.shape[1]
     taps = weight[:, 0].t().to(x.dtype)
     acc = torch.promote_types(x.dtype, torch.float32)                      # weight sums over R·T tokens
@@ -75,15 +78,15 @@ def conv_backward(x, halo, weight, ids, dpre):
             m = min(s, T)
             dhalo[:, k:k + m].addcmul_(dpre[:, :m], taps[k])
             dtaps[k] += (dpre[:, :m] * halo[:, k:k + m]).sum((0, 1), dtype=acc)
-    crossing = _crossing_taps(ids, h, T)
-    if crossing is not None and crossing[0].numel():                      # undo the taps across boundaries
-        r, t, k = crossing
+    if crossing is not None:                                               # undo the taps across boundaries
+        r, t, k = crossing.unbind(1)
         j, g = t + k - h, dpre[r, t]                                       # (n,), (n, F)
         dtaps.index_add_(0, k, -(g * _read(x, halo, r, j)).to(acc))
-        inside, gk = j >= 0, g * taps[k]
-        dx.index_put_((r[inside], j[inside]), -gk[inside], accumulate=True)
+        before = (j < 0).unsqueeze(-1)                                     # halo tokens; no boolean indexing:
+        gk = g * taps[k]                                                   # the other side adds zeros
+        dx.index_put_((r, j.clamp(min=0)), -gk.masked_fill(before, 0), accumulate=True)
         if halo is not None:
-            dhalo.index_put_((r[~inside], j[~inside] + h), -gk[~inside], accumulate=True)
+            dhalo.index_put_((r, (j + h).clamp(max=h - 1)), -gk.masked_fill(~before, 0), accumulate=True)
     return dx, dhalo, dtaps.t().unsqueeze(1).to(weight.dtype)
 
 
@@ -114,15 +117,15 @@ def document_ids(x, weight, halo=None, segment_ids=None, halo_segment_ids=None):
 class _ShortConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, halo, ids, activation):
-        pre = conv_forward(x, halo, weight, ids)
-        ctx.save_for_backward(x, weight, halo, ids, pre if activation else None)
+        pre, crossing = conv_forward(x, halo, weight, ids)
+        ctx.save_for_backward(x, weight, halo, crossing, pre if activation else None)
         return F.silu(pre) if activation else pre
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, halo, ids, pre = ctx.saved_tensors
+        x, weight, halo, crossing, pre = ctx.saved_tensors
         dpre = dy.contiguous() if pre is None else silu_backward(pre, dy)
-        dx, dhalo, dweight = conv_backward(x, halo, weight, ids, dpre)
+        dx, dhalo, dweight = conv_backward(x, halo, weight, crossing, dpre)
         return dx, dweight, dhalo, None, None
 
 

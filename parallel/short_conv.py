@@ -92,14 +92,15 @@ def _halos(x, segment_ids, h, layout, group):
 
 
 def short_conv_forward(x, weight, segment_ids, activation, layout, group):
-    """-> (y (B, C, F), saved): saved = (segments, halos, ids, pre-activation or None), what the backward needs."""
+    """-> (y (B, C, F), saved): saved = (segments, halos, boundary-crossing taps or None, pre-activation or None),
+    what the backward needs."""
     h = weight.shape[-1] - 1
     segs, halo, ids = _halos(x, segment_ids, h, layout, group)
-    pre = conv_forward(segs, halo, weight, ids)
-    return (F.silu(pre) if activation else pre).view(x.shape), (segs, halo, ids, pre if activation else None)
+    pre, crossing = conv_forward(segs, halo, weight, ids)
+    return (F.silu(pre) if activation else pre).view(x.shape), (segs, halo, crossing, pre if activation else None)
 
 
-def short_conv_backward(segs, halo, ids, pre, weight, dy, layout, group):
+def short_conv_backward(segs, halo, crossing, pre, weight, dy, layout, group):
     """-> (dx (B, C, F), dweight (F, 1, w)): the local gradient plus the dhalo that consumers sent back. pre: the
     pre-activation (None without SiLU)."""
     h = weight.shape[-1] - 1
@@ -107,7 +108,7 @@ def short_conv_backward(segs, halo, ids, pre, weight, dy, layout, group):
     B, c, Fch = dy.shape[0], segs.shape[1], segs.shape[-1]
     dpre = dy.view(B * n, c, Fch)
     dpre = dpre if pre is None else silu_backward(pre, dpre)
-    dx, dhalo, dweight = conv_backward(segs, halo, weight, ids, dpre)
+    dx, dhalo, dweight = conv_backward(segs, halo, weight, crossing, dpre)
     dx, dhalo = dx.view(B, n, c, Fch), dhalo.view(B, n, h, Fch)
     got = [None] * n if h == 0 else _move([dhalo[:, s].contiguous() for s in range(n)], halo_plan(
         layout, comm.group_rank(group), comm.group_size(group)), False, group)
@@ -127,8 +128,8 @@ class _ShortConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
-        weight, segs, halo, ids, pre = ctx.saved_tensors
-        dx, dweight = short_conv_backward(segs, halo, ids, pre, weight, dy.contiguous(), *ctx.config)
+        weight, segs, halo, crossing, pre = ctx.saved_tensors
+        dx, dweight = short_conv_backward(segs, halo, crossing, pre, weight, dy.contiguous(), *ctx.config)
         return dx, dweight, None, None, None, None
 
 
