@@ -622,6 +622,18 @@ def _check_layout(cfg, world_size):
         raise ValueError(f"parallel/data: {e} ({_where(cfg, world_size)})") from None
 
 
+def _check_conv_halo(cfg, arch):
+    """A short convolution's halo (its w − 1 earlier tokens) comes from the one segment before: each layout
+    segment (seq_len / (sp · segments per rank) tokens) must hold at least w − 1 tokens."""
+    from lasp.parallel.layout import segments_per_rank
+    key, w = next(((k, getattr(arch, k)) for k in ("short_conv", "conv_width") if getattr(arch, k, 0)), (None, 0))
+    segment = cfg.data.seq_len // (cfg.parallel.sp * segments_per_rank(cfg.parallel.layout))
+    if cfg.parallel.sp > 1 and w > 1 and segment < w - 1:
+        raise ValueError(f"model.{key}={w} needs segments of at least {w - 1} tokens under sequence parallelism, "
+                         f"got {segment} (data.seq_len={cfg.data.seq_len}, parallel.sp={cfg.parallel.sp}, "
+                         f"parallel.layout={cfg.parallel.layout!r}): raise data.seq_len or lower parallel.sp")
+
+
 def _where(cfg, world_size):
     p = cfg.parallel
     return (f"parallel.sp={p.sp}, parallel.tp={p.tp}, parallel.ep={p.ep}, world size {world_size}, "
@@ -673,7 +685,8 @@ def config_errors(cfg, world_size, ranks_here=None):
     passed(_check_data_source, cfg)
     if sizes and passed(_check_mesh, cfg, world_size) and model:
         if passed(_check_memory, cfg, arch[0], world_size, ranks_here or world_size):
-            passed(_check_layout, cfg, world_size)
+            if passed(_check_layout, cfg, world_size):
+                passed(_check_conv_halo, cfg, arch[0])
             if cfg.parallel.tp > 1:
                 passed(_check_tensor_parallel, cfg)
             if cfg.parallel.ep > 1:

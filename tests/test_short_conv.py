@@ -228,3 +228,15 @@ def test_old_model_files_load_without_short_conv():
     """A model file written before the field (tests/data, the former bam family) loads with short_conv = 0."""
     model = models.load_model(os.path.join(os.path.dirname(__file__), "data", "bam-family-seed.pt"))
     assert model.config.short_conv == 0 and not any("conv" in n for n, _ in model.named_parameters())
+
+
+def test_launcher_refuses_a_halo_longer_than_a_segment_before_any_group():
+    """seq_len / (sp · segments) < w − 1: one message naming model.short_conv, from the config check (no process
+    group needed), for Linear-Llama3's short_conv and Qwen3-Next's conv_width alike."""
+    from lasp.launch.config import config_errors, parse_args
+    for flags in (("--model.short_conv", "4"), ("--model", "qwen3-next-tiny")):
+        cfg, _ = parse_args(["--sp", "8", "--parallel.layout", "zigzag", "--data.seq_len", "32", *flags])
+        errors = config_errors(cfg, 8)
+        assert any("needs segments of at least 3 tokens" in e and "got 2" in e for e in errors), errors
+        cfg, _ = parse_args(["--sp", "8", "--parallel.layout", "zigzag", "--data.seq_len", "48", *flags])
+        assert not [e for e in config_errors(cfg, 8) if "segments of at least" in e]
