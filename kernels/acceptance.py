@@ -180,6 +180,8 @@ CHECK_TRAIN = (
     ("linear-llama3", "allscan+ulysses", ("--config", "tiny", "--parallel.linear", "allscan",
                                           "--parallel.softmax", "ulysses")),
     ("tnl", "lasp2 (zigzag)", ("--config", "tnl-tiny", "--sp", "1")),
+    ("minimax", "lasp2+allgather", ("--config", "tiny", "--model", "minimax-tiny")),
+    ("qwen3-next", "lasp2+allgather", ("--config", "tiny", "--model", "qwen3-next-tiny")),
 )
 # Estimated seconds on an H100 machine per step (how they were obtained: docs/kernels.md "GPU acceptance run").
 CHECK_ESTIMATE_S = {"accuracy": 60, "timing": 90, "engines": 45, "train": 30}

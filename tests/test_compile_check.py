@@ -265,7 +265,7 @@ def test_acceptance_plan_covers_every_family_and_engine():
         opts = dict(zip(flags[::2], flags[1::2]))
         with open(os.path.join(root, "launch", "configs", opts["--config"] + ".toml"), "rb") as f:
             cfg = tomllib.load(f)
-        config = models.get_config(cfg["model"]["preset"])
+        config = models.get_config(opts.get("--model", cfg["model"]["preset"]))
         assert type(config) is models.FAMILIES[family][0], (family, cfg["model"]["preset"])
         chosen = (opts.get("--parallel.linear", cfg.get("parallel", {}).get("linear", "lasp2")),
                   opts.get("--parallel.softmax", cfg.get("parallel", {}).get("softmax", "allgather")))
