@@ -53,6 +53,11 @@ FIELD_RULES = {
     "n_ffn_experts": (1, True), "top_k": (1, True), "pad_token_id": (-1, True),
     "rope_base": (0, False), "norm_eps": (0, False), "init_std": (0, False), "gate_logit_normalizer": (0, False),
     "balance_loss_weight": (0, True), "z_loss_weight": (0, True),
+    "short_conv": (0, True),                                                             # Linear-Llama3
+    "head_dim": (1, True), "rotary_dim": (0, True),                                      # MiniMax, Qwen3-Next
+    "full_attention_interval": (1, True), "partial_rotary_factor": (0, False), "linear_key_heads": (1, True),
+    "linear_value_heads": (1, True), "linear_key_dim": (1, True), "linear_value_dim": (1, True),
+    "conv_width": (1, True), "n_experts": (0, True), "expert_dim": (1, True), "shared_expert_dim": (1, True),
 }
 
 
