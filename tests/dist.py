@@ -58,3 +58,14 @@ def rel_err(a, b):
     """Norm-wise relative error ||a - b|| / ||b|| in float64."""
     a, b = a.double(), b.double()
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+def assert_close(got, want, tol, names):
+    """Each pair (a, b) of got, want: both None, or the same shape, finite, and rel_err(a, b) < tol (names label them)."""
+    for name, a, b in zip(names, got, want):
+        assert (a is None) == (b is None), f"{name}: got {a is None and 'None'}, want {b is None and 'None'}"
+        if a is not None:
+            assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
+            assert torch.isfinite(a).all(), f"{name}: non-finite values"
+            err = rel_err(a, b)
+            assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"

@@ -10,6 +10,7 @@ import torch
 
 from lasp.kernels import lightning_attn, linear_attn_chunked, linear_attn_recurrent
 from lasp.kernels.linear_attn import deferred_grads, deferred_outputs, deferred_state_grads, deferred_states
+from tests.dist import assert_close as _assert_all_close
 from tests.dist import rel_err
 from tests.oracles import documents_alone
 
@@ -48,13 +49,7 @@ def oracle_grads(q, k, v, log_decay, log_gate, ids, do):
 
 
 def assert_close(got, want, tol, names=("o", "dq", "dk", "dv", "dlog_gate")):
-    for name, a, b in zip(names, got, want):
-        assert (a is None) == (b is None), f"{name}: got {a is None}, want {b is None}"
-        if a is not None:
-            assert a.shape == b.shape, f"{name}: {tuple(a.shape)} != {tuple(b.shape)}"
-            assert torch.isfinite(a).all(), f"{name}: non-finite values"
-            err = rel_err(a, b)
-            assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+    _assert_all_close(got, want, tol, names)
 
 
 # row 0: a boundary on a chunk edge (8), a one-token document (8), a one-token document at the end;

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from lasp.kernels import lightning_attn, lightning_attn_bwd, lightning_attn_fwd, linear_attn_chunked, linear_attn_recurrent
-from tests.dist import rel_err, run_ranks
+from tests.dist import assert_close, rel_err, run_ranks
 from tests.oracles import gated_linear_attention, linear_attention_dense
 
 FP32_TOL = 2e-5
@@ -53,13 +53,7 @@ def _oracle(q, k, v, log_decay, state, do, dfinal):
 
 
 def _assert_close(got, want, tol, names=("o", "final", "dq", "dk", "dv", "dstate")):
-    for name, a, b in zip(names, got, want):
-        assert (a is None) == (b is None), f"{name}: got {a is None and 'None'}, want {b is None and 'None'}"
-        if a is not None:
-            assert a.shape == b.shape, f"{name}: shape {tuple(a.shape)} != {tuple(b.shape)}"
-            assert torch.isfinite(a).all(), f"{name}: non-finite values"
-            err = rel_err(a, b)
-            assert err < tol, f"{name}: relative error {err:.3e} >= {tol:.1e}"
+    assert_close(got, want, tol, names)
 
 
 # ---------------------------------------------------------------------------------------------------------------
