@@ -10,18 +10,17 @@ buffers built in float32) by float64 twins inside the test.
 import dataclasses
 import json
 
-import numpy as np
 import pytest
 import torch
 
 from lasp import models
 from lasp.launch import convert
 from lasp.launch.config import parse_args
-from lasp.launch.trainer import train
 from lasp.models import hf_minimax
 from lasp.models.minimax import MiniMaxConfig
 from lasp.parallel import count_collectives
 from tests.dist import rel_err, run_ranks
+from tests.test_compose import _rel, _train  # the launcher-equality helpers (losses, grad norms, a2a count)
 
 transformers = pytest.importorskip("transformers")
 from transformers.models.minimax import modeling_minimax as hf_mm  # noqa: E402
@@ -256,18 +255,6 @@ def _cfg(run_dir, cache_dir, *args):
     return parse_args(["--config", "tiny", "--model", "minimax-tiny", "--model.n_layers", "2", "--model.pattern",
                        "LN", "--run-dir", str(run_dir), "--max-steps", "3", "--data.cache_dir", cache_dir,
                        "--run.sample_tokens", "0", "--run.dtype", "fp32", *args])[0]
-
-
-def _train(cfg):
-    """-> (losses, pre-clip grad norms, all_to_all_v calls) of this rank."""
-    with count_collectives() as log:
-        out = train(cfg)
-    return list(out["losses"].values()), list(out["grad_norms"].values()), log.count("all_to_all_v")
-
-
-def _rel(a, b):
-    a, b = np.array(a, dtype=np.float64), np.array(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / np.abs(b).max())
 
 
 @pytest.fixture(scope="module")
