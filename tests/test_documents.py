@@ -12,6 +12,7 @@ from lasp.kernels import lightning_attn, linear_attn_chunked, linear_attn_recurr
 from lasp.kernels.linear_attn import deferred_grads, deferred_outputs, deferred_state_grads, deferred_states
 from tests.dist import assert_close as _assert_all_close
 from tests.dist import rel_err
+from tests.test_kernels import _arriving  # LASP-2's finisher stand-in
 from tests.oracles import documents_alone
 
 F64_TOL, FP32_TOL = 1e-10, 2e-5
@@ -98,15 +99,6 @@ def test_initial_state_survives_until_the_first_reset_and_final_state_grads():
         o, final = fn(*leaves[:3], log_decay, leaves[4], log_gate=leaves[3], segment_ids=ids)
         runs.append((o, final, *torch.autograd.grad([o, final], leaves, [do, dfinal])))
     assert_close(runs[0], runs[1], F64_TOL, ("o", "final", "dq", "dk", "dv", "dlog_gate", "dstate"))
-
-
-def _arriving(value, polls):
-    seen = []
-
-    def finish(wait):
-        seen.append(wait)
-        return value if wait or (polls is not None and len(seen) > polls) else None
-    return finish
 
 
 @pytest.mark.parametrize("mode", ["none", "gate"])
