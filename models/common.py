@@ -262,7 +262,8 @@ class LinearAttention(nn.Module):
     else. g ≤ 0 by construction, so the mixer makes no value check on it (which would need a device sync).
     segment_ids (B, T): packed documents, the state emptied at each one's first token. (B, T, D) -> (B, T, D).
     short_conv = w > 0: q, k, v each pass a causal depthwise convolution of width w + SiLU (ShortConvolution, fla's
-    convention) right after their projections, before φ; its taps stop at document boundaries.
+    convention; one module `qkv_conv` over their concatenated channels) right after their projections, before φ;
+    its taps stop at document boundaries.
 
     n_experts = N > 1 (see the module docstring): q_proj, g_proj (N·D, D), k_proj, v_proj (N_kv·D, D) with
     N_kv = 1 under kv_sharing else N, out_proj (D, N·D), norm.weight (N, 1, d) one per expert, router (N, D);
@@ -292,10 +293,10 @@ class LinearAttention(nn.Module):
         self.forget_proj = nn.Linear(dim, n_heads) if decay == "gated" else None
         self.gate_logit_normalizer = gate_logit_normalizer
         self.router = nn.Linear(dim, n_experts, bias=False) if n_experts > 1 else None
-        # short_conv = w > 0: causal depthwise conv + SiLU on the projected q, k, v (before φ), fla's convention
-        self.q_conv, self.k_conv, self.v_conv = (
-            ShortConvolution(width, short_conv, cache_key=f"{name}_conv") if short_conv else None
-            for name, width in (("q", n_experts * dim), ("k", self.n_kv * dim), ("v", self.n_kv * dim)))
+        # short_conv = w > 0: causal depthwise conv + SiLU on the projected q, k, v (before φ), fla's convention,
+        # as ONE convolution over their concatenated channels [q | k | v] (depthwise: the same as three), so that
+        # under sequence parallelism a layer exchanges one halo each way, not three
+        self.qkv_conv = ShortConvolution((n_experts + 2 * self.n_kv) * dim, short_conv) if short_conv else None
 
     def log_decay(self, device=None):
         """(H,) log λ ≤ 0, or None without a constant decay. A constant of the architecture, not a parameter."""
@@ -313,8 +314,10 @@ class LinearAttention(nn.Module):
         B, T, _ = x.shape
         N, phi = self.n_experts, FEATURE_MAPS[self.feature_map]
         # heads from the projection width, not n_heads: under tensor parallelism a rank holds H/tp of them
-        pairs = ((self.q_proj, self.q_conv), (self.k_proj, self.k_conv), (self.v_proj, self.v_conv))
-        q, k, v = (self._convolve(conv, proj(x), segment_ids, cache) for proj, conv in pairs)
+        q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        if self.qkv_conv is not None:
+            widths = [q.shape[-1], k.shape[-1], v.shape[-1]]
+            q, k, v = self.qkv_conv(torch.cat([q, k, v], dim=-1), segment_ids, cache).split(widths, dim=-1)
         q = phi(q.view(B, T, -1, self.head_dim)) * self.head_dim ** -0.5                    # (B, T, N·H, d)
         k = phi(k.view(B, T, -1, self.head_dim))                                            # (B, T, N_kv·H, d)
         v = v.view(B, T, -1, self.head_dim)
@@ -329,11 +332,6 @@ class LinearAttention(nn.Module):
         o = self.norm(o.unflatten(2, (N, -1))).flatten(3)        # (B, T, N, H·d), each expert's norm weight
         o = o * F.silu(self.g_proj(x)).view(B, T, N, -1)
         return self.out_proj(soft_expert_gates(self.router, x, o).flatten(2))
-
-    @staticmethod
-    def _convolve(conv, x, segment_ids, cache):
-        """A projection (B, T, ·) through its short convolution, or unchanged without one (short_conv = 0)."""
-        return x if conv is None else conv(x, segment_ids, cache)
 
 
 class SoftmaxAttention(nn.Module):

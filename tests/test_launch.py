@@ -238,7 +238,7 @@ def test_sp4_zigzag_equals_sp1_with_short_conv(tmp_path, cache_dir):
     assert len(one[0]) == 3 and all(f == four[0] for f in four)
     assert _rel(four[0][0], one[0]) < 1e-5 and _rel(four[0][1], one[1]) < 1e-5
     saved = models.load_model(tmp_path / "sp4" / "model.pt")               # the convolutions are in the model
-    assert saved.config.short_conv == 4 and "layers.0.mixer.q_conv.weight" in saved.state_dict()
+    assert saved.config.short_conv == 4 and "layers.0.mixer.qkv_conv.weight" in saved.state_dict()
 
 
 def _first_loss_from(cfg, path):

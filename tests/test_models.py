@@ -183,7 +183,7 @@ def test_recurrent_decoding_continues_parallel_prefill(family):
 
 @pytest.mark.parametrize("family", ["hybrid", "gated"])
 def test_recurrent_decoding_continues_prefill_with_short_conv(family):
-    """short_conv = 4: each q/k/v convolution keeps its last 3 inputs in the cache; a 2-token prefill (shorter than
+    """short_conv = 4: the q/k/v convolution keeps its last 3 inputs in the cache; a 2-token prefill (shorter than
     the halo) then one token at a time equals one parallel forward (float64, 1e-10)."""
     if family in GATED and not KERNEL_GATES:
         pytest.skip("kernels.lightning_attn takes no log_gate in this checkout")
@@ -197,8 +197,8 @@ def test_recurrent_decoding_continues_prefill_with_short_conv(family):
         for t in range(2, T):
             steps.append(model.logits(model(tokens[:, t:t + 1], torch.tensor([t]), cache=cache)))
     assert rel_err(torch.cat(steps, dim=1), full) < 1e-10
-    conv_states = [c[f"{n}_conv"] for c in cache if "state" in c for n in "qkv"]
-    assert len(conv_states) == 3 * model.config.layer_types().count("L")
+    conv_states = [c["conv"] for c in cache if "state" in c]            # one [q | k | v] convolution per layer
+    assert len(conv_states) == model.config.layer_types().count("L")
     assert all(s.shape[1] == 3 and s.dtype == torch.float64 for s in conv_states)
 
 

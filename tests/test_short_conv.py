@@ -221,7 +221,7 @@ def test_model_with_short_conv_under_sequence_parallelism():
         assert abs(loss - ref_loss) < 1e-10 * abs(ref_loss)
         for name, ref in ref_grads.items():
             assert rel_err(torch.from_numpy(grads[name]), torch.from_numpy(ref)) < 1e-10, name
-    assert any("q_conv" in n for n in ref_grads) and all(abs(g).sum() > 0 for g in ref_grads.values())
+    assert any("qkv_conv" in n for n in ref_grads) and all(abs(g).sum() > 0 for g in ref_grads.values())
 
 
 def test_old_model_files_load_without_short_conv():
