@@ -25,9 +25,10 @@ from lasp.kernels.delta_rule import (DeltaInputs, check_delta_inputs, delta_back
 from lasp.parallel import comm, layout as layouts
 
 from .common import from_segments, to_segments
+from .documents import segment_ends
 
 __all__ = ["check_delta_engine_inputs", "delta_segments", "segment_bounds", "first_flags", "gather_first_flags",
-           "keep", "global_order", "fold_segments", "exact_ids", "local_transition", "local_forward",
+           "keep", "global_order", "fold_segments", "local_transition", "local_forward",
            "local_entry_grad", "local_backward", "saved_pieces", "delta_memory"]
 
 
@@ -49,9 +50,8 @@ def delta_segments(q, k, v, beta, log_gate, segment_ids, n):
 
 
 def segment_bounds(segment_ids, n):
-    """(n, B, 2, 1) int64: the first and last id of each local segment."""
-    ids = to_segments(segment_ids, n)
-    return torch.stack([ids[:, 0], ids[:, -1]], -1).unflatten(0, (-1, n)).transpose(0, 1).long()[..., None]
+    """(n, B, 2, 1) int64: the first and last id of each local segment (documents.segment_ends, segment-major)."""
+    return segment_ends(to_segments(segment_ids, n)).unflatten(0, (-1, n)).transpose(0, 1)[..., None]
 
 
 def first_flags(bounds):
@@ -87,12 +87,6 @@ def fold_segments(A_all, X_all, local_idx, suffix):
         found[j] = X
         X = X_all[j] + (A_all[j].transpose(-1, -2) @ X if suffix else A_all[j] @ X)
     return torch.stack([found[g] for g in local_idx], 1).flatten(0, 1)
-
-
-def exact_ids(ids, dtype):
-    """(…, 1) int64 ids -> (…, 2) exact in a float dtype (float32 too): id = hi·2^24 + lo."""
-    hi = torch.div(ids, 2 ** 24, rounding_mode="floor")
-    return torch.cat([hi, ids - hi * 2 ** 24], -1).to(dtype)
 
 
 def keep(flags, x):

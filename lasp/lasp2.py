@@ -299,12 +299,13 @@ def lasp2(q, k, v, *, log_decay=None, log_gate=None, causal=True, layout="contig
 
 # ------------------------------------------------------------------------------------ the delta-rule kind
 def _delta_gather(A, M, segment_ids, local_len, n, layout, group):
-    """The ONE forward all-gather of every segment's (A, M) (+ its first/last document ids, exact as two numbers
-    each, + the (T_local, n) header) -> (Ã = (1 − f)·A, M) (N, B, H, ·) in global order and f (N, B) or None."""
+    """The ONE forward all-gather of every segment's (A, M) (+ its first/last document ids, int64 bit-cast into the
+    message's dtype as the other kinds send them (lasp/documents.py), + the (T_local, n) header) -> (Ã = (1 − f)·A, M) (N, B, H, ·) in global order and f (N, B) or None."""
     W, sdt = comm.group_size(group), A.dtype
     parts = [x.unflatten(0, (-1, n)).transpose(0, 1) for x in (A, M)]                  # (n, B, H, d_k, ·)
     if segment_ids is not None:
-        parts.append(delta.exact_ids(delta.segment_bounds(segment_ids, n), sdt))      # (n, B, 2, 2)
+        bounds = delta.segment_bounds(segment_ids, n)                                  # (n, B, 2, 1) int64
+        parts.append(ids_to_payload(bounds, sdt).view(*bounds.shape[:3], -1))          # (n, B, 2, 8 / itemsize)
     parts.append(torch.tensor([local_len, n], dtype=sdt, device=A.device))
     out = comm.all_gather(torch.cat([x.flatten() for x in parts]), group).view(W, -1)
     pieces = out.split([x.numel() for x in parts], dim=1)
@@ -313,7 +314,7 @@ def _delta_gather(A, M, segment_ids, local_len, n, layout, group):
                          f"layouts: every rank must hold T/W tokens in layout {layout!r}")
     A_all, M_all, *ids = (delta.global_order(x.reshape(W * n, *p.shape[1:]), layout, W) for x, p in
                           zip(pieces[:-1], parts[:-1]))
-    flags = delta.first_flags(ids[0]) if ids else None
+    flags = delta.first_flags(ids_from_payload(ids[0])) if ids else None
     return (A_all if flags is None else delta.keep(flags.flatten(), A_all.flatten(0, 1)).view_as(A_all)), M_all, flags
 
 

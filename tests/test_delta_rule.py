@@ -214,10 +214,10 @@ def _cases_for(W):
 
 
 def _lasp2_bytes(W, n, dtype, docs):
-    """Received per rank: forward (W−1)·n·B·H·(d_k² + d_k·d_v) (+ 4 numbers of document ids per segment and row)
-    + the 2-number header; backward (W−1)·n·B·H·d_k·d_v."""
+    """Received per rank: forward (W−1)·n·B·H·(d_k² + d_k·d_v) (+ 16 bytes of document ids per segment and row:
+    first and last, int64) + the 2-number header; backward (W−1)·n·B·H·d_k·d_v."""
     elem = torch.finfo(dtype).bits // 8
-    fwd = (W - 1) * (n * B_E * H_V * (D_K * D_K + D_K * D_V) + (4 * n * B_E if docs else 0) + 2) * elem
+    fwd = (W - 1) * ((n * B_E * H_V * (D_K * D_K + D_K * D_V) + 2) * elem + (16 * n * B_E if docs else 0))
     return fwd, (W - 1) * n * B_E * H_V * D_K * D_V * elem
 
 
