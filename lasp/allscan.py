@@ -43,8 +43,8 @@ last id (32·B bytes more per rank); read after the local compute, it gives prev
 enter with keep_g·P_g (keep_g = [first_g = prev_g]), fold with e^{A_e}·[last_g = prev_g]; the backward reuses
 prev_g and sends keep_g·dM_g. Ids that decrease across ranks raise on every rank after the chain.
 The delta rule (beta=, lasp/delta.py): each link folds a column block as Ã·X + M (Ã: the segment's d_k×d_k
-transition, its transpose backward with dP̃ for M); still one d_k×d_v state in per segment; documents add one
-tiny all-gather of segment ids.
+transition, its transpose backward with dP̃ for M); still one d_k×d_v state in per segment; documents ride in the
+length header's gather, as for the other kinds.
 """
 import math
 from dataclasses import dataclass
@@ -358,8 +358,10 @@ class _AllScanDelta(torch.autograd.Function):
     def forward(ctx, q, k, v, beta, log_gate, segment_ids, layout, group, blocks):
         n = layouts.segments_per_rank(layout)
         inp = delta.delta_segments(q, k, v, beta, log_gate, segment_ids, n)
-        check, _ = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device)
-        flags = None if segment_ids is None else delta.gather_first_flags(segment_ids, layout, group)
+        ends = None if segment_ids is None else segment_ends(to_segments(segment_ids, n))
+        # the ids ride in the length header's gather, as for the other kinds (no extra collective)
+        check, gathered_ids = _start_length_check(q.shape[1], n, layout, group, state_dtype(q.dtype), q.device, ends)
+        flags = None if ends is None else delta.local_first_flags(gathered_ids()[..., None], layout, group)
         pieces, A, M = delta.local_transition(inp)
         A = delta.keep(flags, A)
         blocks = _blocks(blocks, M, layout, True, group)

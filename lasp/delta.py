@@ -27,7 +27,7 @@ from lasp.parallel import comm, layout as layouts
 from .common import from_segments, to_segments
 from .documents import segment_ends
 
-__all__ = ["check_delta_engine_inputs", "delta_segments", "segment_bounds", "first_flags", "gather_first_flags",
+__all__ = ["check_delta_engine_inputs", "delta_segments", "segment_bounds", "first_flags", "local_first_flags", "gather_first_flags",
            "keep", "global_order", "fold_segments", "local_transition", "local_forward",
            "local_entry_grad", "local_backward", "saved_pieces", "delta_memory"]
 
@@ -68,14 +68,19 @@ def global_order(per_rank, layout, W):
     return per_rank[order.to(per_rank.device)]
 
 
+def local_first_flags(bounds, layout, group):
+    """bounds (N, B, 2, m) every segment's first and last id in global order -> this rank's flags (B·n,) bool,
+    rows in the kernel's segment order (b·n + s)."""
+    W, r = comm.group_size(group), comm.group_rank(group)
+    return first_flags(bounds)[layouts.segment_indices(layout, r, W)].transpose(0, 1).flatten()
+
+
 def gather_first_flags(segment_ids, layout, group):
-    """LASP-1 / All-Scan with documents: one tiny all-gather of every segment's first and last id (int64, 16 bytes
-    per segment and row) -> this rank's flags (B·n,) bool, rows in the kernel's segment order (b·n + s)."""
-    W, r, n = comm.group_size(group), comm.group_rank(group), layouts.segments_per_rank(layout)
+    """LASP-1 with documents (it has no all-gather to ride in): one tiny all-gather of every segment's first and
+    last id (int64, 16 bytes per segment and row) -> this rank's flags (B·n,) bool."""
+    W, n = comm.group_size(group), layouts.segments_per_rank(layout)
     bounds = global_order(comm.all_gather(segment_bounds(segment_ids, n).contiguous(), group), layout, W)
-    flags = first_flags(bounds)                                                   # (N, B)
-    local = flags[layouts.segment_indices(layout, r, W)]                          # (n, B)
-    return local.transpose(0, 1).flatten()
+    return local_first_flags(bounds, layout, group)
 
 
 def fold_segments(A_all, X_all, local_idx, suffix):
